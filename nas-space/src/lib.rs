@@ -1,0 +1,29 @@
+//! The NASNet search space as data.
+//!
+//! This crate owns the grammar every other crate of the workspace meets at:
+//! the 13 [`Op`]s and two [`Combine`]s of the paper, [`Block`], [`Cell`] and
+//! [`CellSpec`] with their validation, a human-readable text form and a versioned
+//! JSON form, the NASNet-A preset, the controller's action grammar
+//! ([`SearchSpace`]: actions, counting, seeded sampling, mutation, canonical
+//! form and stable hash), the network skeleton around the cells
+//! ([`NetworkConfig`]), an analytical cost model (parameters and mult-adds,
+//! no tensors), and Graphviz/SVG drawings of cells.
+//!
+//! It does not own tensors: it never depends on candle, and builds in seconds,
+//! so other projects can import it to read, write and reason about NASNet cells.
+//!
+//! Conventions (from TF-Slim, see `shared/NASNET.md` §0): state 0 is h_i (the
+//! previous cell's output after the preamble), state 1 is h_{i-1}, state 2 + b is
+//! the output of block b.
+
+mod cell;
+mod error;
+mod op;
+pub mod presets;
+
+pub use cell::{Block, Cell, CellKind, CellOutput, CellSpec, Side};
+pub use error::SpecError;
+pub use op::{Combine, Op, OpKind, PoolKind};
+
+#[cfg(test)]
+mod tests;
