@@ -19,10 +19,13 @@
 mod cell;
 mod error;
 mod op;
+pub mod cost;
+pub mod network;
 pub mod presets;
 
 pub use cell::{Block, Cell, CellKind, CellOutput, CellSpec, Side};
 pub use error::SpecError;
+pub use network::{NetSize, NetworkConfig, Stem};
 pub use op::{Combine, Op, OpKind, PoolKind};
 
 #[cfg(test)]
