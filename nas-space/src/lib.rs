@@ -16,17 +16,28 @@
 //! previous cell's output after the preamble), state 1 is h_{i-1}, state 2 + b is
 //! the output of block b.
 
+mod canonical;
 mod cell;
-mod error;
-mod op;
 pub mod cost;
+mod error;
 pub mod network;
+mod op;
 pub mod presets;
+pub mod render;
+mod rng;
+mod space;
+mod text;
 
+#[cfg(feature = "serde")]
+pub mod json;
+
+pub use canonical::SpecHash;
 pub use cell::{Block, Cell, CellKind, CellOutput, CellSpec, Side};
 pub use error::SpecError;
 pub use network::{NetSize, NetworkConfig, Stem};
 pub use op::{Combine, Op, OpKind, PoolKind};
+pub use rng::SpaceRng;
+pub use space::{ActionStep, Decision, Mutation, MutationChange, SearchSpace};
 
 #[cfg(test)]
 mod tests;

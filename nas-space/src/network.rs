@@ -265,9 +265,10 @@ impl NetworkConfig {
         if !(self.filter_scaling_rate > 0.0 && self.filter_scaling_rate.is_finite()) {
             return bad("filter_scaling_rate", format!("must be positive, got {}", self.filter_scaling_rate));
         }
-        for (field, p) in
-            [("drop_path_keep_prob", self.drop_path_keep_prob), ("dense_dropout_keep_prob", self.dense_dropout_keep_prob)]
-        {
+        for (field, p) in [
+            ("drop_path_keep_prob", self.drop_path_keep_prob),
+            ("dense_dropout_keep_prob", self.dense_dropout_keep_prob),
+        ] {
             if !(p > 0.0 && p <= 1.0) {
                 return bad(field, format!("must be in (0, 1], got {p}"));
             }
@@ -324,19 +325,22 @@ impl NetworkConfig {
             }
         };
         if stem_conv.c_out == 0 {
-            return Err(SpecError::Config { field: "stem_multiplier", message: "gives the stem conv no filters".into() });
+            return Err(SpecError::Config {
+                field: "stem_multiplier",
+                message: "gives the stem conv no filters".into(),
+            });
         }
         let mut outputs = vec![stem_out];
         // TF-Slim's `cell_outputs`, as indices into `outputs` (None for the missing input).
         let mut cell_outputs: Vec<Option<usize>> = vec![None, Some(0)];
         let mut cells = Vec::new();
         let push_cell = |cells: &mut Vec<CellPlan>,
-                             outputs: &mut Vec<FeatureShape>,
-                             name: String,
-                             kind: CellKind,
-                             x: usize,
-                             prev: Option<usize>,
-                             filter_size: usize|
+                         outputs: &mut Vec<FeatureShape>,
+                         name: String,
+                         kind: CellKind,
+                         x: usize,
+                         prev: Option<usize>,
+                         filter_size: usize|
          -> Result<usize, SpecError> {
             let stride = match kind {
                 CellKind::Normal => 1,
@@ -347,16 +351,7 @@ impl NetworkConfig {
             let layout = CellLayout::new(spec.cell(kind), kind, x_shape, prev_shape, filter_size, stride)
                 .map_err(|err| shape_in(&name, err))?;
             let out = layout.output;
-            cells.push(CellPlan {
-                name,
-                kind,
-                x,
-                prev,
-                filter_size,
-                stride,
-                drop_path_index: cells.len(),
-                layout,
-            });
+            cells.push(CellPlan { name, kind, x, prev, filter_size, stride, drop_path_index: cells.len(), layout });
             outputs.push(out);
             Ok(outputs.len() - 1)
         };
@@ -406,15 +401,7 @@ impl NetworkConfig {
                 }
             }
             let fs = filter_size(scaling, &format!("cell_{cell_num}"))?;
-            net = push_cell(
-                &mut cells,
-                &mut outputs,
-                format!("cell_{cell_num}"),
-                CellKind::Normal,
-                net,
-                prev,
-                fs,
-            )?;
+            net = push_cell(&mut cells, &mut outputs, format!("cell_{cell_num}"), CellKind::Normal, net, prev, fs)?;
             cell_outputs.push(Some(net));
             if self.aux_head_cell() == Some(cell_num) {
                 let input = outputs[net];
@@ -504,6 +491,13 @@ pub struct FeatureShape {
     pub size: usize,
 }
 
+impl FeatureShape {
+    /// `HxWxC` in ASCII, as TF-Slim's endpoint tables write shapes.
+    pub fn hwc(&self) -> String {
+        format!("{}x{}x{}", self.size, self.size, self.channels)
+    }
+}
+
 impl fmt::Display for FeatureShape {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}×{}×{}", self.size, self.size, self.channels)
@@ -554,9 +548,10 @@ impl NetworkPlan {
             if cell.name.starts_with("cell_stem") {
                 continue;
             }
-            let mut name = cell.name.clone();
-            name[..1].make_ascii_uppercase();
-            let name = name.replace("reduction_cell", "Reduction_Cell");
+            let name = match cell.name.strip_prefix("reduction_cell_") {
+                Some(idx) => format!("Reduction_Cell_{idx}"),
+                None => cell.name.replacen("cell_", "Cell_", 1),
+            };
             out.push((name, self.outputs[k + 1]));
         }
         out
@@ -733,18 +728,14 @@ impl CellLayout {
                 Combine::Add => {
                     if left.output.channels != right.output.channels {
                         return Err(SpecError::Shape {
-                            message: format!(
-                                "{kind} cell, block {b}: cannot add {} and {}",
-                                left.output, right.output
-                            ),
+                            message: format!("{kind} cell, block {b}: cannot add {} and {}", left.output, right.output),
                         });
                     }
                     left.output
                 }
-                Combine::Concat => FeatureShape {
-                    channels: left.output.channels + right.output.channels,
-                    size: left.output.size,
-                },
+                Combine::Concat => {
+                    FeatureShape { channels: left.output.channels + right.output.channels, size: left.output.size }
+                }
             };
             states.push(out);
             ops.push(sides);
@@ -756,7 +747,9 @@ impl CellLayout {
             let factorized_reduction = if input.size != last.size {
                 if input.size.div_ceil(2) != last.size {
                     return Err(SpecError::Shape {
-                        message: format!("{kind} cell: output state {state} is {input}, which cannot be brought to {last}"),
+                        message: format!(
+                            "{kind} cell: output state {state} is {input}, which cannot be brought to {last}"
+                        ),
                     });
                 }
                 Some(2)

@@ -1,0 +1,473 @@
+//! The versioned JSON form of a [`CellSpec`] (feature `serde`).
+//!
+//! ```json
+//! {
+//!   "format": "nas-space/cellspec",
+//!   "version": 1,
+//!   "normal": {
+//!     "blocks": [
+//!       { "inputs": [0, 1], "ops": ["sep_conv_5x5", "sep_conv_3x3"], "combine": "add" }
+//!     ],
+//!     "output": { "concat": [1, 2] }
+//!   },
+//!   "reduction": {
+//!     "blocks": [
+//!       { "inputs": [0, 0], "ops": ["max_pool_3x3", "identity"], "combine": "concat" }
+//!     ],
+//!     "output": "unused"
+//!   }
+//! }
+//! ```
+//!
+//! Ops and combines are their stable names ([`Op::name`], [`Combine::name`]); reading
+//! goes through `FromStr`, so TF-Slim and DARTS aliases work. State numbering is
+//! TF-Slim's, as in the text form. On read, `format` and `version` are optional,
+//! unknown fields are rejected so that typos surface, and the spec must pass
+//! [`CellSpec::validate`].
+
+use serde::de::Error as _;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::{Block, Cell, CellOutput, CellSpec, Combine, Op, SpecError};
+
+/// The `format` tag of a cell spec file.
+pub const FORMAT: &str = "nas-space/cellspec";
+
+/// The format version this build writes and reads.
+pub const FORMAT_VERSION: u64 = 1;
+
+impl CellSpec {
+    /// The JSON form, pretty-printed (arrays of numbers or names on one line), with a
+    /// trailing newline.
+    pub fn to_json(&self) -> String {
+        let pretty = serde_json::to_string_pretty(self).expect("a cell spec always serializes");
+        let mut json = inline_flat_arrays(&pretty);
+        json.push('\n');
+        json
+    }
+
+    /// Reads the JSON form. Malformed JSON, a wrong shape, an unknown field and a spec
+    /// that fails [`CellSpec::validate`] are [`SpecError::Json`] with the position
+    /// serde_json reports; a `version` other than [`FORMAT_VERSION`] is
+    /// [`SpecError::FormatVersion`], whatever else the file holds.
+    pub fn from_json(json: &str) -> Result<CellSpec, SpecError> {
+        // Peek at the version first: a newer file may have fields this build rejects.
+        #[derive(Deserialize)]
+        struct VersionOnly {
+            version: Option<serde_json::Value>,
+        }
+        if let Ok(VersionOnly { version: Some(version) }) = serde_json::from_str(json) {
+            if let Some(found) = version.as_u64().filter(|&v| v != FORMAT_VERSION) {
+                return Err(SpecError::FormatVersion { found, supported: FORMAT_VERSION });
+            }
+        }
+        serde_json::from_str(json).map_err(json_error)
+    }
+}
+
+fn json_error(err: serde_json::Error) -> SpecError {
+    let (line, column) = (err.line(), err.column());
+    let full = err.to_string();
+    let message = match full.strip_suffix(&format!(" at line {line} column {column}")) {
+        Some(message) => message.to_string(),
+        None => full,
+    };
+    SpecError::Json { line, column, message }
+}
+
+/// Puts every array that holds no array or object on one line: `[0, 1]` instead of
+/// serde_json's one element per line. Sound here because no string of a cell spec
+/// (op and combine names, the format tag) contains a bracket, brace or comma.
+fn inline_flat_arrays(pretty: &str) -> String {
+    let mut out = String::with_capacity(pretty.len());
+    let mut rest = pretty;
+    while let Some(open) = rest.find('[') {
+        out.push_str(&rest[..=open]);
+        rest = &rest[open + 1..];
+        let close = rest.find(']').expect("serde_json closes every array");
+        let inner = &rest[..close];
+        if !inner.contains(['[', '{']) {
+            let items: Vec<&str> = inner.split(',').map(str::trim).collect();
+            out.push_str(&items.join(", "));
+            rest = &rest[close..];
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+impl Serialize for Op {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.name())
+    }
+}
+
+impl<'de> Deserialize<'de> for Op {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(deserializer)?;
+        name.parse().map_err(D::Error::custom)
+    }
+}
+
+impl Serialize for Combine {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.name())
+    }
+}
+
+impl<'de> Deserialize<'de> for Combine {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(deserializer)?;
+        name.parse().map_err(D::Error::custom)
+    }
+}
+
+/// The JSON shape of a [`Block`] (serde's remote derive: same fields as the real type).
+#[derive(Serialize, Deserialize)]
+#[serde(remote = "Block", deny_unknown_fields)]
+struct BlockDef {
+    inputs: [usize; 2],
+    ops: [Op; 2],
+    combine: Combine,
+}
+
+impl Serialize for Block {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        BlockDef::serialize(self, serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for Block {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        BlockDef::deserialize(deserializer)
+    }
+}
+
+/// The JSON shape of a [`CellOutput`]: `{"concat": [..]}` or `"unused"`.
+#[derive(Serialize, Deserialize)]
+#[serde(remote = "CellOutput")]
+enum CellOutputDef {
+    #[serde(rename = "concat")]
+    Concat(Vec<usize>),
+    #[serde(rename = "unused")]
+    UnusedBlocks,
+}
+
+impl Serialize for CellOutput {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        CellOutputDef::serialize(self, serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for CellOutput {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        CellOutputDef::deserialize(deserializer)
+    }
+}
+
+/// The JSON shape of a [`Cell`]. A lone cell is not validated: that needs its kind.
+#[derive(Serialize, Deserialize)]
+#[serde(remote = "Cell", deny_unknown_fields)]
+struct CellDef {
+    blocks: Vec<Block>,
+    output: CellOutput,
+}
+
+impl Serialize for Cell {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        CellDef::serialize(self, serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for Cell {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        CellDef::deserialize(deserializer)
+    }
+}
+
+/// What a [`CellSpec`] writes: the format tag and version first.
+#[derive(Serialize)]
+struct SpecOut<'a> {
+    format: &'static str,
+    version: u64,
+    normal: &'a Cell,
+    reduction: &'a Cell,
+}
+
+/// What a [`CellSpec`] reads.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SpecIn {
+    format: Option<String>,
+    version: Option<u64>,
+    normal: Cell,
+    reduction: Cell,
+}
+
+impl Serialize for CellSpec {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        SpecOut { format: FORMAT, version: FORMAT_VERSION, normal: &self.normal, reduction: &self.reduction }
+            .serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for CellSpec {
+    /// Checks the format tag and version, then [`CellSpec::validate`]s the result.
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let raw = SpecIn::deserialize(deserializer)?;
+        if let Some(format) = raw.format.filter(|format| format != FORMAT) {
+            return Err(D::Error::custom(format_args!("unknown format `{format}`, expected `{FORMAT}`")));
+        }
+        let found = raw.version.unwrap_or(FORMAT_VERSION);
+        if found != FORMAT_VERSION {
+            let err = SpecError::FormatVersion { found, supported: FORMAT_VERSION };
+            return Err(D::Error::custom(err));
+        }
+        let spec = CellSpec { normal: raw.normal, reduction: raw.reduction };
+        spec.validate().map_err(D::Error::custom)?;
+        Ok(spec)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use expect_test::expect;
+
+    use super::*;
+    use crate::CellKind;
+
+    fn json_err(json: &str) -> (usize, usize, String) {
+        match CellSpec::from_json(json) {
+            Err(SpecError::Json { line, column, message }) => (line, column, message),
+            other => panic!("expected a JSON error, got {other:?}"),
+        }
+    }
+
+    fn hand_built() -> CellSpec {
+        use Op::*;
+        CellSpec {
+            normal: Cell {
+                blocks: vec![
+                    Block { inputs: [1, 0], ops: [Conv1x7Then7x1, DilConv3x3], combine: Combine::Concat },
+                    Block::add((2, MaxPool7x7), (0, Conv1x3Then3x1)),
+                ],
+                output: CellOutput::UnusedBlocks,
+            },
+            reduction: Cell {
+                blocks: vec![
+                    Block::add((0, Conv3x3), (1, MaxPool5x5)),
+                    Block { inputs: [2, 2], ops: [Conv1x1, SepConv7x7], combine: Combine::Concat },
+                ],
+                output: CellOutput::Concat(vec![3, 0]),
+            },
+        }
+    }
+
+    #[test]
+    fn nasnet_a_json_golden() {
+        expect![[r#"
+            {
+              "format": "nas-space/cellspec",
+              "version": 1,
+              "normal": {
+                "blocks": [
+                  {
+                    "inputs": [0, 1],
+                    "ops": ["sep_conv_5x5", "sep_conv_3x3"],
+                    "combine": "add"
+                  },
+                  {
+                    "inputs": [1, 1],
+                    "ops": ["sep_conv_5x5", "sep_conv_3x3"],
+                    "combine": "add"
+                  },
+                  {
+                    "inputs": [0, 1],
+                    "ops": ["avg_pool_3x3", "identity"],
+                    "combine": "add"
+                  },
+                  {
+                    "inputs": [1, 1],
+                    "ops": ["avg_pool_3x3", "avg_pool_3x3"],
+                    "combine": "add"
+                  },
+                  {
+                    "inputs": [0, 0],
+                    "ops": ["sep_conv_3x3", "identity"],
+                    "combine": "add"
+                  }
+                ],
+                "output": {
+                  "concat": [1, 2, 3, 4, 5, 6]
+                }
+              },
+              "reduction": {
+                "blocks": [
+                  {
+                    "inputs": [0, 1],
+                    "ops": ["sep_conv_5x5", "sep_conv_7x7"],
+                    "combine": "add"
+                  },
+                  {
+                    "inputs": [0, 1],
+                    "ops": ["max_pool_3x3", "sep_conv_7x7"],
+                    "combine": "add"
+                  },
+                  {
+                    "inputs": [0, 1],
+                    "ops": ["avg_pool_3x3", "sep_conv_5x5"],
+                    "combine": "add"
+                  },
+                  {
+                    "inputs": [3, 2],
+                    "ops": ["identity", "avg_pool_3x3"],
+                    "combine": "add"
+                  },
+                  {
+                    "inputs": [2, 0],
+                    "ops": ["sep_conv_3x3", "max_pool_3x3"],
+                    "combine": "add"
+                  }
+                ],
+                "output": {
+                  "concat": [3, 4, 5, 6]
+                }
+              }
+            }
+        "#]]
+        .assert_eq(&CellSpec::nasnet_a().to_json());
+    }
+
+    #[test]
+    fn specs_round_trip() {
+        for spec in [CellSpec::nasnet_a(), hand_built()] {
+            let json = spec.to_json();
+            assert!(json.ends_with("}\n"));
+            assert_eq!(CellSpec::from_json(&json).unwrap(), spec, "json:\n{json}");
+            // The plain serde path agrees with `from_json`.
+            let compact = serde_json::to_string(&spec).unwrap();
+            assert_eq!(serde_json::from_str::<CellSpec>(&compact).unwrap(), spec);
+        }
+    }
+
+    #[test]
+    fn parts_serialize_as_documented() {
+        assert_eq!(serde_json::to_string(&Op::Conv1x7Then7x1).unwrap(), r#""conv_1x7_7x1""#);
+        assert_eq!(serde_json::to_string(&Combine::Concat).unwrap(), r#""concat""#);
+        assert_eq!(serde_json::to_string(&CellOutput::UnusedBlocks).unwrap(), r#""unused""#);
+        assert_eq!(serde_json::to_string(&CellOutput::Concat(vec![2, 0])).unwrap(), r#"{"concat":[2,0]}"#);
+        let block = Block { inputs: [1, 0], ops: [Op::Identity, Op::Conv3x3], combine: Combine::Concat };
+        let json = serde_json::to_string(&block).unwrap();
+        assert_eq!(json, r#"{"inputs":[1,0],"ops":["identity","conv_3x3"],"combine":"concat"}"#);
+        assert_eq!(serde_json::from_str::<Block>(&json).unwrap(), block);
+        let cell = &hand_built().normal;
+        assert_eq!(serde_json::from_str::<Cell>(&serde_json::to_string(cell).unwrap()).unwrap(), *cell);
+    }
+
+    #[test]
+    fn aliases_and_optional_header_fields_are_read() {
+        let json = r#"{
+            "normal": {
+                "blocks": [{"inputs": [0, 1], "ops": ["separable_5x5_2", "none"], "combine": "sum"}],
+                "output": "unused"
+            },
+            "reduction": {
+                "blocks": [{"inputs": [1, 0], "ops": ["MAX_POOL_3X3", "skip_connect"], "combine": "cat"}],
+                "output": {"concat": [2, 1]}
+            }
+        }"#;
+        let spec = CellSpec::from_json(json).unwrap();
+        assert_eq!(spec.normal.blocks, [Block::add((0, Op::SepConv5x5), (1, Op::Identity))]);
+        assert_eq!(spec.normal.output, CellOutput::UnusedBlocks);
+        assert_eq!(
+            spec.reduction.blocks,
+            [Block { inputs: [1, 0], ops: [Op::MaxPool3x3, Op::Identity], combine: Combine::Concat }]
+        );
+        assert_eq!(spec.reduction.output, CellOutput::Concat(vec![2, 1]));
+    }
+
+    #[test]
+    fn other_versions_are_format_version_errors() {
+        let json = CellSpec::nasnet_a().to_json().replace(r#""version": 1"#, r#""version": 2"#);
+        assert!(json.contains(r#""version": 2"#));
+        let err = CellSpec::from_json(&json).unwrap_err();
+        assert!(matches!(err, SpecError::FormatVersion { found: 2, supported: 1 }), "{err:?}");
+
+        // Checked before the shape: a newer file may carry fields this build rejects.
+        let err = CellSpec::from_json(r#"{"version": 7, "normal": {}, "cells": []}"#).unwrap_err();
+        assert!(matches!(err, SpecError::FormatVersion { found: 7, supported: 1 }), "{err:?}");
+
+        // Plain serde reports it as a message.
+        let err = serde_json::from_str::<CellSpec>(&json).unwrap_err();
+        assert!(err.to_string().contains("format version 2 is not supported"), "{err}");
+    }
+
+    #[test]
+    fn wrong_format_tag_is_rejected() {
+        let json = CellSpec::nasnet_a().to_json().replace("nas-space/cellspec", "nas-space/network");
+        let (_, _, message) = json_err(&json);
+        assert_eq!(message, "unknown format `nas-space/network`, expected `nas-space/cellspec`");
+    }
+
+    #[test]
+    fn typo_field_is_rejected_with_its_position() {
+        let json = CellSpec::nasnet_a().to_json().replacen(r#""combine""#, r#""combin""#, 1);
+        let (line, column, message) = json_err(&json);
+        assert!(message.starts_with("unknown field `combin`, expected"), "{message}");
+        assert_eq!(line, 9);
+        assert!(column > 0);
+
+        let json = CellSpec::nasnet_a().to_json().replace(r#""output""#, r#""outputs""#);
+        let (_, _, message) = json_err(&json);
+        assert!(message.starts_with("unknown field `outputs`"), "{message}");
+
+        let json = CellSpec::nasnet_a().to_json().replace(r#""format""#, r#""formt""#);
+        let (line, _, message) = json_err(&json);
+        assert!(message.starts_with("unknown field `formt`"), "{message}");
+        assert_eq!(line, 2);
+    }
+
+    #[test]
+    fn invalid_spec_names_cell_and_block() {
+        let mut spec = CellSpec::nasnet_a();
+        spec.reduction.blocks[3].inputs[1] = 5;
+        let (_, _, message) = json_err(&spec.to_json());
+        let expected = SpecError::InputOutOfRange {
+            cell: CellKind::Reduction,
+            block: 3,
+            side: crate::Side::Right,
+            index: 5,
+            available: 5,
+        };
+        assert_eq!(message, expected.to_string());
+        assert!(message.starts_with("reduction cell, block 3: right input 5"), "{message}");
+
+        let mut spec = CellSpec::nasnet_a();
+        spec.normal.output = CellOutput::Concat(vec![]);
+        let (_, _, message) = json_err(&spec.to_json());
+        assert_eq!(message, "normal cell: the output concat list is empty");
+    }
+
+    #[test]
+    fn bad_names_and_malformed_json_are_json_errors() {
+        let json = CellSpec::nasnet_a().to_json().replacen("sep_conv_5x5", "sep_conv_9x9", 1);
+        let (line, _, message) = json_err(&json);
+        assert!(message.starts_with("unknown op `sep_conv_9x9`; known ops: identity"), "{message}");
+        assert_eq!(line, 8);
+
+        let json = CellSpec::nasnet_a().to_json().replacen(r#""add""#, r#""mul""#, 1);
+        let (_, _, message) = json_err(&json);
+        assert!(message.starts_with("unknown combine `mul`"), "{message}");
+
+        let json = CellSpec::nasnet_a().to_json().replacen(r#""concat": [1"#, r#""concat": [1,,"#, 1);
+        let (line, column, message) = json_err(&json);
+        assert_eq!((line, column), (33, 20));
+        assert!(message.contains("expected value"), "{message}");
+
+        let (_, _, message) = json_err(r#"{"normal": {"blocks": [], "output": "all"}}"#);
+        assert!(message.contains("unknown variant `all`"), "{message}");
+
+        let err = CellSpec::from_json("{").unwrap_err();
+        assert!(err.to_string().starts_with("invalid cell spec JSON at line 1, column 1:"), "{err}");
+    }
+}
