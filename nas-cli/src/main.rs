@@ -1,1 +1,307 @@
-fn main() {}
+//! `nas`: the command line of the NASNet workspace.
+//!
+//! A thin clap layer: every verb parses its arguments, calls the library crates and
+//! prints. The grammar, the wiring and the cost model live in `nas-space`.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use nas_space::cost::{group, network_cost, CostReport};
+use nas_space::presets::{preset, PRESETS, UNAVAILABLE};
+use nas_space::{render, CellSpec, NetworkConfig, SearchSpace, Stem};
+use serde_json::json;
+
+#[derive(Debug, Parser)]
+#[command(name = "nas", version, about = "NASNet neural architecture search", propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print a cell spec as text, JSON, Graphviz DOT or SVG.
+    Show {
+        /// A preset (`nasnet-a`) or a spec file (text form, or JSON if it ends in .json
+        /// or starts with `{`).
+        #[arg(long, default_value = "nasnet-a")]
+        cell: String,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+        /// Write to this file instead of standard output.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Count parameters and mult-adds of a cell stacked into a network.
+    Cost {
+        /// A preset (`nasnet-a`) or a spec file.
+        #[arg(long, default_value = "nasnet-a")]
+        cell: String,
+        /// `cifar`, `mobile`, `large`, `N@P` (mobile skeleton) or `cifar|mobile|large:N@P`.
+        #[arg(long, default_value = "mobile")]
+        net: String,
+        /// Image height and width (default: the skeleton's own, 32, 224 or 331).
+        #[arg(long)]
+        image: Option<usize>,
+        /// Number of classes (default: the skeleton's own, 10 or 1000).
+        #[arg(long)]
+        classes: Option<usize>,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+        /// Also print the cost of every stem, cell and head.
+        #[arg(long)]
+        layers: bool,
+    },
+    /// Print the size of the search space.
+    Space {
+        /// Blocks per cell (B).
+        #[arg(long, default_value_t = 5)]
+        blocks: usize,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Format {
+    Text,
+    Json,
+    Dot,
+    Svg,
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Show { cell, format, out } => show(&cell, format, out.as_deref()),
+        Command::Cost { cell, net, image, classes, json, layers } => cost(&cell, &net, image, classes, json, layers),
+        Command::Space { blocks, json } => space(blocks, json),
+    }
+}
+
+/// Loads `--cell`: a preset name or a spec file.
+fn load_cell(arg: &str) -> Result<CellSpec> {
+    if let Some(spec) = preset(arg) {
+        return Ok(spec);
+    }
+    let path = Path::new(arg);
+    if !path.exists() {
+        let lower = arg.to_ascii_lowercase().replace('_', "-");
+        if let Some((_, why)) = UNAVAILABLE.iter().find(|(name, _)| *name == lower) {
+            bail!("`{arg}` is not available: {why}");
+        }
+        let presets: Vec<&str> = PRESETS.iter().map(|(name, _)| *name).collect();
+        bail!("`{arg}` is neither a preset ({}) nor an existing file", presets.join(", "));
+    }
+    let text = std::fs::read_to_string(path).with_context(|| format!("while reading {}", path.display()))?;
+    let is_json =
+        path.extension().is_some_and(|ext| ext.eq_ignore_ascii_case("json")) || text.trim_start().starts_with('{');
+    let spec = if is_json { CellSpec::from_json(&text) } else { CellSpec::from_text(&text) };
+    spec.with_context(|| format!("in cell spec {}", path.display()))
+}
+
+fn show(cell: &str, format: Format, out: Option<&Path>) -> Result<()> {
+    let spec = load_cell(cell)?;
+    let text = match format {
+        Format::Text => spec.to_text(),
+        Format::Json => spec.to_json(),
+        Format::Dot => render::spec_to_dot(&spec),
+        Format::Svg => render::spec_to_svg(&spec)?,
+    };
+    match out {
+        Some(path) => std::fs::write(path, text).with_context(|| format!("while writing {}", path.display())),
+        None => {
+            print!("{text}");
+            Ok(())
+        }
+    }
+}
+
+fn cost(
+    cell: &str,
+    net: &str,
+    image: Option<usize>,
+    classes: Option<usize>,
+    as_json: bool,
+    layers: bool,
+) -> Result<()> {
+    let spec = load_cell(cell)?;
+    let mut config = NetworkConfig::parse_net(net, &spec)?;
+    if let Some(image) = image {
+        config.image_size = image;
+    }
+    if let Some(classes) = classes {
+        config.num_classes = classes;
+    }
+    let report = network_cost(&spec, &config).with_context(|| format!("for --net {net}"))?;
+    let penultimate = config.penultimate_filters(&spec);
+    if as_json {
+        let aux = report.aux_head.map(|aux| {
+            json!({
+                "params_trainable": aux.params_trainable,
+                "params_total": aux.params_total(),
+                "mult_adds": aux.mult_adds,
+            })
+        });
+        let mut object = json!({
+            "cell_hash": spec.canonical_hash().to_string(),
+            "net": {
+                "stem": config.stem.to_string(),
+                "n": config.n,
+                "num_conv_filters": config.num_conv_filters,
+                "penultimate_filters": penultimate,
+                "image_size": config.image_size,
+                "num_classes": config.num_classes,
+            },
+            "params_trainable": report.network.params_trainable,
+            "params_total": report.network.params_total(),
+            "bn_statistics": report.network.bn_statistics,
+            "mult_adds": report.network.mult_adds,
+            "aux_head": aux,
+        });
+        if layers {
+            object["parts"] = report
+                .parts
+                .iter()
+                .map(|(name, c)| {
+                    json!({"name": name, "params_trainable": c.params_trainable, "bn_statistics": c.bn_statistics, "mult_adds": c.mult_adds})
+                })
+                .collect();
+        }
+        println!("{}", serde_json::to_string_pretty(&object)?);
+        return Ok(());
+    }
+    let stem = match config.stem {
+        Stem::Cifar => "CIFAR stem",
+        Stem::ImageNet => "ImageNet stem",
+    };
+    println!("cell         {} (canonical hash {})", cell, spec.canonical_hash());
+    println!(
+        "network      {} @ {penultimate} (N = {}, F = {}), {stem}, {s}×{s} input, {} classes",
+        config.n,
+        config.n,
+        config.num_conv_filters,
+        config.num_classes,
+        s = config.image_size
+    );
+    print_cost(&report);
+    if let Some(note) = paper_figures(&spec, &config) {
+        println!("paper        {note}");
+    }
+    if layers {
+        println!();
+        print!("{report}");
+    }
+    Ok(())
+}
+
+fn print_cost(report: &CostReport) {
+    let n = report.network;
+    println!("parameters   {} trainable, {} with BN statistics", group(n.params_trainable), group(n.params_total()));
+    println!("mult-adds    {} ({})", group(n.mult_adds), short(n.mult_adds));
+    match report.aux_head {
+        Some(aux) => println!(
+            "aux head     {} trainable parameters, {} mult-adds (training only, not in the totals)",
+            group(aux.params_trainable),
+            short(aux.mult_adds)
+        ),
+        None => println!("aux head     none"),
+    }
+}
+
+/// The paper's figures for NASNet-A at the published sizes, to print beside ours.
+fn paper_figures(spec: &CellSpec, config: &NetworkConfig) -> Option<&'static str> {
+    if *spec != CellSpec::nasnet_a() || config.num_classes != 1000 && config.num_classes != 10 {
+        return None;
+    }
+    let mobile = NetworkConfig::mobile();
+    let large = NetworkConfig::large();
+    let cifar = NetworkConfig::cifar();
+    if *config == mobile {
+        Some("NASNet-A Mobile (4 @ 1056, 224): 5.3M parameters, 564M mult-adds (Table 3)")
+    } else if *config == large {
+        Some("NASNet-A Large (6 @ 4032, 331): 88.9M parameters with BN statistics, 23.8B mult-adds (Table 2)")
+    } else if *config == cifar {
+        Some("NASNet-A (6 @ 768) on CIFAR-10: 3.3M parameters (Table 1)")
+    } else {
+        None
+    }
+}
+
+/// 563638816 as `563.6M`.
+fn short(n: u64) -> String {
+    let n = n as f64;
+    if n >= 1e9 {
+        format!("{:.2}B", n / 1e9)
+    } else if n >= 1e6 {
+        format!("{:.1}M", n / 1e6)
+    } else if n >= 1e3 {
+        format!("{:.1}K", n / 1e3)
+    } else {
+        format!("{n}")
+    }
+}
+
+fn space(blocks: usize, as_json: bool) -> Result<()> {
+    let space = SearchSpace::with_blocks(blocks);
+    space.validate()?;
+    let per_cell = space.cell_action_count();
+    let per_spec = per_cell.and_then(|c| c.checked_mul(c));
+    let unordered = space.cell_count_unordered_sides();
+    let log10 = space.log10_spec_action_count();
+    let steps: Vec<usize> = space.steps().iter().map(|s| s.choices).collect();
+    if as_json {
+        let as_str = |v: Option<u128>| v.map(|v| v.to_string());
+        let object = json!({
+            "blocks": blocks,
+            "ops": space.ops.iter().map(|op| op.name()).collect::<Vec<_>>(),
+            "combines": space.combines.iter().map(|c| c.name()).collect::<Vec<_>>(),
+            "num_actions": space.num_actions(),
+            "choices_per_step": steps,
+            "cell_action_sequences": as_str(per_cell),
+            "spec_action_sequences": as_str(per_spec),
+            "log10_spec_action_sequences": log10,
+            "cell_count_unordered_sides": as_str(unordered),
+            "spec_count_unordered_sides": as_str(unordered.and_then(|c| c.checked_mul(c))),
+        });
+        println!("{}", serde_json::to_string_pretty(&object)?);
+        return Ok(());
+    }
+    let fmt = |v: Option<u128>| match v {
+        Some(v) => format!("{v} (~{:.3e})", v as f64),
+        None => "more than 2^128".to_string(),
+    };
+    println!("blocks per cell (B)         {blocks}");
+    println!(
+        "ops ({})                    {}",
+        space.ops.len(),
+        space.ops.iter().map(|op| op.name()).collect::<Vec<_>>().join(", ")
+    );
+    println!("combines                    {}", space.combines.iter().map(|c| c.name()).collect::<Vec<_>>().join(", "));
+    println!("decisions per spec          {} (2 cells × B blocks × 5 decisions)", space.num_actions());
+    println!(
+        "choices of one block b      inputs 2+b each, ops {} each, combine {}",
+        space.ops.len(),
+        space.combines.len()
+    );
+    println!("action sequences per cell   {}", fmt(per_cell));
+    println!("action sequences per spec   {} (10^{log10:.2})", fmt(per_spec));
+    println!("cells, sides unordered      {}", fmt(unordered));
+    println!("specs, sides unordered      {}", fmt(unordered.and_then(|c| c.checked_mul(c))));
+    println!("(block reorderings are not factored out, so the last two are upper bounds on distinct networks)");
+    Ok(())
+}

@@ -58,13 +58,9 @@ pub enum SpecError {
     Syntax { line: usize, column: usize, message: String },
 
     /// A semantic error found while parsing the text form, with where it was found.
-    #[error("line {line}, column {column}: {source}")]
-    At {
-        line: usize,
-        column: usize,
-        #[source]
-        source: Box<SpecError>,
-    },
+    /// The inner error is part of the message (not a `source()`), so it prints once.
+    #[error("line {line}, column {column}: {error}")]
+    At { line: usize, column: usize, error: Box<SpecError> },
 
     /// Malformed JSON, or JSON of the wrong shape.
     #[error("invalid cell spec JSON at line {line}, column {column}: {message}")]
@@ -103,7 +99,7 @@ impl SpecError {
     /// The error without its text position, for matching on the kind of mistake.
     pub fn kind(&self) -> &SpecError {
         match self {
-            SpecError::At { source, .. } => source.kind(),
+            SpecError::At { error, .. } => error.kind(),
             other => other,
         }
     }

@@ -100,7 +100,7 @@ impl Pos {
     }
 
     fn at(self, source: SpecError) -> SpecError {
-        SpecError::At { line: self.line, column: self.column, source: Box::new(source) }
+        SpecError::At { line: self.line, column: self.column, error: Box::new(source) }
     }
 }
 

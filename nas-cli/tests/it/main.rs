@@ -1,0 +1,105 @@
+//! End-to-end tests of the `nas` binary.
+
+use std::process::{Command, Output};
+
+fn nas(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_nas")).args(args).output().expect("runs the nas binary")
+}
+
+fn stdout_of(args: &[&str]) -> String {
+    let out = nas(args);
+    assert!(out.status.success(), "nas {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn json_of(args: &[&str]) -> serde_json::Value {
+    serde_json::from_str(&stdout_of(args)).expect("one JSON object")
+}
+
+#[test]
+fn cost_json_for_the_three_presets() {
+    let mobile = json_of(&["cost", "--cell", "nasnet-a", "--net", "mobile", "--json"]);
+    assert_eq!(mobile["params_trainable"], 5_289_978);
+    assert_eq!(mobile["params_total"], 5_326_716);
+    assert_eq!(mobile["net"]["image_size"], 224);
+    assert_eq!(mobile["net"]["num_classes"], 1000);
+    let mult_adds = mobile["mult_adds"].as_u64().unwrap() as f64;
+    assert!((mult_adds / 564e6 - 1.0).abs() < 0.005);
+
+    let large = json_of(&["cost", "--cell", "nasnet-a", "--net", "large", "--json"]);
+    assert_eq!(large["params_trainable"], 88_753_150);
+    assert_eq!(large["params_total"], 88_949_818);
+    assert_eq!(large["net"]["image_size"], 331);
+
+    let cifar = json_of(&["cost", "--net", "cifar", "--json"]);
+    assert_eq!(cifar["params_trainable"], 3_346_538);
+    assert_eq!(cifar["net"]["num_classes"], 10);
+}
+
+#[test]
+fn cost_overrides_and_n_at_p() {
+    let v = json_of(&["cost", "--net", "4@1056", "--classes", "1001", "--json"]);
+    assert_eq!(v["params_trainable"], 5_291_035);
+    let v = json_of(&["cost", "--net", "cifar:2@384", "--image", "32", "--json", "--layers"]);
+    assert_eq!(v["net"]["n"], 2);
+    assert_eq!(v["net"]["num_conv_filters"], 16);
+    let parts = v["parts"].as_array().unwrap();
+    assert_eq!(parts.len(), 1 + 6 + 2 + 1); // stem conv, 6 normal, 2 reduction, head
+    let sum: u64 = parts.iter().map(|p| p["params_trainable"].as_u64().unwrap()).sum();
+    assert_eq!(sum, v["params_trainable"].as_u64().unwrap());
+    let text = stdout_of(&["cost", "--net", "mobile"]);
+    assert!(text.contains("5,289,978 trainable"), "{text}");
+    assert!(text.contains("564M mult-adds (Table 3)"), "{text}");
+}
+
+#[test]
+fn show_round_trips_through_files() {
+    let dir = std::env::temp_dir().join(format!("nas-cli-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (format, name) in [("text", "a.cell"), ("json", "a.json")] {
+        let path = dir.join(name);
+        stdout_of(&["show", "--cell", "nasnet-a", "--format", format, "--out", path.to_str().unwrap()]);
+        let again = stdout_of(&["show", "--cell", path.to_str().unwrap()]);
+        assert_eq!(again, stdout_of(&["show", "--cell", "nasnet-a"]));
+    }
+    let dot = stdout_of(&["show", "--format", "dot"]);
+    assert!(dot.starts_with("digraph"), "{dot}");
+    let svg = stdout_of(&["show", "--format", "svg"]);
+    assert!(svg.contains("<svg") && svg.contains("sep 7x7"), "{}", &svg[..200.min(svg.len())]);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn bad_cells_give_clear_errors() {
+    let dir = std::env::temp_dir().join(format!("nas-cli-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("bad.cell");
+    let text = stdout_of(&["show"]).replace("h5 = add(identity(h3)", "h5 = add(identity(h9)");
+    std::fs::write(&path, text).unwrap();
+    let out = nas(&["show", "--cell", path.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("bad.cell"), "{err}");
+    assert!(err.contains("reduction cell, block 3: left input 9 is out of range"), "{err}");
+    assert!(err.contains("line 16, column 21"), "{err}");
+    assert_eq!(err.matches("out of range").count(), 1, "{err}");
+
+    let out = nas(&["show", "--cell", "nasnet-b"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8(out.stderr).unwrap().contains("Figure 8"));
+    let out = nas(&["cost", "--net", "5@1538"]);
+    assert!(String::from_utf8(out.stderr).unwrap().contains("nearest: 1536"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn space_size() {
+    let v = json_of(&["space", "--json"]);
+    assert_eq!(v["num_actions"], 50);
+    let per_cell: u128 = v["cell_action_sequences"].as_str().unwrap().parse().unwrap();
+    assert_eq!(per_cell, 720u128.pow(2) * 13u128.pow(10) * 2u128.pow(5));
+    let v = json_of(&["space", "--blocks", "2", "--json"]);
+    assert_eq!(v["choices_per_step"].as_array().unwrap().len(), 20);
+    assert!(stdout_of(&["space"]).contains("decisions per spec          50"));
+    assert!(!nas(&["space", "--blocks", "0"]).status.success());
+}
