@@ -3,6 +3,7 @@
 //! A thin clap layer: every verb parses its arguments, calls the library crates and
 //! prints. The grammar, the wiring and the cost model live in `nas-space`.
 
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -12,6 +13,17 @@ use nas_space::cost::{group, network_cost, CostReport};
 use nas_space::presets::{preset, PRESETS, UNAVAILABLE};
 use nas_space::{render, CellSpec, NetworkConfig, SearchSpace, Stem};
 use serde_json::json;
+
+/// `writeln!` into the output buffer of a verb.
+macro_rules! outln {
+    ($out:expr) => {{
+        $out.push('\n');
+    }};
+    ($out:expr, $($arg:tt)*) => {{
+        use std::fmt::Write as _;
+        writeln!($out, $($arg)*).expect("writing to a String cannot fail");
+    }};
+}
 
 #[derive(Debug, Parser)]
 #[command(name = "nas", version, about = "NASNet neural architecture search", propagate_version = true)]
@@ -77,7 +89,16 @@ enum Format {
 
 fn main() -> ExitCode {
     match run(Cli::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(text) => {
+            // A closed pipe (`nas show | head`) is not an error.
+            match std::io::stdout().lock().write_all(text.as_bytes()) {
+                Err(err) if err.kind() != std::io::ErrorKind::BrokenPipe => {
+                    eprintln!("error: while writing to standard output: {err}");
+                    ExitCode::FAILURE
+                }
+                _ => ExitCode::SUCCESS,
+            }
+        }
         Err(err) => {
             eprintln!("error: {err:#}");
             ExitCode::FAILURE
@@ -85,12 +106,17 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> Result<()> {
+/// Runs one verb and returns what it prints.
+fn run(cli: Cli) -> Result<String> {
+    let mut out = String::new();
     match cli.command {
-        Command::Show { cell, format, out } => show(&cell, format, out.as_deref()),
-        Command::Cost { cell, net, image, classes, json, layers } => cost(&cell, &net, image, classes, json, layers),
-        Command::Space { blocks, json } => space(blocks, json),
+        Command::Show { cell, format, out: file } => show(&mut out, &cell, format, file.as_deref())?,
+        Command::Cost { cell, net, image, classes, json, layers } => {
+            cost(&mut out, &cell, &net, image, classes, json, layers)?
+        }
+        Command::Space { blocks, json } => space(&mut out, blocks, json)?,
     }
+    Ok(out)
 }
 
 /// Loads `--cell`: a preset name or a spec file.
@@ -114,7 +140,7 @@ fn load_cell(arg: &str) -> Result<CellSpec> {
     spec.with_context(|| format!("in cell spec {}", path.display()))
 }
 
-fn show(cell: &str, format: Format, out: Option<&Path>) -> Result<()> {
+fn show(out: &mut String, cell: &str, format: Format, file: Option<&Path>) -> Result<()> {
     let spec = load_cell(cell)?;
     let text = match format {
         Format::Text => spec.to_text(),
@@ -122,16 +148,17 @@ fn show(cell: &str, format: Format, out: Option<&Path>) -> Result<()> {
         Format::Dot => render::spec_to_dot(&spec),
         Format::Svg => render::spec_to_svg(&spec)?,
     };
-    match out {
+    match file {
         Some(path) => std::fs::write(path, text).with_context(|| format!("while writing {}", path.display())),
         None => {
-            print!("{text}");
+            out.push_str(&text);
             Ok(())
         }
     }
 }
 
 fn cost(
+    out: &mut String,
     cell: &str,
     net: &str,
     image: Option<usize>,
@@ -182,15 +209,16 @@ fn cost(
                 })
                 .collect();
         }
-        println!("{}", serde_json::to_string_pretty(&object)?);
+        outln!(out, "{}", serde_json::to_string_pretty(&object)?);
         return Ok(());
     }
     let stem = match config.stem {
         Stem::Cifar => "CIFAR stem",
         Stem::ImageNet => "ImageNet stem",
     };
-    println!("cell         {} (canonical hash {})", cell, spec.canonical_hash());
-    println!(
+    outln!(out, "cell         {} (canonical hash {})", cell, spec.canonical_hash());
+    outln!(
+        out,
         "network      {} @ {penultimate} (N = {}, F = {}), {stem}, {s}×{s} input, {} classes",
         config.n,
         config.n,
@@ -198,28 +226,29 @@ fn cost(
         config.num_classes,
         s = config.image_size
     );
-    print_cost(&report);
+    print_cost(out, &report);
     if let Some(note) = paper_figures(&spec, &config) {
-        println!("paper        {note}");
+        outln!(out, "paper        {note}");
     }
     if layers {
-        println!();
-        print!("{report}");
+        outln!(out);
+        out.push_str(&report.to_string());
     }
     Ok(())
 }
 
-fn print_cost(report: &CostReport) {
+fn print_cost(out: &mut String, report: &CostReport) {
     let n = report.network;
-    println!("parameters   {} trainable, {} with BN statistics", group(n.params_trainable), group(n.params_total()));
-    println!("mult-adds    {} ({})", group(n.mult_adds), short(n.mult_adds));
+    outln!(out, "parameters   {} trainable, {} with BN statistics", group(n.params_trainable), group(n.params_total()));
+    outln!(out, "mult-adds    {} ({})", group(n.mult_adds), short(n.mult_adds));
     match report.aux_head {
-        Some(aux) => println!(
+        Some(aux) => outln!(
+            out,
             "aux head     {} trainable parameters, {} mult-adds (training only, not in the totals)",
             group(aux.params_trainable),
             short(aux.mult_adds)
         ),
-        None => println!("aux head     none"),
+        None => outln!(out, "aux head     none"),
     }
 }
 
@@ -256,7 +285,7 @@ fn short(n: u64) -> String {
     }
 }
 
-fn space(blocks: usize, as_json: bool) -> Result<()> {
+fn space(out: &mut String, blocks: usize, as_json: bool) -> Result<()> {
     let space = SearchSpace::with_blocks(blocks);
     space.validate()?;
     let per_cell = space.cell_action_count();
@@ -278,30 +307,36 @@ fn space(blocks: usize, as_json: bool) -> Result<()> {
             "cell_count_unordered_sides": as_str(unordered),
             "spec_count_unordered_sides": as_str(unordered.and_then(|c| c.checked_mul(c))),
         });
-        println!("{}", serde_json::to_string_pretty(&object)?);
+        outln!(out, "{}", serde_json::to_string_pretty(&object)?);
         return Ok(());
     }
     let fmt = |v: Option<u128>| match v {
         Some(v) => format!("{v} (~{:.3e})", v as f64),
         None => "more than 2^128".to_string(),
     };
-    println!("blocks per cell (B)         {blocks}");
-    println!(
+    outln!(out, "blocks per cell (B)         {blocks}");
+    outln!(
+        out,
         "ops ({})                    {}",
         space.ops.len(),
         space.ops.iter().map(|op| op.name()).collect::<Vec<_>>().join(", ")
     );
-    println!("combines                    {}", space.combines.iter().map(|c| c.name()).collect::<Vec<_>>().join(", "));
-    println!("decisions per spec          {} (2 cells × B blocks × 5 decisions)", space.num_actions());
-    println!(
+    outln!(
+        out,
+        "combines                    {}",
+        space.combines.iter().map(|c| c.name()).collect::<Vec<_>>().join(", ")
+    );
+    outln!(out, "decisions per spec          {} (2 cells × B blocks × 5 decisions)", space.num_actions());
+    outln!(
+        out,
         "choices of one block b      inputs 2+b each, ops {} each, combine {}",
         space.ops.len(),
         space.combines.len()
     );
-    println!("action sequences per cell   {}", fmt(per_cell));
-    println!("action sequences per spec   {} (10^{log10:.2})", fmt(per_spec));
-    println!("cells, sides unordered      {}", fmt(unordered));
-    println!("specs, sides unordered      {}", fmt(unordered.and_then(|c| c.checked_mul(c))));
-    println!("(block reorderings are not factored out, so the last two are upper bounds on distinct networks)");
+    outln!(out, "action sequences per cell   {}", fmt(per_cell));
+    outln!(out, "action sequences per spec   {} (10^{log10:.2})", fmt(per_spec));
+    outln!(out, "cells, sides unordered      {}", fmt(unordered));
+    outln!(out, "specs, sides unordered      {}", fmt(unordered.and_then(|c| c.checked_mul(c))));
+    outln!(out, "(block reorderings are not factored out, so the last two are upper bounds on distinct networks)");
     Ok(())
 }
