@@ -15,6 +15,30 @@
 //! Conventions (from TF-Slim, see `shared/NASNET.md` §0): state 0 is h_i (the
 //! previous cell's output after the preamble), state 1 is h_{i-1}, state 2 + b is
 //! the output of block b.
+//!
+//! ```
+//! use nas_space::{cost::network_cost, CellSpec, NetworkConfig, SearchSpace, SpaceRng};
+//!
+//! // Read a spec (text form or JSON) and count it in the Mobile skeleton.
+//! let spec = CellSpec::from_text(&CellSpec::nasnet_a().to_text())?;
+//! let report = network_cost(&spec, &NetworkConfig::mobile())?;
+//! assert_eq!(report.network.params_trainable, 5_289_978);
+//!
+//! // Sample the paper's space, turn a cell into the controller's 50 decisions and back.
+//! let space = SearchSpace::nasnet();
+//! let mut rng = SpaceRng::new(42);
+//! let sampled = space.sample(&mut rng);
+//! let actions = space.encode(&sampled)?;
+//! assert_eq!(actions.len(), 50);
+//! assert_eq!(space.decode(&actions)?, sampled);
+//!
+//! // Cells that are the same network share a canonical hash.
+//! let mut swapped = spec.clone();
+//! swapped.normal.blocks[0].inputs.swap(0, 1);
+//! swapped.normal.blocks[0].ops.swap(0, 1);
+//! assert_eq!(swapped.canonical_hash(), spec.canonical_hash());
+//! # Ok::<(), nas_space::SpecError>(())
+//! ```
 
 mod canonical;
 mod cell;
