@@ -3,7 +3,7 @@
 //! A thin clap layer: every verb parses its arguments, calls the library crates and
 //! prints. The grammar, the wiring and the cost model live in `nas-space`.
 
-use std::io::Write as _;
+use std::io::{Read as _, Write as _};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use nas_space::cost::{group, network_cost, CostReport};
 use nas_space::presets::{preset, PRESETS, UNAVAILABLE};
-use nas_space::{render, CellSpec, NetworkConfig, SearchSpace, Stem};
+use nas_space::{render, CellSpec, NetworkConfig, SearchSpace, SpaceRng, Stem};
 use serde_json::json;
 
 /// `writeln!` into the output buffer of a verb.
@@ -36,8 +36,9 @@ struct Cli {
 enum Command {
     /// Print a cell spec as text, JSON, Graphviz DOT or SVG.
     Show {
-        /// A preset (`nasnet-a`) or a spec file (text form, or JSON if it ends in .json
-        /// or starts with `{`).
+        /// A preset (`nasnet-a`), `random:SEED` (a uniform sample of the paper's space),
+        /// `-` (standard input) or a spec file (text form, or JSON if it ends in .json or
+        /// starts with `{`).
         #[arg(long, default_value = "nasnet-a")]
         cell: String,
         /// Output format.
@@ -49,7 +50,7 @@ enum Command {
     },
     /// Count parameters and mult-adds of a cell stacked into a network.
     Cost {
-        /// A preset (`nasnet-a`) or a spec file.
+        /// A preset (`nasnet-a`), `random:SEED`, `-` (standard input) or a spec file.
         #[arg(long, default_value = "nasnet-a")]
         cell: String,
         /// `cifar`, `mobile`, `large`, `N@P` (mobile skeleton) or `cifar|mobile|large:N@P`.
@@ -119,10 +120,21 @@ fn run(cli: Cli) -> Result<String> {
     Ok(out)
 }
 
-/// Loads `--cell`: a preset name or a spec file.
+/// Loads `--cell`: a preset name, `random:SEED`, `-` (standard input) or a spec file.
 fn load_cell(arg: &str) -> Result<CellSpec> {
     if let Some(spec) = preset(arg) {
         return Ok(spec);
+    }
+    if let Some(seed) = arg.strip_prefix("random:") {
+        let seed: u64 = seed.parse().with_context(|| format!("`{arg}`: the seed must be a whole number"))?;
+        return Ok(SearchSpace::nasnet().sample(&mut SpaceRng::new(seed)));
+    }
+    if arg == "-" {
+        let mut text = String::new();
+        std::io::stdin().read_to_string(&mut text).context("while reading a cell spec from standard input")?;
+        let spec =
+            if text.trim_start().starts_with('{') { CellSpec::from_json(&text) } else { CellSpec::from_text(&text) };
+        return spec.context("in the cell spec on standard input");
     }
     let path = Path::new(arg);
     if !path.exists() {

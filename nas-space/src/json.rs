@@ -470,4 +470,16 @@ mod tests {
         let err = CellSpec::from_json("{").unwrap_err();
         assert!(err.to_string().starts_with("invalid cell spec JSON at line 1, column 1:"), "{err}");
     }
+
+    #[test]
+    fn network_config_round_trips() {
+        for config in [crate::NetworkConfig::cifar(), crate::NetworkConfig::mobile(), crate::NetworkConfig::large()] {
+            let json = serde_json::to_string(&config).unwrap();
+            assert_eq!(serde_json::from_str::<crate::NetworkConfig>(&json).unwrap(), config);
+        }
+        let json = serde_json::to_string(&crate::NetworkConfig::mobile()).unwrap();
+        assert!(json.contains(r#""stem":"imagenet""#), "{json}");
+        let typo = json.replace("num_classes", "num_class");
+        assert!(serde_json::from_str::<crate::NetworkConfig>(&typo).is_err());
+    }
 }

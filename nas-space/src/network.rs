@@ -18,6 +18,7 @@ use crate::{Cell, CellKind, CellSpec, Combine, OpKind, SpecError};
 
 /// The stem in front of the first cell.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize), serde(rename_all = "lowercase"))]
 pub enum Stem {
     /// `_cifar_stem`: 3×3 conv (stride 1, SAME) to `F · stem_multiplier` filters → BN.
     Cifar,
@@ -36,7 +37,9 @@ impl fmt::Display for Stem {
 }
 
 /// The skeleton of a NASNet network: everything but the two cells (paper §4, TF-Slim hparams).
+/// With the `serde` feature it reads and writes as a JSON object of these fields.
 #[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize), serde(deny_unknown_fields))]
 pub struct NetworkConfig {
     /// Which stem reads the image.
     pub stem: Stem,

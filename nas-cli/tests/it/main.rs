@@ -93,6 +93,27 @@ fn bad_cells_give_clear_errors() {
 }
 
 #[test]
+fn random_and_stdin_cells() {
+    let a = stdout_of(&["show", "--cell", "random:7", "--format", "json"]);
+    assert_eq!(a, stdout_of(&["show", "--cell", "random:7", "--format", "json"]));
+    assert_ne!(a, stdout_of(&["show", "--cell", "random:8", "--format", "json"]));
+    assert!(a.contains(r#""output": "unused""#), "{a}");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_nas"))
+        .args(["cost", "--cell", "-", "--net", "cifar", "--json"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write as _;
+    child.stdin.take().unwrap().write_all(a.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["params_trainable"].as_u64().unwrap() > 0);
+    assert!(!nas(&["show", "--cell", "random:x"]).status.success());
+}
+
+#[test]
 fn space_size() {
     let v = json_of(&["space", "--json"]);
     assert_eq!(v["num_actions"], 50);
