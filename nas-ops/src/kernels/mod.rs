@@ -1,0 +1,52 @@
+//! Custom CPU kernels (candle `CustomOp`s) where candle is missing a feature or slow.
+//!
+//! Each kernel file keeps three things side by side: a reference built from plain candle
+//! tensor ops (differentiable, any device), the custom op with its CPU forward and a
+//! `bwd`, and (under the `cuda` feature, in a later issue) its CUDA twin.
+//! Tests compare the custom op with its reference, forward and gradients, and check
+//! gradients against finite differences in f64.
+
+pub mod batch_norm;
+pub mod depthwise;
+pub mod pool;
+
+#[cfg(test)]
+pub(crate) mod testutil;
+
+/// Explicit zero padding of the two spatial axes: rows before/after, columns before/after.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Padding2d {
+    /// Rows added above.
+    pub top: usize,
+    /// Rows added below.
+    pub bottom: usize,
+    /// Columns added on the left.
+    pub left: usize,
+    /// Columns added on the right.
+    pub right: usize,
+}
+
+impl Padding2d {
+    /// TF "SAME" padding for a `kh × kw` window with `stride` and `dilation` on an
+    /// `h × w` input: the output is `ceil(n / stride)` and the smaller half of the padding
+    /// goes before (so a stride-2 op on an even input pads only after).
+    pub fn same(h: usize, w: usize, kh: usize, kw: usize, stride: usize, dilation: usize) -> Padding2d {
+        let (top, bottom) = same_1d(h, kh, stride, dilation);
+        let (left, right) = same_1d(w, kw, stride, dilation);
+        Padding2d { top, bottom, left, right }
+    }
+
+    /// Output size of a window op along one axis of size `n`.
+    pub fn out_size(n: usize, before: usize, after: usize, k: usize, stride: usize, dilation: usize) -> usize {
+        let span = (k - 1) * dilation + 1;
+        (n + before + after - span) / stride + 1
+    }
+}
+
+/// TF SAME padding along one axis: `(before, after)`.
+pub fn same_1d(n: usize, k: usize, stride: usize, dilation: usize) -> (usize, usize) {
+    let span = (k - 1) * dilation + 1;
+    let out = n.div_ceil(stride);
+    let total = ((out - 1) * stride + span).saturating_sub(n);
+    (total / 2, total - total / 2)
+}
