@@ -741,3 +741,14 @@ fn error_shape_aux_head_on_small_maps() {
     assert!(matches!(err, SpecError::Shape { .. }));
     assert!(err.to_string().contains("use_aux_head"), "{err}");
 }
+
+/// timm `nasnetalarge(num_features=384, stem_size=32, num_classes=10)`: 918,366 parameters
+/// (`shared/NASNET.md` §7.4). timm is the Large skeleton (`skip_reduction_layer_input`).
+#[test]
+fn cost_matches_timm_small_large_skeleton() {
+    let mut config = NetworkConfig::parse_net("large:6@384", &CellSpec::nasnet_a()).unwrap();
+    config.stem_multiplier = 1.0;
+    config.num_classes = 10;
+    let r = network_cost(&CellSpec::nasnet_a(), &config).unwrap();
+    assert_eq!(r.network.params_trainable, 918_366);
+}
