@@ -1,1 +1,655 @@
-//! placeholder, being written
+//! Batch normalisation over (N, H, W) per channel, with a fused training-mode CPU kernel.
+//!
+//! Follows Ioffe & Szegedy, "Batch Normalization: Accelerating Deep Network Training by
+//! Reducing Internal Covariate Shift" (2015), and candle-nn's `batch_norm.rs`, whose
+//! training path is the (slow, but differentiable anywhere) baseline here.
+//! TF-Slim's NASNet puts a batch norm after nearly every convolution, so the training-mode
+//! forward and backward run as two custom ops that are parallel over channels:
+//!
+//! - `batch-norm-stats` reads xs once per channel and returns the batch mean and the biased
+//!   batch variance, accumulated in f64 with two passes (numerically safe for inputs with a
+//!   large common offset);
+//! - `batch-norm-train` writes `ys = gamma * (xs - mean) / sqrt(var + eps) + beta` from those
+//!   statistics, which it keeps as fields so that its `bwd` does not compute them again;
+//! - its `bwd` runs `batch-norm-train-bwd`, which returns all three gradients in one packed
+//!   buffer: `dbeta = sum(dy)`, `dgamma = sum(dy * xhat)` and
+//!   `dx = gamma * invstd / M * (M * dy - dbeta - xhat * dgamma)` with `M = N * H * W`.
+//!
+//! There is no CUDA implementation yet: candle's default `cuda_fwd` gives a named error
+//! (`no cuda implementation for batch-norm-stats`). A CUDA twin goes beside each `cpu_fwd`.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
+use rayon::prelude::*;
+
+/// What a training-mode batch norm returns.
+#[derive(Debug, Clone)]
+pub struct BatchNormTrain {
+    /// The normalised output, differentiable w.r.t. xs, gamma and beta: `(N, C, H, W)`.
+    pub ys: Tensor,
+    /// The batch mean per channel, detached: `(C)`.
+    pub mean: Tensor,
+    /// The biased batch variance per channel, detached: `(C)`.
+    pub var: Tensor,
+}
+
+/// Training-mode batch norm over (N, H, W) per channel, as fused multi-threaded CPU ops.
+///
+/// `ys = gamma * (xs - mean) / sqrt(var + eps) + beta`, with the batch mean and the biased
+/// batch variance; `ys` is differentiable w.r.t. xs, gamma and beta; `mean` and `var` are
+/// detached (for the caller's running statistics). Supports f32 and f64.
+///
+/// # Shapes
+/// - `xs`: `(batch, channels, height, width)`, not empty
+/// - `gamma`, `beta`: `(channels)`
+/// - returns: `ys` like `xs`; `mean` and `var` `(channels)`
+pub fn batch_norm_train(xs: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<BatchNormTrain> {
+    const OP: &str = "batch-norm-train";
+    check_args(OP, xs, &[("gamma", gamma), ("beta", beta)])?;
+    check_nonempty(OP, xs)?;
+    let dtype = xs.dtype();
+    if !matches!(dtype, DType::F32 | DType::F64) {
+        bail!("{OP}: unsupported dtype {dtype:?}, expected f32 or f64")
+    }
+    let xs = xs.contiguous()?;
+    let gamma = gamma.contiguous()?;
+    let beta = beta.contiguous()?;
+    // (2, C) in f64, detached: row 0 holds the means, row 1 the variances.
+    let stats = xs.apply_op1_no_bwd(&BatchNormStats)?;
+    let mut rows = stats.to_vec2::<f64>()?.into_iter();
+    let (mean, var) = match (rows.next(), rows.next()) {
+        (Some(mean), Some(var)) => (mean, var),
+        _ => bail!("{OP}: statistics must have two rows, got {:?}", stats.shape()),
+    };
+    let invstd = var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
+    let ys = xs.apply_op3(&gamma, &beta, BatchNormTrainOp { mean, invstd })?;
+    Ok(BatchNormTrain { ys, mean: stats.get(0)?.to_dtype(dtype)?, var: stats.get(1)?.to_dtype(dtype)? })
+}
+
+/// The same as [`batch_norm_train`] from plain candle tensor ops (differentiable on any
+/// device).
+///
+/// # Shapes
+/// - `xs`: `(batch, channels, height, width)`, not empty
+/// - `gamma`, `beta`: `(channels)`
+/// - returns: `ys` like `xs`; `mean` and `var` `(channels)`
+pub fn batch_norm_train_reference(xs: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<BatchNormTrain> {
+    const OP: &str = "batch-norm-train-reference";
+    let (n, c, h, w) = check_args(OP, xs, &[("gamma", gamma), ("beta", beta)])?;
+    check_nonempty(OP, xs)?;
+    let m = (n * h * w) as f64;
+    let mean = (xs.sum_keepdim((0, 2, 3))? / m)?;
+    let xc = xs.broadcast_sub(&mean)?;
+    let var = (xc.sqr()?.sum_keepdim((0, 2, 3))? / m)?;
+    let xhat = xc.broadcast_div(&(&var + eps)?.sqrt()?)?;
+    let ys = xhat.broadcast_mul(&gamma.reshape((1, c, 1, 1))?)?.broadcast_add(&beta.reshape((1, c, 1, 1))?)?;
+    Ok(BatchNormTrain { ys, mean: mean.flatten_all()?.detach(), var: var.flatten_all()?.detach() })
+}
+
+/// Eval-mode batch norm: `ys = gamma * (xs - running_mean) / sqrt(running_var + eps) + beta`,
+/// from plain tensor ops with broadcasting (differentiable w.r.t. xs, gamma and beta).
+///
+/// # Shapes
+/// - `xs`: `(batch, channels, height, width)`
+/// - `gamma`, `beta`, `running_mean`, `running_var`: `(channels)`
+/// - returns: like `xs`
+pub fn batch_norm_eval(
+    xs: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
+    let params = [("gamma", gamma), ("beta", beta), ("running_mean", running_mean), ("running_var", running_var)];
+    let (_n, c, _h, _w) = check_args("batch-norm-eval", xs, &params)?;
+    let scale = (gamma / (running_var + eps)?.sqrt()?)?.reshape((1, c, 1, 1))?;
+    xs.broadcast_sub(&running_mean.reshape((1, c, 1, 1))?)?
+        .broadcast_mul(&scale)?
+        .broadcast_add(&beta.reshape((1, c, 1, 1))?)
+}
+
+/// Checks that `xs` is `(N, C, H, W)` and every named parameter is `(C)` with the dtype of
+/// `xs`; returns the dimensions of `xs`.
+fn check_args(op: &str, xs: &Tensor, params: &[(&str, &Tensor)]) -> Result<(usize, usize, usize, usize)> {
+    let &[n, c, h, w] = xs.dims() else { bail!("{op}: xs must be (N, C, H, W), got {:?}", xs.shape()) };
+    for (name, p) in params {
+        if p.dims() != [c] {
+            bail!("{op}: {name} must be (C) = ({c}) for xs {:?}, got {:?}", xs.shape(), p.shape())
+        }
+        if p.dtype() != xs.dtype() {
+            bail!("{op}: {name} has dtype {:?} but xs has {:?}", p.dtype(), xs.dtype())
+        }
+    }
+    Ok((n, c, h, w))
+}
+
+/// Batch statistics need at least one element per channel.
+fn check_nonempty(op: &str, xs: &Tensor) -> Result<()> {
+    if xs.elem_count() == 0 {
+        bail!("{op}: xs must not be empty, got {:?}", xs.shape())
+    }
+    Ok(())
+}
+
+/// The elements of a contiguous CPU tensor.
+fn contiguous_slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, op: &str, what: &str) -> Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((start, end)) => Ok(&s.as_slice::<T>()?[start..end]),
+        None => bail!("{op}: {what} must be contiguous, got shape {:?} stride {:?}", l.shape(), l.stride()),
+    }
+}
+
+/// Per-channel batch mean and biased variance of a contiguous `(N, C, H, W)` tensor, as an
+/// f64 tensor of shape `(2, C)`: row 0 holds the means, row 1 the variances. No `bwd`.
+#[derive(Debug, Clone, Copy)]
+struct BatchNormStats;
+
+impl CustomOp1 for BatchNormStats {
+    fn name(&self) -> &'static str {
+        "batch-norm-stats"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, c, h, w) = l.shape().dims4()?;
+        let stats = match s {
+            CpuStorage::F32(_) => channel_stats(contiguous_slice::<f32>(s, l, self.name(), "xs")?, n, c, h * w),
+            CpuStorage::F64(_) => channel_stats(contiguous_slice::<f64>(s, l, self.name(), "xs")?, n, c, h * w),
+            _ => bail!("{}: unsupported dtype {:?}, expected f32 or f64", self.name(), s.dtype()),
+        };
+        Ok((CpuStorage::F64(stats), Shape::from((2, c))))
+    }
+}
+
+/// The training-mode forward from precomputed statistics; its `bwd` gives all three
+/// gradients.
+#[derive(Debug, Clone)]
+struct BatchNormTrainOp {
+    /// Batch mean per channel.
+    mean: Vec<f64>,
+    /// `1 / sqrt(var + eps)` per channel.
+    invstd: Vec<f64>,
+}
+
+impl CustomOp3 for BatchNormTrainOp {
+    fn name(&self) -> &'static str {
+        "batch-norm-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, c, h, w) = l1.shape().dims4()?;
+        let op = self.name();
+        let ys = match (s1, s2, s3) {
+            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(normalize(
+                contiguous_slice(s1, l1, op, "xs")?,
+                contiguous_slice(s2, l2, op, "gamma")?,
+                contiguous_slice(s3, l3, op, "beta")?,
+                &self.mean,
+                &self.invstd,
+                (n, c, h * w),
+            )),
+            (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(normalize(
+                contiguous_slice(s1, l1, op, "xs")?,
+                contiguous_slice(s2, l2, op, "gamma")?,
+                contiguous_slice(s3, l3, op, "beta")?,
+                &self.mean,
+                &self.invstd,
+                (n, c, h * w),
+            )),
+            _ => bail!(
+                "{op}: xs, gamma and beta must all be f32 or all f64, got {:?}, {:?}, {:?}",
+                s1.dtype(),
+                s2.dtype(),
+                s3.dtype()
+            ),
+        };
+        Ok((ys, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        xs: &Tensor,
+        gamma: &Tensor,
+        _beta: &Tensor,
+        _ys: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (n, c, h, w) = xs.dims4()?;
+        let numel = n * c * h * w;
+        let (xs, gamma, grad) = (xs.contiguous()?, gamma.contiguous()?, grad.contiguous()?);
+        let packed = xs.apply_op3_no_bwd(&gamma, &grad, &BatchNormTrainBwd { fwd: self })?;
+        let dx = packed.narrow(0, 0, numel)?.reshape((n, c, h, w))?;
+        let dgamma = packed.narrow(0, numel, c)?;
+        let dbeta = packed.narrow(0, numel + c, c)?;
+        Ok((Some(dx), Some(dgamma), Some(dbeta)))
+    }
+}
+
+/// The backward of [`BatchNormTrainOp`] on `(xs, gamma, dy)`, with the forward's statistics.
+/// Returns one flat buffer of `N * C * H * W + 2 * C` elements: dx, then dgamma, then dbeta.
+#[derive(Debug, Clone, Copy)]
+struct BatchNormTrainBwd<'a> {
+    fwd: &'a BatchNormTrainOp,
+}
+
+impl CustomOp3 for BatchNormTrainBwd<'_> {
+    fn name(&self) -> &'static str {
+        "batch-norm-train-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, c, h, w) = l1.shape().dims4()?;
+        if l3.dims() != l1.dims() {
+            bail!("{}: dy must be shaped like xs {:?}, got {:?}", self.name(), l1.shape(), l3.shape())
+        }
+        let op = self.name();
+        let (mean, invstd) = (&self.fwd.mean, &self.fwd.invstd);
+        let packed = match (s1, s2, s3) {
+            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(backward(
+                contiguous_slice(s1, l1, op, "xs")?,
+                contiguous_slice(s2, l2, op, "gamma")?,
+                contiguous_slice(s3, l3, op, "dy")?,
+                mean,
+                invstd,
+                (n, c, h * w),
+            )),
+            (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(backward(
+                contiguous_slice(s1, l1, op, "xs")?,
+                contiguous_slice(s2, l2, op, "gamma")?,
+                contiguous_slice(s3, l3, op, "dy")?,
+                mean,
+                invstd,
+                (n, c, h * w),
+            )),
+            _ => bail!(
+                "{op}: xs, gamma and dy must all be f32 or all f64, got {:?}, {:?}, {:?}",
+                s1.dtype(),
+                s2.dtype(),
+                s3.dtype()
+            ),
+        };
+        Ok((packed, Shape::from(n * c * h * w + 2 * c)))
+    }
+}
+
+/// Independent accumulators per reduction, so that the f64 sums vectorise.
+const LANES: usize = 8;
+
+/// Planes of `hw` elements per rayon task in the elementwise passes (at least one).
+fn planes_per_task(hw: usize) -> usize {
+    (1usize << 14).div_ceil(hw).max(1)
+}
+
+/// The `HW` plane of channel `ci` in sample `ni` of a contiguous `(N, C, HW)` buffer.
+fn plane<T>(xs: &[T], ni: usize, ci: usize, c: usize, hw: usize) -> &[T] {
+    let start = (ni * c + ci) * hw;
+    &xs[start..start + hw]
+}
+
+/// Per-channel mean and biased variance, in parallel over channels; within a channel, over
+/// samples then the contiguous plane. Two passes in f64 (mean, then squared deviations).
+/// Returns the `C` means followed by the `C` variances.
+fn channel_stats<T: WithDType>(xs: &[T], n: usize, c: usize, hw: usize) -> Vec<f64> {
+    let m = (n * hw) as f64;
+    let per_channel: Vec<(f64, f64)> = (0..c)
+        .into_par_iter()
+        .map(|ci| {
+            let mean = (0..n).map(|ni| sum_f64(plane(xs, ni, ci, c, hw))).sum::<f64>() / m;
+            let var = (0..n).map(|ni| sum_sq_dev(plane(xs, ni, ci, c, hw), mean)).sum::<f64>() / m;
+            (mean, var)
+        })
+        .collect();
+    let (means, vars): (Vec<f64>, Vec<f64>) = per_channel.into_iter().unzip();
+    [means, vars].concat()
+}
+
+/// `ys = (xs - mean) * gamma * invstd + beta`, in parallel over planes, in f64.
+fn normalize<T: WithDType>(
+    xs: &[T],
+    gamma: &[T],
+    beta: &[T],
+    mean: &[f64],
+    invstd: &[f64],
+    (_n, c, hw): (usize, usize, usize),
+) -> Vec<T> {
+    let mut ys = vec![T::zero(); xs.len()];
+    ys.par_chunks_mut(hw).zip(xs.par_chunks(hw)).enumerate().with_min_len(planes_per_task(hw)).for_each(
+        |(plane_idx, (ys, xs))| {
+            let ci = plane_idx % c;
+            let (mean, scale, shift) = (mean[ci], gamma[ci].to_f64() * invstd[ci], beta[ci].to_f64());
+            for (y, &x) in ys.iter_mut().zip(xs) {
+                *y = T::from_f64((x.to_f64() - mean) * scale + shift);
+            }
+        },
+    );
+    ys
+}
+
+/// The three gradients, packed as dx, then dgamma, then dbeta. First the per-channel sums
+/// `sum(dy)` and `sum(dy * (x - mean))`, in parallel over channels; then
+/// `dx = k * dy + (x - mean) * k1 + k0` per plane, in parallel over planes.
+fn backward<T: WithDType>(
+    xs: &[T],
+    gamma: &[T],
+    dy: &[T],
+    mean: &[f64],
+    invstd: &[f64],
+    (n, c, hw): (usize, usize, usize),
+) -> Vec<T> {
+    let m = (n * hw) as f64;
+    let sums: Vec<(f64, f64)> = (0..c)
+        .into_par_iter()
+        .map(|ci| {
+            (0..n).fold((0.0, 0.0), |(s_dy, s_dy_xc), ni| {
+                let (a, b) = sum_dy_and_dy_xc(plane(dy, ni, ci, c, hw), plane(xs, ni, ci, c, hw), mean[ci]);
+                (s_dy + a, s_dy_xc + b)
+            })
+        })
+        .collect();
+    // dbeta = sum(dy); dgamma = sum(dy * xhat) = invstd * sum(dy * (x - mean)).
+    let dbeta: Vec<f64> = sums.iter().map(|&(s_dy, _)| s_dy).collect();
+    let dgamma: Vec<f64> = sums.iter().zip(invstd).map(|(&(_, s_dy_xc), &is)| is * s_dy_xc).collect();
+    // dx = k / M * (M * dy - dbeta - xhat * dgamma) with k = gamma * invstd, i.e.
+    // dx = k * dy + k0 + (x - mean) * k1 with k0 = -k * dbeta / M, k1 = -k * invstd * dgamma / M.
+    let coeffs: Vec<(f64, f64, f64)> = (0..c)
+        .map(|ci| {
+            let k = gamma[ci].to_f64() * invstd[ci];
+            (k, -k * dbeta[ci] / m, -k * invstd[ci] * dgamma[ci] / m)
+        })
+        .collect();
+    let numel = xs.len();
+    let mut packed = vec![T::zero(); numel + 2 * c];
+    let (dx, params) = packed.split_at_mut(numel);
+    dx.par_chunks_mut(hw)
+        .zip(xs.par_chunks(hw))
+        .zip(dy.par_chunks(hw))
+        .enumerate()
+        .with_min_len(planes_per_task(hw))
+        .for_each(|(plane_idx, ((dx, xs), dy))| {
+            let ci = plane_idx % c;
+            let (mean, (k, k0, k1)) = (mean[ci], coeffs[ci]);
+            for ((g, &x), &d) in dx.iter_mut().zip(xs).zip(dy) {
+                *g = T::from_f64(k * d.to_f64() + k0 + (x.to_f64() - mean) * k1);
+            }
+        });
+    let (dgamma_out, dbeta_out) = params.split_at_mut(c);
+    for ci in 0..c {
+        dgamma_out[ci] = T::from_f64(dgamma[ci]);
+        dbeta_out[ci] = T::from_f64(dbeta[ci]);
+    }
+    packed
+}
+
+/// `sum(xs)` in f64.
+fn sum_f64<T: WithDType>(xs: &[T]) -> f64 {
+    let mut acc = [0.0f64; LANES];
+    let mut chunks = xs.chunks_exact(LANES);
+    for chunk in &mut chunks {
+        for (a, &x) in acc.iter_mut().zip(chunk) {
+            *a += x.to_f64();
+        }
+    }
+    let tail: f64 = chunks.remainder().iter().map(|&x| x.to_f64()).sum();
+    acc.iter().sum::<f64>() + tail
+}
+
+/// `sum((xs - mean)^2)` in f64.
+fn sum_sq_dev<T: WithDType>(xs: &[T], mean: f64) -> f64 {
+    let mut acc = [0.0f64; LANES];
+    let mut chunks = xs.chunks_exact(LANES);
+    for chunk in &mut chunks {
+        for (a, &x) in acc.iter_mut().zip(chunk) {
+            let d = x.to_f64() - mean;
+            *a += d * d;
+        }
+    }
+    let tail: f64 = chunks.remainder().iter().map(|&x| (x.to_f64() - mean).powi(2)).sum();
+    acc.iter().sum::<f64>() + tail
+}
+
+/// `(sum(dy), sum(dy * (xs - mean)))` in f64.
+fn sum_dy_and_dy_xc<T: WithDType>(dy: &[T], xs: &[T], mean: f64) -> (f64, f64) {
+    let mut acc_dy = [0.0f64; LANES];
+    let mut acc_dy_xc = [0.0f64; LANES];
+    let mut dy_chunks = dy.chunks_exact(LANES);
+    let mut xs_chunks = xs.chunks_exact(LANES);
+    for (dy, xs) in (&mut dy_chunks).zip(&mut xs_chunks) {
+        for (((a, b), &d), &x) in acc_dy.iter_mut().zip(acc_dy_xc.iter_mut()).zip(dy).zip(xs) {
+            let d = d.to_f64();
+            *a += d;
+            *b += d * (x.to_f64() - mean);
+        }
+    }
+    let (mut s_dy, mut s_dy_xc) = (acc_dy.iter().sum::<f64>(), acc_dy_xc.iter().sum::<f64>());
+    for (&d, &x) in dy_chunks.remainder().iter().zip(xs_chunks.remainder()) {
+        s_dy += d.to_f64();
+        s_dy_xc += d.to_f64() * (x.to_f64() - mean);
+    }
+    (s_dy, s_dy_xc)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::testutil::{analytic_grads, assert_close, check_finite_differences, max_abs_diff, TestRng};
+    use candle_core::{Device, Var};
+
+    const EPS: f64 = 1e-3;
+
+    /// Random `xs` with a common `offset`, and `gamma`, `beta` around 1 and 0.
+    fn inputs(rng: &mut TestRng, shape: [usize; 4], offset: f64, dtype: DType) -> [Tensor; 3] {
+        let xs = rng.tensor(&shape, DType::F64).unwrap().affine(2.0, offset).unwrap().to_dtype(dtype).unwrap();
+        let gamma = rng.tensor(&[shape[1]], DType::F64).unwrap().affine(0.5, 1.0).unwrap().to_dtype(dtype).unwrap();
+        let beta = rng.tensor(&[shape[1]], DType::F64).unwrap().to_dtype(dtype).unwrap();
+        [xs, gamma, beta]
+    }
+
+    /// Fixed edge shapes (N = 1, odd H and W, H = W = 1 with N > 1, C up to 7) and random ones.
+    fn shapes(rng: &mut TestRng) -> Vec<[usize; 4]> {
+        let mut shapes = vec![[1, 3, 5, 7], [4, 2, 1, 1], [2, 7, 3, 3], [1, 1, 1, 9], [3, 5, 8, 9], [2, 4, 16, 16]];
+        for _ in 0..6 {
+            shapes.push([1 + rng.below(4), 1 + rng.below(7), 1 + rng.below(9), 1 + rng.below(9)]);
+        }
+        shapes
+    }
+
+    fn ys(f: fn(&Tensor, &Tensor, &Tensor, f64) -> Result<BatchNormTrain>) -> impl Fn(&[Tensor]) -> Result<Tensor> {
+        move |ts: &[Tensor]| Ok(f(&ts[0], &ts[1], &ts[2], EPS)?.ys)
+    }
+
+    #[test]
+    fn forward_matches_reference_f32() -> Result<()> {
+        let mut rng = TestRng::new(1);
+        for shape in shapes(&mut rng) {
+            let [xs, gamma, beta] = inputs(&mut rng, shape, 0.3, DType::F32);
+            let fused = batch_norm_train(&xs, &gamma, &beta, EPS)?;
+            let reference = batch_norm_train_reference(&xs, &gamma, &beta, EPS)?;
+            assert_eq!(fused.ys.dims(), &shape[..]);
+            assert_eq!(fused.mean.dims(), &[shape[1]]);
+            assert_eq!(fused.var.dims(), &[shape[1]]);
+            assert_eq!(fused.ys.dtype(), DType::F32);
+            assert_eq!(fused.mean.dtype(), DType::F32);
+            assert_close(&fused.ys, &reference.ys, 1e-5, &format!("ys {shape:?}"));
+            assert_close(&fused.mean, &reference.mean, 1e-6, &format!("mean {shape:?}"));
+            assert_close(&fused.var, &reference.var, 1e-5, &format!("var {shape:?}"));
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn forward_matches_reference_f64() -> Result<()> {
+        let mut rng = TestRng::new(2);
+        for shape in shapes(&mut rng) {
+            let [xs, gamma, beta] = inputs(&mut rng, shape, -0.7, DType::F64);
+            let fused = batch_norm_train(&xs, &gamma, &beta, EPS)?;
+            let reference = batch_norm_train_reference(&xs, &gamma, &beta, EPS)?;
+            assert_close(&fused.ys, &reference.ys, 1e-12, &format!("ys {shape:?}"));
+            assert_close(&fused.mean, &reference.mean, 1e-12, &format!("mean {shape:?}"));
+            assert_close(&fused.var, &reference.var, 1e-12, &format!("var {shape:?}"));
+        }
+        Ok(())
+    }
+
+    /// With a common offset of 1000 the f32 statistics must still be accurate: compare with
+    /// the reference run in f64 on the same (f32-rounded) values.
+    #[test]
+    fn forward_is_stable_with_large_offset() -> Result<()> {
+        let mut rng = TestRng::new(3);
+        for shape in [[8, 3, 16, 16], [1, 5, 7, 9], [16, 2, 1, 1]] {
+            let [xs, gamma, beta] = inputs(&mut rng, shape, 1000.0, DType::F32);
+            let fused = batch_norm_train(&xs, &gamma, &beta, EPS)?;
+            let exact = batch_norm_train_reference(
+                &xs.to_dtype(DType::F64)?,
+                &gamma.to_dtype(DType::F64)?,
+                &beta.to_dtype(DType::F64)?,
+                EPS,
+            )?;
+            assert_close(&fused.ys, &exact.ys, 1e-6, &format!("ys {shape:?}"));
+            assert_close(&fused.mean, &exact.mean, 1e-7, &format!("mean {shape:?}"));
+            // The variance (about 4/3) is small next to the offset, so compare it absolutely.
+            let var_err = max_abs_diff(&fused.var, &exact.var)?;
+            assert!(var_err < 1e-6, "var {shape:?}: max abs diff {var_err:e}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn gradients_match_reference_f32() -> Result<()> {
+        let mut rng = TestRng::new(4);
+        for shape in shapes(&mut rng) {
+            let inputs = inputs(&mut rng, shape, 0.5, DType::F32);
+            let probe = rng.tensor(&shape, DType::F32)?;
+            let fused = analytic_grads(&ys(batch_norm_train), &inputs, &probe)?;
+            let reference = analytic_grads(&ys(batch_norm_train_reference), &inputs, &probe)?;
+            for (i, name) in ["dxs", "dgamma", "dbeta"].iter().enumerate() {
+                assert_eq!(fused[i].dims(), inputs[i].dims());
+                assert_close(&fused[i], &reference[i], 1e-5, &format!("{name} {shape:?}"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The upstream gradient and the inputs need not be contiguous.
+    #[test]
+    fn gradients_with_strided_inputs_and_upstream() -> Result<()> {
+        let mut rng = TestRng::new(5);
+        let [xs, gamma, beta] = inputs(&mut rng, [3, 4, 5, 6], 0.0, DType::F32);
+        // xs is handed over as a transposed view of a (4, 3, 5, 6) tensor.
+        let xs_t = xs.transpose(0, 1)?.contiguous()?;
+        let probe = rng.tensor(&[6, 4, 5, 3], DType::F32)?;
+        let run = |f: fn(&Tensor, &Tensor, &Tensor, f64) -> Result<BatchNormTrain>| {
+            let g = move |ts: &[Tensor]| f(&ts[0].transpose(0, 1)?, &ts[1], &ts[2], EPS)?.ys.permute((3, 1, 2, 0));
+            analytic_grads(&g, &[xs_t.clone(), gamma.clone(), beta.clone()], &probe)
+        };
+        let (fused, reference) = (run(batch_norm_train)?, run(batch_norm_train_reference)?);
+        for i in 0..3 {
+            assert_close(&fused[i], &reference[i], 1e-5, &format!("gradient {i}"));
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn gradients_match_finite_differences_f64() -> Result<()> {
+        let mut rng = TestRng::new(6);
+        for shape in [[2, 3, 2, 3], [1, 2, 3, 1], [3, 2, 1, 1]] {
+            let inputs = inputs(&mut rng, shape, 0.2, DType::F64);
+            check_finite_differences(&ys(batch_norm_train), &inputs, 1e-5, 1e-6);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn mean_and_var_are_detached() -> Result<()> {
+        let mut rng = TestRng::new(7);
+        let [xs, gamma, beta] = inputs(&mut rng, [2, 3, 4, 4], 0.0, DType::F32);
+        let vars = [Var::from_tensor(&xs)?, Var::from_tensor(&gamma)?, Var::from_tensor(&beta)?];
+        let out = batch_norm_train(vars[0].as_tensor(), vars[1].as_tensor(), vars[2].as_tensor(), EPS)?;
+        let grads = (out.mean.sum_all()? + out.var.sum_all()?)?.backward()?;
+        assert!(vars.iter().all(|v| grads.get(v.as_tensor()).is_none()));
+        let grads = out.ys.sum_all()?.backward()?;
+        assert!(vars.iter().all(|v| grads.get(v.as_tensor()).is_some()));
+        Ok(())
+    }
+
+    #[test]
+    fn eval_matches_hand_computation() -> Result<()> {
+        let (n, c, h, w) = (2, 3, 2, 2);
+        let data: Vec<f64> = (0..n * c * h * w).map(|i| (i as f64 * 0.37).sin() * 3.0).collect();
+        let (gamma, beta) = ([0.5, 1.0, -2.0], [0.1, -0.2, 0.3]);
+        let (running_mean, running_var) = ([0.2, -1.0, 0.0], [1.5, 0.25, 4.0]);
+        let expected: Vec<f64> = data
+            .iter()
+            .enumerate()
+            .map(|(i, &x)| {
+                let ci = (i / (h * w)) % c;
+                gamma[ci] * (x - running_mean[ci]) / (running_var[ci] + EPS).sqrt() + beta[ci]
+            })
+            .collect();
+        let dev = &Device::Cpu;
+        let t = |v: &[f64]| Tensor::new(v, dev);
+        let xs = Tensor::from_vec(data, (n, c, h, w), dev)?;
+        let (gamma, beta, running_mean, running_var) = (t(&gamma)?, t(&beta)?, t(&running_mean)?, t(&running_var)?);
+        let ys = batch_norm_eval(&xs, &gamma, &beta, &running_mean, &running_var, EPS)?;
+        assert_close(&ys, &Tensor::from_vec(expected, (n, c, h, w), dev)?, 1e-12, "eval ys");
+        // Differentiable w.r.t. xs, gamma and beta.
+        let f = |ts: &[Tensor]| batch_norm_eval(&ts[0], &ts[1], &ts[2], &running_mean, &running_var, EPS);
+        check_finite_differences(&f, &[xs.clone(), gamma.clone(), beta.clone()], 1e-5, 1e-7);
+        // The same in f32.
+        let f32s = |t: &Tensor| t.to_dtype(DType::F32);
+        let ys32 = batch_norm_eval(
+            &f32s(&xs)?,
+            &f32s(&gamma)?,
+            &f32s(&beta)?,
+            &f32s(&running_mean)?,
+            &f32s(&running_var)?,
+            EPS,
+        )?;
+        assert_eq!(ys32.dtype(), DType::F32);
+        assert_close(&ys32, &ys, 1e-6, "eval ys f32");
+        Ok(())
+    }
+
+    #[test]
+    fn bad_shapes_and_dtypes_error() -> Result<()> {
+        let dev = &Device::Cpu;
+        let xs = Tensor::zeros((2, 3, 4, 4), DType::F32, dev)?;
+        let c3 = Tensor::ones(3, DType::F32, dev)?;
+        let c4 = Tensor::ones(4, DType::F32, dev)?;
+        let c13 = Tensor::ones((1, 3), DType::F32, dev)?;
+        let err = |r: Result<BatchNormTrain>| r.expect_err("should fail").to_string();
+        for f in [batch_norm_train, batch_norm_train_reference] {
+            let msg = err(f(&xs.flatten_from(2)?, &c3, &c3, EPS));
+            assert!(msg.contains("xs must be (N, C, H, W), got [2, 3, 16]"), "{msg}");
+            let msg = err(f(&xs, &c4, &c3, EPS));
+            assert!(msg.contains("gamma must be (C) = (3) for xs [2, 3, 4, 4], got [4]"), "{msg}");
+            let msg = err(f(&xs, &c3, &c13, EPS));
+            assert!(msg.contains("beta must be (C) = (3) for xs [2, 3, 4, 4], got [1, 3]"), "{msg}");
+            let msg = err(f(&xs, &c3.to_dtype(DType::F64)?, &c3, EPS));
+            assert!(msg.contains("gamma has dtype F64 but xs has F32"), "{msg}");
+            let msg = err(f(&Tensor::zeros((0, 3, 4, 4), DType::F32, dev)?, &c3, &c3, EPS));
+            assert!(msg.contains("xs must not be empty, got [0, 3, 4, 4]"), "{msg}");
+        }
+        let half = |t: &Tensor| t.to_dtype(DType::F16);
+        let msg = err(batch_norm_train(&half(&xs)?, &half(&c3)?, &half(&c3)?, EPS));
+        assert!(msg.contains("batch-norm-train: unsupported dtype F16, expected f32 or f64"), "{msg}");
+        let msg = batch_norm_eval(&xs, &c3, &c3, &c3, &c4, EPS).expect_err("should fail").to_string();
+        assert!(msg.contains("batch-norm-eval: running_var must be (C) = (3) for xs [2, 3, 4, 4], got [4]"), "{msg}");
+        Ok(())
+    }
+}

@@ -1,1 +1,910 @@
-//! placeholder, being written
+//! Max and average pooling with TF semantics: explicit (possibly asymmetric) padding that
+//! never enters the result.
+//! Max pooling treats padded positions as -inf and average pooling divides by the number of
+//! real elements in each window (TF `count_include_pad = false`), as in `tf.nn.max_pool2d` and
+//! `tf.nn.avg_pool2d` with `padding="SAME"`.
+//! NASNet (Zoph et al. 2018, "Learning Transferable Architectures for Scalable Image
+//! Recognition") uses them in its cells: tf-slim `nasnet_utils.py` `_pooling` (3x3 SAME, stride
+//! 1 or 2), the aux head (5x5 stride-3 VALID average) and `factorized_reduction` (1x1 stride-2
+//! VALID average, i.e. subsampling).
+//!
+//! Candle's own pooling has no padding and no backward when `kernel != stride`, so this file
+//! keeps, side by side: the references built from plain candle ops (`*_reference`), the custom
+//! ops `max-pool2d-tf` and `avg-pool2d-tf` with their CPU forward and backward kernels, and
+//! (later, under `cuda`) their CUDA twins.
+//! The geometry (`PoolGeom`) is plain data shared by all implementations.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
+use rayon::prelude::*;
+
+use super::Padding2d;
+
+const MAX_NAME: &str = "max-pool2d-tf";
+const AVG_NAME: &str = "avg-pool2d-tf";
+
+/// Max pooling over `kernel × kernel` windows with explicit padding; padded positions are
+/// ignored (they act as -inf).
+/// Every window must contain at least one real element.
+/// Ties go to the first element of the window in row-major order (this is the element that
+/// receives the gradient); a NaN shows in the output only as that first element.
+///
+/// # Shapes
+/// - `xs`: `(batch, channels, h, w)`, f32 or f64
+/// - returns: `(batch, channels, ho, wo)` with
+///   `ho = Padding2d::out_size(h, padding.top, padding.bottom, kernel, stride, 1)` and
+///   `wo = Padding2d::out_size(w, padding.left, padding.right, kernel, stride, 1)`
+pub fn max_pool2d(xs: &Tensor, kernel: usize, stride: usize, padding: Padding2d) -> Result<Tensor> {
+    let params = PoolParams { kernel, stride, padding };
+    PoolGeom::new(MAX_NAME, xs.dims(), params)?;
+    xs.contiguous()?.apply_op1(MaxPool2dTf(params))
+}
+
+/// Average pooling over `kernel × kernel` windows with explicit padding; each output is the
+/// mean of the real (non-padded) elements of its window, as TF does.
+/// Every window must contain at least one real element.
+///
+/// # Shapes
+/// - `xs`: `(batch, channels, h, w)`, f32 or f64
+/// - returns: `(batch, channels, ho, wo)`, sized as in [`max_pool2d`]
+pub fn avg_pool2d(xs: &Tensor, kernel: usize, stride: usize, padding: Padding2d) -> Result<Tensor> {
+    let params = PoolParams { kernel, stride, padding };
+    PoolGeom::new(AVG_NAME, xs.dims(), params)?;
+    xs.contiguous()?.apply_op1(AvgPool2dTf(params))
+}
+
+/// [`max_pool2d`] with TF "SAME" padding computed from the input size.
+///
+/// # Shapes
+/// - `xs`: `(batch, channels, h, w)`
+/// - returns: `(batch, channels, ceil(h / stride), ceil(w / stride))`
+pub fn max_pool2d_same(xs: &Tensor, kernel: usize, stride: usize) -> Result<Tensor> {
+    let padding = same_padding(MAX_NAME, xs, kernel, stride)?;
+    max_pool2d(xs, kernel, stride, padding)
+}
+
+/// [`avg_pool2d`] with TF "SAME" padding computed from the input size.
+///
+/// # Shapes
+/// - `xs`: `(batch, channels, h, w)`
+/// - returns: `(batch, channels, ceil(h / stride), ceil(w / stride))`
+pub fn avg_pool2d_same(xs: &Tensor, kernel: usize, stride: usize) -> Result<Tensor> {
+    let padding = same_padding(AVG_NAME, xs, kernel, stride)?;
+    avg_pool2d(xs, kernel, stride, padding)
+}
+
+/// Reference for [`max_pool2d`] built from differentiable candle ops (any device, any float
+/// dtype): pad with -inf, gather each window offset with `index_select`, take the max over the
+/// stacked offsets.
+/// Its gradient goes to every tied maximum, so it matches [`max_pool2d`] only without ties.
+///
+/// # Shapes
+/// As [`max_pool2d`].
+pub fn max_pool2d_reference(xs: &Tensor, kernel: usize, stride: usize, padding: Padding2d) -> Result<Tensor> {
+    let g = PoolGeom::new(MAX_NAME, xs.dims(), PoolParams { kernel, stride, padding })?;
+    let padded = pad_constant(xs, padding, f64::NEG_INFINITY)?;
+    // The max never selects a padded -inf (every window has a real element), and the backward
+    // multiplies the gradient by a 0/1 mask, so no inf reaches the gradients.
+    stacked_windows(&padded, &g)?.max(4)
+}
+
+/// Reference for [`avg_pool2d`] built from differentiable candle ops (any device, any float
+/// dtype): pad with zeros, sum each window over the stacked offsets, divide by the number of
+/// real elements (the same window sum over a padded tensor of ones).
+///
+/// # Shapes
+/// As [`avg_pool2d`].
+pub fn avg_pool2d_reference(xs: &Tensor, kernel: usize, stride: usize, padding: Padding2d) -> Result<Tensor> {
+    let g = PoolGeom::new(AVG_NAME, xs.dims(), PoolParams { kernel, stride, padding })?;
+    let sums = stacked_windows(&pad_constant(xs, padding, 0.0)?, &g)?.sum(4)?;
+    let ones = Tensor::ones((1, 1, g.h, g.w), xs.dtype(), xs.device())?;
+    let counts = stacked_windows(&pad_constant(&ones, padding, 0.0)?, &g)?.sum(4)?;
+    sums.broadcast_div(&counts)
+}
+
+/// TF SAME padding for `xs`, after checking the parameters that `Padding2d::same` relies on.
+fn same_padding(name: &str, xs: &Tensor, kernel: usize, stride: usize) -> Result<Padding2d> {
+    let dims = xs.dims();
+    let &[_, _, h, w] = dims else { bail!("{name}: expected an (N, C, H, W) input, got shape {dims:?}") };
+    if kernel == 0 || stride == 0 {
+        bail!("{name}: kernel and stride must be >= 1, got kernel {kernel}, stride {stride} (input {dims:?})")
+    }
+    Ok(Padding2d::same(h, w, kernel, kernel, stride, 1))
+}
+
+/// Pads the two spatial axes of an `(N, C, H, W)` tensor with `value`.
+fn pad_constant(xs: &Tensor, padding: Padding2d, value: f64) -> Result<Tensor> {
+    let pad_dim = |xs: Tensor, dim: usize, before: usize, after: usize| -> Result<Tensor> {
+        if before == 0 && after == 0 {
+            return Ok(xs);
+        }
+        let mut dims = xs.dims().to_vec();
+        let fill = |n: usize, dims: &mut Vec<usize>| -> Result<Tensor> {
+            dims[dim] = n;
+            Tensor::full(value, dims.as_slice(), xs.device())?.to_dtype(xs.dtype())
+        };
+        let mut parts = Vec::with_capacity(3);
+        if before > 0 {
+            parts.push(fill(before, &mut dims)?);
+        }
+        parts.push(xs.clone());
+        if after > 0 {
+            parts.push(fill(after, &mut dims)?);
+        }
+        Tensor::cat(&parts, dim)
+    };
+    let xs = pad_dim(xs.clone(), 2, padding.top, padding.bottom)?;
+    pad_dim(xs, 3, padding.left, padding.right)
+}
+
+/// Gathers, for every window offset `(di, dj)`, the strided rows and columns of the padded
+/// input, and stacks them: `(N, C, Ho, Wo, kernel * kernel)`.
+fn stacked_windows(padded: &Tensor, g: &PoolGeom) -> Result<Tensor> {
+    let (k, s) = (g.params.kernel, g.params.stride);
+    let device = padded.device();
+    // `index_select` needs a contiguous source.
+    let padded = padded.contiguous()?;
+    let strided = |n_out: usize, offset: usize| -> Result<Tensor> {
+        let idx: Vec<u32> = (0..n_out).map(|o| (o * s + offset) as u32).collect();
+        Tensor::from_vec(idx, n_out, device)
+    };
+    let mut windows = Vec::with_capacity(k * k);
+    for di in 0..k {
+        let rows = padded.index_select(&strided(g.ho, di)?, 2)?;
+        for dj in 0..k {
+            windows.push(rows.index_select(&strided(g.wo, dj)?, 3)?);
+        }
+    }
+    Tensor::stack(&windows, 4)
+}
+
+/// The pooling parameters every implementation shares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct PoolParams {
+    kernel: usize,
+    stride: usize,
+    padding: Padding2d,
+}
+
+/// Validated pooling geometry: input and output shapes with the parameters; the clipped window
+/// ranges derive from it.
+/// Plain data, so a CUDA launch can use it as the CPU kernels do.
+#[derive(Debug, Clone, Copy)]
+struct PoolGeom {
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    ho: usize,
+    wo: usize,
+    params: PoolParams,
+}
+
+impl PoolGeom {
+    /// Checks the input shape and the parameters, and that every window holds at least one
+    /// real element.
+    fn new(name: &str, dims: &[usize], params: PoolParams) -> Result<PoolGeom> {
+        let PoolParams { kernel, stride, padding } = params;
+        let &[n, c, h, w] = dims else { bail!("{name}: expected an (N, C, H, W) input, got shape {dims:?}") };
+        let what = || format!("input {dims:?}, kernel {kernel}, stride {stride}, padding {padding:?}");
+        if kernel == 0 {
+            bail!("{name}: kernel must be >= 1 ({})", what())
+        }
+        if stride == 0 {
+            bail!("{name}: stride must be >= 1 ({})", what())
+        }
+        if h == 0 || w == 0 {
+            bail!("{name}: empty spatial dims ({})", what())
+        }
+        // The kernels keep positions within a plane as u32.
+        if h.checked_mul(w).is_none_or(|hw| hw > u32::MAX as usize) {
+            bail!("{name}: spatial plane too large ({})", what())
+        }
+        if h + padding.top + padding.bottom < kernel || w + padding.left + padding.right < kernel {
+            bail!("{name}: window larger than the padded input ({})", what())
+        }
+        let ho = Padding2d::out_size(h, padding.top, padding.bottom, kernel, stride, 1);
+        let wo = Padding2d::out_size(w, padding.left, padding.right, kernel, stride, 1);
+        // Windows slide monotonically over one interval of real elements, so if the first and
+        // the last window along an axis touch it, every window in between does too.
+        let empty = |before: usize, n: usize, n_out: usize| kernel <= before || (n_out - 1) * stride >= before + n;
+        if empty(padding.top, h, ho) || empty(padding.left, w, wo) {
+            bail!("{name}: a window holds only padding ({})", what())
+        }
+        Ok(PoolGeom { n, c, h, w, ho, wo, params })
+    }
+
+    fn in_shape(&self) -> Shape {
+        Shape::from((self.n, self.c, self.h, self.w))
+    }
+
+    fn out_shape(&self) -> Shape {
+        Shape::from((self.n, self.c, self.ho, self.wo))
+    }
+
+    /// Real rows `[start, end)` of output row `o` (non-empty once validated).
+    fn rows(&self, o: usize) -> (usize, usize) {
+        clip(o, self.params.kernel, self.params.stride, self.params.padding.top, self.h)
+    }
+
+    /// Output columns `[lo, hi)` whose windows hold `kernel` real columns, starting at input
+    /// column `o * stride - left`; the others are clipped at the borders.
+    fn interior_cols(&self) -> (usize, usize) {
+        let PoolParams { kernel, stride, padding } = self.params;
+        let lo = padding.left.div_ceil(stride).min(self.wo);
+        let hi = match (self.w + padding.left).checked_sub(kernel) {
+            Some(last_start) => (last_start / stride + 1).min(self.wo),
+            None => 0,
+        };
+        (lo, hi.max(lo))
+    }
+
+    /// Real columns `[start, end)` of every output column.
+    fn col_ranges(&self) -> Vec<(usize, usize)> {
+        let p = self.params;
+        (0..self.wo).map(|o| clip(o, p.kernel, p.stride, p.padding.left, self.w)).collect()
+    }
+}
+
+/// The real part `[start, end)` of window `o` along an axis of `n` elements with `before`
+/// padding.
+fn clip(o: usize, kernel: usize, stride: usize, before: usize, n: usize) -> (usize, usize) {
+    let start = o * stride;
+    (start.max(before) - before, (start + kernel).min(before + n) - before)
+}
+
+/// The contiguous data of a tensor argument of a custom op.
+fn contiguous<'a, T>(name: &str, data: &'a [T], layout: &Layout) -> Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => bail!("{name}: expected a contiguous input, got strides {:?}", layout.stride()),
+    }
+}
+
+fn unsupported(name: &str, dtype: DType) -> Result<(CpuStorage, Shape)> {
+    bail!("{name}: unsupported dtype {dtype:?}, expected f32 or f64")
+}
+
+/// `max-pool2d-tf`: forward of [`max_pool2d`].
+#[derive(Debug, Clone, Copy)]
+struct MaxPool2dTf(PoolParams);
+
+impl CustomOp1 for MaxPool2dTf {
+    fn name(&self) -> &'static str {
+        MAX_NAME
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = PoolGeom::new(self.name(), l.dims(), self.0)?;
+        let out = match s {
+            CpuStorage::F32(xs) => f32::to_cpu_storage_owned(max_fwd_cpu(contiguous(self.name(), xs, l)?, &g)),
+            CpuStorage::F64(xs) => f64::to_cpu_storage_owned(max_fwd_cpu(contiguous(self.name(), xs, l)?, &g)),
+            _ => return unsupported(self.name(), s.dtype()),
+        };
+        Ok((out, g.out_shape()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let grad = arg.apply_op2_no_bwd(&grad_res.contiguous()?, &MaxPool2dTfBwd(self.0))?;
+        Ok(Some(grad))
+    }
+}
+
+/// `max-pool2d-tf-bwd`: `(xs, grad_out) -> grad_in`, routing each output gradient to the
+/// argmax of its window (recomputed exactly as in the forward).
+#[derive(Debug, Clone, Copy)]
+struct MaxPool2dTfBwd(PoolParams);
+
+impl CustomOp2 for MaxPool2dTfBwd {
+    fn name(&self) -> &'static str {
+        "max-pool2d-tf-bwd"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let name = self.name();
+        let g = PoolGeom::new(name, l1.dims(), self.0)?;
+        if l2.shape() != &g.out_shape() {
+            bail!("{name}: expected a gradient of shape {:?}, got {:?}", g.out_shape(), l2.shape())
+        }
+        let out = match (s1, s2) {
+            (CpuStorage::F32(xs), CpuStorage::F32(gy)) => {
+                f32::to_cpu_storage_owned(max_bwd_cpu(contiguous(name, xs, l1)?, contiguous(name, gy, l2)?, &g))
+            }
+            (CpuStorage::F64(xs), CpuStorage::F64(gy)) => {
+                f64::to_cpu_storage_owned(max_bwd_cpu(contiguous(name, xs, l1)?, contiguous(name, gy, l2)?, &g))
+            }
+            _ => {
+                bail!("{name}: unsupported dtypes {:?} and {:?}, expected both f32 or both f64", s1.dtype(), s2.dtype())
+            }
+        };
+        Ok((out, g.in_shape()))
+    }
+}
+
+/// `avg-pool2d-tf`: forward of [`avg_pool2d`].
+#[derive(Debug, Clone, Copy)]
+struct AvgPool2dTf(PoolParams);
+
+impl CustomOp1 for AvgPool2dTf {
+    fn name(&self) -> &'static str {
+        AVG_NAME
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = PoolGeom::new(self.name(), l.dims(), self.0)?;
+        let out = match s {
+            CpuStorage::F32(xs) => f32::to_cpu_storage_owned(avg_fwd_cpu(contiguous(self.name(), xs, l)?, &g)),
+            CpuStorage::F64(xs) => f64::to_cpu_storage_owned(avg_fwd_cpu(contiguous(self.name(), xs, l)?, &g)),
+            _ => return unsupported(self.name(), s.dtype()),
+        };
+        Ok((out, g.out_shape()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let (_, _, h, w) = arg.dims4()?;
+        let grad = grad_res.contiguous()?.apply_op1_no_bwd(&AvgPool2dTfBwd { params: self.0, h, w })?;
+        Ok(Some(grad))
+    }
+}
+
+/// `avg-pool2d-tf-bwd`: `grad_out -> grad_in`, scattering `grad / count` to the real elements
+/// of each window.
+#[derive(Debug, Clone, Copy)]
+struct AvgPool2dTfBwd {
+    params: PoolParams,
+    h: usize,
+    w: usize,
+}
+
+impl CustomOp1 for AvgPool2dTfBwd {
+    fn name(&self) -> &'static str {
+        "avg-pool2d-tf-bwd"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let name = self.name();
+        let &[n, c, ..] = l.dims() else { bail!("{name}: expected an (N, C, Ho, Wo) gradient, got {:?}", l.shape()) };
+        let g = PoolGeom::new(name, &[n, c, self.h, self.w], self.params)?;
+        if l.shape() != &g.out_shape() {
+            bail!("{name}: expected a gradient of shape {:?}, got {:?}", g.out_shape(), l.shape())
+        }
+        let out = match s {
+            CpuStorage::F32(gy) => f32::to_cpu_storage_owned(avg_bwd_cpu(contiguous(name, gy, l)?, &g)),
+            CpuStorage::F64(gy) => f64::to_cpu_storage_owned(avg_bwd_cpu(contiguous(name, gy, l)?, &g)),
+            _ => return unsupported(name, s.dtype()),
+        };
+        Ok((out, g.in_shape()))
+    }
+}
+
+// CPU kernels. Each works on whole (n, c) planes, in parallel with rayon. Inside a plane it
+// walks one output row at a time: for every real input row of that row's windows, the interior
+// output columns (windows holding `kernel` real columns) take one window column `dj` at a time
+// as a pass over a contiguous slice, which vectorises; the few border columns use their clipped
+// ranges. For stride > 1 the input row is first split by phase (`split_phases`) so that the
+// strided reads of a pass become contiguous too. Every window is still visited in row-major
+// order, so sums and tie-breaking do not depend on where a window sits.
+
+/// Per-thread scratch of the CPU kernels: one value (and, for the max backward, one position)
+/// per output column, and a phase-split copy of one row when the stride is > 1.
+struct Scratch<T> {
+    acc: Vec<T>,
+    arg: Vec<u32>,
+    phases: Vec<T>,
+}
+
+impl<T: WithDType> Scratch<T> {
+    fn new(g: &PoolGeom) -> Scratch<T> {
+        let s = g.params.stride;
+        let phases = if s == 1 { 0 } else { s * g.w.div_ceil(s) };
+        Scratch { acc: vec![T::zero(); g.wo], arg: vec![0; g.wo], phases: vec![T::zero(); phases] }
+    }
+}
+
+/// Where `row[off]` sits in a phase-split row (see [`split_phases`]); `row[off + j * stride]`
+/// follows at `+ j`.
+#[inline]
+fn phase_start(off: usize, stride: usize, phases_len: usize) -> usize {
+    (off % stride) * (phases_len / stride) + off / stride
+}
+
+/// Copies `row` into `phases` so that `row[i * stride + p]` lands at `p * len + i`, with
+/// `len = phases.len() / stride`.
+fn split_phases<T: Copy>(row: &[T], phases: &mut [T], stride: usize) {
+    let len = phases.len() / stride;
+    for (i, chunk) in row.chunks(stride).enumerate() {
+        for (p, &v) in chunk.iter().enumerate() {
+            phases[p * len + i] = v;
+        }
+    }
+}
+
+/// The inverse of [`split_phases`], adding into `row`.
+fn add_phases<T: WithDType>(row: &mut [T], phases: &[T], stride: usize) {
+    let len = phases.len() / stride;
+    for (i, chunk) in row.chunks_mut(stride).enumerate() {
+        for (p, x) in chunk.iter_mut().enumerate() {
+            *x += phases[p * len + i];
+        }
+    }
+}
+
+/// The `n` values `row[off + j * stride]` as one slice: taken from `row` itself for stride 1,
+/// else from its phase-split copy.
+#[inline]
+fn strided<'a, T>(row: &'a [T], phases: &'a [T], stride: usize, off: usize, n: usize) -> &'a [T] {
+    if stride == 1 {
+        &row[off..off + n]
+    } else {
+        let start = phase_start(off, stride, phases.len());
+        &phases[start..start + n]
+    }
+}
+
+/// Max pooling of one plane.
+fn max_fwd_plane<T: WithDType>(xs: &[T], ys: &mut [T], g: &PoolGeom, cols: &[(usize, usize)], sc: &mut Scratch<T>) {
+    let (k, s, w, left) = (g.params.kernel, g.params.stride, g.w, g.params.padding.left);
+    let (lo, hi) = g.interior_cols();
+    let acc = &mut sc.acc;
+    for (o, ys) in ys.chunks_exact_mut(g.wo).enumerate() {
+        let (h0, h1) = g.rows(o);
+        // Start from each window's first real element, then compare in row-major order with a
+        // strict `>`, exactly as `max_bwd_plane` does.
+        for (a, &(w0, _)) in acc.iter_mut().zip(cols) {
+            *a = xs[h0 * w + w0];
+        }
+        for row in xs[h0 * w..h1 * w].chunks_exact(w) {
+            if lo < hi {
+                if s > 1 {
+                    split_phases(row, &mut sc.phases, s);
+                }
+                for dj in 0..k {
+                    let vs = strided(row, &sc.phases, s, lo * s + dj - left, hi - lo);
+                    for (a, &v) in acc[lo..hi].iter_mut().zip(vs) {
+                        *a = if v > *a { v } else { *a };
+                    }
+                }
+            }
+            for oj in (0..lo).chain(hi..g.wo) {
+                let (w0, w1) = cols[oj];
+                for &v in &row[w0..w1] {
+                    acc[oj] = if v > acc[oj] { v } else { acc[oj] };
+                }
+            }
+        }
+        ys.copy_from_slice(acc);
+    }
+}
+
+/// Gradient of max pooling for one plane: each output's gradient goes to the first maximum of
+/// its window in row-major order. `acc` and `arg` hold, per output column, the running max and
+/// where it is: for interior columns the window offset `di * kernel + dj` (the same for every
+/// lane of a pass, so the select vectorises), for border columns the index in the plane.
+fn max_bwd_plane<T: WithDType>(
+    xs: &[T],
+    gy: &[T],
+    gx: &mut [T],
+    g: &PoolGeom,
+    cols: &[(usize, usize)],
+    sc: &mut Scratch<T>,
+) {
+    let (k, s, w, left) = (g.params.kernel, g.params.stride, g.w, g.params.padding.left);
+    let (lo, hi) = g.interior_cols();
+    let (acc, arg) = (&mut sc.acc, &mut sc.arg);
+    for (o, gy) in gy.chunks_exact(g.wo).enumerate() {
+        let (h0, h1) = g.rows(o);
+        for (oj, ((b, a), &(w0, _))) in acc.iter_mut().zip(arg.iter_mut()).zip(cols).enumerate() {
+            *b = xs[h0 * w + w0];
+            *a = if (lo..hi).contains(&oj) { 0 } else { (h0 * w + w0) as u32 };
+        }
+        for r in h0..h1 {
+            let row = &xs[r * w..(r + 1) * w];
+            if lo < hi {
+                if s > 1 {
+                    split_phases(row, &mut sc.phases, s);
+                }
+                for dj in 0..k {
+                    let code = ((r - h0) * k + dj) as u32;
+                    let vs = strided(row, &sc.phases, s, lo * s + dj - left, hi - lo);
+                    for ((b, a), &v) in acc[lo..hi].iter_mut().zip(&mut arg[lo..hi]).zip(vs) {
+                        // A bit mask instead of `if`: LLVM otherwise emits a branch here, which
+                        // random data mispredicts half the time, and does not vectorise.
+                        let mask = 0u32.wrapping_sub((v > *b) as u32);
+                        *a = (*a & !mask) | (code & mask);
+                        *b = if v > *b { v } else { *b };
+                    }
+                }
+            }
+            for oj in (0..lo).chain(hi..g.wo) {
+                let (w0, w1) = cols[oj];
+                for (j, &v) in row[w0..w1].iter().enumerate() {
+                    if v > acc[oj] {
+                        acc[oj] = v;
+                        arg[oj] = (r * w + w0 + j) as u32;
+                    }
+                }
+            }
+        }
+        for (oj, (&a, &gy)) in arg.iter().zip(gy).enumerate() {
+            let a = a as usize;
+            let idx = if (lo..hi).contains(&oj) { (h0 + a / k) * w + oj * s - left + a % k } else { a };
+            gx[idx] += gy;
+        }
+    }
+}
+
+/// Average pooling of one plane.
+fn avg_fwd_plane<T: WithDType>(xs: &[T], ys: &mut [T], g: &PoolGeom, cols: &[(usize, usize)], sc: &mut Scratch<T>) {
+    let (k, s, w, left) = (g.params.kernel, g.params.stride, g.w, g.params.padding.left);
+    let (lo, hi) = g.interior_cols();
+    let acc = &mut sc.acc;
+    for (o, ys) in ys.chunks_exact_mut(g.wo).enumerate() {
+        let (h0, h1) = g.rows(o);
+        acc.fill(T::zero());
+        for row in xs[h0 * w..h1 * w].chunks_exact(w) {
+            if lo < hi {
+                if s > 1 {
+                    split_phases(row, &mut sc.phases, s);
+                }
+                for dj in 0..k {
+                    let vs = strided(row, &sc.phases, s, lo * s + dj - left, hi - lo);
+                    for (a, &v) in acc[lo..hi].iter_mut().zip(vs) {
+                        *a += v;
+                    }
+                }
+            }
+            for oj in (0..lo).chain(hi..g.wo) {
+                let (w0, w1) = cols[oj];
+                for &v in &row[w0..w1] {
+                    acc[oj] += v;
+                }
+            }
+        }
+        for ((y, &sum), &(w0, w1)) in ys.iter_mut().zip(acc.iter()).zip(cols) {
+            *y = sum / T::from_f64(((h1 - h0) * (w1 - w0)) as f64);
+        }
+    }
+}
+
+/// Gradient of average pooling for one plane: `grad / count` goes to every real element of
+/// each window. `acc` holds those per-output values for one output row.
+fn avg_bwd_plane<T: WithDType>(gy: &[T], gx: &mut [T], g: &PoolGeom, cols: &[(usize, usize)], sc: &mut Scratch<T>) {
+    let (k, s, w, left) = (g.params.kernel, g.params.stride, g.w, g.params.padding.left);
+    let (lo, hi) = g.interior_cols();
+    let vals = &mut sc.acc;
+    for (o, gy) in gy.chunks_exact(g.wo).enumerate() {
+        let (h0, h1) = g.rows(o);
+        for ((v, &gy), &(w0, w1)) in vals.iter_mut().zip(gy).zip(cols) {
+            *v = gy / T::from_f64(((h1 - h0) * (w1 - w0)) as f64);
+        }
+        for row in gx[h0 * w..h1 * w].chunks_exact_mut(w) {
+            if lo < hi {
+                // Accumulate into the row itself for stride 1, else into a phase-split buffer
+                // that is added back afterwards.
+                let (dst, s_dst) = if s == 1 {
+                    (&mut *row, 1)
+                } else {
+                    sc.phases.fill(T::zero());
+                    (&mut sc.phases[..], s)
+                };
+                for dj in 0..k {
+                    let off = lo * s + dj - left;
+                    let start = if s_dst == 1 { off } else { phase_start(off, s, dst.len()) };
+                    for (x, &v) in dst[start..start + (hi - lo)].iter_mut().zip(&vals[lo..hi]) {
+                        *x += v;
+                    }
+                }
+                if s > 1 {
+                    add_phases(row, &sc.phases, s);
+                }
+            }
+            for oj in (0..lo).chain(hi..g.wo) {
+                let (w0, w1) = cols[oj];
+                for x in &mut row[w0..w1] {
+                    *x += vals[oj];
+                }
+            }
+        }
+    }
+}
+
+fn max_fwd_cpu<T: WithDType>(xs: &[T], g: &PoolGeom) -> Vec<T> {
+    let cols = g.col_ranges();
+    let mut out = vec![T::zero(); g.n * g.c * g.ho * g.wo];
+    out.par_chunks_mut(g.ho * g.wo)
+        .zip(xs.par_chunks(g.h * g.w))
+        .for_each_init(|| Scratch::new(g), |sc, (ys, xs)| max_fwd_plane(xs, ys, g, &cols, sc));
+    out
+}
+
+fn max_bwd_cpu<T: WithDType>(xs: &[T], grad_out: &[T], g: &PoolGeom) -> Vec<T> {
+    let cols = g.col_ranges();
+    let mut grad_in = vec![T::zero(); g.n * g.c * g.h * g.w];
+    grad_in
+        .par_chunks_mut(g.h * g.w)
+        .zip(xs.par_chunks(g.h * g.w))
+        .zip(grad_out.par_chunks(g.ho * g.wo))
+        .for_each_init(|| Scratch::new(g), |sc, ((gx, xs), gy)| max_bwd_plane(xs, gy, gx, g, &cols, sc));
+    grad_in
+}
+
+fn avg_fwd_cpu<T: WithDType>(xs: &[T], g: &PoolGeom) -> Vec<T> {
+    let cols = g.col_ranges();
+    let mut out = vec![T::zero(); g.n * g.c * g.ho * g.wo];
+    out.par_chunks_mut(g.ho * g.wo)
+        .zip(xs.par_chunks(g.h * g.w))
+        .for_each_init(|| Scratch::new(g), |sc, (ys, xs)| avg_fwd_plane(xs, ys, g, &cols, sc));
+    out
+}
+
+fn avg_bwd_cpu<T: WithDType>(grad_out: &[T], g: &PoolGeom) -> Vec<T> {
+    let cols = g.col_ranges();
+    let mut grad_in = vec![T::zero(); g.n * g.c * g.h * g.w];
+    grad_in
+        .par_chunks_mut(g.h * g.w)
+        .zip(grad_out.par_chunks(g.ho * g.wo))
+        .for_each_init(|| Scratch::new(g), |sc, (gx, gy)| avg_bwd_plane(gy, gx, g, &cols, sc));
+    grad_in
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::testutil::*;
+    use candle_core::Device;
+
+    type PoolFn = fn(&Tensor, usize, usize, Padding2d) -> Result<Tensor>;
+
+    /// `(name, custom op, reference)` for both pools.
+    const POOLS: [(&str, PoolFn, PoolFn); 2] =
+        [("max", max_pool2d, max_pool2d_reference), ("avg", avg_pool2d, avg_pool2d_reference)];
+
+    const VALID: Padding2d = Padding2d { top: 0, bottom: 0, left: 0, right: 0 };
+
+    /// A tensor holding a random permutation of `0.1, 0.2, ...` (no ties, differences far
+    /// above any finite-difference step), shifted to be centred on zero.
+    fn distinct(rng: &mut TestRng, shape: &[usize], dtype: DType) -> Tensor {
+        let n: usize = shape.iter().product();
+        let mut vals: Vec<f64> = (0..n).map(|i| (i as f64 - n as f64 / 2.0) * 0.1).collect();
+        for i in (1..n).rev() {
+            vals.swap(i, rng.below(i + 1));
+        }
+        Tensor::from_vec(vals, shape, &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
+    }
+
+    fn grid(vals: &Tensor) -> Vec<Vec<f64>> {
+        vals.to_dtype(DType::F64).unwrap().squeeze(0).unwrap().squeeze(0).unwrap().to_vec2().unwrap()
+    }
+
+    /// The paddings tried on an `h × w` input: SAME, VALID and an asymmetric one.
+    fn paddings(h: usize, w: usize, kernel: usize, stride: usize) -> [Padding2d; 3] {
+        let asym = Padding2d { top: kernel / 2, bottom: kernel.saturating_sub(1), left: 0, right: kernel.div_ceil(2) };
+        [Padding2d::same(h, w, kernel, kernel, stride, 1), VALID, asym]
+    }
+
+    #[test]
+    fn forward_matches_reference() {
+        let mut rng = TestRng::new(7);
+        let sizes = [(5, 7), (8, 8), (14, 15), (16, 16), (15, 8), (7, 14), (1, 2), (3, 4)];
+        let mut compared = 0;
+        for kernel in [1, 3, 5, 7] {
+            for stride in [1, 2, 3] {
+                for (h, w) in sizes {
+                    let xs = rng.tensor(&[2, 3, h, w], DType::F32).unwrap();
+                    for padding in paddings(h, w, kernel, stride) {
+                        for (name, fast, reference) in POOLS {
+                            let what = format!("{name} k{kernel} s{stride} {h}x{w} {padding:?}");
+                            match (fast(&xs, kernel, stride, padding), reference(&xs, kernel, stride, padding)) {
+                                (Ok(a), Ok(b)) => {
+                                    let ho = Padding2d::out_size(h, padding.top, padding.bottom, kernel, stride, 1);
+                                    let wo = Padding2d::out_size(w, padding.left, padding.right, kernel, stride, 1);
+                                    assert_eq!(a.dims(), &[2, 3, ho, wo], "{what}");
+                                    assert_close(&a, &b, 1e-6, &what);
+                                    compared += 1;
+                                }
+                                (Err(_), Err(_)) => {}
+                                (a, b) => panic!("{what}: custom op {:?} vs reference {:?}", a.err(), b.err()),
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert!(compared > 300, "only {compared} cases compared");
+    }
+
+    #[test]
+    fn forward_f64_and_strided_inputs() {
+        let mut rng = TestRng::new(8);
+        // A transposed (non-contiguous) view, in f64.
+        let xs = rng.tensor(&[2, 3, 9, 12], DType::F64).unwrap().transpose(2, 3).unwrap();
+        for (name, fast, reference) in POOLS {
+            for (kernel, stride) in [(3, 1), (3, 2), (5, 2)] {
+                let padding = Padding2d::same(12, 9, kernel, kernel, stride, 1);
+                let a = fast(&xs, kernel, stride, padding).unwrap();
+                let b = reference(&xs, kernel, stride, padding).unwrap();
+                assert_eq!(a.dtype(), DType::F64);
+                assert_close(&a, &b, 1e-12, &format!("{name} k{kernel} s{stride}"));
+            }
+            // An empty batch passes through.
+            let empty = Tensor::zeros((0, 3, 5, 5), DType::F64, &Device::Cpu).unwrap();
+            assert_eq!(fast(&empty, 3, 2, Padding2d::same(5, 5, 3, 3, 2, 1)).unwrap().dims(), &[0, 3, 3, 3]);
+        }
+    }
+
+    #[test]
+    fn same_conveniences_use_tf_padding() {
+        let mut rng = TestRng::new(9);
+        for (h, w) in [(8, 8), (7, 9), (56, 42)] {
+            let xs = rng.tensor(&[1, 2, h, w], DType::F32).unwrap();
+            for (kernel, stride) in [(3, 1), (3, 2), (5, 2), (7, 2)] {
+                let padding = Padding2d::same(h, w, kernel, kernel, stride, 1);
+                let max = max_pool2d_same(&xs, kernel, stride).unwrap();
+                let avg = avg_pool2d_same(&xs, kernel, stride).unwrap();
+                assert_eq!(max.dims(), &[1, 2, h.div_ceil(stride), w.div_ceil(stride)]);
+                assert_close(&max, &max_pool2d(&xs, kernel, stride, padding).unwrap(), 0.0, "max same");
+                assert_close(&avg, &avg_pool2d(&xs, kernel, stride, padding).unwrap(), 0.0, "avg same");
+            }
+        }
+    }
+
+    /// TF semantics on a 4x4 input holding 1..=16 row by row.
+    /// 3x3 stride-2 SAME pads one row and one column after only (pad_total = 1, smaller half
+    /// before), and the average counts only real elements:
+    /// ```python
+    /// x = tf.reshape(tf.range(1.0, 17.0), [1, 4, 4, 1])
+    /// tf.nn.avg_pool2d(x, 3, 2, "SAME")[0, :, :, 0]  # [[6, 7.5], [12, 13.5]]
+    /// tf.nn.max_pool2d(-x, 3, 2, "SAME")[0, :, :, 0] # [[-1, -3], [-9, -11]]
+    /// ```
+    #[test]
+    fn tf_same_semantics_by_hand() {
+        let xs = Tensor::arange(1f32, 17f32, &Device::Cpu).unwrap().reshape((1, 1, 4, 4)).unwrap();
+        assert_eq!(Padding2d::same(4, 4, 3, 3, 2, 1), Padding2d { top: 0, bottom: 1, left: 0, right: 1 });
+
+        // Top-left: 9 real elements (1+2+3+5+6+7+9+10+11 = 54); top-right: 6 (3,4,7,8,11,12);
+        // bottom-left: 6 (9,10,11,13,14,15); bottom-right: 4 (11,12,15,16), no padding before.
+        let avg = avg_pool2d_same(&xs, 3, 2).unwrap();
+        assert_eq!(grid(&avg), vec![vec![54.0 / 9.0, 45.0 / 6.0], vec![72.0 / 6.0, 54.0 / 4.0]]);
+        assert_eq!(grid(&avg_pool2d_reference(&xs, 3, 2, Padding2d::same(4, 4, 3, 3, 2, 1)).unwrap()), grid(&avg));
+
+        // All values negative: a padded zero must never win the max.
+        let neg = xs.neg().unwrap();
+        assert_eq!(grid(&max_pool2d_same(&neg, 3, 2).unwrap()), vec![vec![-1.0, -3.0], vec![-9.0, -11.0]]);
+        // Stride 1 pads one on every side: each output is the window's top-left real element.
+        let want: Vec<Vec<f64>> = (0..4)
+            .map(|i: usize| {
+                (0..4).map(|j: usize| -((4 * i.saturating_sub(1) + j.saturating_sub(1) + 1) as f64)).collect()
+            })
+            .collect();
+        assert_eq!(grid(&max_pool2d_same(&neg, 3, 1).unwrap()), want);
+        // The stride-1 average corners see 4 real elements: (1 + 2 + 5 + 6) / 4.
+        assert_eq!(grid(&avg_pool2d_same(&xs, 3, 1).unwrap())[0][0], 3.5);
+    }
+
+    /// The aux head's 5x5 stride-3 VALID average pool (tf-slim `_build_aux_head`).
+    #[test]
+    fn aux_head_avg_pool() {
+        let mut rng = TestRng::new(10);
+        for (size, out) in [(16, 4), (21, 6)] {
+            let xs = rng.tensor(&[2, 4, size, size], DType::F32).unwrap();
+            let ys = avg_pool2d(&xs, 5, 3, VALID).unwrap();
+            assert_eq!(ys.dims(), &[2, 4, out, out]);
+            assert_close(&ys, &avg_pool2d_reference(&xs, 5, 3, VALID).unwrap(), 1e-6, "aux avg");
+            // The last window starts at row/col 3 * (out - 1).
+            let start = 3 * (out - 1);
+            let window = xs.narrow(2, start, 5).unwrap().narrow(3, start, 5).unwrap();
+            let want = (window.sum_keepdim((2, 3)).unwrap() / 25.0).unwrap();
+            let got = ys.narrow(2, out - 1, 1).unwrap().narrow(3, out - 1, 1).unwrap();
+            assert_close(&got, &want, 1e-6, "aux last window");
+        }
+    }
+
+    /// `factorized_reduction`'s 1x1 stride-2 VALID average pool is subsampling.
+    #[test]
+    fn one_by_one_stride_two_subsamples() {
+        let mut rng = TestRng::new(11);
+        let xs = rng.tensor(&[2, 3, 9, 8], DType::F32).unwrap();
+        let rows = Tensor::new(&[0u32, 2, 4, 6, 8], &Device::Cpu).unwrap();
+        let cols = Tensor::new(&[0u32, 2, 4, 6], &Device::Cpu).unwrap();
+        let want = xs.index_select(&rows, 2).unwrap().index_select(&cols, 3).unwrap();
+        assert_close(&avg_pool2d(&xs, 1, 2, VALID).unwrap(), &want, 0.0, "avg 1x1 s2");
+        assert_close(&max_pool2d(&xs, 1, 2, VALID).unwrap(), &want, 0.0, "max 1x1 s2");
+    }
+
+    #[test]
+    fn gradients_match_reference() {
+        let mut rng = TestRng::new(12);
+        let asym = Padding2d { top: 1, bottom: 2, left: 2, right: 0 };
+        let cases = [
+            (3, 1, 8, 8, None),
+            (3, 2, 8, 8, None),
+            (3, 2, 7, 9, None),
+            (5, 2, 14, 15, None),
+            (7, 2, 16, 16, None),
+            (7, 1, 5, 6, None),
+            (5, 3, 16, 16, Some(VALID)),
+            (1, 2, 8, 9, Some(VALID)),
+            (3, 3, 10, 11, Some(asym)),
+            (5, 2, 1, 3, None),
+            (7, 1, 3, 2, None),
+        ];
+        for (kernel, stride, h, w, padding) in cases {
+            let padding = padding.unwrap_or(Padding2d::same(h, w, kernel, kernel, stride, 1));
+            let xs = distinct(&mut rng, &[2, 3, h, w], DType::F32);
+            for (name, fast, reference) in POOLS {
+                let out = fast(&xs, kernel, stride, padding).unwrap();
+                let probe = rng.tensor(out.dims(), DType::F32).unwrap();
+                let a = analytic_grads(&|t| fast(&t[0], kernel, stride, padding), std::slice::from_ref(&xs), &probe)
+                    .unwrap();
+                let b =
+                    analytic_grads(&|t| reference(&t[0], kernel, stride, padding), std::slice::from_ref(&xs), &probe)
+                        .unwrap();
+                assert_close(&a[0], &b[0], 1e-6, &format!("{name} grad k{kernel} s{stride} {h}x{w} {padding:?}"));
+            }
+        }
+    }
+
+    #[test]
+    fn finite_differences_f64() {
+        let mut rng = TestRng::new(13);
+        let asym = Padding2d { top: 2, bottom: 0, left: 1, right: 1 };
+        for (kernel, stride, h, w, padding) in
+            [(3, 2, 6, 5, None), (3, 1, 5, 4, None), (5, 3, 7, 7, Some(VALID)), (3, 2, 5, 6, Some(asym))]
+        {
+            let padding = padding.unwrap_or(Padding2d::same(h, w, kernel, kernel, stride, 1));
+            let xs = distinct(&mut rng, &[1, 2, h, w], DType::F64);
+            for (_, fast, _) in POOLS {
+                check_finite_differences(
+                    &|t| fast(&t[0], kernel, stride, padding),
+                    std::slice::from_ref(&xs),
+                    1e-6,
+                    1e-6,
+                );
+            }
+        }
+    }
+
+    /// On ties the gradient goes to the first element of the window in row-major order.
+    #[test]
+    fn max_ties_go_to_first_element() {
+        let xs = Tensor::zeros((1, 1, 4, 4), DType::F32, &Device::Cpu).unwrap();
+        let probe = Tensor::ones((1, 1, 2, 2), DType::F32, &Device::Cpu).unwrap();
+        let grads = analytic_grads(&|t| max_pool2d_same(&t[0], 3, 2), &[xs], &probe).unwrap();
+        let mut want = vec![vec![0.0; 4]; 4];
+        for (i, j) in [(0, 0), (0, 2), (2, 0), (2, 2)] {
+            want[i][j] = 1.0;
+        }
+        assert_eq!(grid(&grads[0]), want);
+    }
+
+    #[test]
+    fn errors_name_the_op_and_parameters() {
+        let xs = Tensor::zeros((1, 2, 5, 5), DType::F32, &Device::Cpu).unwrap();
+        let err = |r: Result<Tensor>| r.expect_err("expected an error").to_string();
+        for (name, fast, reference) in POOLS {
+            let cases = [
+                // The first window holds only the three rows of top padding.
+                (3, 1, Padding2d { top: 3, ..VALID }, "a window holds only padding"),
+                // Windows start at 0, 3, 6: the last one sees only the bottom padding.
+                (1, 3, Padding2d { bottom: 2, ..VALID }, "a window holds only padding"),
+                (0, 1, VALID, "kernel must be >= 1"),
+                (3, 0, VALID, "stride must be >= 1"),
+                (7, 1, Padding2d { top: 1, ..VALID }, "window larger than the padded input"),
+            ];
+            for (kernel, stride, padding, msg) in cases {
+                for e in [err(fast(&xs, kernel, stride, padding)), err(reference(&xs, kernel, stride, padding))] {
+                    assert!(e.contains(msg) && e.contains(&format!("kernel {kernel}, stride {stride}")), "{name}: {e}");
+                    assert!(e.contains("-pool2d-tf"), "{name}: {e}");
+                }
+            }
+        }
+        let e = err(max_pool2d_same(&xs, 0, 2));
+        assert!(e.contains("kernel and stride must be >= 1") && e.contains("kernel 0"), "{e}");
+        let e = err(avg_pool2d(&xs.squeeze(0).unwrap(), 3, 1, VALID));
+        assert!(e.contains("avg-pool2d-tf: expected an (N, C, H, W) input, got shape [2, 5, 5]"), "{e}");
+        let e = err(max_pool2d(&xs.to_dtype(DType::U32).unwrap(), 3, 1, VALID));
+        assert!(e.contains("max-pool2d-tf: unsupported dtype U32"), "{e}");
+        let e = err(avg_pool2d(&xs.to_dtype(DType::F16).unwrap(), 3, 1, VALID));
+        assert!(e.contains("avg-pool2d-tf: unsupported dtype F16"), "{e}");
+    }
+}

@@ -58,7 +58,7 @@ pub fn analytic_grads(
     inputs: &[Tensor],
     probe: &Tensor,
 ) -> Result<Vec<Tensor>> {
-    let vars: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(t)).collect::<Result<_>>()?;
+    let vars: Vec<Var> = inputs.iter().map(Var::from_tensor).collect::<Result<_>>()?;
     let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
     let loss = (f(&ts)? * probe)?.sum_all()?;
     let grads = loss.backward()?;
@@ -72,12 +72,13 @@ pub fn check_finite_differences(f: &dyn Fn(&[Tensor]) -> Result<Tensor>, inputs:
     let mut rng = TestRng::new(1234);
     let probe = rng.tensor(out.dims(), DType::F64).unwrap();
     let grads = analytic_grads(f, inputs, &probe).unwrap();
-    let loss = |xs: &[Tensor]| -> f64 { (f(xs).unwrap() * &probe).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap() };
+    let loss =
+        |xs: &[Tensor]| -> f64 { (f(xs).unwrap() * &probe).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap() };
     for (i, input) in inputs.iter().enumerate() {
         let base: Vec<f64> = input.flatten_all().unwrap().to_vec1().unwrap();
         let analytic: Vec<f64> = grads[i].flatten_all().unwrap().to_vec1().unwrap();
         for j in 0..base.len() {
-            let mut at = |delta: f64| {
+            let at = |delta: f64| {
                 let mut v = base.clone();
                 v[j] += delta;
                 let mut xs = inputs.to_vec();
