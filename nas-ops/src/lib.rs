@@ -1,10 +1,26 @@
 //! NASNet ops, cells and whole networks as candle modules.
 //!
 //! This crate owns every operation of the NASNet search space with TF-Slim
-//! semantics, the cell module built from any `nas_space::Cell`, the CIFAR and
-//! ImageNet skeletons described by `nas_space::NetworkConfig`, and the custom
-//! CPU kernels (CUDA twins come with the `cuda` issue).
-//! It does not own the grammar or the wiring (that is `nas-space`: `NetworkPlan`
-//! and `CellLayout` decide every shape) nor training (`nas-train`).
+//! semantics ([`ops`]), the cell module built from any `nas_space::Cell`
+//! ([`cell::CellModule`]), the CIFAR and ImageNet networks built from a
+//! (`CellSpec`, `NetworkConfig`) ([`network::NasNet`]), ScheduledDropPath, TF-Slim's
+//! initialisation, and the custom CPU kernels ([`kernels`]; CUDA twins come with the
+//! `cuda` issue).
+//! It does not own the grammar or the wiring (that is `nas-space`: `NetworkPlan` and
+//! `CellLayout` decide every shape and projection) nor training (`nas-train`).
+//!
+//! Weight names follow timm's `nasnet.py` state-dict keys.
 
+pub mod cell;
+pub mod checkpoint;
+pub mod drop_path;
+pub mod init;
 pub mod kernels;
+pub mod layers;
+pub mod network;
+pub mod ops;
+
+pub use network::{NasNet, NetOutput};
+
+#[cfg(test)]
+mod tests;

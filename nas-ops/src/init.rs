@@ -1,0 +1,77 @@
+//! Deterministic weight initialisation as TF-Slim does it (`nasnet.py` arg scopes).
+//!
+//! Conv, depthwise, pointwise and FC weights: variance scaling with factor 2.0 in
+//! FAN_OUT mode from a truncated normal, i.e. a normal with standard deviation
+//! `sqrt(1.3 · 2 / fan_out)` cut at two standard deviations (`shared/NASNET.md` §5.1):
+//! `fan_out = kh · kw · c_out` for a conv, `k · k` for a depthwise kernel (multiplier 1),
+//! `c_out` for a dense layer. BN: γ = 1, β = 0, moving mean 0, moving variance 1.
+//! Biases 0. Values come from a seeded generator, in sorted name order, so equal seeds
+//! give equal networks (candle's CPU device cannot be seeded).
+
+use candle_core::{Result, Tensor};
+use candle_nn::VarMap;
+
+/// Sets every variable of `varmap` from `seed`.
+pub fn init_weights(varmap: &VarMap, seed: u64) -> Result<()> {
+    let data = varmap.data().lock().expect("varmap lock");
+    let mut names: Vec<&String> = data.keys().collect();
+    names.sort();
+    for name in names {
+        let var = &data[name];
+        let dims = var.dims().to_vec();
+        let leaf = name.rsplit('.').next().unwrap_or(name);
+        let parent = name.rsplit('.').nth(1).unwrap_or("");
+        let value = match (leaf, dims.len()) {
+            ("running_var", _) => Tensor::ones_like(var.as_tensor())?,
+            ("running_mean" | "bias", _) => Tensor::zeros_like(var.as_tensor())?,
+            ("weight", 1) => Tensor::ones_like(var.as_tensor())?,
+            ("weight", 2 | 4) => {
+                let fan_out = if parent == "depthwise_conv2d" {
+                    dims[2] * dims[3]
+                } else {
+                    dims[0] * dims.get(2).copied().unwrap_or(1) * dims.get(3).copied().unwrap_or(1)
+                };
+                let std = (1.3 * 2.0 / fan_out as f64).sqrt();
+                let mut rng = SplitMix::new(seed ^ fnv1a(name.as_bytes()));
+                let n: usize = dims.iter().product();
+                let values: Vec<f32> = (0..n).map(|_| (rng.truncated_normal() * std) as f32).collect();
+                Tensor::from_vec(values, dims.as_slice(), var.device())?.to_dtype(var.dtype())?
+            }
+            _ => candle_core::bail!("init_weights: no rule for variable `{name}` of shape {dims:?}"),
+        };
+        var.set(&value)?;
+    }
+    Ok(())
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3))
+}
+
+struct SplitMix(u64);
+
+impl SplitMix {
+    fn new(seed: u64) -> SplitMix {
+        SplitMix(seed)
+    }
+
+    fn unit(&mut self) -> f64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// A standard normal redrawn until it lies within two standard deviations.
+    fn truncated_normal(&mut self) -> f64 {
+        loop {
+            let u1 = self.unit().max(f64::MIN_POSITIVE);
+            let u2 = self.unit();
+            let z = (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos();
+            if z.abs() <= 2.0 {
+                return z;
+            }
+        }
+    }
+}

@@ -1,0 +1,185 @@
+//! The building layers of every op: TF-SAME convolutions, depthwise convs, 1×1 convs as
+//! matmuls, batch norm with running statistics, subsampling.
+//!
+//! Follows TF-Slim's arg scopes (`nasnet.py`): convs have no bias, BN has γ and β,
+//! padding is SAME (smaller half before) unless stated.
+
+use candle_core::{Module, ModuleT, Result, Tensor, Var, D};
+use candle_nn::{Init, VarBuilder};
+
+use crate::kernels::batch_norm::{batch_norm_eval, batch_norm_train};
+use crate::kernels::depthwise::depthwise_conv2d;
+use crate::kernels::pool::avg_pool2d;
+use crate::kernels::Padding2d;
+
+/// A dense convolution without bias, TF SAME padding (or VALID), any kernel shape.
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    weight: Tensor,
+    kh: usize,
+    kw: usize,
+    stride: usize,
+    dilation: usize,
+    same: bool,
+}
+
+/// Shape and padding of a [`Conv2d`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Conv2dConfig {
+    /// Input channels.
+    pub c_in: usize,
+    /// Output channels.
+    pub c_out: usize,
+    /// Kernel height.
+    pub kh: usize,
+    /// Kernel width.
+    pub kw: usize,
+    /// Stride on both axes.
+    pub stride: usize,
+    /// Dilation on both axes.
+    pub dilation: usize,
+    /// TF SAME padding (true) or VALID (false).
+    pub same: bool,
+}
+
+impl Conv2dConfig {
+    /// A SAME `k × k` conv with stride 1 and no dilation.
+    pub fn square(c_in: usize, c_out: usize, k: usize) -> Conv2dConfig {
+        Conv2dConfig { c_in, c_out, kh: k, kw: k, stride: 1, dilation: 1, same: true }
+    }
+}
+
+impl Conv2d {
+    /// Weight `weight` of shape `(c_out, c_in, kh, kw)` (PyTorch layout, timm's names).
+    pub fn new(cfg: Conv2dConfig, vb: VarBuilder) -> Result<Conv2d> {
+        let weight = vb.get_with_hints((cfg.c_out, cfg.c_in, cfg.kh, cfg.kw), "weight", Init::Const(0.0))?;
+        Ok(Conv2d { weight, kh: cfg.kh, kw: cfg.kw, stride: cfg.stride, dilation: cfg.dilation, same: cfg.same })
+    }
+}
+
+impl Module for Conv2d {
+    /// # Shapes
+    /// - `xs`: `(batch, c_in, h, w)`
+    /// - returns: `(batch, c_out, ceil(h / stride), ceil(w / stride))` with SAME padding
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let (_, _, h, w) = xs.dims4()?;
+        if self.kh == 1 && self.kw == 1 && self.stride == 1 {
+            return conv1x1(xs, &self.weight);
+        }
+        if !self.same {
+            return xs.conv2d(&self.weight, 0, self.stride, self.dilation, 1);
+        }
+        let pad = Padding2d::same(h, w, self.kh, self.kw, self.stride, self.dilation);
+        if pad.top == pad.bottom && pad.top == pad.left && pad.left == pad.right {
+            return xs.conv2d(&self.weight, pad.top, self.stride, self.dilation, 1);
+        }
+        let xs = xs.pad_with_zeros(2, pad.top, pad.bottom)?.pad_with_zeros(3, pad.left, pad.right)?;
+        xs.conv2d(&self.weight, 0, self.stride, self.dilation, 1)
+    }
+}
+
+/// A 1×1 stride-1 convolution as one batched matmul: `(c_out, c_in) × (batch, c_in, h·w)`.
+pub fn conv1x1(xs: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    let (b, c, h, w) = xs.dims4()?;
+    let c_out = weight.dim(0)?;
+    let w2 = weight.reshape((c_out, c))?;
+    let ys = w2.broadcast_matmul(&xs.reshape((b, c, h * w))?)?;
+    ys.reshape((b, c_out, h, w))
+}
+
+/// A depthwise convolution (multiplier 1) without bias, TF SAME padding.
+#[derive(Debug, Clone)]
+pub struct DepthwiseConv2d {
+    weight: Tensor,
+    k: usize,
+    stride: usize,
+    dilation: usize,
+}
+
+impl DepthwiseConv2d {
+    /// Weight `weight` of shape `(channels, 1, k, k)`.
+    pub fn new(channels: usize, k: usize, stride: usize, dilation: usize, vb: VarBuilder) -> Result<DepthwiseConv2d> {
+        let weight = vb.get_with_hints((channels, 1, k, k), "weight", Init::Const(0.0))?;
+        Ok(DepthwiseConv2d { weight, k, stride, dilation })
+    }
+}
+
+impl Module for DepthwiseConv2d {
+    /// # Shapes
+    /// - `xs`: `(batch, c, h, w)`
+    /// - returns: `(batch, c, ceil(h / stride), ceil(w / stride))`
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let (_, _, h, w) = xs.dims4()?;
+        let pad = Padding2d::same(h, w, self.k, self.k, self.stride, self.dilation);
+        depthwise_conv2d(xs, &self.weight, self.stride, self.dilation, pad)
+    }
+}
+
+/// Batch norm with γ, β and moving statistics (`weight`, `bias`, `running_mean`,
+/// `running_var`, as timm and PyTorch name them).
+///
+/// Training normalises with the batch statistics and updates the moving ones as TF-Slim
+/// does: `moving = decay · moving + (1 − decay) · batch` (the variance unbiased);
+/// evaluation uses the moving statistics.
+#[derive(Debug, Clone)]
+pub struct BatchNorm {
+    weight: Tensor,
+    bias: Tensor,
+    running_mean: Var,
+    running_var: Var,
+    eps: f64,
+    decay: f64,
+}
+
+impl BatchNorm {
+    /// A BN over `channels` with the network's epsilon and decay.
+    pub fn new(channels: usize, eps: f64, decay: f64, vb: VarBuilder) -> Result<BatchNorm> {
+        let weight = vb.get_with_hints(channels, "weight", Init::Const(1.0))?;
+        let bias = vb.get_with_hints(channels, "bias", Init::Const(0.0))?;
+        let running_mean = Var::from_tensor(&vb.get_with_hints(channels, "running_mean", Init::Const(0.0))?)?;
+        let running_var = Var::from_tensor(&vb.get_with_hints(channels, "running_var", Init::Const(1.0))?)?;
+        Ok(BatchNorm { weight, bias, running_mean, running_var, eps, decay })
+    }
+}
+
+impl ModuleT for BatchNorm {
+    /// # Shapes
+    /// - `xs`: `(batch, c, h, w)`; returns the same shape
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        if !train {
+            let (rm, rv) = (self.running_mean.as_tensor(), self.running_var.as_tensor());
+            return batch_norm_eval(xs, &self.weight, &self.bias, rm, rv, self.eps);
+        }
+        let out = batch_norm_train(xs, &self.weight, &self.bias, self.eps)?;
+        let (b, _, h, w) = xs.dims4()?;
+        let m = (b * h * w) as f64;
+        let unbiased = if m > 1.0 { (out.var * (m / (m - 1.0)))? } else { out.var };
+        let d = self.decay;
+        let mean = ((self.running_mean.as_tensor() * d)? + (out.mean * (1.0 - d))?)?;
+        let var = ((self.running_var.as_tensor() * d)? + (unbiased * (1.0 - d))?)?;
+        self.running_mean.set(&mean.detach())?;
+        self.running_var.set(&var.detach())?;
+        Ok(out.ys)
+    }
+}
+
+/// `x[:, :, offset::2, offset::2]` with zeros beyond the edge, as the two paths of TF-Slim's
+/// `factorized_reduction` read it (path 2 uses offset 1).
+///
+/// # Shapes
+/// - `xs`: `(batch, c, h, w)`
+/// - returns: `(batch, c, ceil(h / 2), ceil(w / 2))`
+pub fn subsample2(xs: &Tensor, offset: usize) -> Result<Tensor> {
+    let (_, _, h, w) = xs.dims4()?;
+    let xs = if offset == 0 {
+        xs.clone()
+    } else {
+        xs.pad_with_zeros(2, 0, offset)?.pad_with_zeros(3, 0, offset)?.narrow(2, offset, h)?.narrow(3, offset, w)?
+    };
+    avg_pool2d(&xs, 1, 2, Padding2d::default())
+}
+
+/// Global average pool over height and width: `(batch, c, h, w)` → `(batch, c)`.
+pub fn global_avg_pool(xs: &Tensor) -> Result<Tensor> {
+    xs.mean(D::Minus1)?.mean(D::Minus1)
+}

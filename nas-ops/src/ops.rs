@@ -1,0 +1,294 @@
+//! Every op of the NASNet search space as a candle module, with TF-Slim semantics.
+//!
+//! Paper §3 and §A.4; TF-Slim `nasnet_utils.py` (`_apply_conv_operation`,
+//! `_stacked_separable_conv`, `_pooling`, `factorized_reduction`); timm `nasnet.py`
+//! (`BranchSeparables`, `ActConvBn`) for the weight names.
+//! The op-level contract (what each op is, in layers) is documented on `nas_space::Op`;
+//! where projections go is decided by `nas_space::network::OpLayout`.
+
+use candle_core::{Module, ModuleT, Result, Tensor};
+use candle_nn::VarBuilder;
+use nas_space::network::OpLayout;
+use nas_space::{Op, OpKind, PoolKind};
+
+use crate::kernels::pool::{avg_pool2d, max_pool2d};
+use crate::kernels::Padding2d;
+use crate::layers::{subsample2, BatchNorm, Conv2d, Conv2dConfig, DepthwiseConv2d};
+
+/// BN settings shared by every layer of a network.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BnConfig {
+    /// Epsilon.
+    pub eps: f64,
+    /// Moving-average decay (TF-Slim `batch_norm_decay`).
+    pub decay: f64,
+}
+
+impl BnConfig {
+    fn bn(&self, channels: usize, vb: VarBuilder) -> Result<BatchNorm> {
+        BatchNorm::new(channels, self.eps, self.decay, vb)
+    }
+}
+
+/// ReLU (optional) → conv → BN, as timm's `ActConvBn` (`conv`, `bn`).
+#[derive(Debug, Clone)]
+pub struct ActConvBn {
+    relu: bool,
+    conv: Conv2d,
+    bn: BatchNorm,
+}
+
+impl ActConvBn {
+    /// Builds the block; the conv's output channels set the BN width.
+    pub fn new(relu: bool, conv: Conv2dConfig, bn: BnConfig, vb: VarBuilder) -> Result<ActConvBn> {
+        Ok(ActConvBn { relu, conv: Conv2d::new(conv, vb.pp("conv"))?, bn: bn.bn(conv.c_out, vb.pp("bn"))? })
+    }
+}
+
+impl ModuleT for ActConvBn {
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        let xs = if self.relu { xs.relu()? } else { xs.clone() };
+        self.bn.forward_t(&self.conv.forward(&xs)?, train)
+    }
+}
+
+/// One separable conv: depthwise `k × k` then pointwise (timm `SeparableConv2d`).
+#[derive(Debug, Clone)]
+struct SeparableConv {
+    depthwise: DepthwiseConv2d,
+    pointwise: Conv2d,
+}
+
+impl SeparableConv {
+    fn new(c_in: usize, c_out: usize, k: usize, stride: usize, vb: VarBuilder) -> Result<SeparableConv> {
+        Ok(SeparableConv {
+            depthwise: DepthwiseConv2d::new(c_in, k, stride, 1, vb.pp("depthwise_conv2d"))?,
+            pointwise: Conv2d::new(Conv2dConfig::square(c_in, c_out, 1), vb.pp("pointwise_conv2d"))?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.pointwise.forward(&self.depthwise.forward(xs)?)
+    }
+}
+
+/// `sep_conv_kxk`: ReLU → sep(stride s, `c_in → F`) → BN → ReLU → sep(`F → F`) → BN
+/// (TF-Slim `_stacked_separable_conv`; timm `BranchSeparables` with `stem_cell=True`
+/// naming: `separable_1`, `bn_sep_1`, `separable_2`, `bn_sep_2`).
+#[derive(Debug, Clone)]
+pub struct SepConv {
+    separable_1: SeparableConv,
+    bn_sep_1: BatchNorm,
+    separable_2: SeparableConv,
+    bn_sep_2: BatchNorm,
+}
+
+impl SepConv {
+    /// Builds the stacked separable conv; the stride is on the first depthwise only.
+    pub fn new(c_in: usize, f: usize, k: usize, stride: usize, bn: BnConfig, vb: VarBuilder) -> Result<SepConv> {
+        Ok(SepConv {
+            separable_1: SeparableConv::new(c_in, f, k, stride, vb.pp("separable_1"))?,
+            bn_sep_1: bn.bn(f, vb.pp("bn_sep_1"))?,
+            separable_2: SeparableConv::new(f, f, k, 1, vb.pp("separable_2"))?,
+            bn_sep_2: bn.bn(f, vb.pp("bn_sep_2"))?,
+        })
+    }
+}
+
+impl ModuleT for SepConv {
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        let xs = self.bn_sep_1.forward_t(&self.separable_1.forward(&xs.relu()?)?, train)?;
+        self.bn_sep_2.forward_t(&self.separable_2.forward(&xs.relu()?)?, train)
+    }
+}
+
+/// ReLU → a chain of dense convs (the first strided, `c_in → F`) → BN: `conv_1x1`,
+/// `conv_3x3`, `dil_conv_3x3` (one conv, named `conv`) and `conv_1x3_3x1`,
+/// `conv_1x7_7x1` (two convs, `conv_1`, `conv_2`).
+#[derive(Debug, Clone)]
+pub struct ConvChain {
+    convs: Vec<Conv2d>,
+    bn: BatchNorm,
+}
+
+impl ConvChain {
+    /// Builds the chain from `nas_space::OpKind::Conv` entries `(kh, kw, dilation)`.
+    pub fn new(
+        chain: &[(usize, usize, usize)],
+        c_in: usize,
+        f: usize,
+        stride: usize,
+        bn: BnConfig,
+        vb: VarBuilder,
+    ) -> Result<ConvChain> {
+        let convs = chain
+            .iter()
+            .enumerate()
+            .map(|(i, &(kh, kw, dilation))| {
+                let cfg = Conv2dConfig {
+                    c_in: if i == 0 { c_in } else { f },
+                    c_out: f,
+                    kh,
+                    kw,
+                    stride: if i == 0 { stride } else { 1 },
+                    dilation,
+                    same: true,
+                };
+                let name = if chain.len() == 1 { "conv".to_string() } else { format!("conv_{}", i + 1) };
+                Conv2d::new(cfg, vb.pp(name))
+            })
+            .collect::<Result<_>>()?;
+        Ok(ConvChain { convs, bn: bn.bn(f, vb.pp("bn"))? })
+    }
+}
+
+impl ModuleT for ConvChain {
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        let mut xs = xs.relu()?;
+        for conv in &self.convs {
+            xs = conv.forward(&xs)?;
+        }
+        self.bn.forward_t(&xs, train)
+    }
+}
+
+/// A SAME pooling window, then 1×1 conv → BN (no ReLU) when `c_in != F` (TF-Slim `_pooling`).
+#[derive(Debug, Clone)]
+pub struct Pool {
+    kind: PoolKind,
+    kernel: usize,
+    stride: usize,
+    projection: Option<ActConvBn>,
+}
+
+impl ModuleT for Pool {
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        let (_, _, h, w) = xs.dims4()?;
+        let pad = Padding2d::same(h, w, self.kernel, self.kernel, self.stride, 1);
+        let ys = match self.kind {
+            PoolKind::Avg => avg_pool2d(xs, self.kernel, self.stride, pad)?,
+            PoolKind::Max => max_pool2d(xs, self.kernel, self.stride, pad)?,
+        };
+        match &self.projection {
+            Some(p) => p.forward_t(&ys, train),
+            None => Ok(ys),
+        }
+    }
+}
+
+/// TF-Slim `factorized_reduction` to `c_out` channels, without a leading ReLU.
+/// Stride 2: two half-width 1×1 convs on the even and the odd (shifted) positions
+/// (`path_1.conv`, `path_2.conv`; path 2 gets the odd channel) → concat → BN
+/// (`final_path_bn`). Stride 1: one 1×1 conv (`path_1.conv`) → BN (`final_path_bn`).
+#[derive(Debug, Clone)]
+pub struct FactorizedReduction {
+    path_1: Conv2d,
+    path_2: Option<Conv2d>,
+    bn: BatchNorm,
+}
+
+impl FactorizedReduction {
+    /// Builds the reduction.
+    pub fn new(c_in: usize, c_out: usize, stride: usize, bn: BnConfig, vb: VarBuilder) -> Result<FactorizedReduction> {
+        let (path_1, path_2) = match stride {
+            1 => (Conv2d::new(Conv2dConfig::square(c_in, c_out, 1), vb.pp("path_1").pp("conv"))?, None),
+            2 => {
+                let half = c_out / 2;
+                let p1 = Conv2d::new(Conv2dConfig::square(c_in, half, 1), vb.pp("path_1").pp("conv"))?;
+                let p2 = Conv2d::new(Conv2dConfig::square(c_in, c_out - half, 1), vb.pp("path_2").pp("conv"))?;
+                (p1, Some(p2))
+            }
+            other => candle_core::bail!("factorized reduction: stride {other} is not 1 or 2"),
+        };
+        Ok(FactorizedReduction { path_1, path_2, bn: bn.bn(c_out, vb.pp("final_path_bn"))? })
+    }
+}
+
+impl ModuleT for FactorizedReduction {
+    /// # Shapes
+    /// - `xs`: `(batch, c_in, h, w)`
+    /// - returns: `(batch, c_out, ceil(h / stride), ceil(w / stride))`
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        let ys = match &self.path_2 {
+            None => self.path_1.forward(xs)?,
+            Some(path_2) => {
+                let a = self.path_1.forward(&subsample2(xs, 0)?)?;
+                let b = path_2.forward(&subsample2(xs, 1)?)?;
+                Tensor::cat(&[&a, &b], 1)?
+            }
+        };
+        self.bn.forward_t(&ys, train)
+    }
+}
+
+/// One op of a block, built from its `nas_space::Op` and where it sits (`OpLayout`).
+#[derive(Debug, Clone)]
+pub enum CellOp {
+    /// A true identity.
+    Identity,
+    /// Identity with ReLU → strided 1×1 conv → BN (stride > 1 or `c_in != F`).
+    IdentityProjection {
+        /// The projection.
+        projection: ActConvBn,
+        /// Its stride (the 1×1 conv reads every stride-th position).
+        stride: usize,
+    },
+    /// Stacked separable conv.
+    SepConv(SepConv),
+    /// Dense conv chain.
+    Conv(ConvChain),
+    /// Pooling, with a projection when needed.
+    Pool(Pool),
+}
+
+impl CellOp {
+    /// The single place where the grammar meets candle: builds `op` for the input,
+    /// stride and projection that `layout` records, with width `f`.
+    pub fn new(op: Op, layout: &OpLayout, f: usize, bn: BnConfig, vb: VarBuilder) -> Result<CellOp> {
+        let c_in = layout.input.channels;
+        let stride = layout.stride;
+        Ok(match op.kind() {
+            OpKind::Identity if layout.projection => {
+                // A strided 1×1 conv reads the top-left of every window: subsample, then project.
+                let cfg = Conv2dConfig::square(c_in, f, 1);
+                CellOp::IdentityProjection { projection: ActConvBn::new(true, cfg, bn, vb)?, stride }
+            }
+            OpKind::Identity => CellOp::Identity,
+            OpKind::SepConv { kernel } => CellOp::SepConv(SepConv::new(c_in, f, kernel, stride, bn, vb)?),
+            OpKind::Conv(chain) => CellOp::Conv(ConvChain::new(chain, c_in, f, stride, bn, vb)?),
+            OpKind::Pool { kind, kernel } => {
+                let projection = if layout.projection {
+                    Some(ActConvBn::new(false, Conv2dConfig::square(c_in, f, 1), bn, vb)?)
+                } else {
+                    None
+                };
+                CellOp::Pool(Pool { kind, kernel, stride, projection })
+            }
+        })
+    }
+
+    /// Whether ScheduledDropPath applies to this op's output (never to identities, even
+    /// projected ones: TF-Slim §5.9).
+    pub fn takes_drop_path(&self) -> bool {
+        !matches!(self, CellOp::Identity | CellOp::IdentityProjection { .. })
+    }
+}
+
+impl ModuleT for CellOp {
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        match self {
+            CellOp::Identity => Ok(xs.clone()),
+            CellOp::IdentityProjection { projection, stride } => {
+                let xs = match stride {
+                    1 => xs.clone(),
+                    2 => subsample2(xs, 0)?,
+                    s => avg_pool2d(xs, 1, *s, Padding2d::default())?,
+                };
+                projection.forward_t(&xs, train)
+            }
+            CellOp::SepConv(op) => op.forward_t(xs, train),
+            CellOp::Conv(op) => op.forward_t(xs, train),
+            CellOp::Pool(op) => op.forward_t(xs, train),
+        }
+    }
+}

@@ -1,0 +1,280 @@
+//! Network-level tests: run-time parameter counts against the `nas-space` cost model,
+//! endpoint shapes against the plan, timm's weight names, drop path, BN statistics and
+//! deterministic initialisation.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use nas_space::cost::network_cost;
+use nas_space::{CellSpec, NetworkConfig, SearchSpace, SpaceRng};
+
+use crate::drop_path::{DropPath, DropPathSchedule};
+use crate::init::init_weights;
+use crate::kernels::testutil::TestRng;
+use crate::NasNet;
+
+fn build(spec: &CellSpec, config: &NetworkConfig) -> (VarMap, NasNet) {
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let net = NasNet::new(spec, config, 0, vb).unwrap();
+    init_weights(&varmap, 1).unwrap();
+    (varmap, net)
+}
+
+/// (trainable, BN statistics) of the network and of the aux head, from the VarMap.
+fn counts(varmap: &VarMap) -> ((u64, u64), (u64, u64)) {
+    let mut main = (0, 0);
+    let mut aux = (0, 0);
+    for (name, var) in varmap.data().lock().unwrap().iter() {
+        let n = var.elem_count() as u64;
+        let slot = if name.starts_with("aux_head.") { &mut aux } else { &mut main };
+        if name.ends_with("running_mean") || name.ends_with("running_var") {
+            slot.1 += n;
+        } else {
+            slot.0 += n;
+        }
+    }
+    (main, aux)
+}
+
+/// A small CIFAR child: N = 1, F = 8, aux head on (16×16 at the aux cell).
+fn tiny_cifar() -> NetworkConfig {
+    let mut config = NetworkConfig::cifar();
+    config.n = 1;
+    config.num_conv_filters = 8;
+    config
+}
+
+/// The `small` benchmark network of the `nas-ops` issue: Keras 3's
+/// `NASNet(input_shape=(32,32,3), penultimate_filters=384, num_blocks=2,
+/// stem_block_filters=32, skip_reduction=False, filter_multiplier=2, classes=10)`.
+fn small_imagenet() -> NetworkConfig {
+    let mut config = NetworkConfig::parse_net("mobile:2@384", &CellSpec::nasnet_a()).unwrap();
+    config.image_size = 32;
+    config.num_classes = 10;
+    config.use_aux_head = false;
+    config.dense_dropout_keep_prob = 1.0;
+    config
+}
+
+#[test]
+fn parameter_counts_equal_the_cost_model() {
+    let spec = CellSpec::nasnet_a();
+    for config in [tiny_cifar(), small_imagenet()] {
+        let (varmap, _) = build(&spec, &config);
+        let report = network_cost(&spec, &config).unwrap();
+        let ((trainable, stats), (aux_trainable, aux_stats)) = counts(&varmap);
+        assert_eq!((trainable, stats), (report.network.params_trainable, report.network.bn_statistics));
+        let aux = report.aux_head.unwrap_or_default();
+        assert_eq!((aux_trainable, aux_stats), (aux.params_trainable, aux.bn_statistics));
+    }
+    // Keras counts the small network as 373,558 parameters including BN statistics.
+    let (varmap, _) = build(&spec, &small_imagenet());
+    let ((trainable, stats), _) = counts(&varmap);
+    assert_eq!(trainable + stats, 373_558);
+}
+
+#[test]
+fn random_cells_build_with_the_cost_models_count_and_run() {
+    let space = SearchSpace::nasnet();
+    let mut rng = SpaceRng::new(3);
+    let mut config = tiny_cifar();
+    config.use_aux_head = false;
+    config.image_size = 8;
+    let xs = TestRng::new(5).tensor(&[2, 3, 8, 8], DType::F32).unwrap();
+    for _ in 0..6 {
+        let spec = space.sample(&mut rng);
+        let (varmap, net) = build(&spec, &config);
+        let report = network_cost(&spec, &config).unwrap();
+        let ((trainable, stats), _) = counts(&varmap);
+        assert_eq!((trainable, stats), (report.network.params_trainable, report.network.bn_statistics), "{spec}");
+        let out = net.forward_t(&xs, true).unwrap();
+        assert_eq!(out.logits.dims(), &[2, 10]);
+        let outputs = net.forward_outputs(&xs, false).unwrap();
+        for (t, shape) in outputs.iter().zip(&net.plan().outputs) {
+            assert_eq!(t.dims(), &[2, shape.channels, shape.size, shape.size], "{spec}");
+        }
+    }
+}
+
+#[test]
+fn endpoint_shapes_follow_the_plan() {
+    let spec = CellSpec::nasnet_a();
+    let (_, net) = build(&spec, &small_imagenet());
+    let xs = TestRng::new(1).tensor(&[2, 3, 32, 32], DType::F32).unwrap();
+    let outputs = net.forward_outputs(&xs, true).unwrap();
+    assert_eq!(outputs.len(), net.plan().outputs.len());
+    let dims: Vec<Vec<usize>> = outputs.iter().map(|t| t.dims().to_vec()).collect();
+    // conv0 32 → 15, stem cells 8 and 4, then 4 → 2 → 1 (Keras's spatial sizes).
+    assert_eq!(dims[0], vec![2, 32, 15, 15]);
+    assert_eq!(dims[1], vec![2, 16, 8, 8]);
+    assert_eq!(dims[2], vec![2, 32, 4, 4]);
+    assert_eq!(dims.last().unwrap(), &vec![2, 384, 1, 1]);
+    for (t, shape) in outputs.iter().zip(&net.plan().outputs) {
+        assert_eq!(t.dims(), &[2, shape.channels, shape.size, shape.size]);
+    }
+}
+
+#[test]
+fn aux_head_only_in_training_and_every_weight_gets_a_gradient() {
+    let spec = CellSpec::nasnet_a();
+    let (varmap, net) = build(&spec, &tiny_cifar());
+    let xs = TestRng::new(2).tensor(&[2, 3, 32, 32], DType::F32).unwrap();
+    let out = net.forward_t(&xs, true).unwrap();
+    let aux = out.aux_logits.expect("aux logits while training");
+    assert_eq!(aux.dims(), &[2, 10]);
+    assert!(net.forward_t(&xs, false).unwrap().aux_logits.is_none());
+    let loss = (out.logits.sqr().unwrap().sum_all().unwrap() + aux.sqr().unwrap().sum_all().unwrap()).unwrap();
+    let grads = loss.backward().unwrap();
+    let data = varmap.data().lock().unwrap();
+    let mut missing = Vec::new();
+    for (name, var) in data.iter() {
+        if name.ends_with("running_mean") || name.ends_with("running_var") {
+            assert!(grads.get(var.as_tensor()).is_none(), "{name} must not be trained");
+            continue;
+        }
+        match grads.get(var.as_tensor()) {
+            Some(g) if g.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0 => {}
+            _ => missing.push(name.clone()),
+        }
+    }
+    assert!(missing.is_empty(), "no gradient for {missing:?}");
+}
+
+#[test]
+fn timm_weight_names() {
+    let mut config = NetworkConfig::parse_net("large:6@384", &CellSpec::nasnet_a()).unwrap();
+    config.stem_multiplier = 1.0;
+    config.num_classes = 10;
+    config.use_aux_head = false;
+    let (varmap, _) = build(&CellSpec::nasnet_a(), &config);
+    let shapes: HashMap<String, Vec<usize>> =
+        varmap.data().lock().unwrap().iter().map(|(k, v)| (k.clone(), v.dims().to_vec())).collect();
+    // Names and shapes from timm `nasnetalarge(num_features=384, stem_size=32)` (F = 16).
+    for (name, shape) in [
+        ("conv0.conv.weight", vec![32, 3, 3, 3]),
+        ("conv0.bn.running_var", vec![32]),
+        ("cell_stem_0.conv_1x1.conv.weight", vec![4, 32, 1, 1]),
+        ("cell_stem_0.comb_iter_0_right.separable_1.depthwise_conv2d.weight", vec![32, 1, 7, 7]),
+        ("cell_stem_0.comb_iter_0_right.separable_1.pointwise_conv2d.weight", vec![4, 32, 1, 1]),
+        ("cell_stem_0.comb_iter_0_right.bn_sep_1.weight", vec![4]),
+        ("cell_stem_1.path_1.conv.weight", vec![4, 32, 1, 1]),
+        ("cell_stem_1.path_2.conv.weight", vec![4, 32, 1, 1]),
+        ("cell_stem_1.final_path_bn.weight", vec![8]),
+        ("cell_0.path_1.conv.weight", vec![8, 16, 1, 1]),
+        ("cell_0.conv_1x1.conv.weight", vec![16, 32, 1, 1]),
+        ("cell_1.conv_prev_1x1.conv.weight", vec![16, 32, 1, 1]),
+        ("cell_1.comb_iter_4_left.separable_2.depthwise_conv2d.weight", vec![16, 1, 3, 3]),
+        ("reduction_cell_0.conv_prev_1x1.conv.weight", vec![32, 96, 1, 1]),
+        ("cell_6.path_2.conv.weight", vec![16, 96, 1, 1]),
+        ("reduction_cell_1.comb_iter_1_right.separable_2.pointwise_conv2d.weight", vec![64, 64, 1, 1]),
+        ("cell_17.comb_iter_0_left.bn_sep_2.running_mean", vec![64]),
+        ("last_linear.weight", vec![10, 384]),
+        ("last_linear.bias", vec![10]),
+    ] {
+        assert_eq!(shapes.get(name), Some(&shape), "{name}");
+    }
+    // Pools and identities have no weights in NASNet-A's standard cells.
+    assert!(!shapes.keys().any(|k| k.contains("comb_iter_2_left.") && k.starts_with("cell_1.")));
+    let ((trainable, _), _) = counts(&varmap);
+    assert_eq!(trainable, 918_366);
+}
+
+#[test]
+fn drop_path_keep_schedule_and_masks() {
+    let schedule = DropPathSchedule::new(7);
+    let last = DropPath::new(schedule.clone(), 19, 20, 0.6);
+    let first = DropPath::new(schedule.clone(), 0, 20, 0.6);
+    assert_eq!(last.keep(), 1.0);
+    schedule.set_progress(0.5);
+    assert!((last.keep() - 0.8).abs() < 1e-12);
+    schedule.set_progress(1.0);
+    assert!((last.keep() - 0.6).abs() < 1e-12);
+    assert!((first.keep() - (1.0 - 0.4 / 20.0)).abs() < 1e-12);
+    let xs = Tensor::ones((400, 2, 3, 3), DType::F32, &Device::Cpu).unwrap();
+    let ys = last.apply(&xs).unwrap();
+    let per_example: Vec<f32> = ys.flatten_from(1).unwrap().mean(1).unwrap().to_vec1().unwrap();
+    let kept = per_example.iter().filter(|&&v| v > 0.0).count();
+    assert!(per_example.iter().all(|&v| v == 0.0 || (v - 1.0 / 0.6).abs() < 1e-5));
+    assert!((200..280).contains(&kept), "{kept} of 400 kept at keep 0.6");
+    // Whole examples are dropped: every element of an example shares the mask.
+    let flat: Vec<Vec<f32>> = ys.flatten_from(1).unwrap().to_vec2().unwrap();
+    assert!(flat.iter().all(|row| row.iter().all(|&v| v == row[0])));
+}
+
+#[test]
+fn bn_statistics_move_in_training_only() {
+    let spec = CellSpec::nasnet_a();
+    let (varmap, net) = build(&spec, &tiny_cifar());
+    let read = |name: &str| -> Vec<f32> { varmap.data().lock().unwrap()[name].as_tensor().to_vec1().unwrap() };
+    let before = read("conv0.bn.running_mean");
+    let xs = (TestRng::new(3).tensor(&[4, 3, 32, 32], DType::F32).unwrap() + 2.0).unwrap();
+    net.forward_t(&xs, false).unwrap();
+    assert_eq!(read("conv0.bn.running_mean"), before);
+    net.forward_t(&xs, true).unwrap();
+    let after = read("conv0.bn.running_mean");
+    assert_ne!(after, before);
+    // decay 0.9: one step moves the running mean by a tenth of the batch mean.
+    assert!(after.iter().any(|v| v.abs() > 1e-4));
+}
+
+#[test]
+fn initialisation_is_deterministic_and_fan_out_scaled() {
+    let spec = CellSpec::nasnet_a();
+    let (a, _) = build(&spec, &small_imagenet());
+    let (b, _) = build(&spec, &small_imagenet());
+    let get = |m: &VarMap, name: &str| -> Vec<f32> {
+        m.data().lock().unwrap()[name].as_tensor().flatten_all().unwrap().to_vec1().unwrap()
+    };
+    let name = "cell_5.comb_iter_0_left.separable_2.pointwise_conv2d.weight";
+    assert_eq!(get(&a, name), get(&b, name));
+    init_weights(&b, 2).unwrap();
+    assert_ne!(get(&a, name), get(&b, name));
+    // Pointwise 64 → 64: fan_out = 64, std ≈ sqrt(2 / 64) after truncation.
+    let w = get(&a, "cell_5.comb_iter_0_left.separable_2.pointwise_conv2d.weight");
+    let std = (w.iter().map(|v| (v * v) as f64).sum::<f64>() / w.len() as f64).sqrt();
+    assert!((std / (2.0f64 / 64.0).sqrt() - 1.0).abs() < 0.1, "std {std}");
+    let bound = 2.0 * (1.3 * 2.0 / 64.0f64).sqrt();
+    assert!(w.iter().all(|v| (*v as f64).abs() <= bound + 1e-6));
+    assert!(get(&a, "cell_5.comb_iter_0_left.bn_sep_2.weight").iter().all(|&v| v == 1.0));
+}
+
+#[test]
+fn wrong_input_shape_is_a_clear_error() {
+    let (_, net) = build(&CellSpec::nasnet_a(), &small_imagenet());
+    let xs = Tensor::zeros((1, 3, 31, 31), DType::F32, &Device::Cpu).unwrap();
+    let err = net.forward_t(&xs, false).unwrap_err().to_string();
+    assert!(err.contains("expected input (batch, 3, 32, 32)"), "{err}");
+}
+
+/// The fixture from `tests/fixtures/gen_timm_small.py`: timm's
+/// `nasnetalarge(num_features=384, stem_size=32, num_classes=10)` with random weights and
+/// BN statistics, eval mode, on a (2, 3, 64, 64) input, its stride-2 avg pools patched to
+/// TF semantics. Loading its state dict by name and running our network must give its logits.
+#[test]
+fn timm_checkpoint_loads_and_matches_timm_logits() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/timm_small.safetensors");
+    let mut tensors = candle_core::safetensors::load(path, &Device::Cpu).unwrap();
+    let input = tensors.remove("__input__").unwrap();
+    let expected = tensors.remove("__logits__").unwrap();
+    let mut config = NetworkConfig::parse_net("large:6@384", &CellSpec::nasnet_a()).unwrap();
+    config.stem_multiplier = 1.0;
+    config.num_classes = 10;
+    config.use_aux_head = false;
+    config.image_size = 64;
+    let (varmap, net) = build(&CellSpec::nasnet_a(), &config);
+    let report = crate::checkpoint::load_weights(&varmap, &tensors).unwrap();
+    assert_eq!(report.loaded, tensors.len());
+    let logits = net.forward_t(&input, false).unwrap().logits;
+    crate::kernels::testutil::assert_close(&logits, &expected, 1e-4, "logits vs timm");
+
+    // A checkpoint for another width names every problem.
+    tensors.remove("last_linear.bias");
+    tensors.insert("extra.weight".into(), Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap());
+    tensors.insert("conv0.conv.weight".into(), Tensor::zeros((8, 3, 3, 3), DType::F32, &Device::Cpu).unwrap());
+    let err = crate::checkpoint::load_weights(&varmap, &tensors).unwrap_err().to_string();
+    assert!(err.contains("1 missing: last_linear.bias"), "{err}");
+    assert!(err.contains("conv0.conv.weight: checkpoint [8, 3, 3, 3], network [32, 3, 3, 3]"), "{err}");
+    assert!(err.contains("1 extra: extra.weight"), "{err}");
+}
