@@ -14,6 +14,9 @@ use nas_space::presets::{preset, PRESETS, UNAVAILABLE};
 use nas_space::{render, CellSpec, NetworkConfig, SearchSpace, SpaceRng, Stem};
 use serde_json::json;
 
+mod bench;
+mod infer;
+
 /// `writeln!` into the output buffer of a verb.
 macro_rules! outln {
     ($out:expr) => {{
@@ -69,6 +72,58 @@ enum Command {
         #[arg(long)]
         layers: bool,
     },
+    /// Eval-mode logits of a network loaded from named weights (a timm NASNet-A state
+    /// dict in safetensors, or one of ours), for a float32 NCHW `.npy` batch or one picture.
+    Infer {
+        /// The cells (NASNet-A for timm's weights).
+        #[arg(long, default_value = "nasnet-a")]
+        cell: String,
+        /// Weights in safetensors, with timm's `nasnet.py` names.
+        #[arg(long = "timm-checkpoint", visible_alias = "weights")]
+        weights: PathBuf,
+        /// The skeleton: `large` for timm's `nasnetalarge`, or any `--net` value.
+        #[arg(long, default_value = "large")]
+        net: String,
+        /// timm's `num_features`: filters of the penultimate layer (P).
+        #[arg(long)]
+        num_features: Option<usize>,
+        /// timm's `stem_size`: filters of the ImageNet stem conv.
+        #[arg(long)]
+        stem_size: Option<usize>,
+        /// Number of classes of the checkpoint.
+        #[arg(long)]
+        classes: Option<usize>,
+        /// A float32 NCHW batch in `.npy` format.
+        #[arg(long, conflicts_with = "image")]
+        input: Option<PathBuf>,
+        /// Where to write the logits (float32 `.npy`).
+        #[arg(long)]
+        logits_out: Option<PathBuf>,
+        /// One picture (any format `image` reads): central crop 0.875, resize, [−1, 1].
+        #[arg(long)]
+        image: Option<PathBuf>,
+        /// Image size for `--image` (default: the skeleton's own).
+        #[arg(long)]
+        image_size: Option<usize>,
+        /// Class names, one per line, to print beside the top-5.
+        #[arg(long)]
+        labels: Option<PathBuf>,
+    },
+    /// Time a training step and an inference pass of a standard network.
+    Bench {
+        /// `small` (Keras NASNet 2@384 at 32×32) or `mobile` (NASNet-A Mobile at 224).
+        #[arg(long, default_value = "small")]
+        net: String,
+        /// Batch size (default 64 for small, 32 for mobile).
+        #[arg(long)]
+        batch: Option<usize>,
+        /// Timed steps (after one warm-up step).
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the size of the search space.
     Space {
         /// Blocks per cell (B).
@@ -116,6 +171,50 @@ fn run(cli: Cli) -> Result<String> {
             cost(&mut out, &cell, &net, image, classes, json, layers)?
         }
         Command::Space { blocks, json } => space(&mut out, blocks, json)?,
+        Command::Infer {
+            cell,
+            weights,
+            net,
+            num_features,
+            stem_size,
+            classes,
+            input,
+            logits_out,
+            image,
+            image_size,
+            labels,
+        } => {
+            let args = infer::InferArgs {
+                spec: load_cell(&cell)?,
+                weights,
+                net,
+                num_features,
+                stem_size,
+                classes,
+                input,
+                logits_out,
+                image,
+                image_size,
+                labels,
+            };
+            infer::run(&args, &mut out)?
+        }
+        Command::Bench { net, batch, steps, json } => {
+            let result = bench::run(&net, batch, steps)?;
+            if json {
+                outln!(out, "{}", serde_json::to_string_pretty(&result)?);
+            } else {
+                outln!(
+                    out,
+                    "{net}: batch {}, train {:.1} images/s ({:.3} s/step), inference {:.1} images/s, peak RSS {:.0} MiB",
+                    result["batch"],
+                    result["train_images_per_s"].as_f64().unwrap_or(0.0),
+                    result["train_step_s"].as_f64().unwrap_or(0.0),
+                    result["infer_images_per_s"].as_f64().unwrap_or(0.0),
+                    result["peak_rss_mib"].as_f64().unwrap_or(0.0)
+                );
+            }
+        }
     }
     Ok(out)
 }

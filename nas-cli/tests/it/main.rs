@@ -124,3 +124,105 @@ fn space_size() {
     assert!(stdout_of(&["space"]).contains("decisions per spec          50"));
     assert!(!nas(&["space", "--blocks", "0"]).status.success());
 }
+
+/// `nas infer` on the timm fixture of `nas-ops` (see `nas-ops/tests/fixtures/gen_timm_small.py`):
+/// the logits it writes equal timm's.
+#[test]
+fn infer_matches_timm_logits() {
+    use candle_core::{Device, Tensor};
+    let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/../nas-ops/tests/fixtures/timm_small.safetensors");
+    let mut tensors = candle_core::safetensors::load(fixture, &Device::Cpu).unwrap();
+    let input = tensors.remove("__input__").unwrap();
+    let expected = tensors.remove("__logits__").unwrap();
+    let dir = std::env::temp_dir().join(format!("nas-cli-infer-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let weights = dir.join("w.safetensors");
+    candle_core::safetensors::save(&tensors, &weights).unwrap();
+    let x = dir.join("x.npy");
+    input.write_npy(&x).unwrap();
+    let y = dir.join("y.npy");
+    let args = [
+        "infer",
+        "--timm-checkpoint",
+        weights.to_str().unwrap(),
+        "--net",
+        "large",
+        "--num-features",
+        "384",
+        "--stem-size",
+        "32",
+        "--classes",
+        "10",
+        "--input",
+        x.to_str().unwrap(),
+        "--logits-out",
+        y.to_str().unwrap(),
+    ];
+    let text = stdout_of(&args);
+    assert!(text.contains("wrote logits [2, 10]"), "{text}");
+    let logits = Tensor::read_npy(&y).unwrap();
+    let diff = (logits - &expected).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(diff < 1e-4, "max difference {diff}");
+
+    // The wrong width is refused with the names of the tensors that do not fit.
+    let out = nas(&[&args[..5], &["--num-features", "768"], &args[7..]].concat());
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("wrong shape") && err.contains("last_linear.weight"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn bench_small_prints_its_figures() {
+    let v = json_of(&["bench", "--net", "small", "--batch", "2", "--steps", "1", "--json"]);
+    assert_eq!(v["params_total"], 373_558);
+    assert!(v["train_images_per_s"].as_f64().unwrap() > 0.0);
+    assert!(v["infer_images_per_s"].as_f64().unwrap() > 0.0);
+    assert!(v["peak_rss_mib"].as_f64().unwrap() > 1.0);
+    assert!(!nas(&["bench", "--net", "huge"]).status.success());
+}
+
+#[test]
+fn infer_classifies_a_picture() {
+    use candle_core::Device;
+    let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/../nas-ops/tests/fixtures/timm_small.safetensors");
+    let mut tensors = candle_core::safetensors::load(fixture, &Device::Cpu).unwrap();
+    tensors.remove("__input__");
+    tensors.remove("__logits__");
+    let dir = std::env::temp_dir().join(format!("nas-cli-picture-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let weights = dir.join("w.safetensors");
+    candle_core::safetensors::save(&tensors, &weights).unwrap();
+    let data = nas_data::SyntheticConfig::new(1).train_test(10, 10);
+    nas_data::write_imagenet_folder(dir.join("pics"), &data.train, &data.test, 80).unwrap();
+    let picture = std::fs::read_dir(dir.join("pics/val/00_disc")).unwrap().next().unwrap().unwrap().path();
+    let labels = dir.join("labels.txt");
+    std::fs::write(&labels, (0..10).map(|i| format!("class {i}\n")).collect::<String>()).unwrap();
+    let text = stdout_of(&[
+        "infer",
+        "--weights",
+        weights.to_str().unwrap(),
+        "--num-features",
+        "384",
+        "--stem-size",
+        "32",
+        "--classes",
+        "10",
+        "--image",
+        picture.to_str().unwrap(),
+        "--image-size",
+        "64",
+        "--labels",
+        labels.to_str().unwrap(),
+    ]);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[0], "image 0:", "{text}");
+    assert_eq!(lines.len(), 6, "{text}");
+    let total: f64 = lines[1..]
+        .iter()
+        .map(|l| l.split_whitespace().nth(1).unwrap().trim_end_matches('%').parse::<f64>().unwrap())
+        .sum();
+    assert!(total > 0.0 && total <= 100.001, "{text}");
+    assert!(lines[1].contains("class "), "{text}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

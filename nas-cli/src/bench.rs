@@ -1,0 +1,123 @@
+//! `nas bench`: times one training step (forward, backward, plain SGD update) and one
+//! inference pass of a standard network, as the `nas-ops` issue defines them.
+//!
+//! - `small` (default batch 64): ImageNet skeleton, NASNet-A, N = 2, P = 384 (F = 16),
+//!   stem 32 filters, 32×32 input, 10 classes, no aux head, no dropout, no drop path:
+//!   Keras 3's `NASNet(input_shape=(32,32,3), penultimate_filters=384, num_blocks=2,
+//!   stem_block_filters=32, skip_reduction=False, filter_multiplier=2, classes=10)`.
+//! - `mobile` (default batch 32): NASNet-A Mobile at 224, 1000 classes, no aux head, no
+//!   dropout (Keras's `NASNetMobile(weights=None)`).
+
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{Optimizer, VarBuilder, VarMap, SGD};
+use nas_ops::init::init_weights;
+use nas_ops::NasNet;
+use nas_space::cost::network_cost;
+use nas_space::{CellSpec, NetworkConfig};
+use serde_json::json;
+
+/// The network of a `--net` name.
+pub fn config(net: &str) -> Result<NetworkConfig> {
+    let spec = CellSpec::nasnet_a();
+    let mut config = match net {
+        "small" => {
+            let mut c = NetworkConfig::parse_net("mobile:2@384", &spec)?;
+            c.image_size = 32;
+            c.num_classes = 10;
+            c
+        }
+        "mobile" => NetworkConfig::mobile(),
+        other => bail!("unknown benchmark network `{other}`; expected small or mobile"),
+    };
+    config.use_aux_head = false;
+    config.dense_dropout_keep_prob = 1.0;
+    config.drop_path_keep_prob = 1.0;
+    Ok(config)
+}
+
+/// Runs the benchmark and returns its JSON object.
+pub fn run(net: &str, batch: Option<usize>, steps: usize) -> Result<serde_json::Value> {
+    let config = config(net)?;
+    let batch = batch.unwrap_or(if net == "small" { 64 } else { 32 });
+    if batch == 0 || steps == 0 {
+        bail!("--batch and --steps must be at least 1");
+    }
+    let spec = CellSpec::nasnet_a();
+    let cost = network_cost(&spec, &config)?;
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let model = NasNet::new(&spec, &config, 0, vb)?;
+    init_weights(&varmap, 0)?;
+    let trainable: Vec<Var> = {
+        let data = varmap.data().lock().expect("varmap lock");
+        let mut named: Vec<(&String, &Var)> = data.iter().filter(|(n, _)| !n.contains("running_")).collect();
+        named.sort_by(|a, b| a.0.cmp(b.0));
+        named.into_iter().map(|(_, v)| v.clone()).collect()
+    };
+    let mut sgd = SGD::new(trainable, 0.01)?;
+    let s = config.image_size;
+    let xs = filler(batch * 3 * s * s, 1);
+    let xs = Tensor::from_vec(xs, (batch, 3, s, s), &Device::Cpu)?;
+    let labels: Vec<u32> = (0..batch as u32).map(|i| i * 7 % config.num_classes as u32).collect();
+    let labels = Tensor::from_vec(labels, batch, &Device::Cpu)?;
+
+    let train_step = |sgd: &mut SGD| -> Result<()> {
+        let logits = model.forward_t(&xs, true)?.logits;
+        let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
+        sgd.backward_step(&loss)?;
+        Ok(())
+    };
+    train_step(&mut sgd)?; // warm-up: first-touch allocations, thread pools
+    let start = Instant::now();
+    for _ in 0..steps {
+        train_step(&mut sgd)?;
+    }
+    let train_s = start.elapsed().as_secs_f64() / steps as f64;
+
+    model.forward_t(&xs, false)?;
+    let start = Instant::now();
+    for _ in 0..steps {
+        model.forward_t(&xs, false)?;
+    }
+    let infer_s = start.elapsed().as_secs_f64() / steps as f64;
+
+    Ok(json!({
+        "net": net,
+        "batch": batch,
+        "steps": steps,
+        "image_size": s,
+        "params_total": cost.network.params_total(),
+        "mult_adds_per_image": cost.network.mult_adds,
+        "train_step_s": train_s,
+        "train_images_per_s": batch as f64 / train_s,
+        "infer_pass_s": infer_s,
+        "infer_images_per_s": batch as f64 / infer_s,
+        "peak_rss_mib": peak_rss_mib(),
+        "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+    }))
+}
+
+/// Peak resident set size of this process (Linux `VmHWM`), in MiB; `null` elsewhere.
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+/// Deterministic values in [−1, 1) (SplitMix64).
+fn filler(n: usize, seed: u64) -> Vec<f32> {
+    let mut state = seed;
+    (0..n)
+        .map(|_| {
+            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            ((z ^ (z >> 31)) >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect()
+}
