@@ -147,6 +147,7 @@ fn pixels_are_not_linearly_separable_but_shapes_are_learnable() -> Result<()> {
 #[test]
 fn a_small_cnn_beats_the_linear_model_by_far() -> Result<()> {
     if std::env::var("NAS_SLOW_TESTS").as_deref() != Ok("1") {
+        eprintln!("a_small_cnn_beats_the_linear_model_by_far: slow, runs only with NAS_SLOW_TESTS=1");
         return Ok(());
     }
     let d = data(2000, 1000)?;
