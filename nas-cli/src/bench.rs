@@ -16,7 +16,7 @@ use candle_nn::{Optimizer, VarBuilder, VarMap, SGD};
 use nas_ops::init::init_weights;
 use nas_ops::NasNet;
 use nas_space::cost::network_cost;
-use nas_space::{CellSpec, NetworkConfig};
+use nas_space::{CellSpec, NetworkConfig, SpaceRng};
 use serde_json::json;
 
 /// The network of a `--net` name.
@@ -108,16 +108,8 @@ fn peak_rss_mib() -> Option<f64> {
     Some(kib / 1024.0)
 }
 
-/// Deterministic values in [−1, 1) (SplitMix64).
+/// Deterministic values in [−1, 1).
 fn filler(n: usize, seed: u64) -> Vec<f32> {
-    let mut state = seed;
-    (0..n)
-        .map(|_| {
-            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            ((z ^ (z >> 31)) >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        })
-        .collect()
+    let mut rng = SpaceRng::new(seed);
+    (0..n).map(|_| (2.0 * rng.unit_f64() - 1.0) as f32).collect()
 }

@@ -10,6 +10,7 @@
 use std::sync::{Arc, Mutex};
 
 use candle_core::{Result, Tensor};
+use nas_space::SpaceRng;
 
 /// The training progress and the mask generator, shared by every cell of a network.
 #[derive(Debug, Clone)]
@@ -20,13 +21,13 @@ pub struct DropPathSchedule {
 #[derive(Debug)]
 struct ScheduleState {
     progress: f64,
-    rng: u64,
+    rng: SpaceRng,
 }
 
 impl DropPathSchedule {
     /// A schedule at progress 0 with masks drawn from `seed`.
     pub fn new(seed: u64) -> DropPathSchedule {
-        DropPathSchedule { inner: Arc::new(Mutex::new(ScheduleState { progress: 0.0, rng: seed })) }
+        DropPathSchedule { inner: Arc::new(Mutex::new(ScheduleState { progress: 0.0, rng: SpaceRng::new(seed) })) }
     }
 
     /// Sets `r`, the fraction of training done (clamped to [0, 1]).
@@ -40,27 +41,19 @@ impl DropPathSchedule {
     }
 
     /// The mask generator's state, to checkpoint.
-    pub fn rng_state(&self) -> u64 {
-        self.inner.lock().expect("drop-path state").rng
+    pub fn rng_state(&self) -> [u64; 4] {
+        self.inner.lock().expect("drop-path state").rng.state()
     }
 
     /// Restores the mask generator's state.
-    pub fn set_rng_state(&self, state: u64) {
-        self.inner.lock().expect("drop-path state").rng = state;
+    pub fn set_rng_state(&self, state: [u64; 4]) {
+        self.inner.lock().expect("drop-path state").rng = SpaceRng::from_state(state);
     }
 
-    /// `n` uniform draws in [0, 1) (SplitMix64).
+    /// `n` uniform draws in [0, 1).
     pub(crate) fn uniforms(&self, n: usize) -> Vec<f64> {
         let mut state = self.inner.lock().expect("drop-path state");
-        (0..n)
-            .map(|_| {
-                state.rng = state.rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
-                let mut z = state.rng;
-                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-                ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
-            })
-            .collect()
+        (0..n).map(|_| state.rng.unit_f64()).collect()
     }
 }
 

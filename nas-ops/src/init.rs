@@ -10,6 +10,7 @@
 
 use candle_core::{Result, Tensor};
 use candle_nn::VarMap;
+use nas_space::SpaceRng;
 
 /// Sets every variable of `varmap` from `seed`.
 pub fn init_weights(varmap: &VarMap, seed: u64) -> Result<()> {
@@ -32,9 +33,9 @@ pub fn init_weights(varmap: &VarMap, seed: u64) -> Result<()> {
                     dims[0] * dims.get(2).copied().unwrap_or(1) * dims.get(3).copied().unwrap_or(1)
                 };
                 let std = (1.3 * 2.0 / fan_out as f64).sqrt();
-                let mut rng = SplitMix::new(seed ^ fnv1a(name.as_bytes()));
+                let mut rng = SpaceRng::new(seed ^ fnv1a(name.as_bytes()));
                 let n: usize = dims.iter().product();
-                let values: Vec<f32> = (0..n).map(|_| (rng.truncated_normal() * std) as f32).collect();
+                let values: Vec<f32> = (0..n).map(|_| (truncated_normal(&mut rng) * std) as f32).collect();
                 Tensor::from_vec(values, dims.as_slice(), var.device())?.to_dtype(var.dtype())?
             }
             _ => candle_core::bail!("init_weights: no rule for variable `{name}` of shape {dims:?}"),
@@ -48,30 +49,14 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3))
 }
 
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn new(seed: u64) -> SplitMix {
-        SplitMix(seed)
-    }
-
-    fn unit(&mut self) -> f64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    /// A standard normal redrawn until it lies within two standard deviations.
-    fn truncated_normal(&mut self) -> f64 {
-        loop {
-            let u1 = self.unit().max(f64::MIN_POSITIVE);
-            let u2 = self.unit();
-            let z = (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos();
-            if z.abs() <= 2.0 {
-                return z;
-            }
+/// A standard normal redrawn until it lies within two standard deviations (Box–Muller).
+fn truncated_normal(rng: &mut SpaceRng) -> f64 {
+    loop {
+        let u1 = rng.unit_f64().max(f64::MIN_POSITIVE);
+        let u2 = rng.unit_f64();
+        let z = (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos();
+        if z.abs() <= 2.0 {
+            return z;
         }
     }
 }
