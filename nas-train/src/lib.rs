@@ -1,6 +1,13 @@
 //! Training and evaluation of NASNet networks built from a `nas_space::CellSpec`.
 //!
-//! This crate will own optimisers, learning-rate schedules, the training and
-//! evaluation loops, checkpoints and resume, and the outer search loop.
-//!
-//! Status: not yet implemented (see the `nas-train` issue).
+//! This crate owns optimisers and weight decay ([`optim`]), learning-rate schedules
+//! ([`schedule`]), checkpoints ([`checkpoint`]), and (being written) the training and
+//! evaluation loops and the outer search loop.
+//! It does not own the network (`nas-ops`) nor the data pipeline (`nas-data`).
+
+pub mod checkpoint;
+mod error;
+pub mod optim;
+pub mod schedule;
+
+pub use error::TrainError;

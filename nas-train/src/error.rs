@@ -1,0 +1,30 @@
+//! The one error type of the crate.
+
+use std::path::PathBuf;
+
+use thiserror::Error;
+
+/// Everything that can stop a training.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum TrainError {
+    /// A tensor operation failed.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A JSON state file is malformed.
+    #[error("{path}: {message}")]
+    Json { path: PathBuf, message: String },
+    /// A configuration value is unusable.
+    #[error("training config: `{field}` {message}")]
+    Config { field: &'static str, message: String },
+    /// A checkpoint does not fit what is being resumed.
+    #[error("checkpoint {path}: {message}")]
+    Checkpoint { path: PathBuf, message: String },
+}
