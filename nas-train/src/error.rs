@@ -11,6 +11,9 @@ pub enum TrainError {
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    /// The data pipeline failed.
+    #[error(transparent)]
+    Data(#[from] nas_data::DataError),
     /// A file could not be read or written.
     #[error("{path}: {source}")]
     Io {

@@ -7,6 +7,7 @@
 
 pub mod checkpoint;
 mod error;
+pub mod eval;
 pub mod optim;
 pub mod schedule;
 
