@@ -27,6 +27,9 @@ pub enum TrainError {
     /// A configuration value is unusable.
     #[error("training config: `{field}` {message}")]
     Config { field: &'static str, message: String },
+    /// The loss became NaN or infinite: the training stops before updating the weights.
+    #[error("loss is {loss} at step {step}; training stopped before the update (lower the learning rate, or check the data)")]
+    NonFinite { step: u64, loss: f64 },
     /// A checkpoint does not fit what is being resumed.
     #[error("checkpoint {path}: {message}")]
     Checkpoint { path: PathBuf, message: String },

@@ -10,5 +10,6 @@ mod error;
 pub mod eval;
 pub mod optim;
 pub mod schedule;
+pub mod trainer;
 
 pub use error::TrainError;
