@@ -33,6 +33,24 @@ fn state_err(message: String) -> TrainError {
     TrainError::Checkpoint { path: PathBuf::from("optimizer state"), message }
 }
 
+/// Looks `key` up for a buffer shaped like `like`: the tensor on `like`'s device and dtype,
+/// or `None` with the problem (missing, wrong shape) appended to `problems`.
+fn take_buffer(
+    tensors: &HashMap<String, Tensor>,
+    key: &str,
+    like: &Tensor,
+    problems: &mut Vec<String>,
+) -> Result<Option<Tensor>, TrainError> {
+    match tensors.get(key) {
+        None => problems.push(format!("missing `{key}`")),
+        Some(t) if t.dims() != like.dims() => {
+            problems.push(format!("`{key}` has shape {:?}, expected {:?}", t.dims(), like.dims()))
+        }
+        Some(t) => return Ok(Some(t.to_device(like.device())?.to_dtype(like.dtype())?.detach())),
+    }
+    Ok(None)
+}
+
 /// One trainable variable.
 #[derive(Debug, Clone)]
 struct Param {
@@ -396,13 +414,8 @@ impl Optimizer {
         for p in &self.params {
             let var = p.var.as_tensor();
             for slot in slots {
-                let key = format!("{}/{slot}", p.name);
-                match tensors.get(&key) {
-                    None => problems.push(format!("missing `{key}`")),
-                    Some(t) if t.dims() != var.dims() => {
-                        problems.push(format!("`{key}` has shape {:?}, expected {:?}", t.dims(), var.dims()))
-                    }
-                    Some(t) => loaded.push(t.to_device(var.device())?.to_dtype(var.dtype())?.detach()),
+                if let Some(t) = take_buffer(tensors, &format!("{}/{slot}", p.name), var, &mut problems)? {
+                    loaded.push(t);
                 }
             }
         }
@@ -600,14 +613,8 @@ impl Ema {
         let mut problems = Vec::new();
         let mut loaded = Vec::new();
         for e in &self.entries {
-            let key = format!("{}/ema", e.name);
-            let var = e.var.as_tensor();
-            match tensors.get(&key) {
-                None => problems.push(format!("missing `{key}`")),
-                Some(t) if t.dims() != var.dims() => {
-                    problems.push(format!("`{key}` has shape {:?}, expected {:?}", t.dims(), var.dims()))
-                }
-                Some(t) => loaded.push(t.to_device(var.device())?.to_dtype(var.dtype())?.detach()),
+            if let Some(t) = take_buffer(tensors, &format!("{}/ema", e.name), e.var.as_tensor(), &mut problems)? {
+                loaded.push(t);
             }
         }
         if !problems.is_empty() {
