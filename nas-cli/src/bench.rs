@@ -17,6 +17,7 @@ use nas_ops::init::init_weights;
 use nas_ops::NasNet;
 use nas_space::cost::network_cost;
 use nas_space::{CellSpec, NetworkConfig, SpaceRng};
+use nas_train::optim::ParamGroups;
 use serde_json::json;
 
 /// The network of a `--net` name.
@@ -51,12 +52,8 @@ pub fn run(net: &str, batch: Option<usize>, steps: usize) -> Result<serde_json::
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
     let model = NasNet::new(&spec, &config, 0, vb)?;
     init_weights(&varmap, 0)?;
-    let trainable: Vec<Var> = {
-        let data = varmap.data().lock().expect("varmap lock");
-        let mut named: Vec<(&String, &Var)> = data.iter().filter(|(n, _)| !n.contains("running_")).collect();
-        named.sort_by(|a, b| a.0.cmp(b.0));
-        named.into_iter().map(|(_, v)| v.clone()).collect()
-    };
+    // BN moving statistics are VarMap entries too; they are never trained.
+    let trainable: Vec<Var> = ParamGroups::from_varmap(&varmap).trainable().into_iter().map(|(_, v)| v).collect();
     let mut sgd = SGD::new(trainable, 0.01)?;
     let s = config.image_size;
     let xs = filler(batch * 3 * s * s, 1);

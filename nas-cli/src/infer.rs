@@ -11,29 +11,51 @@ use nas_ops::checkpoint::load_safetensors;
 use nas_ops::NasNet;
 use nas_space::{CellSpec, NetSize, NetworkConfig, Stem};
 
-/// Arguments of `nas infer`, already parsed.
-#[derive(Debug)]
+/// Arguments of `nas infer`.
+#[derive(Debug, clap::Args)]
 pub struct InferArgs {
-    pub spec: CellSpec,
+    /// The cells (NASNet-A for timm's weights).
+    #[arg(long, default_value = "nasnet-a")]
+    pub cell: String,
+    /// Weights in safetensors, with timm's `nasnet.py` names.
+    #[arg(long = "timm-checkpoint", visible_alias = "weights")]
     pub weights: PathBuf,
+    /// The skeleton: `large` for timm's `nasnetalarge`, or any `--net` value.
+    #[arg(long, default_value = "large")]
     pub net: String,
+    /// timm's `num_features`: filters of the penultimate layer (P).
+    #[arg(long)]
     pub num_features: Option<usize>,
+    /// timm's `stem_size`: filters of the ImageNet stem conv.
+    #[arg(long)]
     pub stem_size: Option<usize>,
+    /// Number of classes of the checkpoint.
+    #[arg(long)]
     pub classes: Option<usize>,
+    /// A float32 NCHW batch in `.npy` format.
+    #[arg(long, conflicts_with = "image")]
     pub input: Option<PathBuf>,
+    /// Where to write the logits (float32 `.npy`).
+    #[arg(long)]
     pub logits_out: Option<PathBuf>,
+    /// One picture (any format `image` reads): central crop 0.875, resize, [−1, 1].
+    #[arg(long)]
     pub image: Option<PathBuf>,
+    /// Image size for `--image` (default: the skeleton's own).
+    #[arg(long)]
     pub image_size: Option<usize>,
+    /// Class names, one per line, to print beside the top-5.
+    #[arg(long)]
     pub labels: Option<PathBuf>,
 }
 
 /// The network config `nas infer` builds: `--net`, then timm's `num_features` (P),
 /// `stem_size` (the ImageNet stem's filters) and `num_classes`; no aux head.
-pub fn config(args: &InferArgs) -> Result<NetworkConfig> {
-    let mut config = NetworkConfig::parse_net(&args.net, &args.spec)?;
+pub fn config(spec: &CellSpec, args: &InferArgs) -> Result<NetworkConfig> {
+    let mut config = NetworkConfig::parse_net(&args.net, spec)?;
     if let Some(p) = args.num_features {
         let n = config.n;
-        config = config.with_size(NetSize { n, penultimate_filters: p }, &args.spec)?;
+        config = config.with_size(NetSize { n, penultimate_filters: p }, spec)?;
     }
     if let Some(s) = args.stem_size {
         config.stem_multiplier = match config.stem {
@@ -48,9 +70,9 @@ pub fn config(args: &InferArgs) -> Result<NetworkConfig> {
     Ok(config)
 }
 
-pub fn run(args: &InferArgs, out: &mut String) -> Result<()> {
+pub fn run(spec: &CellSpec, args: &InferArgs, out: &mut String) -> Result<()> {
     use std::fmt::Write as _;
-    let mut config = config(args)?;
+    let mut config = config(spec, args)?;
     let (xs, from_image) = match (&args.input, &args.image) {
         (Some(input), None) => {
             let xs = Tensor::read_npy(input).with_context(|| format!("while reading {}", input.display()))?;
@@ -69,7 +91,7 @@ pub fn run(args: &InferArgs, out: &mut String) -> Result<()> {
     config.image_size = dims[2];
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-    let net = NasNet::new(&args.spec, &config, 0, vb)?;
+    let net = NasNet::new(spec, &config, 0, vb)?;
     let report = load_safetensors(&varmap, &args.weights)
         .with_context(|| format!("while loading weights from {}", args.weights.display()))?;
     let logits = net.forward_t(&xs, false)?.logits;

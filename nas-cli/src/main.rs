@@ -74,41 +74,7 @@ enum Command {
     },
     /// Eval-mode logits of a network loaded from named weights (a timm NASNet-A state
     /// dict in safetensors, or one of ours), for a float32 NCHW `.npy` batch or one picture.
-    Infer {
-        /// The cells (NASNet-A for timm's weights).
-        #[arg(long, default_value = "nasnet-a")]
-        cell: String,
-        /// Weights in safetensors, with timm's `nasnet.py` names.
-        #[arg(long = "timm-checkpoint", visible_alias = "weights")]
-        weights: PathBuf,
-        /// The skeleton: `large` for timm's `nasnetalarge`, or any `--net` value.
-        #[arg(long, default_value = "large")]
-        net: String,
-        /// timm's `num_features`: filters of the penultimate layer (P).
-        #[arg(long)]
-        num_features: Option<usize>,
-        /// timm's `stem_size`: filters of the ImageNet stem conv.
-        #[arg(long)]
-        stem_size: Option<usize>,
-        /// Number of classes of the checkpoint.
-        #[arg(long)]
-        classes: Option<usize>,
-        /// A float32 NCHW batch in `.npy` format.
-        #[arg(long, conflicts_with = "image")]
-        input: Option<PathBuf>,
-        /// Where to write the logits (float32 `.npy`).
-        #[arg(long)]
-        logits_out: Option<PathBuf>,
-        /// One picture (any format `image` reads): central crop 0.875, resize, [−1, 1].
-        #[arg(long)]
-        image: Option<PathBuf>,
-        /// Image size for `--image` (default: the skeleton's own).
-        #[arg(long)]
-        image_size: Option<usize>,
-        /// Class names, one per line, to print beside the top-5.
-        #[arg(long)]
-        labels: Option<PathBuf>,
-    },
+    Infer(infer::InferArgs),
     /// Time a training step and an inference pass of a standard network.
     Bench {
         /// `small` (Keras NASNet 2@384 at 32×32) or `mobile` (NASNet-A Mobile at 224).
@@ -198,33 +164,9 @@ fn run(cli: Cli) -> Result<String> {
             cost(&mut out, &cell, &net, image, classes, json, layers)?
         }
         Command::Space { blocks, json } => space(&mut out, blocks, json)?,
-        Command::Infer {
-            cell,
-            weights,
-            net,
-            num_features,
-            stem_size,
-            classes,
-            input,
-            logits_out,
-            image,
-            image_size,
-            labels,
-        } => {
-            let args = infer::InferArgs {
-                spec: load_cell(&cell)?,
-                weights,
-                net,
-                num_features,
-                stem_size,
-                classes,
-                input,
-                logits_out,
-                image,
-                image_size,
-                labels,
-            };
-            infer::run(&args, &mut out)?
+        Command::Infer(args) => {
+            let spec = load_cell(&args.cell)?;
+            infer::run(&spec, &args, &mut out)?
         }
         Command::Bench { net, batch, steps, json } => {
             let result = bench::run(&net, batch, steps)?;
