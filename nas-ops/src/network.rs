@@ -167,6 +167,8 @@ impl NasNet {
         };
         let last = outputs.last().expect("a network has outputs").relu()?;
         let mut pooled = global_avg_pool(&last)?;
+        // Dropout masks come from the drop-path generator, so one saved generator state
+        // (`DropPathSchedule::rng_state`) resumes both.
         if train && self.dense_dropout_keep_prob < 1.0 {
             let keep = self.dense_dropout_keep_prob;
             let n = pooled.elem_count();

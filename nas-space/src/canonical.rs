@@ -111,9 +111,8 @@ fn visit_orders(cell: &Cell, order: &mut Vec<usize>, placed: &mut [bool], f: &mu
 
 /// The cell with its blocks in `order` (old block indices), sides sorted, output sorted.
 fn relabel(cell: &Cell, order: &[usize]) -> Cell {
-    let mut new_state = vec![0usize; cell.num_states()];
-    new_state[0] = 0;
-    new_state[1] = 1;
+    // The two cell inputs keep their numbers; block outputs follow `order`.
+    let mut new_state: Vec<usize> = (0..cell.num_states()).collect();
     for (new, &old) in order.iter().enumerate() {
         new_state[2 + old] = 2 + new;
     }
