@@ -16,6 +16,7 @@ use serde_json::json;
 
 mod bench;
 mod infer;
+mod train;
 
 /// `writeln!` into the output buffer of a verb.
 macro_rules! outln {
@@ -90,6 +91,10 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Train a network built from a cell in a run directory (resumable).
+    Train(train::TrainArgs),
+    /// Evaluate a run's checkpoint (loss, top-1, top-5) on a data set.
+    Eval(train::EvalArgs),
     /// Print the size of the search space.
     Space {
         /// Blocks per cell (B).
@@ -164,6 +169,8 @@ fn run(cli: Cli) -> Result<String> {
             cost(&mut out, &cell, &net, image, classes, json, layers)?
         }
         Command::Space { blocks, json } => space(&mut out, blocks, json)?,
+        Command::Train(args) => train::train(&args, || load_cell(&args.cell), &mut out)?,
+        Command::Eval(args) => train::eval(&args, &mut out)?,
         Command::Infer(args) => {
             let spec = load_cell(&args.cell)?;
             infer::run(&spec, &args, &mut out)?

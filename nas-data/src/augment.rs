@@ -99,6 +99,15 @@ pub trait Transform: Send + Sync {
     }
 }
 
+impl<T: Transform + ?Sized> Transform for std::sync::Arc<T> {
+    fn output_size(&self) -> (u32, u32) {
+        (**self).output_size()
+    }
+    fn apply(&self, image: &Image, rng: &mut DataRng, out: &mut [f32]) {
+        (**self).apply(image, rng, out)
+    }
+}
+
 /// How a CIFAR training image is cropped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CifarCrop {

@@ -172,7 +172,15 @@ where
 
     /// Starts producing the batches of `epoch` on a background thread.
     pub fn epoch(&self, epoch: u64) -> Epoch {
-        let plan = self.plan(epoch);
+        self.epoch_from(epoch, 0)
+    }
+
+    /// The batches of `epoch` from batch `first` on (a resumed run continues mid-epoch):
+    /// the same batches, with the same augmentation, as the tail of [`Batcher::epoch`].
+    /// The summary then counts only the batches produced.
+    pub fn epoch_from(&self, epoch: u64, first: usize) -> Epoch {
+        let mut plan = self.plan(epoch);
+        plan.drain(..first.min(plan.len()));
         let (tx, rx) = sync_channel(self.config.prefetch);
         let producer = Producer {
             dataset: self.dataset.clone(),

@@ -30,6 +30,15 @@ pub enum TrainError {
     /// The loss became NaN or infinite: the training stops before updating the weights.
     #[error("loss is {loss} at step {step}; training stopped before the update (lower the learning rate, or check the data)")]
     NonFinite { step: u64, loss: f64 },
+    /// The loss became NaN or infinite inside a run; what was known is saved at `diagnostic`.
+    #[error("loss is {loss} at step {step}; training stopped before the update. Diagnostic and the weights before that step: {}", diagnostic.display())]
+    Diverged { step: u64, loss: f64, diagnostic: PathBuf },
+    /// The run was asked to stop; its checkpoint is in `dir`.
+    #[error("stopped at step {step}; resume with the checkpoint in {}", dir.display())]
+    Interrupted { step: u64, dir: PathBuf },
+    /// The settings would need more memory than the machine has.
+    #[error("these settings need about {estimate} of memory ({detail}) but {available} is available; lower the batch size or the network, or force it")]
+    Memory { estimate: String, available: String, detail: String },
     /// A checkpoint does not fit what is being resumed.
     #[error("checkpoint {path}: {message}")]
     Checkpoint { path: PathBuf, message: String },

@@ -6,9 +6,12 @@
 //! It does not own the network (`nas-ops`) nor the data pipeline (`nas-data`).
 
 pub mod checkpoint;
+pub mod data;
 mod error;
 pub mod eval;
 pub mod optim;
+pub mod recipe;
+pub mod run;
 pub mod schedule;
 pub mod trainer;
 

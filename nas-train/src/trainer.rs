@@ -17,7 +17,7 @@ use std::path::Path;
 
 use crate::checkpoint::{load_checkpoint, read_checkpoint_state, save_checkpoint, CheckpointState};
 use crate::eval::{evaluate, top_k_hits, EvalMetrics};
-use crate::optim::{cross_entropy_smoothed, OptimSettings, Optimizer, ParamGroups};
+use crate::optim::{cross_entropy_smoothed, Ema, OptimSettings, Optimizer, ParamGroups};
 use crate::schedule::LrSchedule;
 use crate::TrainError;
 
@@ -36,6 +36,10 @@ pub struct TrainConfig {
     pub aux_weight: f64,
     /// Seed of the initialisation and of the drop-path and dropout masks.
     pub seed: u64,
+    /// Decay of an exponential moving average of the trainable weights, used for evaluation
+    /// (the paper's ImageNet recipe: 0.9999). `None`: evaluate the weights themselves.
+    #[serde(default)]
+    pub ema_decay: Option<f64>,
 }
 
 impl TrainConfig {
@@ -55,6 +59,14 @@ impl TrainConfig {
                 field: "aux_weight",
                 message: format!("must be ≥ 0, got {}", self.aux_weight),
             });
+        }
+        if let Some(decay) = self.ema_decay {
+            if !(0.0..=1.0).contains(&decay) {
+                return Err(TrainError::Config {
+                    field: "ema_decay",
+                    message: format!("must be in [0, 1], got {decay}"),
+                });
+            }
         }
         self.schedule.validate()?;
         self.optim.validate()
@@ -81,6 +93,7 @@ pub struct Trainer {
     varmap: VarMap,
     net: NasNet,
     optimizer: Optimizer,
+    ema: Option<Ema>,
     config: TrainConfig,
     step: u64,
 }
@@ -101,7 +114,8 @@ impl Trainer {
         init_weights(&varmap, config.seed)?;
         let groups = ParamGroups::from_varmap(&varmap);
         let optimizer = Optimizer::new(config.optim, &groups)?;
-        Ok(Trainer { varmap, net, optimizer, config, step: 0 })
+        let ema = config.ema_decay.map(|decay| Ema::trainable(decay, &groups)).transpose()?;
+        Ok(Trainer { varmap, net, optimizer, ema, config, step: 0 })
     }
 
     /// The network.
@@ -117,6 +131,11 @@ impl Trainer {
     /// Steps taken so far.
     pub fn step(&self) -> u64 {
         self.step
+    }
+
+    /// The training configuration.
+    pub fn config(&self) -> &TrainConfig {
+        &self.config
     }
 
     /// One training step on `batch`.
@@ -139,6 +158,9 @@ impl Trainer {
         let grads = loss.backward()?;
         let stats = self.optimizer.step(&grads, lr)?;
         self.step += 1;
+        if let Some(ema) = &mut self.ema {
+            ema.update_at(self.step)?;
+        }
         let (top1, _) = top_k_hits(&out.logits, &batch.labels)?;
         Ok(StepMetrics {
             step: self.step,
@@ -151,7 +173,8 @@ impl Trainer {
 
     /// Writes a checkpoint of everything a resumed run needs into `dir` (see
     /// [`crate::checkpoint`]): weights and BN statistics, optimiser buffers, the step, the
-    /// drop-path/dropout generator, the configs and the cells.
+    /// drop-path/dropout generator, the weight average, the configs and the cells.
+    /// `metrics` is kept as given (the run loop stores its position in the epoch there).
     pub fn save_checkpoint(
         &self,
         dir: &Path,
@@ -159,6 +182,7 @@ impl Trainer {
         network: &NetworkConfig,
         epoch: u64,
         data_seed: u64,
+        metrics: serde_json::Value,
     ) -> Result<(), TrainError> {
         let state = CheckpointState {
             step: self.step,
@@ -169,9 +193,13 @@ impl Trainer {
                 .map_err(|err| TrainError::Json { path: dir.to_path_buf(), message: err.to_string() })?,
             drop_path_rng: self.net.drop_path().rng_state(),
             data_seed,
-            metrics: serde_json::Value::Null,
+            metrics,
         };
-        save_checkpoint(dir, &self.varmap, &self.optimizer.state(), &state)
+        let mut buffers = self.optimizer.state();
+        if let Some(ema) = &self.ema {
+            buffers.extend(ema.state()?);
+        }
+        save_checkpoint(dir, &self.varmap, &buffers, &state)
     }
 
     /// Rebuilds the run saved in `dir` and continues where it stopped.
@@ -184,14 +212,25 @@ impl Trainer {
         let mut trainer = Trainer::new(&state.cell_spec, &state.network, config)?;
         let loaded = load_checkpoint(dir, &trainer.varmap)?;
         trainer.optimizer.load_state(&loaded.optimizer)?;
+        if let Some(ema) = &mut trainer.ema {
+            ema.load_state(&loaded.optimizer)?;
+        }
         trainer.net.drop_path().set_rng_state(loaded.state.drop_path_rng);
         trainer.step = loaded.state.step;
         Ok((trainer, loaded.state))
     }
 
-    /// Evaluates in eval mode over `batches`.
-    pub fn evaluate(&self, batches: impl Iterator<Item = Result<Batch, DataError>>) -> Result<EvalMetrics, TrainError> {
-        evaluate(&self.net, batches)
+    /// Evaluates in eval mode over `batches`, with the averaged weights when the
+    /// configuration keeps an average.
+    pub fn evaluate(
+        &mut self,
+        batches: impl Iterator<Item = Result<Batch, DataError>>,
+    ) -> Result<EvalMetrics, TrainError> {
+        let net = &self.net;
+        match &mut self.ema {
+            Some(ema) => ema.with_averaged(|| evaluate(net, batches)),
+            None => evaluate(net, batches),
+        }
     }
 }
 
@@ -219,6 +258,7 @@ mod tests {
             label_smoothing: 0.1,
             aux_weight: 0.4,
             seed: 2,
+            ema_decay: Some(0.9),
         };
         (network, config)
     }
@@ -252,13 +292,17 @@ mod tests {
         for batch in &batches[..3] {
             first.train_step(batch).unwrap();
         }
-        first.save_checkpoint(&dir, &spec, &network, 0, 9).unwrap();
+        first.save_checkpoint(&dir, &spec, &network, 0, 9, serde_json::Value::Null).unwrap();
         drop(first);
         let (mut resumed, state) = Trainer::resume(&dir).unwrap();
         assert_eq!((state.step, resumed.step()), (3, 3));
         for batch in &batches[3..] {
             resumed.train_step(batch).unwrap();
         }
+        let data = SyntheticConfig::new(5).train_test(0, 16).test;
+        let eval = Batcher::new(data, CifarTransform::eval(), BatchConfig::eval(8), Device::Cpu).unwrap();
+        let (m1, m2) = (straight.evaluate(eval.epoch(0)).unwrap(), resumed.evaluate(eval.epoch(0)).unwrap());
+        assert_eq!(m1, m2, "evaluation with the weight average differs after resume");
         let (a, b) = (weights(&straight), weights(&resumed));
         assert_eq!(a.len(), b.len());
         for ((name, x), (_, y)) in a.iter().zip(&b) {
@@ -288,6 +332,7 @@ mod tests {
             label_smoothing: 0.0,
             aux_weight: 0.0,
             seed: 1,
+            ema_decay: None,
         };
         let mut trainer = Trainer::new(&CellSpec::nasnet_a(), &network, config).unwrap();
         let data = SyntheticConfig::new(3).train_test(960, 320);

@@ -226,3 +226,50 @@ fn infer_classifies_a_picture() {
     assert!(lines[1].contains("class "), "{text}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `nas train` on the built-in data writes a run directory; `nas eval` reads it back and
+/// measures what the run's report says; a second `nas train` into it is refused, and
+/// `--resume` of a finished run changes no step.
+#[test]
+fn train_eval_and_resume_a_tiny_run() {
+    let dir = std::env::temp_dir().join(format!("nas-cli-train-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let d = dir.to_str().unwrap();
+    let args = [
+        "train",
+        "--data",
+        "synthetic:96:40",
+        "--recipe",
+        "search-child",
+        "--net",
+        "cifar:1@24",
+        "--epochs",
+        "1",
+        "--batch",
+        "16",
+        "--out",
+        d,
+        "--progress",
+        "plain",
+    ];
+    let text = stdout_of(&args);
+    assert!(text.contains("5 steps"), "{text}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("report.json")).unwrap()).unwrap();
+    let eval = json_of(&["eval", "--checkpoint", d, "--split", "validation", "--json"]);
+    assert_eq!(eval["metrics"]["top1"], report["final_eval"]["top1"]);
+    assert_eq!(eval["metrics"]["images"], 10);
+    let test = json_of(&["eval", "--checkpoint", d, "--json"]);
+    assert_eq!(test["metrics"]["images"], 40);
+
+    let again = nas(&args);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already holds a run"));
+    let resumed = stdout_of(&["train", "--resume", "--out", d, "--progress", "quiet"]);
+    assert!(resumed.contains("5 steps"), "{resumed}");
+
+    let fresh = dir.join("fresh");
+    let bad = nas(&["train", "--data", "cifar10:/nonexistent/dir", "--out", fresh.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("/nonexistent/dir"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -175,3 +175,24 @@ fn settings_are_checked() {
     let summary = empty.epoch(0).finish().unwrap();
     assert_eq!((summary.batches, summary.items), (0, 0));
 }
+
+#[test]
+fn epoch_from_continues_an_epoch_with_the_same_batches() {
+    let data = set(50);
+    let b = Batcher::new(data, CifarTransform::search(), cfg(8, false, 2), Device::Cpu).unwrap();
+    let whole = run(&b, 4);
+    let tail: Vec<_> = b
+        .epoch_from(4, 3)
+        .map(|batch| {
+            let batch = batch.unwrap();
+            (
+                batch.indices,
+                batch.labels.to_vec1::<u32>().unwrap(),
+                batch.images.flatten_all().unwrap().to_vec1().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(whole.len(), 7);
+    assert_eq!(tail, whole[3..]);
+    assert_eq!(b.epoch_from(4, 99).count(), 0);
+}
