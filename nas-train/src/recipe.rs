@@ -268,8 +268,9 @@ mod tests {
         assert_eq!(child.decay, Decay::Cosine);
         let cifar = Recipe::cifar();
         assert_eq!((cifar.epochs, cifar.batch_size, cifar.lr, cifar.cutout), (600, 32, 0.025, Some(16)));
-        // 600 epochs of 50k at batch 32 is TF-Slim's total_training_steps.
-        assert_eq!(600 * (50_000 / cifar.batch_size as u64), 937_500);
+        // 600 epochs of 50k at batch 32 is TF-Slim's total_training_steps (937,500); the run
+        // loop drops each epoch's last partial batch, so it takes 600 × 1,562 = 937,200 steps.
+        assert_eq!(600.0 * 50_000.0 / cifar.batch_size as f64, 937_500.0);
         let mobile = Recipe::imagenet_mobile();
         assert_eq!((mobile.label_smoothing, mobile.aux_weight, mobile.ema_decay), (0.1, 0.4, Some(0.9999)));
         let large = Recipe::imagenet_large();
