@@ -66,14 +66,34 @@ impl Module for Conv2d {
         if self.kh == 1 && self.kw == 1 && self.stride == 1 {
             return conv1x1(xs, &self.weight);
         }
-        if !self.same {
-            return xs.conv2d(&self.weight, 0, self.stride, self.dilation, 1);
-        }
-        let pad = Padding2d::same(h, w, self.kh, self.kw, self.stride, self.dilation);
-        if pad.top == pad.bottom && pad.top == pad.left && pad.left == pad.right {
+        let pad = if self.same {
+            Padding2d::same(h, w, self.kh, self.kw, self.stride, self.dilation)
+        } else {
+            Padding2d { top: 0, bottom: 0, left: 0, right: 0 }
+        };
+        if self.stride == 1 && pad.top == pad.bottom && pad.top == pad.left && pad.left == pad.right {
             return xs.conv2d(&self.weight, pad.top, self.stride, self.dilation, 1);
         }
         let xs = xs.pad_with_zeros(2, pad.top, pad.bottom)?.pad_with_zeros(3, pad.left, pad.right)?;
+        if self.stride == 1 {
+            return xs.conv2d(&self.weight, 0, 1, self.dilation, 1);
+        }
+        // candle's conv2d backward derives the transposed convolution's output padding from
+        // the height alone and applies it to the width too, so a strided conv whose last rows
+        // and last columns are unread by different amounts (a 1×7 kernel at stride 2) gets a
+        // gradient of the wrong width. Cropping each side to the extent the kernel reads makes
+        // that padding 0 in both dimensions; the cropped rows and columns get no gradient,
+        // which is what they would get anyway.
+        let extent = |size: usize, k: usize| {
+            let span = (k - 1) * self.dilation + 1;
+            if size < span {
+                size
+            } else {
+                (size - span) / self.stride * self.stride + span
+            }
+        };
+        let (ph, pw) = (xs.dim(2)?, xs.dim(3)?);
+        let xs = xs.narrow(2, 0, extent(ph, self.kh))?.narrow(3, 0, extent(pw, self.kw))?;
         xs.conv2d(&self.weight, 0, self.stride, self.dilation, 1)
     }
 }

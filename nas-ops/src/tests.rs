@@ -83,7 +83,7 @@ fn random_cells_build_with_the_cost_models_count_and_run() {
     config.use_aux_head = false;
     config.image_size = 8;
     let xs = TestRng::new(5).tensor(&[2, 3, 8, 8], DType::F32).unwrap();
-    for _ in 0..6 {
+    for _ in 0..10 {
         let spec = space.sample(&mut rng);
         let (varmap, net) = build(&spec, &config);
         let report = network_cost(&spec, &config).unwrap();
@@ -91,6 +91,13 @@ fn random_cells_build_with_the_cost_models_count_and_run() {
         assert_eq!((trainable, stats), (report.network.params_trainable, report.network.bn_statistics), "{spec}");
         let out = net.forward_t(&xs, true).unwrap();
         assert_eq!(out.logits.dims(), &[2, 10]);
+        // Every cell must also train: the backward pass of every op at every stride.
+        let grads = out.logits.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        for (name, var) in varmap.data().lock().unwrap().iter() {
+            if let Some(g) = grads.get(var.as_tensor()) {
+                assert_eq!(g.dims(), var.dims(), "{name} of {spec}");
+            }
+        }
         let outputs = net.forward_outputs(&xs, false).unwrap();
         for (t, shape) in outputs.iter().zip(&net.plan().outputs) {
             assert_eq!(t.dims(), &[2, shape.channels, shape.size, shape.size], "{spec}");
@@ -277,4 +284,54 @@ fn timm_checkpoint_loads_and_matches_timm_logits() {
     assert!(err.contains("1 missing: last_linear.bias"), "{err}");
     assert!(err.contains("conv0.conv.weight: checkpoint [8, 3, 3, 3], network [32, 3, 3, 3]"), "{err}");
     assert!(err.contains("1 extra: extra.weight"), "{err}");
+}
+
+/// A strided convolution of any kernel shape equals the stride-1 convolution subsampled,
+/// forward and backward (candle's own conv2d backward gets the width wrong for 1×7 at
+/// stride 2; `Conv2d` must not).
+#[test]
+fn strided_convolutions_of_any_kernel_shape_have_the_right_gradients() {
+    use candle_nn::Module;
+
+    use crate::kernels::Padding2d;
+    use crate::layers::{Conv2d, Conv2dConfig};
+    for (kh, kw) in [(1, 7), (7, 1), (1, 3), (3, 1), (3, 3), (5, 5)] {
+        for size in [7, 15, 16] {
+            let varmap = VarMap::new();
+            let vb = VarBuilder::from_varmap(&varmap, DType::F64, &Device::Cpu);
+            let cfg = Conv2dConfig { c_in: 3, c_out: 4, kh, kw, stride: 2, dilation: 1, same: true };
+            let conv = Conv2d::new(cfg, vb.pp("conv")).unwrap();
+            let weight = varmap.data().lock().unwrap()["conv.weight"].clone();
+            weight.set(&TestRng::new(kh as u64 * 10 + kw as u64).tensor(&[4, 3, kh, kw], DType::F64).unwrap()).unwrap();
+            let xs = candle_core::Var::from_tensor(
+                &TestRng::new(size as u64).tensor(&[2, 3, size, size], DType::F64).unwrap(),
+            )
+            .unwrap();
+            let ys = conv.forward(xs.as_tensor()).unwrap();
+            // Reference: TF SAME padding for stride 2, a stride-1 convolution, every other output.
+            let pad = Padding2d::same(size, size, kh, kw, 2, 1);
+            let padded = xs
+                .as_tensor()
+                .pad_with_zeros(2, pad.top, pad.bottom)
+                .unwrap()
+                .pad_with_zeros(3, pad.left, pad.right)
+                .unwrap();
+            let dense = padded.conv2d(weight.as_tensor(), 0, 1, 1, 1).unwrap();
+            let out = size.div_ceil(2);
+            let pick = Tensor::arange_step(0u32, 2 * out as u32, 2, &Device::Cpu).unwrap();
+            let reference = dense.index_select(&pick, 2).unwrap().index_select(&pick, 3).unwrap();
+            assert_eq!(ys.dims(), &[2, 4, out, out]);
+            let diff = (&ys - &reference).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+            assert!(diff < 1e-12, "{kh}x{kw} at {size}: forward differs by {diff}");
+            let upstream = TestRng::new(99).tensor(&[2, 4, out, out], DType::F64).unwrap();
+            let g = (&ys * &upstream).unwrap().sum_all().unwrap().backward().unwrap();
+            let g_ref = (&reference * &upstream).unwrap().sum_all().unwrap().backward().unwrap();
+            for var in [xs.as_tensor(), weight.as_tensor()] {
+                let (a, b) = (g.get(var).unwrap(), g_ref.get(var).unwrap());
+                assert_eq!(a.dims(), var.dims(), "{kh}x{kw} at {size}");
+                let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+                assert!(diff < 1e-10, "{kh}x{kw} at {size}: gradient differs by {diff}");
+            }
+        }
+    }
 }
