@@ -1,0 +1,3 @@
+//! Integration tests of nas-controller through its public API only.
+
+mod synthetic;
