@@ -13,6 +13,7 @@ pub mod optim;
 pub mod recipe;
 pub mod run;
 pub mod schedule;
+pub mod search;
 pub mod trainer;
 
 pub use error::TrainError;

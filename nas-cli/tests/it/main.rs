@@ -273,3 +273,70 @@ fn train_eval_and_resume_a_tiny_run() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("/nonexistent/dir"));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A tiny search through the binary: its folder holds the journal, best.json, the top cells
+/// as SVG and the reward plot; `nas worker` trains one trial from a file.
+#[test]
+fn search_and_worker_end_to_end() {
+    let dir = std::env::temp_dir().join(format!("nas-cli-search-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let d = dir.to_str().unwrap();
+    let tiny = [
+        "--children",
+        "3",
+        "--workers",
+        "2",
+        "--data",
+        "synthetic:48:8",
+        "--child-n",
+        "1",
+        "--child-filters",
+        "2",
+        "--child-epochs",
+        "1",
+        "--child-batch",
+        "16",
+        "--top-k",
+        "2",
+        "--out",
+        d,
+        "--progress",
+        "plain",
+    ];
+    let mut args = vec!["search", "--strategy", "random"];
+    args.extend(tiny);
+    let text = stdout_of(&args);
+    assert!(text.contains("3 children evaluated"), "{text}");
+    let run = dir.join("random");
+    let best: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("best.json")).unwrap()).unwrap();
+    assert!(best["reward"].as_f64().unwrap() >= 0.0);
+    let journal = std::fs::read_to_string(run.join("journal.jsonl")).unwrap();
+    assert_eq!(journal.lines().filter(|l| l.contains("\"event\":\"result\"")).count(), 3);
+    let svgs = std::fs::read_dir(run.join("cells")).unwrap().count();
+    assert_eq!(svgs, 2);
+    // A second strategy into the same folder: one curve each in the plot.
+    let mut args = vec!["search", "--strategy", "evolution"];
+    args.extend(tiny);
+    stdout_of(&args);
+    let plot = std::fs::read_to_string(dir.join("rewards.svg")).unwrap();
+    assert!(plot.contains("random") && plot.contains("evolution"), "the plot names both strategies");
+
+    // The same unit of work as a separate process.
+    let trial = serde_json::json!({
+        "id": 7,
+        "spec": best["cell_spec"],
+        "recipe": serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(run.join("search.json")).unwrap()).unwrap()["child"],
+        "data": { "kind": "synthetic", "seed": 0, "train": 48, "test": 8 },
+        "seed": 1,
+        "dir": dir.join("worker-child"),
+    });
+    let trial_path = dir.join("trial.json");
+    std::fs::write(&trial_path, trial.to_string()).unwrap();
+    let result_path = dir.join("result.json");
+    stdout_of(&["worker", "--trial", trial_path.to_str().unwrap(), "--out", result_path.to_str().unwrap()]);
+    let result: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&result_path).unwrap()).unwrap();
+    assert_eq!(result["id"], 7);
+    assert_eq!(result["outcome"]["status"], "trained", "{result}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

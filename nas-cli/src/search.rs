@@ -1,0 +1,362 @@
+//! `nas search` and `nas worker`: the architecture search (see `nas_train::search`) with a
+//! progress bar, the top cells drawn as SVG and the reward plot (the paper's Figure 6 for the
+//! user's own data).
+
+use std::io::IsTerminal as _;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use nas_controller::{EvolutionConfig, StrategyConfig};
+use nas_space::{render, NetworkConfig};
+use nas_train::data::{DataSource, EvalSplit};
+use nas_train::recipe::Recipe;
+use nas_train::search::{
+    self, files, read_journal, Executor, JournalEvent, JournalSummary, Scored, SearchConfig, SearchLog, SearchReporter,
+    Trial,
+};
+
+use crate::train::{stop_on_ctrl_c, Progress};
+
+/// Arguments of `nas search`.
+#[derive(Debug, Args)]
+pub struct SearchArgs {
+    /// `ppo` (the paper's controller), `reinforce`, `random` or `evolution`.
+    #[arg(long, default_value = "ppo")]
+    pub strategy: String,
+    /// Children to evaluate (the paper: 20,000).
+    #[arg(long, default_value_t = 40)]
+    pub children: usize,
+    /// Children trained at once (default: the number of cores).
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// Proxy data: `synthetic[:N]` (built in), `cifar10:DIR` or `cifar100:DIR`.
+    #[arg(long, default_value = "synthetic:1200")]
+    pub data: String,
+    /// The search folder; each strategy searches in its own subfolder.
+    #[arg(long, default_value = "runs/search")]
+    pub out: PathBuf,
+    /// Continue the search of this strategy in --out.
+    #[arg(long)]
+    pub resume: bool,
+    /// Seed of the strategy and the children.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Normal cells per stack of a child (the paper: N = 2).
+    #[arg(long, default_value_t = 2)]
+    pub child_n: usize,
+    /// Filters of a child's first cells, F (the paper's CIFAR children: 32).
+    #[arg(long, default_value_t = 4)]
+    pub child_filters: usize,
+    /// Epochs per child (the paper: 20).
+    #[arg(long, default_value_t = 2)]
+    pub child_epochs: u64,
+    /// Images per child step.
+    #[arg(long, default_value_t = 32)]
+    pub child_batch: usize,
+    /// Child learning rate (cosine decay over the child's steps).
+    #[arg(long, default_value_t = 0.1)]
+    pub child_lr: f64,
+    /// Use the paper's child recipe (N = 2, F = 32, 20 epochs, batch 32, lr 0.025, 10 % held
+    /// out) instead of the small defaults above.
+    #[arg(long)]
+    pub paper_children: bool,
+    /// Evolution: population size (default: children / 4, between 4 and 100).
+    #[arg(long)]
+    pub population: Option<usize>,
+    /// Evolution: tournament size (default: population / 4, at least 2).
+    #[arg(long)]
+    pub sample_size: Option<usize>,
+    /// Controller learning rate (the paper: 0.00035).
+    #[arg(long)]
+    pub controller_lr: Option<f64>,
+    /// Cells listed in top.json and drawn as SVG.
+    #[arg(long, default_value_t = 5)]
+    pub top_k: usize,
+    /// Train children in this process (threads) instead of one `nas worker` process each.
+    #[arg(long)]
+    pub in_process: bool,
+    /// How progress is shown.
+    #[arg(long, value_enum, default_value_t = Progress::Auto)]
+    pub progress: Progress,
+}
+
+/// Arguments of `nas worker`.
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    /// The trial (JSON, as the search writes it).
+    #[arg(long)]
+    pub trial: PathBuf,
+    /// Where to write the result (JSON, atomically).
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+/// The search configuration of the arguments.
+pub fn search_config(args: &SearchArgs) -> Result<SearchConfig> {
+    let data: DataSource = args.data.parse()?;
+    if !data.is_small() {
+        bail!("--data {data}: the search trains children on 32×32 proxy data (synthetic, cifar10, cifar100)");
+    }
+    let mut strategy: StrategyConfig = args.strategy.parse()?;
+    match &mut strategy {
+        StrategyConfig::Evolution(c) => {
+            let population = args.population.unwrap_or((args.children / 4).clamp(4, 100));
+            *c = EvolutionConfig {
+                population_size: population,
+                sample_size: args.sample_size.unwrap_or((population / 4).max(2)).min(population),
+                ..c.clone()
+            };
+        }
+        StrategyConfig::Ppo(c) | StrategyConfig::Reinforce(c) => {
+            if let Some(lr) = args.controller_lr {
+                c.learning_rate = lr;
+            }
+        }
+        StrategyConfig::Random => {}
+    }
+    let mut child = Recipe::search_child();
+    if !args.paper_children {
+        child.network = NetworkConfig {
+            n: args.child_n,
+            num_conv_filters: args.child_filters,
+            use_aux_head: false,
+            drop_path_keep_prob: 1.0,
+            ..NetworkConfig::cifar()
+        };
+        child.epochs = args.child_epochs;
+        child.batch_size = args.child_batch;
+        child.lr = args.child_lr;
+        child.eval = EvalSplit::Holdout { fraction: 0.2, seed: args.seed };
+        child.eval_batch_size = 100;
+    }
+    let workers = args.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let config = SearchConfig {
+        strategy,
+        num_blocks: 5,
+        children: args.children,
+        workers,
+        child,
+        data,
+        seed: args.seed,
+        top_k: args.top_k,
+    };
+    config.validate()?;
+    Ok(config)
+}
+
+/// A progress bar: children done, best reward, ETA.
+struct Bar {
+    bar: ProgressBar,
+}
+
+impl SearchReporter for Bar {
+    fn start(&mut self, dir: &Path, done: usize, total: usize) {
+        self.bar.set_length(total as u64);
+        self.bar.set_position(done as u64);
+        self.bar.reset_eta();
+        self.bar.println(format!("searching in {}", dir.display()));
+    }
+    fn child(&mut self, event: &JournalEvent, done: usize, best: Option<&Scored>) {
+        self.bar.set_position(done as u64);
+        if let Some(best) = best {
+            self.bar.set_message(format!("best {:.4} (child {})", best.reward, best.id));
+        }
+        if let JournalEvent::Failed { id, reason, .. } = event {
+            self.bar.println(format!("child {id} failed: {}", reason.lines().next().unwrap_or("")));
+        }
+    }
+    fn message(&mut self, text: &str) {
+        self.bar.println(text);
+    }
+    fn finish(&mut self) {
+        self.bar.finish_and_clear();
+    }
+}
+
+struct Quiet;
+impl SearchReporter for Quiet {}
+
+fn reporter(progress: Progress) -> Box<dyn SearchReporter> {
+    let bar = || {
+        let bar = ProgressBar::new(0);
+        bar.set_style(
+            ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} children {msg} ETA {eta}")
+                .expect("a valid template")
+                .progress_chars("=> "),
+        );
+        bar.enable_steady_tick(Duration::from_millis(500));
+        Box::new(Bar { bar }) as Box<dyn SearchReporter>
+    };
+    match progress {
+        Progress::Auto if std::io::stderr().is_terminal() => bar(),
+        Progress::Bar => bar(),
+        Progress::Auto | Progress::Plain => Box::new(SearchLog::default()),
+        Progress::Quiet => Box::new(Quiet),
+    }
+}
+
+/// `nas search`.
+pub fn run(args: &SearchArgs, out: &mut String) -> Result<()> {
+    let stop = stop_on_ctrl_c();
+    let mut reporter = reporter(args.progress);
+    let name = args.strategy.as_str();
+    let dir = args.out.join(name);
+    let executor = if args.in_process {
+        Executor::Threads
+    } else {
+        Executor::Processes { program: std::env::current_exe().context("finding the nas binary for its workers")? }
+    };
+    let outcome = if args.resume {
+        if !dir.join(files::CONFIG).exists() {
+            bail!("{} holds no {name} search to resume", dir.display());
+        }
+        search::resume_search(&dir, Some(args.children), &executor, Some(stop), reporter.as_mut())?
+    } else {
+        let config = search_config(args)?;
+        search::search(&dir, &config, &executor, Some(stop), reporter.as_mut())?
+    };
+    let config = search::read_search_config(&dir)?;
+    write_pictures(&dir, &outcome.summary, config.top_k)?;
+    let plot = plot_rewards(&args.out)?;
+    use std::fmt::Write as _;
+    let s = &outcome.summary;
+    let trained = s.results.iter().filter(|r| !r.cached).count();
+    if !outcome.complete {
+        writeln!(out, "search stopped: {} of {} children done; continue with --resume", s.done(), config.children)?;
+    }
+    writeln!(
+        out,
+        "{} children evaluated ({trained} trained, {} cached, {} failed) in {}",
+        s.done(),
+        s.results.len() - trained,
+        s.failed.len(),
+        dir.display()
+    )?;
+    if let Some(best) = s.top(1).first() {
+        writeln!(
+            out,
+            "best: child {} reward {:.4} ({}), cell in {}",
+            best.id,
+            best.reward,
+            best.hash,
+            dir.join(files::BEST).display()
+        )?;
+    }
+    writeln!(out, "journal: {}", dir.join(files::JOURNAL).display())?;
+    writeln!(out, "top cells: {}", dir.join("cells").display())?;
+    writeln!(out, "reward plot: {}", plot.display())?;
+    Ok(())
+}
+
+/// Draws the top cells as SVG into `dir/cells/`.
+fn write_pictures(dir: &Path, summary: &JournalSummary, top_k: usize) -> Result<()> {
+    let cells = dir.join("cells");
+    std::fs::create_dir_all(&cells).with_context(|| format!("creating {}", cells.display()))?;
+    for (rank, scored) in summary.top(top_k).iter().enumerate() {
+        let path = cells.join(format!("top-{}-child-{}.svg", rank + 1, scored.id));
+        let svg = render::spec_to_svg(&scored.spec)?;
+        std::fs::write(&path, svg).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// One strategy's curve: (children evaluated, reward) and the running best.
+fn curves(journal: &Path) -> Result<Vec<(usize, f64, f64)>> {
+    let events = read_journal(journal)?;
+    let mut out = Vec::new();
+    let mut best = f64::MIN;
+    let mut n = 0;
+    for e in events {
+        match e {
+            JournalEvent::Result { reward, .. } => {
+                n += 1;
+                best = best.max(reward);
+                out.push((n, reward, best));
+            }
+            JournalEvent::Failed { .. } => n += 1,
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
+/// Plots the rewards of every strategy searched in `root` (one subfolder each) into
+/// `root/rewards.svg`: each child's reward as a point and the running best as a line.
+pub fn plot_rewards(root: &Path) -> Result<PathBuf> {
+    use plotters::prelude::*;
+    let mut series = Vec::new();
+    let mut entries: Vec<_> = std::fs::read_dir(root)
+        .with_context(|| format!("reading {}", root.display()))?
+        .flatten()
+        .filter(|e| e.path().join(files::JOURNAL).is_file())
+        .collect();
+    entries.sort_by_key(|e| e.file_name());
+    for entry in entries {
+        let points = curves(&entry.path().join(files::JOURNAL))?;
+        if !points.is_empty() {
+            series.push((entry.file_name().to_string_lossy().into_owned(), points));
+        }
+    }
+    let path = root.join("rewards.svg");
+    let max_n = series.iter().flat_map(|(_, p)| p.iter().map(|x| x.0)).max().unwrap_or(1).max(1);
+    let (lo, hi) = series
+        .iter()
+        .flat_map(|(_, p)| p.iter().map(|x| x.1))
+        .fold((f64::MAX, f64::MIN), |(lo, hi), r| (lo.min(r), hi.max(r)));
+    let (lo, hi) = if lo <= hi { ((lo - 0.02).max(0.0), (hi + 0.02).min(1.0)) } else { (0.0, 1.0) };
+    let svg_err = |e: &dyn std::fmt::Display| anyhow::anyhow!("drawing {}: {e}", path.display());
+    {
+        let backend = SVGBackend::new(&path, (900, 560)).into_drawing_area();
+        backend.fill(&WHITE).map_err(|e| svg_err(&e))?;
+        let mut chart = ChartBuilder::on(&backend)
+            .caption("Validation accuracy of each child (points) and the running best (lines)", ("sans-serif", 18))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(56)
+            .build_cartesian_2d(0..max_n + 1, lo..hi)
+            .map_err(|e| svg_err(&e))?;
+        chart
+            .configure_mesh()
+            .x_desc("children evaluated")
+            .y_desc("validation top-1 (reward)")
+            .draw()
+            .map_err(|e| svg_err(&e))?;
+        for (k, (name, points)) in series.iter().enumerate() {
+            let color = Palette99::pick(k).to_rgba();
+            chart
+                .draw_series(points.iter().map(|&(n, r, _)| Circle::new((n, r), 2, color.mix(0.45).filled())))
+                .map_err(|e| svg_err(&e))?;
+            chart
+                .draw_series(LineSeries::new(points.iter().map(|&(n, _, b)| (n, b)), color.stroke_width(2)))
+                .map_err(|e| svg_err(&e))?
+                .label(name.clone())
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::LowerRight)
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| svg_err(&e))?;
+        backend.present().map_err(|e| svg_err(&e))?;
+    }
+    Ok(path)
+}
+
+/// `nas worker`: trains one trial and writes its result atomically.
+pub fn worker(args: &WorkerArgs, out: &mut String) -> Result<()> {
+    let text = std::fs::read_to_string(&args.trial).with_context(|| format!("reading {}", args.trial.display()))?;
+    let trial: Trial = serde_json::from_str(&text).with_context(|| format!("in trial {}", args.trial.display()))?;
+    let result = search::run_trial(&trial, Some(stop_on_ctrl_c()));
+    let json = serde_json::to_string_pretty(&result)?;
+    let tmp = args.out.with_extension("tmp");
+    std::fs::write(&tmp, &json).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, &args.out).with_context(|| format!("writing {}", args.out.display()))?;
+    use std::fmt::Write as _;
+    writeln!(out, "{json}")?;
+    Ok(())
+}

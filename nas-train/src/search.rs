@@ -1,0 +1,1015 @@
+//! The outer search loop: a strategy proposes cells, workers train them as children, the
+//! validation accuracy goes back as the reward (NASNET.md §2.1, Fig. 1).
+//!
+//! # The search directory
+//!
+//! ```text
+//! search.json            the SearchConfig (strategy, budget, child recipe, data, seed)
+//! journal.jsonl          every proposal, start, result and failure, one JSON object per
+//!                        line, flushed before the loop goes on: the single truth of the search
+//! strategy/              the strategy's saved state (controller weights, Adam moments, RNG,
+//!                        baseline, population, pending proposals)
+//! children/<id>/         each child's run directory (run.json, metrics.jsonl, report.json);
+//!                        its weights are deleted once its result is journaled
+//! best.json, top.json    the best cell and the top-k cells by reward
+//! ```
+//!
+//! # Resume
+//!
+//! The strategy's state is saved after every change and before the journal records what it
+//! proposed; a result is journaled before the strategy hears of it. So after a kill at any
+//! moment, `--resume` finds every finished child in the journal (it is never trained again),
+//! reports to the strategy the results it had not heard of, journals the proposals it had
+//! not journaled, and trains again (or resumes from their checkpoints) only the children that
+//! were in flight.
+//!
+//! # Identical cells
+//!
+//! A proposal whose canonical hash (`nas_space::SpecHash`) equals a finished child's takes
+//! that child's reward without training (the journal says `cached_from`); one equal to a child
+//! still in flight waits for it.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use nas_controller::{has_saved_strategy, load_strategy, new_strategy, Proposal, Strategy, StrategyConfig};
+use nas_space::{CellSpec, SearchSpace};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::data::DataSource;
+use crate::recipe::Recipe;
+use crate::run::{self, write_atomic, RunConfig, RunOptions, Silent};
+use crate::TrainError;
+
+/// File names inside a search directory.
+pub mod files {
+    /// The search's configuration.
+    pub const CONFIG: &str = "search.json";
+    /// The journal.
+    pub const JOURNAL: &str = "journal.jsonl";
+    /// The strategy's state.
+    pub const STRATEGY: &str = "strategy";
+    /// The children's run directories.
+    pub const CHILDREN: &str = "children";
+    /// The best cell.
+    pub const BEST: &str = "best.json";
+    /// The top cells.
+    pub const TOP: &str = "top.json";
+}
+
+/// What to search.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SearchConfig {
+    /// The strategy and its settings.
+    pub strategy: StrategyConfig,
+    /// Blocks per cell (the paper: 5).
+    pub num_blocks: usize,
+    /// Children to evaluate (cached duplicates included).
+    pub children: usize,
+    /// Children trained at once.
+    pub workers: usize,
+    /// How each child is trained.
+    pub child: Recipe,
+    /// The proxy data.
+    pub data: DataSource,
+    /// Seed of the strategy and of the children.
+    pub seed: u64,
+    /// How many cells `top.json` lists (and the CLI draws).
+    pub top_k: usize,
+}
+
+impl SearchConfig {
+    /// Checks the fields; the error names the field.
+    pub fn validate(&self) -> Result<(), TrainError> {
+        let err = |field: &'static str, message: &str| Err(TrainError::Config { field, message: message.into() });
+        if self.children == 0 {
+            return err("children", "must be at least 1");
+        }
+        if self.workers == 0 {
+            return err("workers", "must be at least 1");
+        }
+        if self.num_blocks == 0 {
+            return err("num_blocks", "must be at least 1");
+        }
+        self.strategy.validate().map_err(|e| TrainError::Config { field: "strategy", message: e.to_string() })?;
+        self.child.validate()
+    }
+}
+
+/// One child to train: what `nas worker --trial FILE` reads.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Trial {
+    /// The proposal's id.
+    pub id: u64,
+    /// The cell.
+    pub spec: CellSpec,
+    /// How to train it.
+    pub recipe: Recipe,
+    /// On what.
+    pub data: DataSource,
+    /// Its seed.
+    pub seed: u64,
+    /// Its run directory.
+    pub dir: PathBuf,
+}
+
+/// What a trial gave: what `nas worker --out FILE` writes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrialResult {
+    /// The proposal's id.
+    pub id: u64,
+    /// Validation top-1 (the reward), or the reason the child failed.
+    pub outcome: Outcome,
+    /// Seconds of training.
+    pub seconds: f64,
+}
+
+/// A child's outcome.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum Outcome {
+    /// Trained: its validation metrics.
+    Trained { reward: f64, top1: f64, top5: f64, loss: f64, params: u64 },
+    /// Failed (NaN, bad spec, error): why.
+    Failed { reason: String },
+    /// Stopped from outside before it finished; it will be resumed.
+    Interrupted,
+}
+
+/// Where the children of a search are trained.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Executor {
+    /// In this process, one thread per worker. The children share candle's and rayon's
+    /// thread pools, which serialise them: right for one worker, slow for several.
+    #[default]
+    Threads,
+    /// One `PROGRAM worker --trial FILE --out FILE` process per child (the `nas` binary),
+    /// each with cores / workers threads, so children run truly in parallel and a crash
+    /// stays in its process. The trial, the result and the worker's log stay in the child's
+    /// directory; a result file left by a worker whose result was not yet journaled is used
+    /// on resume instead of training again.
+    Processes { program: PathBuf },
+}
+
+/// The file names of a child trained by a worker process.
+pub mod worker_files {
+    /// The trial the worker reads.
+    pub const TRIAL: &str = "trial.json";
+    /// The result the worker writes (atomically).
+    pub const RESULT: &str = "result.json";
+    /// The worker's standard output and error.
+    pub const LOG: &str = "worker.log";
+}
+
+/// Trains `trial` in a worker process of `program` with `threads` threads.
+fn run_trial_process(program: &Path, trial: &Trial, threads: usize, stop: &AtomicBool) -> TrialResult {
+    let started = Instant::now();
+    let failed = |reason: String| TrialResult {
+        id: trial.id,
+        outcome: Outcome::Failed { reason },
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    let result_path = trial.dir.join(worker_files::RESULT);
+    if let Ok(text) = fs::read_to_string(&result_path) {
+        if let Ok(result @ TrialResult { outcome: Outcome::Trained { .. }, .. }) = serde_json::from_str(&text) {
+            return result;
+        }
+    }
+    if let Err(err) = fs::create_dir_all(&trial.dir) {
+        return failed(format!("{}: {err}", trial.dir.display()));
+    }
+    let trial_path = trial.dir.join(worker_files::TRIAL);
+    if let Err(err) = write_atomic(&trial_path, &serde_json::to_string_pretty(trial).expect("trials serialise")) {
+        return failed(err.to_string());
+    }
+    let _ = fs::remove_file(&result_path);
+    let log_path = trial.dir.join(worker_files::LOG);
+    let log = match File::create(&log_path) {
+        Ok(f) => f,
+        Err(err) => return failed(format!("{}: {err}", log_path.display())),
+    };
+    let spawned = std::process::Command::new(program)
+        .arg("worker")
+        .arg("--trial")
+        .arg(&trial_path)
+        .arg("--out")
+        .arg(&result_path)
+        .env("RAYON_NUM_THREADS", threads.to_string())
+        .env("CANDLE_NUM_THREADS", threads.to_string())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn();
+    let mut child = match spawned {
+        Ok(child) => child,
+        Err(err) => return failed(format!("cannot start {}: {err}", program.display())),
+    };
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) => {}
+            Err(err) => return failed(format!("waiting for the worker: {err}")),
+        }
+        if stop.load(Ordering::Relaxed) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return TrialResult {
+                id: trial.id,
+                outcome: Outcome::Interrupted,
+                seconds: started.elapsed().as_secs_f64(),
+            };
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    match fs::read_to_string(&result_path).ok().and_then(|text| serde_json::from_str::<TrialResult>(&text).ok()) {
+        Some(result) if result.id == trial.id => result,
+        _ => {
+            let tail: String = fs::read_to_string(&log_path)
+                .map(|log| {
+                    log.lines().rev().take(5).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join(" | ")
+                })
+                .unwrap_or_default();
+            failed(format!("worker exited with {status} without a result ({}): {tail}", log_path.display()))
+        }
+    }
+}
+
+/// Trains one trial in its directory (resuming it when a checkpoint is there) and
+/// returns its outcome; never panics on a bad child.
+pub fn run_trial(trial: &Trial, stop: Option<Arc<AtomicBool>>) -> TrialResult {
+    let started = Instant::now();
+    let options = RunOptions { force_memory: false, stop };
+    let config = RunConfig {
+        cell_spec: trial.spec.clone(),
+        recipe: trial.recipe.clone(),
+        data: trial.data.clone(),
+        seed: trial.seed,
+    };
+    let result = if trial.dir.join(run::files::CONFIG).exists() {
+        run::resume(&trial.dir, &options, &mut Silent)
+    } else {
+        run::train(&trial.dir, &config, &options, &mut Silent)
+    };
+    let outcome = match result {
+        Ok(report) => {
+            // The weights of a child are not needed once its reward is known.
+            remove_checkpoint_files(&trial.dir);
+            let m = report.final_eval.metrics;
+            Outcome::Trained { reward: m.top1, top1: m.top1, top5: m.top5, loss: m.loss, params: report.params }
+        }
+        Err(TrainError::Interrupted { .. }) => Outcome::Interrupted,
+        Err(err) => Outcome::Failed { reason: err.to_string() },
+    };
+    TrialResult { id: trial.id, outcome, seconds: started.elapsed().as_secs_f64() }
+}
+
+fn remove_checkpoint_files(dir: &Path) {
+    if let Ok(entries) = fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with("checkpoint") {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+    }
+}
+
+/// One line of the journal.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum JournalEvent {
+    /// The search started or resumed.
+    Start { time: u64, strategy: String, resumed: bool },
+    /// A proposal of the strategy.
+    Proposal {
+        id: u64,
+        hash: String,
+        spec: CellSpec,
+        actions: Vec<usize>,
+        #[serde(default)]
+        log_prob: Option<f64>,
+        #[serde(default)]
+        parent: Option<u64>,
+        #[serde(default)]
+        note: Option<String>,
+    },
+    /// A worker started training a proposal.
+    Started { id: u64, time: u64 },
+    /// A proposal's reward.
+    Result {
+        id: u64,
+        reward: f64,
+        #[serde(default)]
+        top1: Option<f64>,
+        #[serde(default)]
+        top5: Option<f64>,
+        #[serde(default)]
+        loss: Option<f64>,
+        #[serde(default)]
+        params: Option<u64>,
+        seconds: f64,
+        /// The finished child whose reward was reused (identical canonical cell).
+        #[serde(default)]
+        cached_from: Option<u64>,
+    },
+    /// A child that failed, and why.
+    Failed { id: u64, reason: String, seconds: f64 },
+    /// The budget was spent.
+    End { time: u64, trained: usize, cached: usize, failed: usize },
+}
+
+fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// The journal, appended to and flushed line by line.
+struct Journal {
+    path: PathBuf,
+    file: File,
+}
+
+impl Journal {
+    fn open(path: PathBuf) -> Result<Journal, TrainError> {
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|source| TrainError::Io { path: path.clone(), source })?;
+        Ok(Journal { path, file })
+    }
+
+    fn append(&mut self, event: &JournalEvent) -> Result<(), TrainError> {
+        let mut line = serde_json::to_string(event).expect("journal events serialise");
+        line.push('\n');
+        let io = |source| TrainError::Io { path: self.path.clone(), source };
+        self.file.write_all(line.as_bytes()).map_err(io)?;
+        self.file.sync_data().map_err(io)
+    }
+}
+
+/// Reads a journal. A last line cut short by a kill is ignored; any other bad line is an
+/// error naming the line.
+pub fn read_journal(path: &Path) -> Result<Vec<JournalEvent>, TrainError> {
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => return Err(TrainError::Io { path: path.to_path_buf(), source }),
+    };
+    let lines: Vec<String> = BufReader::new(file)
+        .lines()
+        .collect::<Result<_, _>>()
+        .map_err(|source| TrainError::Io { path: path.to_path_buf(), source })?;
+    let mut events = Vec::with_capacity(lines.len());
+    for (k, line) in lines.iter().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        match serde_json::from_str(line) {
+            Ok(event) => events.push(event),
+            Err(_) if k + 1 == lines.len() => {} // torn last line: the write it belongs to never finished
+            Err(err) => {
+                return Err(TrainError::Json { path: path.to_path_buf(), message: format!("line {}: {err}", k + 1) })
+            }
+        }
+    }
+    Ok(events)
+}
+
+/// A finished child, as the journal records it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Scored {
+    /// The proposal id.
+    pub id: u64,
+    /// The reward (validation top-1).
+    pub reward: f64,
+    /// The canonical hash of its cell.
+    pub hash: String,
+    /// The cell.
+    pub spec: CellSpec,
+    /// Whether the reward was reused from an identical cell.
+    pub cached: bool,
+}
+
+/// What the journal says so far.
+#[derive(Debug, Clone, Default)]
+pub struct JournalSummary {
+    /// Every proposal by id.
+    pub proposals: BTreeMap<u64, Proposal>,
+    /// Results in journal order.
+    pub results: Vec<Scored>,
+    /// Failures by id.
+    pub failed: BTreeMap<u64, String>,
+}
+
+impl JournalSummary {
+    /// Folds the events of a journal.
+    pub fn of(events: &[JournalEvent]) -> JournalSummary {
+        let mut s = JournalSummary::default();
+        for event in events {
+            match event {
+                JournalEvent::Proposal { id, spec, actions, log_prob, parent, note, .. } => {
+                    s.proposals.insert(
+                        *id,
+                        Proposal {
+                            id: *id,
+                            spec: spec.clone(),
+                            actions: actions.clone(),
+                            log_prob: *log_prob,
+                            parent: *parent,
+                            note: note.clone(),
+                        },
+                    );
+                }
+                JournalEvent::Result { id, reward, cached_from, .. } => {
+                    if let Some(p) = s.proposals.get(id) {
+                        s.results.push(Scored {
+                            id: *id,
+                            reward: *reward,
+                            hash: p.spec.canonical_hash().to_string(),
+                            spec: p.spec.clone(),
+                            cached: cached_from.is_some(),
+                        });
+                    }
+                }
+                JournalEvent::Failed { id, reason, .. } => {
+                    s.failed.insert(*id, reason.clone());
+                }
+                _ => {}
+            }
+        }
+        s
+    }
+
+    /// Children evaluated (trained, cached or failed).
+    pub fn done(&self) -> usize {
+        self.results.len() + self.failed.len()
+    }
+
+    /// Whether `id` has a result or a failure.
+    pub fn is_done(&self, id: u64) -> bool {
+        self.failed.contains_key(&id) || self.results.iter().any(|r| r.id == id)
+    }
+
+    /// The best `k` distinct cells (by canonical hash) by reward, best first.
+    pub fn top(&self, k: usize) -> Vec<Scored> {
+        let mut best: HashMap<&str, &Scored> = HashMap::new();
+        for r in &self.results {
+            let entry = best.entry(&r.hash).or_insert(r);
+            if r.reward > entry.reward || (r.reward == entry.reward && !r.cached && entry.cached) {
+                *entry = r;
+            }
+        }
+        let mut out: Vec<Scored> = best.into_values().cloned().collect();
+        out.sort_by(|a, b| b.reward.total_cmp(&a.reward).then(a.id.cmp(&b.id)));
+        out.truncate(k);
+        out
+    }
+}
+
+/// What the loop tells whoever watches it.
+pub trait SearchReporter {
+    /// The search starts with `done` of `total` children already evaluated.
+    fn start(&mut self, _dir: &Path, _done: usize, _total: usize) {}
+    /// A child finished (or failed, or was cached).
+    fn child(&mut self, _event: &JournalEvent, _done: usize, _best: Option<&Scored>) {}
+    /// Something worth a line in a log.
+    fn message(&mut self, _text: &str) {}
+    /// The search is over.
+    fn finish(&mut self) {}
+}
+
+/// A search reporter that writes plain lines to standard error.
+#[derive(Debug, Default)]
+pub struct SearchLog {
+    total: usize,
+}
+
+impl SearchReporter for SearchLog {
+    fn start(&mut self, dir: &Path, done: usize, total: usize) {
+        self.total = total;
+        eprintln!("search in {}: {done} of {total} children done", dir.display());
+    }
+    fn child(&mut self, event: &JournalEvent, done: usize, best: Option<&Scored>) {
+        let best = best.map_or("-".to_string(), |b| format!("{:.4} (child {})", b.reward, b.id));
+        match event {
+            JournalEvent::Result { id, reward, cached_from, seconds, .. } => eprintln!(
+                "child {id}: reward {reward:.4}{} in {seconds:.1} s [{done}/{}] best {best}",
+                cached_from.map_or(String::new(), |c| format!(" (cached from {c})")),
+                self.total
+            ),
+            JournalEvent::Failed { id, reason, .. } => {
+                eprintln!("child {id}: failed: {reason} [{done}/{}] best {best}", self.total)
+            }
+            _ => {}
+        }
+    }
+    fn message(&mut self, text: &str) {
+        eprintln!("{text}");
+    }
+}
+
+/// How the search ended.
+#[derive(Debug, Clone)]
+pub struct SearchOutcome {
+    /// The search directory.
+    pub dir: PathBuf,
+    /// The journal, folded.
+    pub summary: JournalSummary,
+    /// Whether the budget was spent (false: stopped from outside, resumable).
+    pub complete: bool,
+}
+
+/// Starts a fresh search in `dir` (a directory that holds one is refused).
+pub fn search(
+    dir: &Path,
+    config: &SearchConfig,
+    executor: &Executor,
+    stop: Option<Arc<AtomicBool>>,
+    reporter: &mut dyn SearchReporter,
+) -> Result<SearchOutcome, TrainError> {
+    if dir.join(files::CONFIG).exists() || dir.join(files::JOURNAL).exists() {
+        return Err(TrainError::Config {
+            field: "out",
+            message: format!(
+                "{} already holds a search; resume it (--resume) or choose another directory",
+                dir.display()
+            ),
+        });
+    }
+    config.validate()?;
+    crate::data::check_source(&config.data)?;
+    fs::create_dir_all(dir).map_err(|source| TrainError::Io { path: dir.to_path_buf(), source })?;
+    let path = dir.join(files::CONFIG);
+    let text = serde_json::to_string_pretty(config).expect("configs serialise");
+    write_atomic(&path, &text)?;
+    run_search(dir, config, executor, false, stop, reporter)
+}
+
+/// Reads the `search.json` of `dir`.
+pub fn read_search_config(dir: &Path) -> Result<SearchConfig, TrainError> {
+    let path = dir.join(files::CONFIG);
+    let text = fs::read_to_string(&path).map_err(|source| TrainError::Io { path: path.clone(), source })?;
+    serde_json::from_str(&text).map_err(|err| TrainError::Json { path, message: err.to_string() })
+}
+
+/// Continues the search in `dir`; `children` raises (or lowers) the budget.
+pub fn resume_search(
+    dir: &Path,
+    children: Option<usize>,
+    executor: &Executor,
+    stop: Option<Arc<AtomicBool>>,
+    reporter: &mut dyn SearchReporter,
+) -> Result<SearchOutcome, TrainError> {
+    let mut config = read_search_config(dir)?;
+    if let Some(children) = children {
+        if children != config.children {
+            config.children = children;
+            config.validate()?;
+            write_atomic(&dir.join(files::CONFIG), &serde_json::to_string_pretty(&config).expect("configs serialise"))?;
+        }
+    }
+    run_search(dir, &config, executor, true, stop, reporter)
+}
+
+fn controller_err(dir: &Path) -> impl Fn(nas_controller::ControllerError) -> TrainError + '_ {
+    move |err| TrainError::Checkpoint { path: dir.join(files::STRATEGY), message: err.to_string() }
+}
+
+fn proposal_event(p: &Proposal) -> JournalEvent {
+    JournalEvent::Proposal {
+        id: p.id,
+        hash: p.spec.canonical_hash().to_string(),
+        spec: p.spec.clone(),
+        actions: p.actions.clone(),
+        log_prob: p.log_prob,
+        parent: p.parent,
+        note: p.note.clone(),
+    }
+}
+
+fn run_search(
+    dir: &Path,
+    config: &SearchConfig,
+    executor: &Executor,
+    resumed: bool,
+    stop: Option<Arc<AtomicBool>>,
+    reporter: &mut dyn SearchReporter,
+) -> Result<SearchOutcome, TrainError> {
+    let result = run_search_inner(dir, config, executor, resumed, stop, reporter);
+    reporter.finish();
+    result
+}
+
+fn run_search_inner(
+    dir: &Path,
+    config: &SearchConfig,
+    executor: &Executor,
+    resumed: bool,
+    stop: Option<Arc<AtomicBool>>,
+    reporter: &mut dyn SearchReporter,
+) -> Result<SearchOutcome, TrainError> {
+    let space = SearchSpace::with_blocks(config.num_blocks);
+    let strategy_dir = dir.join(files::STRATEGY);
+    let journal_path = dir.join(files::JOURNAL);
+    let events = read_journal(&journal_path)?;
+    let mut summary = JournalSummary::of(&events);
+    let mut journal = Journal::open(journal_path)?;
+    let mut strategy: Box<dyn Strategy> = if has_saved_strategy(&strategy_dir) {
+        load_strategy(&strategy_dir).map_err(controller_err(dir))?
+    } else {
+        new_strategy(&config.strategy, &space, config.seed).map_err(controller_err(dir))?
+    };
+    journal.append(&JournalEvent::Start { time: now(), strategy: strategy.name().to_string(), resumed })?;
+
+    // Bring the strategy and the journal level (see the module docs).
+    let mut queue: VecDeque<Proposal> = VecDeque::new();
+    for p in strategy.pending() {
+        if let std::collections::btree_map::Entry::Vacant(slot) = summary.proposals.entry(p.id) {
+            journal.append(&proposal_event(&p))?;
+            slot.insert(p.clone());
+        }
+        if let Some(r) = summary.results.iter().find(|r| r.id == p.id) {
+            strategy.report(p.id, Some(r.reward)).map_err(controller_err(dir))?;
+        } else if summary.failed.contains_key(&p.id) {
+            strategy.report(p.id, None).map_err(controller_err(dir))?;
+        } else {
+            queue.push_back(p);
+        }
+    }
+    strategy.save(&strategy_dir).map_err(controller_err(dir))?;
+    reporter.start(dir, summary.done(), config.children);
+
+    let (result_tx, result_rx) = mpsc::channel::<TrialResult>();
+    let (trial_tx, trial_rx) = mpsc::channel::<Trial>();
+    let trial_rx = Arc::new(std::sync::Mutex::new(trial_rx));
+    let stop_flag = stop.unwrap_or_else(|| Arc::new(AtomicBool::new(false)));
+    let mut handles = Vec::new();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = (cores / config.workers).max(1);
+    for w in 0..config.workers {
+        let executor = executor.clone();
+        let rx = trial_rx.clone();
+        let tx = result_tx.clone();
+        let stop = stop_flag.clone();
+        let handle = std::thread::Builder::new()
+            .name(format!("nas-worker-{w}"))
+            .spawn(move || loop {
+                let trial = match rx.lock().expect("trial queue lock").recv() {
+                    Ok(trial) => trial,
+                    Err(_) => return,
+                };
+                let id = trial.id;
+                let work = || match &executor {
+                    Executor::Threads => run_trial(&trial, Some(stop.clone())),
+                    Executor::Processes { program } => run_trial_process(program, &trial, threads, &stop),
+                };
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)).unwrap_or_else(|panic| {
+                    let reason = panic
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_else(|| "unknown panic".into());
+                    TrialResult { id, outcome: Outcome::Failed { reason: format!("panicked: {reason}") }, seconds: 0.0 }
+                });
+                if tx.send(result).is_err() {
+                    return;
+                }
+            })
+            .map_err(|source| TrainError::Io { path: dir.to_path_buf(), source })?;
+        handles.push(handle);
+    }
+    drop(result_tx);
+
+    let children_dir = dir.join(files::CHILDREN);
+    let mut in_flight: HashMap<u64, (String, Instant)> = HashMap::new();
+    let mut waiting: Vec<Proposal> = Vec::new(); // identical to a child in flight
+    let mut complete = false;
+    let outcome = loop {
+        // Settle what can be settled without training, then hand out work.
+        let stopping = stop_flag.load(Ordering::Relaxed);
+        let mut scheduled_any = false;
+        if !stopping {
+            if queue.is_empty() && in_flight.len() < config.workers {
+                let budget = config.children.saturating_sub(summary.done() + in_flight.len() + waiting.len());
+                if budget > 0 {
+                    let want = budget.min(config.workers - in_flight.len()).max(1);
+                    let fresh = strategy.propose(want).map_err(controller_err(dir))?;
+                    if !fresh.is_empty() {
+                        strategy.save(&strategy_dir).map_err(controller_err(dir))?;
+                        for p in &fresh {
+                            journal.append(&proposal_event(p))?;
+                            summary.proposals.insert(p.id, p.clone());
+                        }
+                        queue.extend(fresh);
+                    }
+                }
+            }
+            while let Some(p) = queue.front() {
+                let hash = p.spec.canonical_hash().to_string();
+                if let Some(prev) = summary.results.iter().find(|r| r.hash == hash && !r.cached).cloned() {
+                    let p = queue.pop_front().expect("front exists");
+                    let event = JournalEvent::Result {
+                        id: p.id,
+                        reward: prev.reward,
+                        top1: None,
+                        top5: None,
+                        loss: None,
+                        params: None,
+                        seconds: 0.0,
+                        cached_from: Some(prev.id),
+                    };
+                    settle(&mut journal, &mut *strategy, &strategy_dir, &mut summary, &event, dir)?;
+                    reporter.child(&event, summary.done(), summary.top(1).first());
+                    scheduled_any = true;
+                    continue;
+                }
+                if in_flight.values().any(|(h, _)| *h == hash) {
+                    waiting.push(queue.pop_front().expect("front exists"));
+                    scheduled_any = true;
+                    continue;
+                }
+                if in_flight.len() >= config.workers {
+                    break;
+                }
+                let p = queue.pop_front().expect("front exists");
+                let trial = Trial {
+                    id: p.id,
+                    spec: p.spec.clone(),
+                    recipe: config.child.clone(),
+                    data: config.data.clone(),
+                    seed: config.seed.wrapping_mul(1_000_003).wrapping_add(p.id),
+                    dir: children_dir.join(format!("{:05}", p.id)),
+                };
+                journal.append(&JournalEvent::Started { id: p.id, time: now() })?;
+                in_flight.insert(p.id, (hash, Instant::now()));
+                trial_tx.send(trial).expect("workers are alive while the loop runs");
+                scheduled_any = true;
+            }
+        }
+        if in_flight.is_empty() {
+            if stopping {
+                break Ok(());
+            }
+            if summary.done() >= config.children && waiting.is_empty() {
+                complete = true;
+                break Ok(());
+            }
+            if !scheduled_any && queue.is_empty() {
+                // The strategy proposes nothing and nothing is running: it waits for rewards
+                // that will never come.
+                break Err(TrainError::Config {
+                    field: "strategy",
+                    message: format!(
+                        "{} proposes nothing with no child in flight ({} of {} done)",
+                        strategy.name(),
+                        summary.done(),
+                        config.children
+                    ),
+                });
+            }
+            continue;
+        }
+        let Ok(result) = result_rx.recv() else { break Ok(()) };
+        in_flight.remove(&result.id);
+        let event = match result.outcome {
+            Outcome::Trained { reward, top1, top5, loss, params } => JournalEvent::Result {
+                id: result.id,
+                reward,
+                top1: Some(top1),
+                top5: Some(top5),
+                loss: Some(loss),
+                params: Some(params),
+                seconds: result.seconds,
+                cached_from: None,
+            },
+            Outcome::Failed { reason } => JournalEvent::Failed { id: result.id, reason, seconds: result.seconds },
+            Outcome::Interrupted => continue,
+        };
+        settle(&mut journal, &mut *strategy, &strategy_dir, &mut summary, &event, dir)?;
+        reporter.child(&event, summary.done(), summary.top(1).first());
+        // Proposals that waited for this cell take its reward now (or go back to the queue
+        // when it failed).
+        let hash = summary.proposals[&result.id].spec.canonical_hash().to_string();
+        let (same, rest): (Vec<Proposal>, Vec<Proposal>) =
+            waiting.drain(..).partition(|p| p.spec.canonical_hash().to_string() == hash);
+        waiting = rest;
+        for p in same.into_iter().rev() {
+            queue.push_front(p);
+        }
+    };
+    drop(trial_tx);
+    if outcome.is_err() {
+        stop_flag.store(true, Ordering::Relaxed);
+    }
+    for handle in handles {
+        let _ = handle.join();
+    }
+    outcome?;
+    if complete {
+        let s = &summary;
+        let trained = s.results.iter().filter(|r| !r.cached).count();
+        let cached = s.results.len() - trained;
+        journal.append(&JournalEvent::End { time: now(), trained, cached, failed: s.failed.len() })?;
+    }
+    write_best(dir, &summary, config.top_k)?;
+    Ok(SearchOutcome { dir: dir.to_path_buf(), summary, complete })
+}
+
+/// Journals `event`, then tells the strategy and saves it.
+fn settle(
+    journal: &mut Journal,
+    strategy: &mut dyn Strategy,
+    strategy_dir: &Path,
+    summary: &mut JournalSummary,
+    event: &JournalEvent,
+    dir: &Path,
+) -> Result<(), TrainError> {
+    journal.append(event)?;
+    match event {
+        JournalEvent::Result { id, reward, cached_from, .. } => {
+            let p = &summary.proposals[id];
+            summary.results.push(Scored {
+                id: *id,
+                reward: *reward,
+                hash: p.spec.canonical_hash().to_string(),
+                spec: p.spec.clone(),
+                cached: cached_from.is_some(),
+            });
+            strategy.report(*id, Some(*reward)).map_err(controller_err(dir))?;
+        }
+        JournalEvent::Failed { id, reason, .. } => {
+            summary.failed.insert(*id, reason.clone());
+            strategy.report(*id, None).map_err(controller_err(dir))?;
+        }
+        _ => {}
+    }
+    strategy.save(strategy_dir).map_err(controller_err(dir))
+}
+
+/// Writes `best.json` and `top.json` from the journal.
+pub fn write_best(dir: &Path, summary: &JournalSummary, top_k: usize) -> Result<(), TrainError> {
+    let top = summary.top(top_k.max(1));
+    let Some(best) = top.first() else { return Ok(()) };
+    let best_json = json!({
+        "id": best.id,
+        "reward": best.reward,
+        "hash": best.hash,
+        "cell_spec": best.spec,
+        "children_evaluated": summary.done(),
+    });
+    write_atomic(&dir.join(files::BEST), &serde_json::to_string_pretty(&best_json).expect("json"))?;
+    let top_json: Vec<_> = top
+        .iter()
+        .enumerate()
+        .map(|(rank, s)| json!({ "rank": rank + 1, "id": s.id, "reward": s.reward, "hash": s.hash, "cell_spec": s.spec }))
+        .collect();
+    write_atomic(&dir.join(files::TOP), &serde_json::to_string_pretty(&top_json).expect("json"))
+}
+
+#[cfg(test)]
+mod tests {
+    use nas_controller::EvolutionConfig;
+
+    use super::*;
+    use crate::data::EvalSplit;
+
+    /// A child that trains in well under a second.
+    pub(crate) fn tiny_child() -> Recipe {
+        let mut r = Recipe::search_child();
+        r.network.n = 1;
+        r.network.num_conv_filters = 2;
+        r.epochs = 1;
+        r.max_steps = Some(2);
+        r.batch_size = 16;
+        r.eval = EvalSplit::Holdout { fraction: 0.25, seed: 0 };
+        r.eval_batch_size = 16;
+        r
+    }
+
+    fn config(strategy: StrategyConfig, children: usize) -> SearchConfig {
+        SearchConfig {
+            strategy,
+            num_blocks: 5,
+            children,
+            workers: 2,
+            child: tiny_child(),
+            data: DataSource::Synthetic { seed: 1, train: 64, test: 8 },
+            seed: 5,
+            top_k: 3,
+        }
+    }
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("nas-search-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        dir
+    }
+
+    /// Raises the stop flag once `after` children are done.
+    struct StopAfter(usize, Arc<AtomicBool>);
+
+    impl SearchReporter for StopAfter {
+        fn child(&mut self, _event: &JournalEvent, done: usize, _best: Option<&Scored>) {
+            if done >= self.0 {
+                self.1.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn results_by_id(events: &[JournalEvent]) -> BTreeMap<u64, usize> {
+        let mut out = BTreeMap::new();
+        for e in events {
+            if let JournalEvent::Result { id, .. } | JournalEvent::Failed { id, .. } = e {
+                *out.entry(*id).or_insert(0) += 1;
+            }
+        }
+        out
+    }
+
+    /// A tiny evolution search writes a journal whose every proposal has one result, and a
+    /// best.json holding the highest reward.
+    #[test]
+    fn a_tiny_search_writes_a_journal_and_the_best_cell() {
+        let dir = temp_dir("e2e");
+        let strategy =
+            StrategyConfig::Evolution(EvolutionConfig { population_size: 3, sample_size: 2, failure_reward: None });
+        let outcome = search(&dir, &config(strategy, 6), &Executor::Threads, None, &mut Silent2).unwrap();
+        assert!(outcome.complete);
+        let events = read_journal(&dir.join(files::JOURNAL)).unwrap();
+        let results = results_by_id(&events);
+        assert_eq!(results.len(), 6);
+        assert!(results.values().all(|&n| n == 1));
+        assert!(matches!(events.last(), Some(JournalEvent::End { .. })));
+        // Evolution mutated tournament winners once the population of 3 was in.
+        let summary = JournalSummary::of(&events);
+        assert!(summary.failed.is_empty(), "{:?}", summary.failed);
+        assert!(summary.proposals.values().filter(|p| p.parent.is_some()).count() >= 2);
+        let best: serde_json::Value =
+            serde_json::from_str(&fs::read_to_string(dir.join(files::BEST)).unwrap()).unwrap();
+        let max = summary.results.iter().map(|r| r.reward).fold(f64::MIN, f64::max);
+        assert_eq!(best["reward"].as_f64(), Some(max));
+        let spec: CellSpec = serde_json::from_value(best["cell_spec"].clone()).unwrap();
+        spec.validate().unwrap();
+        // Children keep their report but not their weights.
+        let child = dir.join(files::CHILDREN).join("00000");
+        assert!(child.join(run::files::REPORT).is_file());
+        assert!(!child.join("checkpoint.json").exists());
+        let again =
+            search(&dir, &config(StrategyConfig::Random, 6), &Executor::Threads, None, &mut Silent2).unwrap_err();
+        assert!(again.to_string().contains("already holds a search"), "{again}");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A search stopped after some children and resumed loses no finished child and trains
+    /// none twice; the PPO controller's state comes back from its directory.
+    #[test]
+    fn a_stopped_search_resumes_without_training_a_child_twice() {
+        let dir = temp_dir("resume");
+        let stop = Arc::new(AtomicBool::new(false));
+        let config = config("ppo".parse().unwrap(), 7);
+        let outcome =
+            search(&dir, &config, &Executor::Threads, Some(stop.clone()), &mut StopAfter(3, stop.clone())).unwrap();
+        assert!(!outcome.complete);
+        let before = read_journal(&dir.join(files::JOURNAL)).unwrap();
+        let finished: Vec<u64> = results_by_id(&before).into_keys().collect();
+        assert!(finished.len() >= 3, "{finished:?}");
+
+        let outcome = resume_search(&dir, None, &Executor::Threads, None, &mut Silent2).unwrap();
+        assert!(outcome.complete);
+        let after = read_journal(&dir.join(files::JOURNAL)).unwrap();
+        assert_eq!(&after[..before.len()], &before[..], "the journal is only appended to");
+        let results = results_by_id(&after);
+        assert_eq!(results.len(), 7);
+        assert!(results.values().all(|&n| n == 1), "{results:?}");
+        for event in &after[before.len()..] {
+            if let JournalEvent::Started { id, .. } = event {
+                assert!(!finished.contains(id), "finished child {id} was started again");
+            }
+        }
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_torn_last_journal_line_is_ignored_and_others_are_named() {
+        let dir = temp_dir("journal");
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(files::JOURNAL);
+        let start =
+            serde_json::to_string(&JournalEvent::Start { time: 1, strategy: "ppo".into(), resumed: false }).unwrap();
+        fs::write(&path, format!("{start}\n{{\"event\":\"resu")).unwrap();
+        assert_eq!(read_journal(&path).unwrap().len(), 1);
+        fs::write(&path, format!("{{\"event\":\"resu\n{start}\n")).unwrap();
+        let err = read_journal(&path).unwrap_err().to_string();
+        assert!(err.contains("line 1") && err.contains(files::JOURNAL), "{err}");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    struct Silent2;
+    impl SearchReporter for Silent2 {}
+}
