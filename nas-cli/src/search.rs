@@ -14,8 +14,8 @@ use nas_space::{render, NetworkConfig};
 use nas_train::data::{DataSource, EvalSplit};
 use nas_train::recipe::Recipe;
 use nas_train::search::{
-    self, files, read_journal, Executor, JournalEvent, JournalSummary, Scored, SearchConfig, SearchLog, SearchReporter,
-    Trial,
+    self, files, read_journal, Executor, JournalEvent, JournalSummary, Retrain, Scored, SearchConfig, SearchLog,
+    SearchReporter, Trial,
 };
 
 use crate::train::{stop_on_ctrl_c, Progress};
@@ -75,6 +75,13 @@ pub struct SearchArgs {
     /// Cells listed in top.json and drawn as SVG.
     #[arg(long, default_value_t = 5)]
     pub top_k: usize,
+    /// After the budget, train the best K distinct cells again, longer, and pick the best of
+    /// those (the paper re-trains its top 250).
+    #[arg(long, default_value_t = 0)]
+    pub retrain_top: usize,
+    /// Epochs of each re-training.
+    #[arg(long, default_value_t = 10)]
+    pub retrain_epochs: u64,
     /// Train children in this process (threads) instead of one `nas worker` process each.
     #[arg(long)]
     pub in_process: bool,
@@ -142,6 +149,7 @@ pub fn search_config(args: &SearchArgs) -> Result<SearchConfig> {
         data,
         seed: args.seed,
         top_k: args.top_k,
+        retrain: (args.retrain_top > 0).then_some(Retrain { top: args.retrain_top, epochs: args.retrain_epochs }),
     };
     config.validate()?;
     Ok(config)
@@ -235,13 +243,16 @@ pub fn run(args: &SearchArgs, out: &mut String) -> Result<()> {
         s.failed.len(),
         dir.display()
     )?;
-    if let Some(best) = s.top(1).first() {
+    let best: serde_json::Value = std::fs::read_to_string(dir.join(files::BEST))
+        .ok()
+        .and_then(|text| serde_json::from_str(&text).ok())
+        .unwrap_or_default();
+    if let (Some(id), Some(reward)) = (best["id"].as_u64(), best["reward"].as_f64()) {
+        let retrained = best["retrain_reward"].as_f64().map_or(String::new(), |r| format!(", re-trained {r:.4}"));
         writeln!(
             out,
-            "best: child {} reward {:.4} ({}), cell in {}",
-            best.id,
-            best.reward,
-            best.hash,
+            "best: child {id} reward {reward:.4}{retrained} ({}), cell in {}",
+            best["hash"].as_str().unwrap_or(""),
             dir.join(files::BEST).display()
         )?;
     }

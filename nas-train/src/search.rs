@@ -82,6 +82,19 @@ pub struct SearchConfig {
     pub seed: u64,
     /// How many cells `top.json` lists (and the CLI draws).
     pub top_k: usize,
+    /// After the budget: train the best cells again, longer, and pick the best of those
+    /// (the paper re-trains its top 250 to convergence).
+    #[serde(default)]
+    pub retrain: Option<Retrain>,
+}
+
+/// The re-training of the top cells at the end of a search.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Retrain {
+    /// How many of the best distinct cells.
+    pub top: usize,
+    /// Epochs of each re-training (the child recipe otherwise).
+    pub epochs: u64,
 }
 
 impl SearchConfig {
@@ -96,6 +109,11 @@ impl SearchConfig {
         }
         if self.num_blocks == 0 {
             return err("num_blocks", "must be at least 1");
+        }
+        if let Some(r) = self.retrain {
+            if r.top == 0 || r.epochs == 0 {
+                return err("retrain", "needs at least one cell and one epoch");
+            }
         }
         self.strategy.validate().map_err(|e| TrainError::Config { field: "strategy", message: e.to_string() })?;
         self.child.validate()
@@ -320,7 +338,16 @@ pub enum JournalEvent {
     },
     /// A child that failed, and why.
     Failed { id: u64, reason: String, seconds: f64 },
-    /// The budget was spent.
+    /// A top cell trained again, longer, after the budget was spent.
+    Retrained {
+        id: u64,
+        #[serde(default)]
+        reward: Option<f64>,
+        #[serde(default)]
+        reason: Option<String>,
+        seconds: f64,
+    },
+    /// The budget was spent (and the top cells re-trained, if asked).
     End { time: u64, trained: usize, cached: usize, failed: usize },
 }
 
@@ -405,6 +432,8 @@ pub struct JournalSummary {
     pub results: Vec<Scored>,
     /// Failures by id.
     pub failed: BTreeMap<u64, String>,
+    /// Re-training rewards by id (`None`: the re-training failed).
+    pub retrained: BTreeMap<u64, Option<f64>>,
 }
 
 impl JournalSummary {
@@ -439,6 +468,9 @@ impl JournalSummary {
                 }
                 JournalEvent::Failed { id, reason, .. } => {
                     s.failed.insert(*id, reason.clone());
+                }
+                JournalEvent::Retrained { id, reward, .. } => {
+                    s.retrained.insert(*id, *reward);
                 }
                 _ => {}
             }
@@ -812,6 +844,11 @@ fn run_search_inner(
     }
     outcome?;
     if complete {
+        if let Some(retrain) = config.retrain {
+            complete = retrain_top(dir, config, retrain, executor, &stop_flag, &mut journal, &mut summary, reporter)?;
+        }
+    }
+    if complete {
         let s = &summary;
         let trained = s.results.iter().filter(|r| !r.cached).count();
         let cached = s.results.len() - trained;
@@ -852,13 +889,103 @@ fn settle(
     strategy.save(strategy_dir).map_err(controller_err(dir))
 }
 
+/// Trains the best `retrain.top` distinct cells again for `retrain.epochs` epochs (those not
+/// re-trained yet), journaling each as `retrained`. Returns false when stopped.
+#[allow(clippy::too_many_arguments)]
+fn retrain_top(
+    dir: &Path,
+    config: &SearchConfig,
+    retrain: Retrain,
+    executor: &Executor,
+    stop: &Arc<AtomicBool>,
+    journal: &mut Journal,
+    summary: &mut JournalSummary,
+    reporter: &mut dyn SearchReporter,
+) -> Result<bool, TrainError> {
+    let todo: Vec<Scored> =
+        summary.top(retrain.top).into_iter().filter(|s| !summary.retrained.contains_key(&s.id)).collect();
+    if todo.is_empty() {
+        return Ok(true);
+    }
+    reporter.message(&format!("re-training the top {} cells for {} epochs", todo.len(), retrain.epochs));
+    let mut recipe = config.child.clone();
+    recipe.epochs = retrain.epochs;
+    recipe.max_steps = None;
+    let trials: Vec<Trial> = todo
+        .iter()
+        .map(|s| Trial {
+            id: s.id,
+            spec: s.spec.clone(),
+            recipe: recipe.clone(),
+            data: config.data.clone(),
+            seed: config.seed.wrapping_mul(1_000_003).wrapping_add(s.id),
+            dir: dir.join("retrain").join(format!("{:05}", s.id)),
+        })
+        .collect();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = (cores / config.workers).max(1);
+    let (tx, rx) = mpsc::channel::<TrialResult>();
+    let mut stopped = false;
+    std::thread::scope(|scope| -> Result<(), TrainError> {
+        for _ in 0..config.workers.min(trials.len()) {
+            let tx = tx.clone();
+            let (trials, next) = (&trials, &next);
+            scope.spawn(move || loop {
+                let k = next.fetch_add(1, Ordering::SeqCst);
+                let Some(trial) = trials.get(k) else { return };
+                let result = match executor {
+                    Executor::Threads => run_trial(trial, Some(stop.clone())),
+                    Executor::Processes { program } => run_trial_process(program, trial, threads, stop),
+                };
+                if tx.send(result).is_err() {
+                    return;
+                }
+            });
+        }
+        drop(tx);
+        for result in rx {
+            let event = match result.outcome {
+                Outcome::Trained { top1, .. } => {
+                    JournalEvent::Retrained { id: result.id, reward: Some(top1), reason: None, seconds: result.seconds }
+                }
+                Outcome::Failed { reason } => JournalEvent::Retrained {
+                    id: result.id,
+                    reward: None,
+                    reason: Some(reason),
+                    seconds: result.seconds,
+                },
+                Outcome::Interrupted => {
+                    stopped = true;
+                    continue;
+                }
+            };
+            journal.append(&event)?;
+            if let JournalEvent::Retrained { id, reward, .. } = &event {
+                summary.retrained.insert(*id, *reward);
+            }
+            reporter.message(&format!("re-trained child {}: {:?}", result.id, summary.retrained[&result.id]));
+        }
+        Ok(())
+    })?;
+    Ok(!stopped)
+}
+
 /// Writes `best.json` and `top.json` from the journal.
 pub fn write_best(dir: &Path, summary: &JournalSummary, top_k: usize) -> Result<(), TrainError> {
     let top = summary.top(top_k.max(1));
-    let Some(best) = top.first() else { return Ok(()) };
+    let Some(mut best) = top.first() else { return Ok(()) };
+    let retrained = |s: &Scored| summary.retrained.get(&s.id).copied().flatten();
+    let all = summary.top(usize::MAX);
+    if let Some(b) = all.iter().filter(|s| retrained(s).is_some()).max_by(|a, b| {
+        retrained(a).unwrap_or(f64::MIN).total_cmp(&retrained(b).unwrap_or(f64::MIN)).then(b.id.cmp(&a.id))
+    }) {
+        best = b;
+    }
     let best_json = json!({
         "id": best.id,
         "reward": best.reward,
+        "retrain_reward": retrained(best),
         "hash": best.hash,
         "cell_spec": best.spec,
         "children_evaluated": summary.done(),
@@ -902,6 +1029,7 @@ mod tests {
             data: DataSource::Synthetic { seed: 1, train: 64, test: 8 },
             seed: 5,
             top_k: 3,
+            retrain: None,
         }
     }
 
@@ -939,7 +1067,8 @@ mod tests {
         let dir = temp_dir("e2e");
         let strategy =
             StrategyConfig::Evolution(EvolutionConfig { population_size: 3, sample_size: 2, failure_reward: None });
-        let outcome = search(&dir, &config(strategy, 6), &Executor::Threads, None, &mut Silent2).unwrap();
+        let with_retrain = SearchConfig { retrain: Some(Retrain { top: 2, epochs: 2 }), ..config(strategy, 6) };
+        let outcome = search(&dir, &with_retrain, &Executor::Threads, None, &mut Silent2).unwrap();
         assert!(outcome.complete);
         let events = read_journal(&dir.join(files::JOURNAL)).unwrap();
         let results = results_by_id(&events);

@@ -316,9 +316,10 @@ fn search_and_worker_end_to_end() {
     let svgs = std::fs::read_dir(run.join("cells")).unwrap().count();
     assert_eq!(svgs, 2);
     // A second strategy into the same folder: one curve each in the plot.
-    let mut args = vec!["search", "--strategy", "evolution"];
+    let mut args = vec!["search", "--strategy", "evolution", "--retrain-top", "1", "--retrain-epochs", "2"];
     args.extend(tiny);
-    stdout_of(&args);
+    let text = stdout_of(&args);
+    assert!(text.contains("re-trained"), "{text}");
     let plot = std::fs::read_to_string(dir.join("rewards.svg")).unwrap();
     assert!(plot.contains("random") && plot.contains("evolution"), "the plot names both strategies");
 
