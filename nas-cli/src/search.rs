@@ -358,8 +358,27 @@ pub fn plot_rewards(root: &Path) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// Makes the kernel kill this worker when the search that started it dies (even by SIGKILL),
+/// so that a resumed search never trains a child beside an orphan training the same one.
+fn die_with_parent() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: prctl(PR_SET_PDEATHSIG) and getppid only change or read this process's own
+    // attributes.
+    unsafe {
+        let parent = libc::getppid();
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+        // The parent may have died before the call: then we were re-parented already.
+        if libc::getppid() != parent {
+            std::process::exit(1);
+        }
+    }
+}
+
 /// `nas worker`: trains one trial and writes its result atomically.
 pub fn worker(args: &WorkerArgs, out: &mut String) -> Result<()> {
+    if std::env::var_os("NAS_WORKER_OF_SEARCH").is_some() {
+        die_with_parent();
+    }
     let text = std::fs::read_to_string(&args.trial).with_context(|| format!("reading {}", args.trial.display()))?;
     let trial: Trial = serde_json::from_str(&text).with_context(|| format!("in trial {}", args.trial.display()))?;
     let result = search::run_trial(&trial, Some(stop_on_ctrl_c()));

@@ -220,6 +220,7 @@ fn run_trial_process(program: &Path, trial: &Trial, threads: usize, stop: &Atomi
         .arg(&result_path)
         .env("RAYON_NUM_THREADS", threads.to_string())
         .env("CANDLE_NUM_THREADS", threads.to_string())
+        .env("NAS_WORKER_OF_SEARCH", std::process::id().to_string())
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(log)

@@ -341,3 +341,83 @@ fn search_and_worker_end_to_end() {
     assert_eq!(result["outcome"]["status"], "trained", "{result}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `nas search` killed with SIGKILL while children train, then resumed: every child finished
+/// before the kill is still in the journal, none is trained again, and the budget completes.
+#[test]
+fn a_killed_search_resumes_without_losing_or_retraining_children() {
+    let dir = std::env::temp_dir().join(format!("nas-cli-kill-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let d = dir.to_str().unwrap();
+    let args = [
+        "search",
+        "--strategy",
+        "ppo",
+        "--children",
+        "8",
+        "--workers",
+        "2",
+        "--data",
+        "synthetic:160:8",
+        "--child-n",
+        "1",
+        "--child-filters",
+        "2",
+        "--child-epochs",
+        "2",
+        "--child-batch",
+        "16",
+        "--out",
+        d,
+        "--progress",
+        "plain",
+    ];
+    let mut search = Command::new(env!("CARGO_BIN_EXE_nas"))
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let journal = dir.join("ppo").join("journal.jsonl");
+    let results = |text: &str| -> Vec<u64> {
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["event"] == "result" || v["event"] == "failed")
+            .map(|v| v["id"].as_u64().unwrap())
+            .collect()
+    };
+    let started = std::time::Instant::now();
+    loop {
+        let text = std::fs::read_to_string(&journal).unwrap_or_default();
+        if results(&text).len() >= 2 {
+            break;
+        }
+        assert!(started.elapsed().as_secs() < 300, "no child finished in 300 s");
+        assert!(search.try_wait().unwrap().is_none(), "the search ended before it was killed");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    search.kill().unwrap();
+    search.wait().unwrap();
+    let before = std::fs::read_to_string(&journal).unwrap();
+    let finished = results(&before);
+    assert!(finished.len() < 8, "killed too late to test anything");
+
+    let mut resume = args.to_vec();
+    resume.push("--resume");
+    let text = stdout_of(&resume);
+    assert!(text.contains("8 children evaluated"), "{text}");
+    let after = std::fs::read_to_string(&journal).unwrap();
+    assert!(after.starts_with(before.trim_end_matches(|c| c != '\n')), "the journal is only appended to");
+    let all = results(&after);
+    let mut unique = all.clone();
+    unique.sort_unstable();
+    unique.dedup();
+    assert_eq!((all.len(), unique.len()), (8, 8), "one result per child: {all:?}");
+    for line in after[before.len()..].lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        if v["event"] == "started" {
+            assert!(!finished.contains(&v["id"].as_u64().unwrap()), "finished child started again: {line}");
+        }
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
