@@ -18,6 +18,7 @@ mod bench;
 mod infer;
 mod search;
 mod train;
+mod transfer;
 
 /// `writeln!` into the output buffer of a verb.
 macro_rules! outln {
@@ -100,6 +101,11 @@ enum Command {
     Search(search::SearchArgs),
     /// Train one child of a search from a trial file (how other executors dispatch work).
     Worker(search::WorkerArgs),
+    /// Transfer a cell: stack it into the ImageNet skeleton and train it with the ImageNet
+    /// recipe (on the built-in data written as JPEGs when no folder is given).
+    Transfer(transfer::TransferArgs),
+    /// Top classes of pictures under a trained network (ours, or timm's NASNet-A).
+    Predict(transfer::PredictArgs),
     /// Print the size of the search space.
     Space {
         /// Blocks per cell (B).
@@ -193,6 +199,8 @@ fn run(cli: Cli) -> Result<String> {
         Command::Eval(args) => train::eval(&args, &mut out)?,
         Command::Search(args) => search::run(&args, &mut out)?,
         Command::Worker(args) => search::worker(&args, &mut out)?,
+        Command::Transfer(args) => transfer::transfer(&args, &load_cell, &mut out)?,
+        Command::Predict(args) => transfer::predict(&args, &load_cell, &mut out)?,
         Command::Infer(args) => {
             let spec = load_cell(&args.cell)?;
             infer::run(&spec, &args, &mut out)?

@@ -61,6 +61,9 @@ pub struct TrainArgs {
     /// Input side for ImageNet-style data (default: the skeleton's).
     #[arg(long)]
     pub image: Option<usize>,
+    /// Train without the aux head (it needs a 5×5 map: about 96×96 inputs on ImageNet skeletons).
+    #[arg(long)]
+    pub no_aux: bool,
     /// Evaluate every this many epochs (0: only at the end).
     #[arg(long)]
     pub eval_every: Option<u64>,
@@ -70,6 +73,10 @@ pub struct TrainArgs {
     /// The run directory (default: `runs/train-<seconds since 1970>`).
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Start from these weights (a run directory of ours or a safetensors file such as
+    /// timm's NASNet-A), replacing the classifier when the class count differs.
+    #[arg(long)]
+    pub init: Option<PathBuf>,
     /// Continue the run in --out from its checkpoint.
     #[arg(long)]
     pub resume: bool,
@@ -119,6 +126,9 @@ pub fn run_config(args: &TrainArgs, spec: nas_space::CellSpec) -> Result<RunConf
     if let Some(image) = args.image {
         recipe.network.image_size = image;
     }
+    if args.no_aux {
+        recipe.network.use_aux_head = false;
+    }
     if let Some(epochs) = args.epochs {
         recipe.epochs = epochs;
     }
@@ -133,7 +143,7 @@ pub fn run_config(args: &TrainArgs, spec: nas_space::CellSpec) -> Result<RunConf
         recipe.eval_every_epochs = every;
     }
     recipe.validate()?;
-    Ok(RunConfig { cell_spec: spec, recipe, data, seed: args.seed })
+    Ok(RunConfig { cell_spec: spec, recipe, data, seed: args.seed, init: args.init.clone() })
 }
 
 /// A stop flag raised by Ctrl-C; a second Ctrl-C exits at once.

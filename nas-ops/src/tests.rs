@@ -335,3 +335,143 @@ fn strided_convolutions_of_any_kernel_shape_have_the_right_gradients() {
         }
     }
 }
+
+/// The gradient of a whole network's loss (training mode, batch statistics) against central
+/// finite differences in f64, for a sample of the weights, on the ImageNet skeleton (odd
+/// feature-map sizes, 1×1 maps at the end) and the CIFAR skeleton. The step is small (1e-7)
+/// because a larger one crosses ReLU kinks somewhere in the network and the difference
+/// quotient then averages two slopes (at 1e-5 that gave relative errors near 1e-2).
+#[test]
+fn whole_network_gradients_match_finite_differences() {
+    let cases = [
+        ("imagenet", small_imagenet(), 29),
+        ("imagenet", small_imagenet(), 40),
+        ("cifar", tiny_cifar(), 16),
+        ("cifar", tiny_cifar(), 9),
+    ];
+    for (name, mut config, size) in cases {
+        config.image_size = size;
+        config.use_aux_head = false;
+        config.drop_path_keep_prob = 1.0;
+        config.dense_dropout_keep_prob = 1.0;
+        if name == "imagenet" {
+            config.num_conv_filters = 4;
+            config.n = 1;
+        } else {
+            config.num_conv_filters = 4;
+        }
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F64, &Device::Cpu);
+        let net = NasNet::new(&CellSpec::nasnet_a(), &config, 0, vb).unwrap();
+        init_weights(&varmap, 1).unwrap();
+        let xs = TestRng::new(7).tensor(&[3, 3, size, size], DType::F64).unwrap();
+        let target = TestRng::new(8).tensor(&[3, config.num_classes], DType::F64).unwrap();
+        let loss_of = || -> f64 {
+            let logits = net.forward_t(&xs, true).unwrap().logits;
+            (logits * &target).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap()
+        };
+        let logits = net.forward_t(&xs, true).unwrap().logits;
+        let grads = (logits * &target).unwrap().sum_all().unwrap().backward().unwrap();
+        let data = varmap.data().lock().unwrap().clone();
+        let mut names: Vec<&String> = data.keys().filter(|n| !n.contains("running_")).collect();
+        names.sort();
+        let mut worst = (0.0f64, String::new());
+        for (k, var_name) in names.iter().enumerate() {
+            if k % 7 != 0 && !var_name.starts_with("conv0") && !var_name.starts_with("last_linear") {
+                continue; // a sample of the variables keeps the test fast
+            }
+            let var = &data[*var_name];
+            let g = grads.get(var.as_tensor()).map(|g| g.flatten_all().unwrap().to_vec1::<f64>().unwrap());
+            let values = var.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            let index = (values.len() * 31 / 97) % values.len();
+            let eps = 1e-7;
+            let set = |delta: f64| {
+                let mut v = values.clone();
+                v[index] += delta;
+                var.set(&Tensor::from_vec(v, var.dims(), &Device::Cpu).unwrap()).unwrap();
+            };
+            set(eps);
+            let up = loss_of();
+            set(-eps);
+            let down = loss_of();
+            set(0.0);
+            let numeric = (up - down) / (2.0 * eps);
+            let analytic = g.map_or(0.0, |g| g[index]);
+            let err = (numeric - analytic).abs() / (1e-3 + numeric.abs().max(analytic.abs()));
+            if err > worst.0 {
+                worst = (err, format!("{var_name}[{index}]: numeric {numeric:.6e}, analytic {analytic:.6e}"));
+            }
+        }
+        assert!(worst.0 < 1e-3, "{name} at {size}: worst gradient {}", worst.1);
+    }
+}
+
+/// Every custom kernel against its reference on feature maps no larger than the kernel
+/// (a 5×5 or 7×7 window on 4×4, 2×2 and 1×1 maps, as deep ImageNet cells on small images
+/// have), forward and both gradients.
+#[test]
+fn kernels_match_their_references_on_maps_smaller_than_the_window() {
+    use crate::kernels::depthwise::{depthwise_conv2d, depthwise_conv2d_reference};
+    use crate::kernels::pool::{avg_pool2d_reference, avg_pool2d_same, max_pool2d_reference, max_pool2d_same};
+    use crate::kernels::Padding2d;
+    let max_diff = |a: &Tensor, b: &Tensor| -> f64 {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap()
+    };
+    for size in [1usize, 2, 3, 4, 5] {
+        for k in [3usize, 5, 7] {
+            for stride in [1usize, 2] {
+                for dilation in [1usize, 2] {
+                    let x = candle_core::Var::from_tensor(
+                        &TestRng::new(size as u64).tensor(&[2, 3, size, size], DType::F64).unwrap(),
+                    )
+                    .unwrap();
+                    let w = candle_core::Var::from_tensor(
+                        &TestRng::new(k as u64).tensor(&[3, 1, k, k], DType::F64).unwrap(),
+                    )
+                    .unwrap();
+                    let pad = Padding2d::same(size, size, k, k, stride, dilation);
+                    let ours = depthwise_conv2d(x.as_tensor(), w.as_tensor(), stride, dilation, pad).unwrap();
+                    let reference =
+                        depthwise_conv2d_reference(x.as_tensor(), w.as_tensor(), stride, dilation, pad).unwrap();
+                    let what = format!("depthwise k{k} s{stride} d{dilation} on {size}x{size}");
+                    assert!(max_diff(&ours, &reference) < 1e-12, "{what}: forward");
+                    let up = TestRng::new(3).tensor(ours.dims(), DType::F64).unwrap();
+                    let g1 = (&ours * &up).unwrap().sum_all().unwrap().backward().unwrap();
+                    let g2 = (&reference * &up).unwrap().sum_all().unwrap().backward().unwrap();
+                    for (v, n) in [(x.as_tensor(), "input"), (w.as_tensor(), "weight")] {
+                        assert!(max_diff(g1.get(v).unwrap(), g2.get(v).unwrap()) < 1e-10, "{what}: {n} gradient");
+                    }
+                }
+                if k > 3 && k != 5 && k != 7 {
+                    continue;
+                }
+                let x =
+                    candle_core::Var::from_tensor(&TestRng::new(9).tensor(&[2, 3, size, size], DType::F64).unwrap())
+                        .unwrap();
+                let pad = Padding2d::same(size, size, k, k, stride, 1);
+                for (name, ours, reference) in [
+                    (
+                        "max",
+                        max_pool2d_same(x.as_tensor(), k, stride).unwrap(),
+                        max_pool2d_reference(x.as_tensor(), k, stride, pad).unwrap(),
+                    ),
+                    (
+                        "avg",
+                        avg_pool2d_same(x.as_tensor(), k, stride).unwrap(),
+                        avg_pool2d_reference(x.as_tensor(), k, stride, pad).unwrap(),
+                    ),
+                ] {
+                    let what = format!("{name} pool k{k} s{stride} on {size}x{size}");
+                    assert!(max_diff(&ours, &reference) < 1e-12, "{what}: forward");
+                    let up = TestRng::new(4).tensor(ours.dims(), DType::F64).unwrap();
+                    let g1 = (&ours * &up).unwrap().sum_all().unwrap().backward().unwrap();
+                    let g2 = (&reference * &up).unwrap().sum_all().unwrap().backward().unwrap();
+                    assert!(
+                        max_diff(g1.get(x.as_tensor()).unwrap(), g2.get(x.as_tensor()).unwrap()) < 1e-10,
+                        "{what}: gradient"
+                    );
+                }
+            }
+        }
+    }
+}

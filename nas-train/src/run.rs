@@ -6,6 +6,7 @@
 //! ```text
 //! run.json                    the RunConfig (cell, recipe, data, seed): `--resume` needs nothing else
 //! split.json                  the held-out validation indices, when the recipe holds some out
+//! classes.json                the class names, by label
 //! metrics.jsonl               one JSON object per line: {"kind":"train",…} every `log_every_steps`
 //!                             steps, {"kind":"eval",…} per evaluation; flushed line by line
 //! checkpoint.json, checkpoint-<step>.safetensors
@@ -52,6 +53,8 @@ pub mod files {
     pub const CONFIG: &str = "run.json";
     /// The held-out split.
     pub const SPLIT: &str = "split.json";
+    /// The class names, by label (for `nas predict`).
+    pub const CLASSES: &str = "classes.json";
     /// Metrics, one JSON object per line.
     pub const METRICS: &str = "metrics.jsonl";
     /// The final report (JSON).
@@ -75,6 +78,11 @@ pub struct RunConfig {
     pub data: DataSource,
     /// Seed of the initialisation, the masks and the data order.
     pub seed: u64,
+    /// Start from these weights (one of our run directories, or a safetensors file such as
+    /// timm's NASNet-A) instead of a fresh initialisation; the classifier and the aux head
+    /// are replaced when their shapes differ (see [`crate::init`]).
+    #[serde(default)]
+    pub init: Option<PathBuf>,
 }
 
 /// How to run (not recorded: a resumed run may change these).
@@ -430,6 +438,8 @@ fn run_inner(
             split.save(&path)?;
         }
     }
+    let classes_path = dir.join(files::CLASSES);
+    write_atomic(&classes_path, &to_json(&data.class_names, &classes_path)?)?;
     let network = run_network(config, data.num_classes());
     if recipe.network.stem == Stem::Cifar && !config.data.is_small() {
         reporter.message("note: the CIFAR skeleton on ImageNet-sized images (no stride in the stem)");
@@ -486,7 +496,12 @@ fn run_inner(
         let offset = state.metrics.get("batch_in_epoch").and_then(serde_json::Value::as_u64).unwrap_or(0);
         (trainer, state.epoch, offset)
     } else {
-        (Trainer::new(&config.cell_spec, &network, train_config)?, 0, 0)
+        let trainer = Trainer::new(&config.cell_spec, &network, train_config)?;
+        if let Some(source) = &config.init {
+            let report = crate::init::init_from(trainer.varmap(), source)?;
+            reporter.message(&format!("initialised from {}: {report}", source.display()));
+        }
+        (trainer, 0, 0)
     };
     let mut log = MetricsLog::open(dir.join(files::METRICS), trainer.step())?;
     let start_step = trainer.step();
@@ -747,6 +762,7 @@ mod tests {
             recipe,
             data: DataSource::Synthetic { seed: 2, train: 80, test: 16 },
             seed: 3,
+            init: None,
         }
     }
 

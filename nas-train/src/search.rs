@@ -269,6 +269,7 @@ pub fn run_trial(trial: &Trial, stop: Option<Arc<AtomicBool>>) -> TrialResult {
         recipe: trial.recipe.clone(),
         data: trial.data.clone(),
         seed: trial.seed,
+        init: None,
     };
     let result = if trial.dir.join(run::files::CONFIG).exists() {
         run::resume(&trial.dir, &options, &mut Silent)

@@ -220,6 +220,17 @@ impl Trainer {
         Ok((trainer, loaded.state))
     }
 
+    /// Eval-mode logits of `xs`, with the averaged weights when the configuration keeps an
+    /// average.
+    pub fn predict(&mut self, xs: &candle_core::Tensor) -> Result<candle_core::Tensor, TrainError> {
+        let net = &self.net;
+        let forward = || Ok(net.forward_t(xs, false)?.logits);
+        match &mut self.ema {
+            Some(ema) => ema.with_averaged(forward),
+            None => forward(),
+        }
+    }
+
     /// Evaluates in eval mode over `batches`, with the averaged weights when the
     /// configuration keeps an average.
     pub fn evaluate(

@@ -3,7 +3,7 @@
 //! It links none of the workspace crates: each task runs `cargo` (from `$CARGO`) as a
 //! user would, so it always builds what the user builds.
 //! Tasks: `search` (the main job: builds `nas` in release and runs `nas search` with the
-//! arguments given) and `ci`. `transfer-imagenet` arrives with the transfer issue.
+//! arguments given), `transfer-imagenet` (the same for `nas transfer`) and `ci`.
 
 use std::process::Command;
 
@@ -16,6 +16,11 @@ tasks:
                  built-in data by default (about ten minutes on 2 cores); see
                  `cargo xtask search --help` for --strategy, --children, --workers, --data,
                  --out, --resume, --seed
+  transfer-imagenet [ARGS]
+                 build `nas` (release) and run `nas transfer ARGS`: the best cell of the
+                 latest search (or --cell) in the ImageNet skeleton, trained with the
+                 ImageNet recipe on --data DIR, or on the built-in data written as 64×64
+                 JPEGs (about ten minutes on 2 cores); see `--help`
   ci    the checks CI runs: rustfmt, clippy (warnings are errors), rustdoc, the
         dependency-light build of nas-space, and the whole test suite";
 
@@ -23,7 +28,8 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("ci") => ci(),
-        Some("search") => search(&args[1..]),
+        Some("search") => nas("search", &args[1..]),
+        Some("transfer-imagenet") => nas("transfer", &args[1..]),
         Some("-h" | "--help" | "help") | None => {
             println!("{USAGE}");
             Ok(())
@@ -32,19 +38,19 @@ fn main() -> Result<()> {
     }
 }
 
-/// Builds the `nas` binary in release and runs `nas search` with `args`.
-fn search(args: &[String]) -> Result<()> {
+/// Builds the `nas` binary in release and runs `nas VERB` with `args`.
+fn nas(verb: &str, args: &[String]) -> Result<()> {
     cargo(&["build", "--release", "--package", "nas-cli", "--bin", "nas"], &[])?;
     let root = workspace_root()?;
     let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), std::path::PathBuf::from);
     let nas = target.join("release").join(format!("nas{}", std::env::consts::EXE_SUFFIX));
     let status = Command::new(&nas)
-        .arg("search")
+        .arg(verb)
         .args(args)
         .status()
         .with_context(|| format!("while starting {}", nas.display()))?;
     if !status.success() {
-        bail!("`nas search` failed ({status})");
+        bail!("`nas {verb}` failed ({status})");
     }
     Ok(())
 }

@@ -421,3 +421,96 @@ fn a_killed_search_resumes_without_losing_or_retraining_children() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The transfer path end to end at a tiny size: the built-in data written as JPEGs and read back
+/// through the ImageNet folder reader, the cost table beside the paper's figures, the run
+/// directory with report, curves and cell; fine-tuning onto 3 classes replaces the classifier;
+/// `nas predict` names the classes of a JPEG.
+#[test]
+fn transfer_fine_tune_and_predict() {
+    let work = std::env::temp_dir().join(format!("nas-cli-transfer-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work).unwrap();
+    let nas_in = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_nas")).args(args).current_dir(&work).output().unwrap();
+        let (stdout, stderr) =
+            (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned());
+        assert!(out.status.success(), "nas {args:?} failed: {stderr}");
+        (stdout, stderr)
+    };
+    let (stdout, stderr) = nas_in(&[
+        "transfer",
+        "--cell",
+        "nasnet-a",
+        "--synthetic-per-class",
+        "4",
+        "--epochs",
+        "1",
+        "--batch",
+        "8",
+        "--out",
+        "t1",
+        "--progress",
+        "plain",
+    ]);
+    assert!(stderr.contains("NASNet-A Mobile 4 @ 1056, 224 (paper) | 5.3M | 564M | 74.0 %"), "{stderr}");
+    assert!(stderr.contains("N = 2, F = 16, 64 px, 10 classes | 0.37M"), "{stderr}");
+    assert!(stdout.contains("test top-1"), "{stdout}");
+    let run = work.join("t1");
+    for file in
+        ["report.md", "report.json", "curves.svg", "cell.svg", "metrics.jsonl", "classes.json", "checkpoint.json"]
+    {
+        assert!(run.join(file).is_file(), "{file} missing");
+    }
+    let data = std::fs::read_dir(work.join("runs/transfer-data")).unwrap().next().unwrap().unwrap().path();
+    let jpegs: Vec<_> = std::fs::read_dir(data.join("train/03_cross")).unwrap().flatten().map(|e| e.path()).collect();
+    assert_eq!(jpegs.len(), 4);
+    assert_eq!(jpegs[0].extension().unwrap(), "JPEG");
+
+    // Fine-tune onto three of the classes: the classifier is replaced, the rest loaded.
+    let three = work.join("three");
+    for part in ["train", "val"] {
+        for class in ["00_disc", "01_square", "03_cross"] {
+            let to = three.join(part).join(class);
+            std::fs::create_dir_all(&to).unwrap();
+            for f in std::fs::read_dir(data.join(part).join(class)).unwrap().flatten() {
+                std::fs::copy(f.path(), to.join(f.file_name())).unwrap();
+            }
+        }
+    }
+    let (_, stderr) = nas_in(&[
+        "transfer",
+        "--cell",
+        "nasnet-a",
+        "--data",
+        three.to_str().unwrap(),
+        "--net",
+        "2@384",
+        "--image",
+        "64",
+        "--no-aux",
+        "--init",
+        "t1",
+        "--epochs",
+        "1",
+        "--batch",
+        "4",
+        "--out",
+        "t2",
+        "--progress",
+        "plain",
+    ]);
+    assert!(stderr.contains("initialised from t1") && stderr.contains("last_linear.weight"), "{stderr}");
+    let classes: Vec<String> =
+        serde_json::from_str(&std::fs::read_to_string(work.join("t2/classes.json")).unwrap()).unwrap();
+    assert_eq!(classes, ["00_disc", "01_square", "03_cross"]);
+
+    let (stdout, _) = nas_in(&["predict", "--checkpoint", "t2", "--image", jpegs[0].to_str().unwrap(), "--top", "3"]);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 4, "{stdout}");
+    let total: f64 =
+        lines[1..].iter().map(|l| l.trim().split('%').next().unwrap().trim().parse::<f64>().unwrap()).sum();
+    assert!((total - 100.0).abs() < 0.01, "three of three classes: {stdout}");
+    assert!(["00_disc", "01_square", "03_cross"].iter().all(|c| stdout.contains(c)), "{stdout}");
+    std::fs::remove_dir_all(&work).unwrap();
+}
