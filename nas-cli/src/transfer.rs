@@ -61,6 +61,12 @@ pub struct TransferArgs {
     /// Train without the aux head (needed below about 96×96 inputs, where it does not fit).
     #[arg(long)]
     pub no_aux: bool,
+    /// Keep probability of the dropout before the classifier (the skeleton's: 0.5 on ImageNet).
+    #[arg(long)]
+    pub dropout_keep: Option<f64>,
+    /// Evaluate the trained weights themselves instead of their moving average.
+    #[arg(long)]
+    pub no_ema: bool,
     /// BN moving-average decay (default: 0.99 on the built-in data, whose short run would leave
     /// the skeleton's 0.9997 averages near their initial values; the skeleton's otherwise).
     #[arg(long)]
@@ -167,6 +173,9 @@ pub fn transfer(args: &TransferArgs, load_cell: &dyn Fn(&str) -> Result<CellSpec
         if let Some(decay) = args.bn_decay.or(builtin.then_some(0.99)) {
             network.bn_decay = decay;
         }
+        if let Some(keep) = args.dropout_keep {
+            network.dense_dropout_keep_prob = keep;
+        }
         let data_dir = match &args.data {
             Some(dir) => dir.clone(),
             None => {
@@ -192,6 +201,9 @@ pub fn transfer(args: &TransferArgs, load_cell: &dyn Fn(&str) -> Result<CellSpec
             recipe.lr = lr;
         }
         recipe.max_steps = args.max_steps;
+        if args.no_ema {
+            recipe.ema_decay = None;
+        }
         recipe.validate()?;
         let cost =
             network_cost(&spec, &network).with_context(|| format!("--net {net} at {} px", network.image_size))?;
