@@ -141,6 +141,10 @@ pub enum Augment {
     /// Small images: pad-4 crop and flip (CIFAR final training); ImageNet: Inception-style
     /// random resized crop and flip.
     Standard,
+    /// Mild: small images are only flipped; ImageNet-style crops keep at least half the
+    /// image (area [0.5, 1]). For data whose object can fall outside a small crop, such as
+    /// the built-in set.
+    Light,
     /// None (the evaluation transform): for tests and sanity checks.
     None,
 }
@@ -232,12 +236,20 @@ impl RunData {
             match augment {
                 Augment::Search => (Arc::new(CifarTransform::search()), Arc::new(CifarTransform::search().for_eval())),
                 Augment::Standard => (Arc::new(standard), Arc::new(standard.for_eval())),
+                Augment::Light => {
+                    let light = CifarTransform { crop: nas_data::CifarCrop::None, ..standard };
+                    (Arc::new(light), Arc::new(standard.for_eval()))
+                }
                 Augment::None => (Arc::new(CifarTransform::eval()), Arc::new(CifarTransform::eval())),
             }
         } else {
             let eval_t = ImageNetTransform::eval(image_size);
             match augment {
                 Augment::None => (Arc::new(eval_t), Arc::new(eval_t)),
+                Augment::Light => (
+                    Arc::new(ImageNetTransform { area: (0.5, 1.0), ..ImageNetTransform::train(image_size) }),
+                    Arc::new(eval_t),
+                ),
                 _ => (Arc::new(ImageNetTransform::train(image_size)), Arc::new(eval_t)),
             }
         };
