@@ -61,6 +61,10 @@ pub struct TrainArgs {
     /// Input side for ImageNet-style data (default: the skeleton's).
     #[arg(long)]
     pub image: Option<usize>,
+    /// How the classifier starts: `tf-slim` (fan-out, the paper's) or `fan-in` (better for
+    /// few classes on small final maps).
+    #[arg(long, value_parser = parse_classifier_init)]
+    pub classifier_init: Option<nas_train::recipe::ClassifierInit>,
     /// Train without the aux head (it needs a 5×5 map: about 96×96 inputs on ImageNet skeletons).
     #[arg(long)]
     pub no_aux: bool,
@@ -108,6 +112,15 @@ pub struct EvalArgs {
     pub json: bool,
 }
 
+/// Parses `tf-slim` or `fan-in`.
+pub fn parse_classifier_init(s: &str) -> Result<nas_train::recipe::ClassifierInit, String> {
+    match s {
+        "tf-slim" => Ok(nas_train::recipe::ClassifierInit::TfSlim),
+        "fan-in" => Ok(nas_train::recipe::ClassifierInit::FanIn),
+        _ => Err(format!("`{s}`: expected tf-slim or fan-in")),
+    }
+}
+
 /// Builds the run configuration of `nas train` from its arguments.
 pub fn run_config(args: &TrainArgs, spec: nas_space::CellSpec) -> Result<RunConfig> {
     let data: DataSource = args.data.parse()?;
@@ -128,6 +141,9 @@ pub fn run_config(args: &TrainArgs, spec: nas_space::CellSpec) -> Result<RunConf
     }
     if args.no_aux {
         recipe.network.use_aux_head = false;
+    }
+    if let Some(init) = args.classifier_init {
+        recipe.classifier_init = init;
     }
     if let Some(epochs) = args.epochs {
         recipe.epochs = epochs;

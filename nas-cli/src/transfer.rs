@@ -46,7 +46,7 @@ pub struct TransferArgs {
     /// `imagenet-mobile` or `imagenet-large` (the recipe; every field below overrides it).
     #[arg(long, default_value = "imagenet-mobile")]
     pub recipe: String,
-    /// Epochs (default: 8 on the built-in data, the recipe's otherwise).
+    /// Epochs (default: 20 on the built-in data, the recipe's otherwise).
     #[arg(long)]
     pub epochs: Option<u64>,
     /// Images per step.
@@ -61,6 +61,10 @@ pub struct TransferArgs {
     /// Train without the aux head (needed below about 96×96 inputs, where it does not fit).
     #[arg(long)]
     pub no_aux: bool,
+    /// How the classifier starts: `tf-slim` or `fan-in` (default: fan-in on the built-in data,
+    /// tf-slim otherwise).
+    #[arg(long, value_parser = crate::train::parse_classifier_init)]
+    pub classifier_init: Option<nas_train::recipe::ClassifierInit>,
     /// Keep probability of the dropout before the classifier (the skeleton's: 0.5 on ImageNet).
     #[arg(long)]
     pub dropout_keep: Option<f64>,
@@ -189,10 +193,13 @@ pub fn transfer(args: &TransferArgs, load_cell: &dyn Fn(&str) -> Result<CellSpec
         network.num_classes = classes;
         recipe.network = network.clone();
         if builtin {
-            recipe.epochs = 8;
+            recipe.epochs = 20;
             // The built-in images show one small pattern: Inception crops down to 5 % of the
             // area often cut it away.
             recipe.augment = nas_train::data::Augment::Light;
+            // Ten classes on a 2×2 final map: TF-Slim's fan-out classifier starts with logits
+            // of std near 10 and the run would not leave chance in its few hundred steps.
+            recipe.classifier_init = nas_train::recipe::ClassifierInit::FanIn;
         }
         if let Some(e) = args.epochs {
             recipe.epochs = e;
@@ -206,6 +213,9 @@ pub fn transfer(args: &TransferArgs, load_cell: &dyn Fn(&str) -> Result<CellSpec
         recipe.max_steps = args.max_steps;
         if args.no_ema {
             recipe.ema_decay = None;
+        }
+        if let Some(init) = args.classifier_init {
+            recipe.classifier_init = init;
         }
         recipe.validate()?;
         let cost =

@@ -60,3 +60,22 @@ fn truncated_normal(rng: &mut SpaceRng) -> f64 {
         }
     }
 }
+
+/// Rescales the classifiers (`last_linear.weight`, and `aux_head.fc.weight` if present) from
+/// TF-Slim's fan-out scale to a fan-in scale, std `sqrt(1 / fan_in)` (LeCun; Keras and timm
+/// start their classifiers near this), keeping the drawn values' shape.
+///
+/// TF-Slim's fan-out rule gives a 10-class classifier a std of `sqrt(2 / 10)`; on 1×1 or 2×2
+/// final maps (the ImageNet skeleton on small images) the initial logits then have a std near
+/// 10 and training barely moves for hundreds of steps. With 1000 classes the two rules are
+/// close.
+pub fn rescale_classifiers_fan_in(varmap: &VarMap) -> Result<()> {
+    let data = varmap.data().lock().expect("varmap lock");
+    for name in ["last_linear.weight", "aux_head.fc.weight"] {
+        let Some(var) = data.get(name) else { continue };
+        let (fan_out, fan_in) = var.dims2()?;
+        let factor = (fan_out as f64 / (2.0 * fan_in as f64)).sqrt();
+        var.set(&(var.as_tensor() * factor)?)?;
+    }
+    Ok(())
+}

@@ -475,3 +475,28 @@ fn kernels_match_their_references_on_maps_smaller_than_the_window() {
         }
     }
 }
+
+/// The fan-in rescaling of the classifiers gives them std ≈ sqrt(1 / fan_in) and leaves every
+/// other variable as TF-Slim's rule drew it.
+#[test]
+fn classifiers_rescale_to_fan_in() {
+    let (varmap, _) = build(&CellSpec::nasnet_a(), &tiny_cifar());
+    let before: HashMap<String, Vec<f32>> = varmap
+        .data()
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().flatten_all().unwrap().to_vec1().unwrap()))
+        .collect();
+    crate::init::rescale_classifiers_fan_in(&varmap).unwrap();
+    for (name, var) in varmap.data().lock().unwrap().iter() {
+        let after: Vec<f32> = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+        if name == "last_linear.weight" || name == "aux_head.fc.weight" {
+            let fan_in = var.dims()[1] as f64;
+            let std = (after.iter().map(|&x| (x as f64).powi(2)).sum::<f64>() / after.len() as f64).sqrt();
+            assert!((std * fan_in.sqrt() - 1.0).abs() < 0.2, "{name}: std {std:.4} for fan-in {fan_in}");
+        } else {
+            assert_eq!(after, before[name], "{name} changed");
+        }
+    }
+}

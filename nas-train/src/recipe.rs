@@ -21,6 +21,19 @@ pub enum Decay {
     Constant,
 }
 
+/// How the classifier's weights start.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClassifierInit {
+    /// TF-Slim's fan-out variance scaling, like every other layer (the paper's recipes).
+    #[default]
+    TfSlim,
+    /// Fan-in scaling (std `sqrt(1 / fan_in)`): for few classes on small final maps, where
+    /// the fan-out rule starts with logits of std near 10 (see
+    /// `nas_ops::init::rescale_classifiers_fan_in`).
+    FanIn,
+}
+
 /// Everything about how a network is trained, except the cell and the data.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Recipe {
@@ -51,6 +64,9 @@ pub struct Recipe {
     /// Weight average for evaluation.
     #[serde(default)]
     pub ema_decay: Option<f64>,
+    /// How the classifier starts (the rest of the network is always TF-Slim's fan-out rule).
+    #[serde(default)]
+    pub classifier_init: ClassifierInit,
     /// Training augmentation.
     pub augment: Augment,
     /// Cutout side for small images.
@@ -111,6 +127,7 @@ impl Recipe {
             label_smoothing: 0.0,
             aux_weight: 0.0,
             ema_decay: None,
+            classifier_init: ClassifierInit::TfSlim,
             augment: Augment::Search,
             cutout: None,
             eval: EvalSplit::Holdout { fraction: 0.1, seed: 0 },
@@ -140,6 +157,7 @@ impl Recipe {
             label_smoothing: 0.0,
             aux_weight: 0.4,
             ema_decay: None,
+            classifier_init: ClassifierInit::TfSlim,
             augment: Augment::Standard,
             cutout: Some(16),
             eval: EvalSplit::Test,
@@ -170,6 +188,7 @@ impl Recipe {
             label_smoothing: 0.1,
             aux_weight: 0.4,
             ema_decay: Some(0.9999),
+            classifier_init: ClassifierInit::TfSlim,
             augment: Augment::Standard,
             cutout: None,
             eval: EvalSplit::Test,

@@ -497,6 +497,9 @@ fn run_inner(
         (trainer, state.epoch, offset)
     } else {
         let trainer = Trainer::new(&config.cell_spec, &network, train_config)?;
+        if recipe.classifier_init == crate::recipe::ClassifierInit::FanIn {
+            nas_ops::init::rescale_classifiers_fan_in(trainer.varmap())?;
+        }
         if let Some(source) = &config.init {
             let report = crate::init::init_from(trainer.varmap(), source)?;
             reporter.message(&format!("initialised from {}: {report}", source.display()));
