@@ -46,7 +46,7 @@ pub struct TransferArgs {
     /// `imagenet-mobile` or `imagenet-large` (the recipe; every field below overrides it).
     #[arg(long, default_value = "imagenet-mobile")]
     pub recipe: String,
-    /// Epochs (default: 20 on the built-in data, the recipe's otherwise).
+    /// Epochs (default: 12 on the built-in data, the recipe's otherwise).
     #[arg(long)]
     pub epochs: Option<u64>,
     /// Images per step.
@@ -193,7 +193,7 @@ pub fn transfer(args: &TransferArgs, load_cell: &dyn Fn(&str) -> Result<CellSpec
         network.num_classes = classes;
         recipe.network = network.clone();
         if builtin {
-            recipe.epochs = 20;
+            recipe.epochs = 12;
             // The built-in images show one small pattern: Inception crops down to 5 % of the
             // area often cut it away.
             recipe.augment = nas_train::data::Augment::Light;
