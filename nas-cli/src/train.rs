@@ -46,7 +46,20 @@ pub struct TrainArgs {
     /// 32×32 data, `imagenet-mobile` for ImageNet folders).
     #[arg(long)]
     pub recipe: Option<String>,
-    /// Epochs (default: the recipe's).
+    /// Input side for ImageNet-style data (default: the skeleton's).
+    #[arg(long)]
+    pub image: Option<usize>,
+    /// Evaluate every this many epochs (0: only at the end).
+    #[arg(long)]
+    pub eval_every: Option<u64>,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+/// The training options `nas train` and `nas transfer` share; each overrides the recipe.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Epochs (default: the recipe's; `nas transfer` on the built-in data: 12).
     #[arg(long)]
     pub epochs: Option<u64>,
     /// Stop after this many steps.
@@ -58,30 +71,24 @@ pub struct TrainArgs {
     /// Base learning rate (default: the recipe's).
     #[arg(long)]
     pub lr: Option<f64>,
-    /// Input side for ImageNet-style data (default: the skeleton's).
-    #[arg(long)]
-    pub image: Option<usize>,
-    /// How the classifier starts: `tf-slim` (fan-out, the paper's) or `fan-in` (better for
-    /// few classes on small final maps).
-    #[arg(long, value_parser = parse_classifier_init)]
-    pub classifier_init: Option<nas_train::recipe::ClassifierInit>,
     /// Train without the aux head (it needs a 5×5 map: about 96×96 inputs on ImageNet skeletons).
     #[arg(long)]
     pub no_aux: bool,
-    /// Evaluate every this many epochs (0: only at the end).
+    /// How the classifier starts: `tf-slim` (fan-out, the paper's) or `fan-in` (better for few
+    /// classes on small final maps; `nas transfer` on the built-in data uses it).
+    #[arg(long, value_parser = parse_classifier_init)]
+    pub classifier_init: Option<nas_train::recipe::ClassifierInit>,
+    /// Start from these weights (a run directory of ours or a safetensors file such as timm's
+    /// NASNet-A), replacing the classifier when the class count differs.
     #[arg(long)]
-    pub eval_every: Option<u64>,
+    pub init: Option<PathBuf>,
     /// Seed of the initialisation, masks and data order.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// The run directory (default: `runs/train-<seconds since 1970>`).
+    /// The run directory (default: `runs/<verb>-<seconds since 1970>`).
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// Start from these weights (a run directory of ours or a safetensors file such as
-    /// timm's NASNet-A), replacing the classifier when the class count differs.
-    #[arg(long)]
-    pub init: Option<PathBuf>,
-    /// Continue the run in --out from its checkpoint.
+    /// Continue the run in --out from its checkpoint (the other options are ignored).
     #[arg(long)]
     pub resume: bool,
     /// Start even when the memory estimate exceeds the available memory.
@@ -90,6 +97,33 @@ pub struct TrainArgs {
     /// How progress is shown.
     #[arg(long, value_enum, default_value_t = Progress::Auto)]
     pub progress: Progress,
+}
+
+impl RunArgs {
+    /// Applies the overrides to `recipe`.
+    pub fn apply(&self, recipe: &mut Recipe) {
+        if let Some(epochs) = self.epochs {
+            recipe.epochs = epochs;
+        }
+        recipe.max_steps = self.max_steps.or(recipe.max_steps);
+        if let Some(batch) = self.batch {
+            recipe.batch_size = batch;
+        }
+        if let Some(lr) = self.lr {
+            recipe.lr = lr;
+        }
+        if self.no_aux {
+            recipe.network.use_aux_head = false;
+        }
+        if let Some(init) = self.classifier_init {
+            recipe.classifier_init = init;
+        }
+    }
+
+    /// The options of the run itself.
+    pub fn options(&self) -> RunOptions {
+        RunOptions { force_memory: self.force_memory, stop: Some(stop_on_ctrl_c()) }
+    }
 }
 
 /// Arguments of `nas eval`.
@@ -139,27 +173,12 @@ pub fn run_config(args: &TrainArgs, spec: nas_space::CellSpec) -> Result<RunConf
     if let Some(image) = args.image {
         recipe.network.image_size = image;
     }
-    if args.no_aux {
-        recipe.network.use_aux_head = false;
-    }
-    if let Some(init) = args.classifier_init {
-        recipe.classifier_init = init;
-    }
-    if let Some(epochs) = args.epochs {
-        recipe.epochs = epochs;
-    }
-    recipe.max_steps = args.max_steps.or(recipe.max_steps);
-    if let Some(batch) = args.batch {
-        recipe.batch_size = batch;
-    }
-    if let Some(lr) = args.lr {
-        recipe.lr = lr;
-    }
+    args.run.apply(&mut recipe);
     if let Some(every) = args.eval_every {
         recipe.eval_every_epochs = every;
     }
     recipe.validate()?;
-    Ok(RunConfig { cell_spec: spec, recipe, data, seed: args.seed, init: args.init.clone() })
+    Ok(RunConfig { cell_spec: spec, recipe, data, seed: args.run.seed, init: args.run.init.clone() })
 }
 
 /// A stop flag raised by Ctrl-C; a second Ctrl-C exits at once.
@@ -249,14 +268,14 @@ pub fn default_out(verb: &str) -> PathBuf {
 
 /// `nas train`.
 pub fn train(args: &TrainArgs, spec: impl FnOnce() -> Result<nas_space::CellSpec>, out: &mut String) -> Result<()> {
-    let options = RunOptions { force_memory: args.force_memory, stop: Some(stop_on_ctrl_c()) };
-    let mut reporter = reporter(args.progress);
-    let report = if args.resume {
-        let Some(dir) = &args.out else { bail!("--resume needs --out DIR, the run to continue") };
+    let options = args.run.options();
+    let mut reporter = reporter(args.run.progress);
+    let report = if args.run.resume {
+        let Some(dir) = &args.run.out else { bail!("--resume needs --out DIR, the run to continue") };
         run::resume(dir, &options, reporter.as_mut())?
     } else {
         let config = run_config(args, spec()?)?;
-        let dir = args.out.clone().unwrap_or_else(|| default_out("train"));
+        let dir = args.run.out.clone().unwrap_or_else(|| default_out("train"));
         run::train(&dir, &config, &options, reporter.as_mut())?
     };
     let m = &report.final_eval.metrics;

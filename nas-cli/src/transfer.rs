@@ -14,10 +14,10 @@ use nas_space::cost::network_cost;
 use nas_space::{render, CellSpec, NetworkConfig, Stem};
 use nas_train::data::DataSource;
 use nas_train::recipe::Recipe;
-use nas_train::run::{self, read_metrics, RunConfig, RunOptions};
+use nas_train::run::{self, read_metrics, RunConfig};
 use nas_train::trainer::Trainer;
 
-use crate::train::{default_out, reporter, stop_on_ctrl_c, Progress};
+use crate::train::{default_out, reporter, RunArgs};
 
 /// Arguments of `nas transfer`.
 #[derive(Debug, Args)]
@@ -46,25 +46,6 @@ pub struct TransferArgs {
     /// `imagenet-mobile` or `imagenet-large` (the recipe; every field below overrides it).
     #[arg(long, default_value = "imagenet-mobile")]
     pub recipe: String,
-    /// Epochs (default: 12 on the built-in data, the recipe's otherwise).
-    #[arg(long)]
-    pub epochs: Option<u64>,
-    /// Images per step.
-    #[arg(long)]
-    pub batch: Option<usize>,
-    /// Base learning rate.
-    #[arg(long)]
-    pub lr: Option<f64>,
-    /// Stop after this many steps.
-    #[arg(long)]
-    pub max_steps: Option<u64>,
-    /// Train without the aux head (needed below about 96×96 inputs, where it does not fit).
-    #[arg(long)]
-    pub no_aux: bool,
-    /// How the classifier starts: `tf-slim` or `fan-in` (default: fan-in on the built-in data,
-    /// tf-slim otherwise).
-    #[arg(long, value_parser = crate::train::parse_classifier_init)]
-    pub classifier_init: Option<nas_train::recipe::ClassifierInit>,
     /// Keep probability of the dropout before the classifier (the skeleton's: 0.5 on ImageNet).
     #[arg(long)]
     pub dropout_keep: Option<f64>,
@@ -75,25 +56,8 @@ pub struct TransferArgs {
     /// the skeleton's 0.9997 averages near their initial values; the skeleton's otherwise).
     #[arg(long)]
     pub bn_decay: Option<f64>,
-    /// Start from these weights (our run directory or a timm safetensors file); the classifier
-    /// is replaced when the class count differs.
-    #[arg(long)]
-    pub init: Option<PathBuf>,
-    /// Seed.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    /// The run directory (default: `runs/transfer-<seconds since 1970>`).
-    #[arg(long)]
-    pub out: Option<PathBuf>,
-    /// Continue the run in --out.
-    #[arg(long)]
-    pub resume: bool,
-    /// Start even when the memory estimate exceeds the available memory.
-    #[arg(long)]
-    pub force_memory: bool,
-    /// How progress is shown.
-    #[arg(long, value_enum, default_value_t = Progress::Auto)]
-    pub progress: Progress,
+    #[command(flatten)]
+    pub run: RunArgs,
 }
 
 /// The paper's NASNet-A ImageNet figures (Table 2 and 3): name, parameters, mult-adds, top-1.
@@ -158,10 +122,10 @@ fn builtin_folder(size: u32, per_class: usize, seed: u64) -> Result<PathBuf> {
 /// `nas transfer`.
 pub fn transfer(args: &TransferArgs, load_cell: &dyn Fn(&str) -> Result<CellSpec>, out: &mut String) -> Result<()> {
     use std::fmt::Write as _;
-    let options = RunOptions { force_memory: args.force_memory, stop: Some(stop_on_ctrl_c()) };
-    let mut reporter = reporter(args.progress);
-    let (config, dir) = if args.resume {
-        let Some(dir) = &args.out else { bail!("--resume needs --out DIR, the run to continue") };
+    let options = args.run.options();
+    let mut reporter = reporter(args.run.progress);
+    let (config, dir) = if args.run.resume {
+        let Some(dir) = &args.run.out else { bail!("--resume needs --out DIR, the run to continue") };
         (run::read_run_config(dir)?, dir.clone())
     } else {
         let (spec, source) = resolve_cell(args, load_cell)?;
@@ -173,7 +137,6 @@ pub fn transfer(args: &TransferArgs, load_cell: &dyn Fn(&str) -> Result<CellSpec
             bail!("--net {net}: transfer builds the ImageNet skeleton (mobile, large or N@P)");
         }
         network.image_size = args.image.unwrap_or(if builtin { 64 } else { network.image_size });
-        network.use_aux_head = network.use_aux_head && !args.no_aux;
         if let Some(decay) = args.bn_decay.or(builtin.then_some(0.99)) {
             network.bn_decay = decay;
         }
@@ -184,7 +147,7 @@ pub fn transfer(args: &TransferArgs, load_cell: &dyn Fn(&str) -> Result<CellSpec
             Some(dir) => dir.clone(),
             None => {
                 network.use_aux_head = false; // 64×64 leaves the aux head a 4×4 map; it needs 5×5
-                let dir = builtin_folder(network.image_size as u32, args.synthetic_per_class, args.seed)?;
+                let dir = builtin_folder(network.image_size as u32, args.synthetic_per_class, args.run.seed)?;
                 writeln!(out, "built-in data as an ImageNet-style JPEG folder: {}", dir.display())?;
                 dir
             }
@@ -201,23 +164,12 @@ pub fn transfer(args: &TransferArgs, load_cell: &dyn Fn(&str) -> Result<CellSpec
             // of std near 10 and the run would not leave chance in its few hundred steps.
             recipe.classifier_init = nas_train::recipe::ClassifierInit::FanIn;
         }
-        if let Some(e) = args.epochs {
-            recipe.epochs = e;
-        }
-        if let Some(b) = args.batch {
-            recipe.batch_size = b;
-        }
-        if let Some(lr) = args.lr {
-            recipe.lr = lr;
-        }
-        recipe.max_steps = args.max_steps;
+        args.run.apply(&mut recipe);
         if args.no_ema {
             recipe.ema_decay = None;
         }
-        if let Some(init) = args.classifier_init {
-            recipe.classifier_init = init;
-        }
         recipe.validate()?;
+        let network = recipe.network.clone();
         let cost =
             network_cost(&spec, &network).with_context(|| format!("--net {net} at {} px", network.image_size))?;
         writeln!(out, "cell: {source}")?;
@@ -235,19 +187,19 @@ pub fn transfer(args: &TransferArgs, load_cell: &dyn Fn(&str) -> Result<CellSpec
         for (name, params, madds, top1) in PAPER {
             writeln!(out, "| {name} (paper) | {params} | {madds} | {top1} % |")?;
         }
-        let dir = args.out.clone().unwrap_or_else(|| default_out("transfer"));
+        let dir = args.run.out.clone().unwrap_or_else(|| default_out("transfer"));
         let config = RunConfig {
             cell_spec: spec,
             recipe,
             data: DataSource::ImageNet { dir: data_dir },
-            seed: args.seed,
-            init: args.init.clone(),
+            seed: args.run.seed,
+            init: args.run.init.clone(),
         };
         (config, dir)
     };
     eprint!("{out}");
     out.clear();
-    let report = if args.resume {
+    let report = if args.run.resume {
         run::resume(&dir, &options, reporter.as_mut())?
     } else {
         run::train(&dir, &config, &options, reporter.as_mut())?

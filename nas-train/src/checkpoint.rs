@@ -239,8 +239,38 @@ pub fn has_checkpoint(dir: impl AsRef<Path>) -> bool {
 /// is missing or not of the recorded length and tensor count, and weights that do not fit
 /// the network (the error lists every missing, extra and wrongly shaped tensor).
 pub fn load_checkpoint(dir: impl AsRef<Path>, varmap: &VarMap) -> Result<LoadedCheckpoint, TrainError> {
+    let device =
+        varmap.data().lock().expect("varmap lock").values().next().map_or(Device::Cpu, |var| var.device().clone());
+    let CheckpointTensors { weights_path, state, weights, optimizer } = read_checkpoint_tensors(dir, &device)?;
+    nas_ops::checkpoint::load_weights(varmap, &weights)
+        .map_err(|err| checkpoint_error(&weights_path, candle_message(&err)))?;
+    Ok(LoadedCheckpoint { state, optimizer })
+}
+
+/// Every tensor of the checkpoint in `dir`, split into weights and optimiser buffers, checked
+/// against what `checkpoint.json` records (a torn pair is refused), without a network.
+#[derive(Debug)]
+pub struct CheckpointTensors {
+    /// The weight file read.
+    pub weights_path: std::path::PathBuf,
+    /// The saved state.
+    pub state: CheckpointState,
+    /// Variables by name (BN statistics included).
+    pub weights: HashMap<String, Tensor>,
+    /// Optimiser buffers by key (prefix stripped).
+    pub optimizer: HashMap<String, Tensor>,
+}
+
+/// Reads the checkpoint in `dir` onto `device` (see [`CheckpointTensors`]).
+pub fn read_checkpoint_tensors(dir: impl AsRef<Path>, device: &Device) -> Result<CheckpointTensors, TrainError> {
     let dir = dir.as_ref();
     let StateFileIn { weights: record, state, .. } = read_state_file(dir)?;
+    if Path::new(&record.file).file_name().is_none_or(|name| name != record.file.as_str()) {
+        return Err(checkpoint_error(
+            &dir.join(STATE_FILE),
+            format!("names the weight file `{}`, which is not a file name", record.file),
+        ));
+    }
     let weights_path = dir.join(&record.file);
     let bytes = match fs::read(&weights_path) {
         Ok(bytes) => bytes,
@@ -258,9 +288,7 @@ pub fn load_checkpoint(dir: impl AsRef<Path>, varmap: &VarMap) -> Result<LoadedC
             format!("is {} bytes but {STATE_FILE} records {} (torn checkpoint)", bytes.len(), record.bytes),
         ));
     }
-    let device =
-        varmap.data().lock().expect("varmap lock").values().next().map_or(Device::Cpu, |var| var.device().clone());
-    let tensors = candle_core::safetensors::load_buffer(&bytes, &device).map_err(|err| {
+    let tensors = candle_core::safetensors::load_buffer(&bytes, device).map_err(|err| {
         checkpoint_error(&weights_path, format!("not a readable safetensors file: {}", candle_message(&err)))
     })?;
     drop(bytes);
@@ -278,9 +306,7 @@ pub fn load_checkpoint(dir: impl AsRef<Path>, varmap: &VarMap) -> Result<LoadedC
             None => weights.insert(name, xs),
         };
     }
-    nas_ops::checkpoint::load_weights(varmap, &weights)
-        .map_err(|err| checkpoint_error(&weights_path, candle_message(&err)))?;
-    Ok(LoadedCheckpoint { state, optimizer })
+    Ok(CheckpointTensors { weights_path, state, weights, optimizer })
 }
 
 fn read_state_file(dir: &Path) -> Result<StateFileIn, TrainError> {

@@ -23,9 +23,9 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use candle_nn::VarMap;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
-use crate::checkpoint::{FORMAT, FORMAT_VERSION, OPTIMIZER_PREFIX, STATE_FILE};
+use crate::checkpoint::{read_checkpoint_tensors, STATE_FILE};
 use crate::TrainError;
 
 /// The name prefixes of the variables that may keep their fresh initialisation: the
@@ -157,101 +157,21 @@ fn read_source(source: &Path) -> Result<(PathBuf, HashMap<String, Tensor>), Trai
         }
         Err(err) => return Err(TrainError::Io { path: source.to_path_buf(), source: err }),
     };
-    let (weights_path, count) = if metadata.is_dir() {
-        weights_of_checkpoint(source, &source.join(STATE_FILE))?
+    let dir = if metadata.is_dir() {
+        Some(source)
     } else if source.file_name().is_some_and(|name| name == STATE_FILE) {
-        weights_of_checkpoint(source.parent().unwrap_or(Path::new(".")), source)?
+        Some(source.parent().unwrap_or(Path::new(".")))
     } else {
-        (source.to_path_buf(), None)
+        None
     };
-    let mut tensors = candle_core::safetensors::load(&weights_path, &Device::Cpu).map_err(|err| {
-        checkpoint_error(&weights_path, format!("not a readable safetensors file: {}", candle_message(&err)))
+    if let Some(dir) = dir {
+        let read = read_checkpoint_tensors(dir, &Device::Cpu)?;
+        return Ok((read.weights_path, read.weights));
+    }
+    let tensors = candle_core::safetensors::load(source, &Device::Cpu).map_err(|err| {
+        checkpoint_error(source, format!("not a readable safetensors file: {}", candle_message(&err)))
     })?;
-    if let Some(count) = count.filter(|&count| count != tensors.len()) {
-        return Err(checkpoint_error(
-            &weights_path,
-            format!("holds {} tensors but {STATE_FILE} records {count} (torn checkpoint)", tensors.len()),
-        ));
-    }
-    tensors.retain(|name, _| !name.starts_with(OPTIMIZER_PREFIX));
-    Ok((weights_path, tensors))
-}
-
-/// The parts of `checkpoint.json` that say which weight file to read.
-#[derive(Deserialize)]
-struct StateFile {
-    format: Option<serde_json::Value>,
-    version: Option<serde_json::Value>,
-    weights: Option<WeightsRecord>,
-}
-
-#[derive(Deserialize)]
-struct WeightsRecord {
-    file: String,
-    bytes: Option<u64>,
-    tensors: Option<usize>,
-}
-
-/// Reads `json` (the `checkpoint.json` of `dir`) and returns the path of the weight file it
-/// commits to, checked against the recorded length, and the recorded tensor count.
-fn weights_of_checkpoint(dir: &Path, json: &Path) -> Result<(PathBuf, Option<usize>), TrainError> {
-    let text = match fs::read_to_string(json) {
-        Ok(text) => text,
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
-            return Err(checkpoint_error(
-                json,
-                "no checkpoint here (give a run directory holding one, or a .safetensors file)".to_string(),
-            ))
-        }
-        Err(err) => return Err(TrainError::Io { path: json.to_path_buf(), source: err }),
-    };
-    let file: StateFile = serde_json::from_str(&text)
-        .map_err(|err| TrainError::Json { path: json.to_path_buf(), message: err.to_string() })?;
-    match &file.format {
-        Some(serde_json::Value::String(format)) if format == FORMAT => {}
-        Some(other) => return Err(checkpoint_error(json, format!("format is {other}, expected \"{FORMAT}\""))),
-        None => return Err(checkpoint_error(json, format!("no `format` field, not a {FORMAT} file"))),
-    }
-    match &file.version {
-        Some(version) if version.as_u64() == Some(FORMAT_VERSION) => {}
-        Some(other) => {
-            return Err(checkpoint_error(
-                json,
-                format!("version {other} is not supported (this build reads version {FORMAT_VERSION})"),
-            ))
-        }
-        None => return Err(checkpoint_error(json, "no `version` field".to_string())),
-    }
-    let Some(record) = file.weights else {
-        return Err(checkpoint_error(json, "no `weights` field".to_string()));
-    };
-    // A bare file name inside the directory, never a path out of it.
-    if Path::new(&record.file).file_name().is_none_or(|name| name != record.file.as_str()) {
-        return Err(checkpoint_error(
-            json,
-            format!("names the weight file `{}`, which is not a file name", record.file),
-        ));
-    }
-    let path = dir.join(&record.file);
-    let len = match fs::metadata(&path) {
-        Ok(metadata) => metadata.len(),
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
-            return Err(checkpoint_error(
-                &path,
-                format!("the weight file that {STATE_FILE} names is missing (torn checkpoint)"),
-            ))
-        }
-        Err(err) => return Err(TrainError::Io { path, source: err }),
-    };
-    if let Some(bytes) = record.bytes {
-        if len != bytes {
-            return Err(checkpoint_error(
-                &path,
-                format!("is {len} bytes but {STATE_FILE} records {bytes} (torn checkpoint)"),
-            ));
-        }
-    }
-    Ok((path, record.tensors))
+    Ok((source.to_path_buf(), tensors))
 }
 
 fn checkpoint_error(path: &Path, message: String) -> TrainError {
