@@ -59,7 +59,8 @@ pub struct TrainArgs {
 /// The training options `nas train` and `nas transfer` share; each overrides the recipe.
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// Epochs (default: the recipe's; `nas transfer` on the built-in data: 12).
+    /// Epochs (default: the recipe's; `nas transfer` on the built-in data: 12 for NASNet-A,
+    /// fewer for costlier cells).
     #[arg(long)]
     pub epochs: Option<u64>,
     /// Stop after this many steps.

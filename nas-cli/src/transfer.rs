@@ -29,8 +29,8 @@ pub struct TransferArgs {
     /// A cell instead of a search's best: a preset (`nasnet-a`), `random:SEED` or a spec file.
     #[arg(long, conflicts_with = "from")]
     pub cell: Option<String>,
-    /// The ImageNet skeleton: `mobile`, `large` or `N@P` (default: `2@384` on the built-in
-    /// data, `mobile` on an ImageNet folder).
+    /// The ImageNet skeleton: `mobile`, `large` or `N@P` (default on the built-in data: N = 2,
+    /// F = 16, NASNet-A's `2@384`; `mobile` on an ImageNet folder).
     #[arg(long)]
     pub net: Option<String>,
     /// Input side (default: 64 on the built-in data, the skeleton's own otherwise).
@@ -132,7 +132,10 @@ pub fn transfer(args: &TransferArgs, load_cell: &dyn Fn(&str) -> Result<CellSpec
         let builtin = args.data.is_none();
         let mut recipe = Recipe::preset(&args.recipe)?;
         let net = args.net.clone().unwrap_or_else(|| if builtin { "mobile:2@384".into() } else { "mobile".into() });
-        let mut network = NetworkConfig::parse_net(&net, &spec).with_context(|| format!("--net {net}"))?;
+        // The built-in default fixes N = 2 and F = 16 (NASNet-A's 2 @ 384) whatever the cell, so
+        // that a cell with fewer concatenated outputs does not get a wider, slower network.
+        let width_of = if builtin && args.net.is_none() { CellSpec::nasnet_a() } else { spec.clone() };
+        let mut network = NetworkConfig::parse_net(&net, &width_of).with_context(|| format!("--net {net}"))?;
         if network.stem != Stem::ImageNet {
             bail!("--net {net}: transfer builds the ImageNet skeleton (mobile, large or N@P)");
         }
@@ -156,7 +159,10 @@ pub fn transfer(args: &TransferArgs, load_cell: &dyn Fn(&str) -> Result<CellSpec
         network.num_classes = classes;
         recipe.network = network.clone();
         if builtin {
-            recipe.epochs = 12;
+            // About 4 minutes for NASNet-A (6.2M mult-adds per image): fewer epochs for
+            // costlier cells, at least 3.
+            let madds = network_cost(&spec, &recipe.network).map_or(6.2e6, |c| c.network.mult_adds as f64);
+            recipe.epochs = ((12.0 * 6.2e6 / madds).round() as u64).clamp(3, 12);
             // The built-in images show one small pattern: Inception crops down to 5 % of the
             // area often cut it away.
             recipe.augment = nas_train::data::Augment::Light;
