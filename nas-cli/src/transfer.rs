@@ -319,6 +319,9 @@ pub struct PredictArgs {
     /// Classes of the timm checkpoint (default: the number of labels).
     #[arg(long)]
     pub classes: Option<usize>,
+    /// Input side for --timm-checkpoint (default: the skeleton's own).
+    #[arg(long)]
+    pub image_size: Option<usize>,
     /// How many classes to print per picture.
     #[arg(long, default_value_t = 5)]
     pub top: usize,
@@ -351,7 +354,7 @@ pub fn predict(args: &PredictArgs, load_cell: &dyn Fn(&str) -> Result<CellSpec>,
                 input: None,
                 logits_out: None,
                 image: Some(image.clone()),
-                image_size: None,
+                image_size: args.image_size,
                 labels: Some(labels.clone()),
             };
             writeln!(out, "{}:", image.display())?;

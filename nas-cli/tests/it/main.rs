@@ -224,6 +224,26 @@ fn infer_classifies_a_picture() {
         .sum();
     assert!(total > 0.0 && total <= 100.001, "{text}");
     assert!(lines[1].contains("class "), "{text}");
+
+    // `nas predict` with timm's weights and a class-name file, for several pictures.
+    let text = stdout_of(&[
+        "predict",
+        "--timm-checkpoint",
+        weights.to_str().unwrap(),
+        "--labels",
+        labels.to_str().unwrap(),
+        "--num-features",
+        "384",
+        "--stem-size",
+        "32",
+        "--image-size",
+        "64",
+        "--image",
+        picture.to_str().unwrap(),
+        picture.to_str().unwrap(),
+    ]);
+    assert_eq!(text.lines().filter(|l| l.ends_with(".JPEG:")).count(), 2, "{text}");
+    assert_eq!(text.lines().filter(|l| l.contains("% ") && l.contains("class ")).count(), 10, "{text}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
