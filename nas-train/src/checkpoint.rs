@@ -412,12 +412,12 @@ fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
     move |source| TrainError::Io { path: path.to_path_buf(), source }
 }
 
-fn checkpoint_error(path: &Path, message: String) -> TrainError {
+pub(crate) fn checkpoint_error(path: &Path, message: String) -> TrainError {
     TrainError::Checkpoint { path: path.to_path_buf(), message }
 }
 
 /// A candle error's message without the backtrace `bail!` attaches under `RUST_BACKTRACE`.
-fn candle_message(err: &candle_core::Error) -> String {
+pub(crate) fn candle_message(err: &candle_core::Error) -> String {
     match err {
         candle_core::Error::WithBacktrace { inner, .. } => candle_message(inner),
         other => other.to_string(),

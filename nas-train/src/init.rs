@@ -25,7 +25,7 @@ use candle_core::{Device, Tensor};
 use candle_nn::VarMap;
 use serde::Serialize;
 
-use crate::checkpoint::{read_checkpoint_tensors, STATE_FILE};
+use crate::checkpoint::{candle_message, checkpoint_error, read_checkpoint_tensors, STATE_FILE};
 use crate::TrainError;
 
 /// The name prefixes of the variables that may keep their fresh initialisation: the
@@ -172,18 +172,6 @@ fn read_source(source: &Path) -> Result<(PathBuf, HashMap<String, Tensor>), Trai
         checkpoint_error(source, format!("not a readable safetensors file: {}", candle_message(&err)))
     })?;
     Ok((source.to_path_buf(), tensors))
-}
-
-fn checkpoint_error(path: &Path, message: String) -> TrainError {
-    TrainError::Checkpoint { path: path.to_path_buf(), message }
-}
-
-/// A candle error's message without the backtrace `bail!` attaches under `RUST_BACKTRACE`.
-fn candle_message(err: &candle_core::Error) -> String {
-    match err {
-        candle_core::Error::WithBacktrace { inner, .. } => candle_message(inner),
-        other => other.to_string(),
-    }
 }
 
 #[cfg(test)]
