@@ -20,18 +20,9 @@ pub struct InferArgs {
     /// Weights in safetensors, with timm's `nasnet.py` names.
     #[arg(long = "timm-checkpoint", visible_alias = "weights")]
     pub weights: PathBuf,
-    /// The skeleton: `large` for timm's `nasnetalarge`, or any `--net` value.
-    #[arg(long, default_value = "large")]
-    pub net: String,
-    /// timm's `num_features`: filters of the penultimate layer (P).
-    #[arg(long)]
-    pub num_features: Option<usize>,
-    /// timm's `stem_size`: filters of the ImageNet stem conv.
-    #[arg(long)]
-    pub stem_size: Option<usize>,
-    /// Number of classes of the checkpoint.
-    #[arg(long)]
-    pub classes: Option<usize>,
+    /// The network the weights belong to.
+    #[command(flatten)]
+    pub timm: TimmNet,
     /// A float32 NCHW batch in `.npy` format.
     #[arg(long, conflicts_with = "image")]
     pub input: Option<PathBuf>,
@@ -49,21 +40,39 @@ pub struct InferArgs {
     pub labels: Option<PathBuf>,
 }
 
+/// The network of a timm NASNet-A checkpoint (`nas infer`, `nas predict`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct TimmNet {
+    /// The skeleton: `large` for timm's `nasnetalarge`, or any `--net` value.
+    #[arg(long, default_value = "large")]
+    pub net: String,
+    /// timm's `num_features`: filters of the penultimate layer (P).
+    #[arg(long)]
+    pub num_features: Option<usize>,
+    /// timm's `stem_size`: filters of the ImageNet stem conv.
+    #[arg(long)]
+    pub stem_size: Option<usize>,
+    /// Number of classes of the checkpoint (`nas predict`: default, the number of labels).
+    #[arg(long)]
+    pub classes: Option<usize>,
+}
+
 /// The network config `nas infer` builds: `--net`, then timm's `num_features` (P),
 /// `stem_size` (the ImageNet stem's filters) and `num_classes`; no aux head.
 pub fn config(spec: &CellSpec, args: &InferArgs) -> Result<NetworkConfig> {
-    let mut config = NetworkConfig::parse_net(&args.net, spec)?;
-    if let Some(p) = args.num_features {
+    let timm = &args.timm;
+    let mut config = NetworkConfig::parse_net(&timm.net, spec)?;
+    if let Some(p) = timm.num_features {
         let n = config.n;
         config = config.with_size(NetSize { n, penultimate_filters: p }, spec)?;
     }
-    if let Some(s) = args.stem_size {
+    if let Some(s) = timm.stem_size {
         config.stem_multiplier = match config.stem {
             Stem::ImageNet => s as f64 / 32.0,
             Stem::Cifar => s as f64 / config.num_conv_filters as f64,
         };
     }
-    if let Some(c) = args.classes {
+    if let Some(c) = timm.classes {
         config.num_classes = c;
     }
     config.use_aux_head = false;

@@ -307,18 +307,9 @@ pub struct PredictArgs {
     /// Class names, one per line (required with --timm-checkpoint; overrides classes.json).
     #[arg(long)]
     pub labels: Option<PathBuf>,
-    /// timm's skeleton.
-    #[arg(long, default_value = "large")]
-    pub net: String,
-    /// timm's `num_features`.
-    #[arg(long)]
-    pub num_features: Option<usize>,
-    /// timm's `stem_size`.
-    #[arg(long)]
-    pub stem_size: Option<usize>,
-    /// Classes of the timm checkpoint (default: the number of labels).
-    #[arg(long)]
-    pub classes: Option<usize>,
+    /// The network of the timm checkpoint.
+    #[command(flatten)]
+    pub timm: crate::infer::TimmNet,
     /// Input side for --timm-checkpoint (default: the skeleton's own).
     #[arg(long)]
     pub image_size: Option<usize>,
@@ -342,15 +333,12 @@ pub fn predict(args: &PredictArgs, load_cell: &dyn Fn(&str) -> Result<CellSpec>,
         let Some(labels) = &args.labels else {
             bail!("--timm-checkpoint needs --labels FILE (one class name per line)")
         };
-        let classes = args.classes.unwrap_or(read_names(labels)?.len());
+        let classes = args.timm.classes.unwrap_or(read_names(labels)?.len());
         for image in &args.images {
             let infer = crate::infer::InferArgs {
                 cell: "nasnet-a".into(),
                 weights: weights.clone(),
-                net: args.net.clone(),
-                num_features: args.num_features,
-                stem_size: args.stem_size,
-                classes: Some(classes),
+                timm: crate::infer::TimmNet { classes: Some(classes), ..args.timm.clone() },
                 input: None,
                 logits_out: None,
                 image: Some(image.clone()),
