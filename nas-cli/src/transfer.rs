@@ -241,14 +241,12 @@ pub fn plot_curves(dir: &Path) -> Result<PathBuf> {
     use plotters::prelude::*;
     let (train, eval) = read_metrics(dir)?;
     let path = dir.join("curves.svg");
-    let steps_per_epoch = {
-        let cfg = run::read_run_config(dir).ok();
-        let last = train.last().map(|l| (l.step, l.epoch));
-        match (cfg, last) {
-            (_, Some((step, epoch))) if epoch > 0 => step as f64 / (epoch as f64 + 1.0),
-            _ => 1.0,
-        }
-    };
+    // The run's report (written before the plot) knows its steps and epochs exactly.
+    let report: run::RunReport = std::fs::read_to_string(dir.join(run::files::REPORT))
+        .ok()
+        .and_then(|text| serde_json::from_str(&text).ok())
+        .with_context(|| format!("{} has no readable {}", dir.display(), run::files::REPORT))?;
+    let steps_per_epoch = report.steps as f64 / report.epochs.max(1e-9);
     let loss: Vec<(f64, f64)> = train.iter().map(|l| (l.step as f64 / steps_per_epoch.max(1.0), l.loss)).collect();
     let top1: Vec<(f64, f64)> = eval.iter().map(|e| (e.epoch as f64, e.metrics.top1)).collect();
     let top5: Vec<(f64, f64)> = eval.iter().map(|e| (e.epoch as f64, e.metrics.top5)).collect();

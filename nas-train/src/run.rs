@@ -525,7 +525,6 @@ fn run_inner(
     let mut window = Window { started: Some(Instant::now()), ..Window::default() };
     let mut last_loss = None;
     let mut images_trained = 0u64;
-    let mut evals: Vec<EvalLine> = Vec::new();
     let mut recent: Vec<StepMetrics> = Vec::new();
     let evaluate = |trainer: &mut Trainer, epoch: u64, log: &mut MetricsLog, reporter: &mut dyn Reporter| {
         let t = Instant::now();
@@ -634,7 +633,7 @@ fn run_inner(
             break;
         }
         if recipe.eval_every_epochs > 0 && epoch % recipe.eval_every_epochs == 0 {
-            evals.push(evaluate(&mut trainer, epoch, &mut log, reporter)?);
+            evaluate(&mut trainer, epoch, &mut log, reporter)?;
         }
         if recipe.checkpoint_every_epochs > 0 && epoch % recipe.checkpoint_every_epochs == 0 {
             save(&trainer, epoch, offset)?;
@@ -643,11 +642,14 @@ fn run_inner(
     }
     let final_eval = evaluate(&mut trainer, epoch, &mut log, reporter)?;
     save(&trainer, epoch, offset)?;
-    evals.push(final_eval.clone());
-    let best_eval = previous_evals(&dir.join(files::METRICS))?
-        .into_iter()
-        .chain(evals)
-        .fold(final_eval.clone(), |best, e| if e.metrics.top1 > best.metrics.top1 { e } else { best });
+    // Every evaluation of the run, this process's and earlier ones', is in metrics.jsonl.
+    let best_eval = read_metrics(dir)?.1.into_iter().fold(final_eval.clone(), |best, e| {
+        if e.metrics.top1 > best.metrics.top1 {
+            e
+        } else {
+            best
+        }
+    });
     let train_seconds = started.elapsed().as_secs_f64();
     let report = RunReport {
         dir: dir.to_path_buf(),
@@ -665,22 +667,6 @@ fn run_inner(
     write_atomic(&path, &to_json(&report, &path)?)?;
     write_atomic(&dir.join(files::REPORT_MD), &report_markdown(config, &network, &report))?;
     Ok(report)
-}
-
-/// Every `eval` line already in a metrics file.
-fn previous_evals(path: &Path) -> Result<Vec<EvalLine>, TrainError> {
-    let Ok(file) = File::open(path) else { return Ok(Vec::new()) };
-    let mut out = Vec::new();
-    for line in BufReader::new(file).lines() {
-        let line = line.map_err(io_err(path))?;
-        let Ok(value) = serde_json::from_str::<serde_json::Value>(&line) else { continue };
-        if value.get("kind").and_then(serde_json::Value::as_str) == Some("eval") {
-            if let Ok(e) = serde_json::from_value(value) {
-                out.push(e);
-            }
-        }
-    }
-    Ok(out)
 }
 
 /// Reads every line of a run's `metrics.jsonl` (for plots and reports).

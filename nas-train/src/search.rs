@@ -185,6 +185,32 @@ pub mod worker_files {
     pub const LOG: &str = "worker.log";
 }
 
+impl Executor {
+    /// Trains `trial` as one of `workers` children running at once (a worker process gets
+    /// cores / workers threads); a panic becomes a failed outcome, never a lost result.
+    pub fn run(&self, trial: &Trial, workers: usize, stop: &Arc<AtomicBool>) -> TrialResult {
+        let work = || match self {
+            Executor::Threads => run_trial(trial, Some(stop.clone())),
+            Executor::Processes { program } => {
+                let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+                run_trial_process(program, trial, (cores / workers.max(1)).max(1), stop)
+            }
+        };
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)).unwrap_or_else(|panic| {
+            let reason = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "unknown panic".into());
+            TrialResult {
+                id: trial.id,
+                outcome: Outcome::Failed { reason: format!("panicked: {reason}") },
+                seconds: 0.0,
+            }
+        })
+    }
+}
+
 /// Trains `trial` in a worker process of `program` with `threads` threads.
 fn run_trial_process(program: &Path, trial: &Trial, threads: usize, stop: &AtomicBool) -> TrialResult {
     let started = Instant::now();
@@ -485,11 +511,6 @@ impl JournalSummary {
         self.results.len() + self.failed.len()
     }
 
-    /// Whether `id` has a result or a failure.
-    pub fn is_done(&self, id: u64) -> bool {
-        self.failed.contains_key(&id) || self.results.iter().any(|r| r.id == id)
-    }
-
     /// The best `k` distinct cells (by canonical hash) by reward, best first.
     pub fn top(&self, k: usize) -> Vec<Scored> {
         let mut best: HashMap<&str, &Scored> = HashMap::new();
@@ -684,9 +705,8 @@ fn run_search_inner(
     let trial_rx = Arc::new(std::sync::Mutex::new(trial_rx));
     let stop_flag = stop.unwrap_or_else(|| Arc::new(AtomicBool::new(false)));
     let mut handles = Vec::new();
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let threads = (cores / config.workers).max(1);
-    for w in 0..config.workers {
+    let workers = config.workers;
+    for w in 0..workers {
         let executor = executor.clone();
         let rx = trial_rx.clone();
         let tx = result_tx.clone();
@@ -698,20 +718,7 @@ fn run_search_inner(
                     Ok(trial) => trial,
                     Err(_) => return,
                 };
-                let id = trial.id;
-                let work = || match &executor {
-                    Executor::Threads => run_trial(&trial, Some(stop.clone())),
-                    Executor::Processes { program } => run_trial_process(program, &trial, threads, &stop),
-                };
-                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)).unwrap_or_else(|panic| {
-                    let reason = panic
-                        .downcast_ref::<String>()
-                        .cloned()
-                        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                        .unwrap_or_else(|| "unknown panic".into());
-                    TrialResult { id, outcome: Outcome::Failed { reason: format!("panicked: {reason}") }, seconds: 0.0 }
-                });
-                if tx.send(result).is_err() {
+                if tx.send(executor.run(&trial, workers, &stop)).is_err() {
                     return;
                 }
             })
@@ -925,8 +932,6 @@ fn retrain_top(
         })
         .collect();
     let next = std::sync::atomic::AtomicUsize::new(0);
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let threads = (cores / config.workers).max(1);
     let (tx, rx) = mpsc::channel::<TrialResult>();
     let mut stopped = false;
     std::thread::scope(|scope| -> Result<(), TrainError> {
@@ -936,11 +941,7 @@ fn retrain_top(
             scope.spawn(move || loop {
                 let k = next.fetch_add(1, Ordering::SeqCst);
                 let Some(trial) = trials.get(k) else { return };
-                let result = match executor {
-                    Executor::Threads => run_trial(trial, Some(stop.clone())),
-                    Executor::Processes { program } => run_trial_process(program, trial, threads, stop),
-                };
-                if tx.send(result).is_err() {
+                if tx.send(executor.run(trial, config.workers, stop)).is_err() {
                     return;
                 }
             });
