@@ -14,7 +14,7 @@ use nas_space::{render, NetworkConfig};
 use nas_train::data::{DataSource, EvalSplit};
 use nas_train::recipe::Recipe;
 use nas_train::search::{
-    self, files, read_journal, Executor, JournalEvent, JournalSummary, Retrain, Scored, SearchConfig, SearchLog,
+    self, files, read_journal, JournalEvent, LocalExecutor, JournalSummary, Retrain, Scored, SearchConfig, SearchLog,
     SearchReporter, Trial,
 };
 
@@ -217,19 +217,19 @@ pub fn run(args: &SearchArgs, out: &mut String) -> Result<()> {
     let mut reporter = reporter(args.progress);
     let name = args.strategy.as_str();
     let dir = args.out.join(name);
-    let executor = if args.in_process {
-        Executor::Threads
+    let mut executor = if args.in_process {
+        LocalExecutor::threads()
     } else {
-        Executor::Processes { program: std::env::current_exe().context("finding the nas binary for its workers")? }
+        LocalExecutor::processes(std::env::current_exe().context("finding the nas binary for its workers")?)
     };
     let outcome = if args.resume {
         if !dir.join(files::CONFIG).exists() {
             bail!("{} holds no {name} search to resume", dir.display());
         }
-        search::resume_search(&dir, Some(args.children), &executor, Some(stop), reporter.as_mut())?
+        search::resume_search(&dir, Some(args.children), &mut executor, Some(stop), reporter.as_mut())?
     } else {
         let config = search_config(args)?;
-        search::search(&dir, &config, &executor, Some(stop), reporter.as_mut())?
+        search::search(&dir, &config, &mut executor, Some(stop), reporter.as_mut())?
     };
     let config = search::read_search_config(&dir)?;
     write_pictures(&dir, &outcome.summary, config.top_k)?;

@@ -39,6 +39,9 @@ pub enum TrainError {
     /// The settings would need more memory than the machine has.
     #[error("these settings need about {estimate} of memory ({detail}) but {available} is available; lower the batch size or the network, or force it")]
     Memory { estimate: String, available: String, detail: String },
+    /// A cluster scheduler's command failed (Slurm's `sbatch`, say).
+    #[error("{command}: {message}")]
+    Scheduler { command: String, message: String },
     /// A checkpoint does not fit what is being resumed.
     #[error("checkpoint {path}: {message}")]
     Checkpoint { path: PathBuf, message: String },

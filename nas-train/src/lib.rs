@@ -9,6 +9,7 @@ pub mod checkpoint;
 pub mod data;
 mod error;
 pub mod eval;
+pub mod executor;
 pub mod init;
 pub mod optim;
 pub mod recipe;

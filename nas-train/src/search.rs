@@ -34,7 +34,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use nas_controller::{has_saved_strategy, load_strategy, new_strategy, Proposal, Strategy, StrategyConfig};
@@ -43,6 +43,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::data::DataSource;
+pub use crate::executor::{Executor, LocalExecutor, LocalMode};
 use crate::recipe::Recipe;
 use crate::run::{self, write_atomic, RunConfig, RunOptions, Silent};
 use crate::TrainError;
@@ -158,131 +159,6 @@ pub enum Outcome {
     Failed { reason: String },
     /// Stopped from outside before it finished; it will be resumed.
     Interrupted,
-}
-
-/// Where the children of a search are trained.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub enum Executor {
-    /// In this process, one thread per worker. The children share candle's and rayon's
-    /// thread pools, which serialise them: right for one worker, slow for several.
-    #[default]
-    Threads,
-    /// One `PROGRAM worker --trial FILE --out FILE` process per child (the `nas` binary),
-    /// each with cores / workers threads, so children run truly in parallel and a crash
-    /// stays in its process. The trial, the result and the worker's log stay in the child's
-    /// directory; a result file left by a worker whose result was not yet journaled is used
-    /// on resume instead of training again.
-    Processes { program: PathBuf },
-}
-
-/// The file names of a child trained by a worker process.
-pub mod worker_files {
-    /// The trial the worker reads.
-    pub const TRIAL: &str = "trial.json";
-    /// The result the worker writes (atomically).
-    pub const RESULT: &str = "result.json";
-    /// The worker's standard output and error.
-    pub const LOG: &str = "worker.log";
-}
-
-impl Executor {
-    /// Trains `trial` as one of `workers` children running at once (a worker process gets
-    /// cores / workers threads); a panic becomes a failed outcome, never a lost result.
-    pub fn run(&self, trial: &Trial, workers: usize, stop: &Arc<AtomicBool>) -> TrialResult {
-        let work = || match self {
-            Executor::Threads => run_trial(trial, Some(stop.clone())),
-            Executor::Processes { program } => {
-                let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-                run_trial_process(program, trial, (cores / workers.max(1)).max(1), stop)
-            }
-        };
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)).unwrap_or_else(|panic| {
-            let reason = panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "unknown panic".into());
-            TrialResult {
-                id: trial.id,
-                outcome: Outcome::Failed { reason: format!("panicked: {reason}") },
-                seconds: 0.0,
-            }
-        })
-    }
-}
-
-/// Trains `trial` in a worker process of `program` with `threads` threads.
-fn run_trial_process(program: &Path, trial: &Trial, threads: usize, stop: &AtomicBool) -> TrialResult {
-    let started = Instant::now();
-    let failed = |reason: String| TrialResult {
-        id: trial.id,
-        outcome: Outcome::Failed { reason },
-        seconds: started.elapsed().as_secs_f64(),
-    };
-    let result_path = trial.dir.join(worker_files::RESULT);
-    if let Ok(text) = fs::read_to_string(&result_path) {
-        if let Ok(result @ TrialResult { outcome: Outcome::Trained { .. }, .. }) = serde_json::from_str(&text) {
-            return result;
-        }
-    }
-    if let Err(err) = fs::create_dir_all(&trial.dir) {
-        return failed(format!("{}: {err}", trial.dir.display()));
-    }
-    let trial_path = trial.dir.join(worker_files::TRIAL);
-    if let Err(err) = write_atomic(&trial_path, &serde_json::to_string_pretty(trial).expect("trials serialise")) {
-        return failed(err.to_string());
-    }
-    let _ = fs::remove_file(&result_path);
-    let log_path = trial.dir.join(worker_files::LOG);
-    let log = match File::create(&log_path) {
-        Ok(f) => f,
-        Err(err) => return failed(format!("{}: {err}", log_path.display())),
-    };
-    let spawned = std::process::Command::new(program)
-        .arg("worker")
-        .arg("--trial")
-        .arg(&trial_path)
-        .arg("--out")
-        .arg(&result_path)
-        .env("RAYON_NUM_THREADS", threads.to_string())
-        .env("CANDLE_NUM_THREADS", threads.to_string())
-        .env("NAS_WORKER_OF_SEARCH", std::process::id().to_string())
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(log)
-        .spawn();
-    let mut child = match spawned {
-        Ok(child) => child,
-        Err(err) => return failed(format!("cannot start {}: {err}", program.display())),
-    };
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break status,
-            Ok(None) => {}
-            Err(err) => return failed(format!("waiting for the worker: {err}")),
-        }
-        if stop.load(Ordering::Relaxed) {
-            let _ = child.kill();
-            let _ = child.wait();
-            return TrialResult {
-                id: trial.id,
-                outcome: Outcome::Interrupted,
-                seconds: started.elapsed().as_secs_f64(),
-            };
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    };
-    match fs::read_to_string(&result_path).ok().and_then(|text| serde_json::from_str::<TrialResult>(&text).ok()) {
-        Some(result) if result.id == trial.id => result,
-        _ => {
-            let tail: String = fs::read_to_string(&log_path)
-                .map(|log| {
-                    log.lines().rev().take(5).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join(" | ")
-                })
-                .unwrap_or_default();
-            failed(format!("worker exited with {status} without a result ({}): {tail}", log_path.display()))
-        }
-    }
 }
 
 /// Trains one trial in its directory (resuming it when a checkpoint is there) and
@@ -584,7 +460,7 @@ pub struct SearchOutcome {
 pub fn search(
     dir: &Path,
     config: &SearchConfig,
-    executor: &Executor,
+    executor: &mut dyn Executor,
     stop: Option<Arc<AtomicBool>>,
     reporter: &mut dyn SearchReporter,
 ) -> Result<SearchOutcome, TrainError> {
@@ -617,7 +493,7 @@ pub fn read_search_config(dir: &Path) -> Result<SearchConfig, TrainError> {
 pub fn resume_search(
     dir: &Path,
     children: Option<usize>,
-    executor: &Executor,
+    executor: &mut dyn Executor,
     stop: Option<Arc<AtomicBool>>,
     reporter: &mut dyn SearchReporter,
 ) -> Result<SearchOutcome, TrainError> {
@@ -651,7 +527,7 @@ fn proposal_event(p: &Proposal) -> JournalEvent {
 fn run_search(
     dir: &Path,
     config: &SearchConfig,
-    executor: &Executor,
+    executor: &mut dyn Executor,
     resumed: bool,
     stop: Option<Arc<AtomicBool>>,
     reporter: &mut dyn SearchReporter,
@@ -664,7 +540,7 @@ fn run_search(
 fn run_search_inner(
     dir: &Path,
     config: &SearchConfig,
-    executor: &Executor,
+    executor: &mut dyn Executor,
     resumed: bool,
     stop: Option<Arc<AtomicBool>>,
     reporter: &mut dyn SearchReporter,
@@ -700,38 +576,51 @@ fn run_search_inner(
     strategy.save(&strategy_dir).map_err(controller_err(dir))?;
     reporter.start(dir, summary.done(), config.children);
 
-    let (result_tx, result_rx) = mpsc::channel::<TrialResult>();
-    let (trial_tx, trial_rx) = mpsc::channel::<Trial>();
-    let trial_rx = Arc::new(std::sync::Mutex::new(trial_rx));
     let stop_flag = stop.unwrap_or_else(|| Arc::new(AtomicBool::new(false)));
-    let mut handles = Vec::new();
-    let workers = config.workers;
-    for w in 0..workers {
-        let executor = executor.clone();
-        let rx = trial_rx.clone();
-        let tx = result_tx.clone();
-        let stop = stop_flag.clone();
-        let handle = std::thread::Builder::new()
-            .name(format!("nas-worker-{w}"))
-            .spawn(move || loop {
-                let trial = match rx.lock().expect("trial queue lock").recv() {
-                    Ok(trial) => trial,
-                    Err(_) => return,
-                };
-                if tx.send(executor.run(&trial, workers, &stop)).is_err() {
-                    return;
-                }
-            })
-            .map_err(|source| TrainError::Io { path: dir.to_path_buf(), source })?;
-        handles.push(handle);
+    executor.start(dir, config, &stop_flag)?;
+    let outcome = search_loop(dir, config, executor, &stop_flag, &mut *strategy, &mut journal, &mut summary, queue, reporter);
+    let complete = match outcome {
+        Ok(complete) => complete,
+        Err(err) => {
+            executor.abandon();
+            return Err(err);
+        }
+    };
+    let mut complete = complete;
+    if complete {
+        if let Some(retrain) = config.retrain {
+            complete = retrain_top(dir, config, retrain, executor, &mut journal, &mut summary, reporter)?;
+        }
     }
-    drop(result_tx);
+    if complete {
+        let s = &summary;
+        let trained = s.results.iter().filter(|r| !r.cached).count();
+        let cached = s.results.len() - trained;
+        journal.append(&JournalEvent::End { time: now(), trained, cached, failed: s.failed.len() })?;
+    }
+    write_best(dir, &summary, config.top_k)?;
+    Ok(SearchOutcome { dir: dir.to_path_buf(), summary, complete })
+}
 
+/// Proposes, schedules and settles children until the budget is spent (true) or the search
+/// is stopped (false).
+#[allow(clippy::too_many_arguments)]
+fn search_loop(
+    dir: &Path,
+    config: &SearchConfig,
+    executor: &mut dyn Executor,
+    stop_flag: &Arc<AtomicBool>,
+    strategy: &mut dyn Strategy,
+    journal: &mut Journal,
+    summary: &mut JournalSummary,
+    mut queue: VecDeque<Proposal>,
+    reporter: &mut dyn SearchReporter,
+) -> Result<bool, TrainError> {
+    let strategy_dir = dir.join(files::STRATEGY);
     let children_dir = dir.join(files::CHILDREN);
     let mut in_flight: HashMap<u64, (String, Instant)> = HashMap::new();
     let mut waiting: Vec<Proposal> = Vec::new(); // identical to a child in flight
-    let mut complete = false;
-    let outcome = loop {
+    loop {
         // Settle what can be settled without training, then hand out work.
         let stopping = stop_flag.load(Ordering::Relaxed);
         let mut scheduled_any = false;
@@ -751,6 +640,7 @@ fn run_search_inner(
                     }
                 }
             }
+            let mut batch = Vec::new();
             while let Some(p) = queue.front() {
                 let hash = p.spec.canonical_hash().to_string();
                 if let Some(prev) = summary.results.iter().find(|r| r.hash == hash && !r.cached).cloned() {
@@ -765,7 +655,7 @@ fn run_search_inner(
                         seconds: 0.0,
                         cached_from: Some(prev.id),
                     };
-                    settle(&mut journal, &mut *strategy, &strategy_dir, &mut summary, &event, dir)?;
+                    settle(journal, strategy, &strategy_dir, summary, &event, dir)?;
                     reporter.child(&event, summary.done(), summary.top(1).first());
                     scheduled_any = true;
                     continue;
@@ -779,32 +669,33 @@ fn run_search_inner(
                     break;
                 }
                 let p = queue.pop_front().expect("front exists");
-                let trial = Trial {
+                batch.push(Trial {
                     id: p.id,
                     spec: p.spec.clone(),
                     recipe: config.child.clone(),
                     data: config.data.clone(),
                     seed: config.seed.wrapping_mul(1_000_003).wrapping_add(p.id),
                     dir: children_dir.join(format!("{:05}", p.id)),
-                };
+                });
                 journal.append(&JournalEvent::Started { id: p.id, time: now() })?;
                 in_flight.insert(p.id, (hash, Instant::now()));
-                trial_tx.send(trial).expect("workers are alive while the loop runs");
                 scheduled_any = true;
+            }
+            if !batch.is_empty() {
+                executor.submit(batch, &mut |line| reporter.message(line))?;
             }
         }
         if in_flight.is_empty() {
             if stopping {
-                break Ok(());
+                return Ok(false);
             }
             if summary.done() >= config.children && waiting.is_empty() {
-                complete = true;
-                break Ok(());
+                return Ok(true);
             }
             if !scheduled_any && queue.is_empty() {
                 // The strategy proposes nothing and nothing is running: it waits for rewards
                 // that will never come.
-                break Err(TrainError::Config {
+                return Err(TrainError::Config {
                     field: "strategy",
                     message: format!(
                         "{} proposes nothing with no child in flight ({} of {} done)",
@@ -816,55 +707,43 @@ fn run_search_inner(
             }
             continue;
         }
-        let Ok(result) = result_rx.recv() else { break Ok(()) };
-        in_flight.remove(&result.id);
-        let event = match result.outcome {
-            Outcome::Trained { reward, top1, top5, loss, params } => JournalEvent::Result {
-                id: result.id,
-                reward,
-                top1: Some(top1),
-                top5: Some(top5),
-                loss: Some(loss),
-                params: Some(params),
-                seconds: result.seconds,
-                cached_from: None,
-            },
-            Outcome::Failed { reason } => JournalEvent::Failed { id: result.id, reason, seconds: result.seconds },
-            Outcome::Interrupted => continue,
-        };
-        settle(&mut journal, &mut *strategy, &strategy_dir, &mut summary, &event, dir)?;
-        reporter.child(&event, summary.done(), summary.top(1).first());
-        // Proposals that waited for this cell take its reward now (or go back to the queue
-        // when it failed).
-        let hash = summary.proposals[&result.id].spec.canonical_hash().to_string();
-        let (same, rest): (Vec<Proposal>, Vec<Proposal>) =
-            waiting.drain(..).partition(|p| p.spec.canonical_hash().to_string() == hash);
-        waiting = rest;
-        for p in same.into_iter().rev() {
-            queue.push_front(p);
-        }
-    };
-    drop(trial_tx);
-    if outcome.is_err() {
-        stop_flag.store(true, Ordering::Relaxed);
-    }
-    for handle in handles {
-        let _ = handle.join();
-    }
-    outcome?;
-    if complete {
-        if let Some(retrain) = config.retrain {
-            complete = retrain_top(dir, config, retrain, executor, &stop_flag, &mut journal, &mut summary, reporter)?;
+        for result in executor.wait(&mut |line| reporter.message(line))? {
+            if in_flight.remove(&result.id).is_none() {
+                continue; // not ours to settle (cannot happen with a well-behaved executor)
+            }
+            let event = match result.outcome {
+                Outcome::Trained { reward, top1, top5, loss, params } => JournalEvent::Result {
+                    id: result.id,
+                    reward,
+                    top1: Some(top1),
+                    top5: Some(top5),
+                    loss: Some(loss),
+                    params: Some(params),
+                    seconds: result.seconds,
+                    cached_from: None,
+                },
+                Outcome::Failed { reason } => JournalEvent::Failed { id: result.id, reason, seconds: result.seconds },
+                // Stopped with the search: trained again (or resumed) by `--resume`.
+                Outcome::Interrupted if stop_flag.load(Ordering::Relaxed) => continue,
+                Outcome::Interrupted => JournalEvent::Failed {
+                    id: result.id,
+                    reason: "stopped from outside the search (its worker was signalled)".into(),
+                    seconds: result.seconds,
+                },
+            };
+            settle(journal, strategy, &strategy_dir, summary, &event, dir)?;
+            reporter.child(&event, summary.done(), summary.top(1).first());
+            // Proposals that waited for this cell take its reward now (or go back to the
+            // queue when it failed).
+            let hash = summary.proposals[&result.id].spec.canonical_hash().to_string();
+            let (same, rest): (Vec<Proposal>, Vec<Proposal>) =
+                waiting.drain(..).partition(|p| p.spec.canonical_hash().to_string() == hash);
+            waiting = rest;
+            for p in same.into_iter().rev() {
+                queue.push_front(p);
+            }
         }
     }
-    if complete {
-        let s = &summary;
-        let trained = s.results.iter().filter(|r| !r.cached).count();
-        let cached = s.results.len() - trained;
-        journal.append(&JournalEvent::End { time: now(), trained, cached, failed: s.failed.len() })?;
-    }
-    write_best(dir, &summary, config.top_k)?;
-    Ok(SearchOutcome { dir: dir.to_path_buf(), summary, complete })
 }
 
 /// Journals `event`, then tells the strategy and saves it.
@@ -899,14 +778,13 @@ fn settle(
 }
 
 /// Trains the best `retrain.top` distinct cells again for `retrain.epochs` epochs (those not
-/// re-trained yet), journaling each as `retrained`. Returns false when stopped.
-#[allow(clippy::too_many_arguments)]
+/// re-trained yet), `workers` at a time, journaling each as `retrained`. Returns false when
+/// stopped.
 fn retrain_top(
     dir: &Path,
     config: &SearchConfig,
     retrain: Retrain,
-    executor: &Executor,
-    stop: &Arc<AtomicBool>,
+    executor: &mut dyn Executor,
     journal: &mut Journal,
     summary: &mut JournalSummary,
     reporter: &mut dyn SearchReporter,
@@ -920,7 +798,7 @@ fn retrain_top(
     let mut recipe = config.child.clone();
     recipe.epochs = retrain.epochs;
     recipe.max_steps = None;
-    let trials: Vec<Trial> = todo
+    let mut trials: VecDeque<Trial> = todo
         .iter()
         .map(|s| Trial {
             id: s.id,
@@ -931,47 +809,34 @@ fn retrain_top(
             dir: dir.join("retrain").join(format!("{:05}", s.id)),
         })
         .collect();
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let (tx, rx) = mpsc::channel::<TrialResult>();
+    let mut in_flight = 0;
     let mut stopped = false;
-    std::thread::scope(|scope| -> Result<(), TrainError> {
-        for _ in 0..config.workers.min(trials.len()) {
-            let tx = tx.clone();
-            let (trials, next) = (&trials, &next);
-            scope.spawn(move || loop {
-                let k = next.fetch_add(1, Ordering::SeqCst);
-                let Some(trial) = trials.get(k) else { return };
-                if tx.send(executor.run(trial, config.workers, stop)).is_err() {
-                    return;
-                }
-            });
+    loop {
+        if !stopped {
+            let n = trials.len().min(config.workers.saturating_sub(in_flight));
+            if n > 0 {
+                in_flight += n;
+                executor.submit(trials.drain(..n).collect(), &mut |line| reporter.message(line))?;
+            }
         }
-        drop(tx);
-        for result in rx {
-            let event = match result.outcome {
-                Outcome::Trained { top1, .. } => {
-                    JournalEvent::Retrained { id: result.id, reward: Some(top1), reason: None, seconds: result.seconds }
-                }
-                Outcome::Failed { reason } => JournalEvent::Retrained {
-                    id: result.id,
-                    reward: None,
-                    reason: Some(reason),
-                    seconds: result.seconds,
-                },
+        if in_flight == 0 {
+            return Ok(!stopped);
+        }
+        for result in executor.wait(&mut |line| reporter.message(line))? {
+            in_flight -= 1;
+            let (reward, reason) = match result.outcome {
+                Outcome::Trained { top1, .. } => (Some(top1), None),
+                Outcome::Failed { reason } => (None, Some(reason)),
                 Outcome::Interrupted => {
                     stopped = true;
                     continue;
                 }
             };
-            journal.append(&event)?;
-            if let JournalEvent::Retrained { id, reward, .. } = &event {
-                summary.retrained.insert(*id, *reward);
-            }
-            reporter.message(&format!("re-trained child {}: {:?}", result.id, summary.retrained[&result.id]));
+            journal.append(&JournalEvent::Retrained { id: result.id, reward, reason, seconds: result.seconds })?;
+            summary.retrained.insert(result.id, reward);
+            reporter.message(&format!("re-trained child {}: {:?}", result.id, reward));
         }
-        Ok(())
-    })?;
-    Ok(!stopped)
+    }
 }
 
 /// Writes `best.json` and `top.json` from the journal.
@@ -1071,7 +936,7 @@ mod tests {
         let strategy =
             StrategyConfig::Evolution(EvolutionConfig { population_size: 3, sample_size: 2, failure_reward: None });
         let with_retrain = SearchConfig { retrain: Some(Retrain { top: 2, epochs: 2 }), ..config(strategy, 6) };
-        let outcome = search(&dir, &with_retrain, &Executor::Threads, None, &mut Silent2).unwrap();
+        let outcome = search(&dir, &with_retrain, &mut LocalExecutor::threads(), None, &mut Silent2).unwrap();
         assert!(outcome.complete);
         let events = read_journal(&dir.join(files::JOURNAL)).unwrap();
         let results = results_by_id(&events);
@@ -1093,7 +958,7 @@ mod tests {
         assert!(child.join(run::files::REPORT).is_file());
         assert!(!child.join("checkpoint.json").exists());
         let again =
-            search(&dir, &config(StrategyConfig::Random, 6), &Executor::Threads, None, &mut Silent2).unwrap_err();
+            search(&dir, &config(StrategyConfig::Random, 6), &mut LocalExecutor::threads(), None, &mut Silent2).unwrap_err();
         assert!(again.to_string().contains("already holds a search"), "{again}");
         fs::remove_dir_all(&dir).unwrap();
     }
@@ -1106,13 +971,13 @@ mod tests {
         let stop = Arc::new(AtomicBool::new(false));
         let config = config("ppo".parse().unwrap(), 7);
         let outcome =
-            search(&dir, &config, &Executor::Threads, Some(stop.clone()), &mut StopAfter(3, stop.clone())).unwrap();
+            search(&dir, &config, &mut LocalExecutor::threads(), Some(stop.clone()), &mut StopAfter(3, stop.clone())).unwrap();
         assert!(!outcome.complete);
         let before = read_journal(&dir.join(files::JOURNAL)).unwrap();
         let finished: Vec<u64> = results_by_id(&before).into_keys().collect();
         assert!(finished.len() >= 3, "{finished:?}");
 
-        let outcome = resume_search(&dir, None, &Executor::Threads, None, &mut Silent2).unwrap();
+        let outcome = resume_search(&dir, None, &mut LocalExecutor::threads(), None, &mut Silent2).unwrap();
         assert!(outcome.complete);
         let after = read_journal(&dir.join(files::JOURNAL)).unwrap();
         assert_eq!(&after[..before.len()], &before[..], "the journal is only appended to");
