@@ -14,9 +14,10 @@ use nas_space::{render, NetworkConfig};
 use nas_train::data::{DataSource, EvalSplit};
 use nas_train::recipe::Recipe;
 use nas_train::search::{
-    self, files, read_journal, JournalEvent, LocalExecutor, JournalSummary, Retrain, Scored, SearchConfig, SearchLog,
-    SearchReporter, Trial,
+    self, files, read_journal, Executor, JournalEvent, JournalSummary, LocalExecutor, Retrain, Scored, SearchConfig,
+    SearchLog, SearchReporter, Trial,
 };
+use nas_train::slurm::{self, SlurmConfig, SlurmExecutor};
 
 use crate::train::{stop_on_ctrl_c, Progress};
 
@@ -29,7 +30,8 @@ pub struct SearchArgs {
     /// Children to evaluate (the paper: 20,000).
     #[arg(long, default_value_t = 40)]
     pub children: usize,
-    /// Children trained at once (default: the number of cores).
+    /// Children trained at once (default: the number of cores; with Slurm, 20, the
+    /// paper's controller batch).
     #[arg(long)]
     pub workers: Option<usize>,
     /// Proxy data: `synthetic[:N]` (built in), `cifar10:DIR` or `cifar100:DIR`.
@@ -84,11 +86,124 @@ pub struct SearchArgs {
     #[arg(long, default_value_t = 10)]
     pub retrain_epochs: u64,
     /// Train children in this process (threads) instead of one `nas worker` process each.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "executor")]
     pub in_process: bool,
+    /// Where children are trained: `local` (this machine) or `slurm` (job arrays on a
+    /// cluster; see the README).
+    #[arg(long, value_enum, default_value_t = ExecutorKind::Local)]
+    pub executor: ExecutorKind,
+    #[command(flatten)]
+    pub slurm: SlurmArgs,
     /// How progress is shown.
     #[arg(long, value_enum, default_value_t = Progress::Auto)]
     pub progress: Progress,
+}
+
+/// Where children are trained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExecutorKind {
+    /// This machine: one `nas worker` process per child (threads with --in-process).
+    Local,
+    /// A Slurm cluster: each batch of children is one job array.
+    Slurm,
+}
+
+/// Settings of `--executor slurm`. On `--resume` the settings the search last ran with are
+/// kept unless given again.
+#[derive(Debug, Args, Default)]
+#[command(next_help_heading = "Slurm (with --executor slurm)")]
+pub struct SlurmArgs {
+    /// sbatch --partition.
+    #[arg(long)]
+    pub partition: Option<String>,
+    /// sbatch --gres, e.g. gpu:1.
+    #[arg(long)]
+    pub gres: Option<String>,
+    /// sbatch --time: the limit of one child, e.g. 1:00:00.
+    #[arg(long)]
+    pub time: Option<String>,
+    /// sbatch --cpus-per-task; each worker uses as many threads.
+    #[arg(long)]
+    pub cpus_per_task: Option<usize>,
+    /// sbatch --mem, e.g. 8G.
+    #[arg(long)]
+    pub mem: Option<String>,
+    /// Most tasks per job array (the cluster's MaxArraySize bounds it too).
+    #[arg(long)]
+    pub max_array: Option<usize>,
+    /// Where job files and the children's run directories go: a folder every node sees at
+    /// the same path (default: the search folder, which then must be shared).
+    #[arg(long)]
+    pub shared_dir: Option<PathBuf>,
+    /// Another sbatch argument, passed as it is (repeatable): --sbatch-arg=--account=lab.
+    #[arg(long = "sbatch-arg", allow_hyphen_values = true)]
+    pub sbatch_args: Vec<String>,
+    /// Submissions of a task Slurm lost (crash, time limit, node failure) before its child
+    /// counts as failed (default 2).
+    #[arg(long)]
+    pub retries: Option<u32>,
+    /// Seconds between looks at the queue (default 10).
+    #[arg(long)]
+    pub poll_seconds: Option<f64>,
+    /// The nas binary as the compute nodes see it (default: this one).
+    #[arg(long)]
+    pub worker_program: Option<PathBuf>,
+}
+
+impl SlurmArgs {
+    /// The settings: `saved` (a resumed search's) overridden by what was given.
+    pub fn config(&self, saved: Option<SlurmConfig>) -> Result<SlurmConfig> {
+        let program = match &self.worker_program {
+            Some(p) => p.clone(),
+            None => std::env::current_exe().context("finding the nas binary for the workers")?,
+        };
+        let mut c = saved.unwrap_or_else(|| SlurmConfig::new(program.clone()));
+        if self.worker_program.is_some() {
+            c.program = program;
+        }
+        let set = |slot: &mut Option<String>, value: &Option<String>| {
+            if value.is_some() {
+                slot.clone_from(value);
+            }
+        };
+        set(&mut c.partition, &self.partition);
+        set(&mut c.gres, &self.gres);
+        set(&mut c.time, &self.time);
+        set(&mut c.mem, &self.mem);
+        if self.cpus_per_task.is_some() {
+            c.cpus_per_task = self.cpus_per_task;
+        }
+        if self.max_array.is_some() {
+            c.max_array = self.max_array;
+        }
+        if self.shared_dir.is_some() {
+            c.shared_dir.clone_from(&self.shared_dir);
+        }
+        if !self.sbatch_args.is_empty() {
+            c.sbatch_args.clone_from(&self.sbatch_args);
+        }
+        if let Some(r) = self.retries {
+            c.retries = r;
+        }
+        if let Some(p) = self.poll_seconds {
+            c.poll_seconds = p;
+        }
+        Ok(c)
+    }
+
+    fn any_given(&self) -> bool {
+        self.partition.is_some()
+            || self.gres.is_some()
+            || self.time.is_some()
+            || self.cpus_per_task.is_some()
+            || self.mem.is_some()
+            || self.max_array.is_some()
+            || self.shared_dir.is_some()
+            || !self.sbatch_args.is_empty()
+            || self.retries.is_some()
+            || self.poll_seconds.is_some()
+            || self.worker_program.is_some()
+    }
 }
 
 /// Arguments of `nas worker`.
@@ -97,9 +212,10 @@ pub struct WorkerArgs {
     /// The trial (JSON, as the search writes it).
     #[arg(long)]
     pub trial: PathBuf,
-    /// Where to write the result (JSON, atomically).
+    /// Where to write the result (JSON, atomically; default: result.json in the trial's
+    /// directory).
     #[arg(long)]
-    pub out: PathBuf,
+    pub out: Option<PathBuf>,
 }
 
 /// The search configuration of the arguments.
@@ -144,7 +260,10 @@ pub fn search_config(args: &SearchArgs) -> Result<SearchConfig> {
         child.classifier_init = nas_train::recipe::ClassifierInit::FanIn;
         child.eval_batch_size = 100;
     }
-    let workers = args.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let workers = args.workers.unwrap_or_else(|| match args.executor {
+        ExecutorKind::Local => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        ExecutorKind::Slurm => 20,
+    });
     let config = SearchConfig {
         strategy,
         num_blocks: 5,
@@ -217,19 +336,42 @@ pub fn run(args: &SearchArgs, out: &mut String) -> Result<()> {
     let mut reporter = reporter(args.progress);
     let name = args.strategy.as_str();
     let dir = args.out.join(name);
-    let mut executor = if args.in_process {
-        LocalExecutor::threads()
-    } else {
-        LocalExecutor::processes(std::env::current_exe().context("finding the nas binary for its workers")?)
+    if args.executor == ExecutorKind::Local && args.slurm.any_given() {
+        bail!("the Slurm options need --executor slurm");
+    }
+    let mut executor: Box<dyn Executor> = match args.executor {
+        ExecutorKind::Slurm => {
+            let saved = if args.resume { SlurmConfig::saved(&dir)? } else { None };
+            Box::new(SlurmExecutor::new(args.slurm.config(saved)?))
+        }
+        ExecutorKind::Local => {
+            let live = slurm::live_jobs(&dir)?;
+            if args.resume && !live.is_empty() {
+                bail!(
+                    "{} has children in flight on Slurm (jobs {}): resume it with --executor slurm, or \
+                     cancel them (scancel) and delete {}",
+                    dir.display(),
+                    live.join(", "),
+                    dir.join(slurm::STATE_FILE).display()
+                );
+            }
+            if args.in_process {
+                Box::new(LocalExecutor::threads())
+            } else {
+                Box::new(LocalExecutor::processes(
+                    std::env::current_exe().context("finding the nas binary for its workers")?,
+                ))
+            }
+        }
     };
     let outcome = if args.resume {
         if !dir.join(files::CONFIG).exists() {
             bail!("{} holds no {name} search to resume", dir.display());
         }
-        search::resume_search(&dir, Some(args.children), &mut executor, Some(stop), reporter.as_mut())?
+        search::resume_search(&dir, Some(args.children), executor.as_mut(), Some(stop), reporter.as_mut())?
     } else {
         let config = search_config(args)?;
-        search::search(&dir, &config, &mut executor, Some(stop), reporter.as_mut())?
+        search::search(&dir, &config, executor.as_mut(), Some(stop), reporter.as_mut())?
     };
     let config = search::read_search_config(&dir)?;
     write_pictures(&dir, &outcome.summary, config.top_k)?;
@@ -388,9 +530,10 @@ pub fn worker(args: &WorkerArgs, out: &mut String) -> Result<()> {
     let trial: Trial = serde_json::from_str(&text).with_context(|| format!("in trial {}", args.trial.display()))?;
     let result = search::run_trial(&trial, Some(stop_on_ctrl_c()));
     let json = serde_json::to_string_pretty(&result)?;
-    let tmp = args.out.with_extension("tmp");
+    let path = args.out.clone().unwrap_or_else(|| trial.dir.join(nas_train::executor::worker_files::RESULT));
+    let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, &json).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, &args.out).with_context(|| format!("writing {}", args.out.display()))?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
     use std::fmt::Write as _;
     writeln!(out, "{json}")?;
     Ok(())

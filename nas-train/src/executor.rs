@@ -268,7 +268,11 @@ fn run_trial_process(program: &Path, trial: &Trial, threads: usize, stop: &Atomi
         if stop.load(Ordering::Relaxed) {
             let _ = child.kill();
             let _ = child.wait();
-            return TrialResult { id: trial.id, outcome: Outcome::Interrupted, seconds: started.elapsed().as_secs_f64() };
+            return TrialResult {
+                id: trial.id,
+                outcome: Outcome::Interrupted,
+                seconds: started.elapsed().as_secs_f64(),
+            };
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     };

@@ -578,7 +578,8 @@ fn run_search_inner(
 
     let stop_flag = stop.unwrap_or_else(|| Arc::new(AtomicBool::new(false)));
     executor.start(dir, config, &stop_flag)?;
-    let outcome = search_loop(dir, config, executor, &stop_flag, &mut *strategy, &mut journal, &mut summary, queue, reporter);
+    let outcome =
+        search_loop(dir, config, executor, &stop_flag, &mut *strategy, &mut journal, &mut summary, queue, reporter);
     let complete = match outcome {
         Ok(complete) => complete,
         Err(err) => {
@@ -834,7 +835,10 @@ fn retrain_top(
             };
             journal.append(&JournalEvent::Retrained { id: result.id, reward, reason, seconds: result.seconds })?;
             summary.retrained.insert(result.id, reward);
-            reporter.message(&format!("re-trained child {}: {:?}", result.id, reward));
+            reporter.message(&match reward {
+                Some(r) => format!("re-trained child {}: reward {r:.4}", result.id),
+                None => format!("re-training child {} failed", result.id),
+            });
         }
     }
 }
@@ -957,8 +961,8 @@ mod tests {
         let child = dir.join(files::CHILDREN).join("00000");
         assert!(child.join(run::files::REPORT).is_file());
         assert!(!child.join("checkpoint.json").exists());
-        let again =
-            search(&dir, &config(StrategyConfig::Random, 6), &mut LocalExecutor::threads(), None, &mut Silent2).unwrap_err();
+        let again = search(&dir, &config(StrategyConfig::Random, 6), &mut LocalExecutor::threads(), None, &mut Silent2)
+            .unwrap_err();
         assert!(again.to_string().contains("already holds a search"), "{again}");
         fs::remove_dir_all(&dir).unwrap();
     }
@@ -971,7 +975,8 @@ mod tests {
         let stop = Arc::new(AtomicBool::new(false));
         let config = config("ppo".parse().unwrap(), 7);
         let outcome =
-            search(&dir, &config, &mut LocalExecutor::threads(), Some(stop.clone()), &mut StopAfter(3, stop.clone())).unwrap();
+            search(&dir, &config, &mut LocalExecutor::threads(), Some(stop.clone()), &mut StopAfter(3, stop.clone()))
+                .unwrap();
         assert!(!outcome.complete);
         let before = read_journal(&dir.join(files::JOURNAL)).unwrap();
         let finished: Vec<u64> = results_by_id(&before).into_keys().collect();
