@@ -20,7 +20,7 @@ use nas_space::{CellSpec, NetworkConfig, SpaceRng};
 use nas_train::optim::ParamGroups;
 use serde_json::json;
 
-/// The network of a `--net` name.
+/// The network of a `--net` name: `small`, `mobile`, or any `N@P` network (`large:6@1056`).
 pub fn config(net: &str) -> Result<NetworkConfig> {
     let spec = CellSpec::nasnet_a();
     let mut config = match net {
@@ -31,7 +31,10 @@ pub fn config(net: &str) -> Result<NetworkConfig> {
             c
         }
         "mobile" => NetworkConfig::mobile(),
-        other => bail!("unknown benchmark network `{other}`; expected small or mobile"),
+        // Any other network: `large:6@1056` is timm's `nasnetalarge(num_features=1056)`.
+        other => NetworkConfig::parse_net(other, &spec).map_err(|e| {
+            anyhow::anyhow!("--net {other}: expected small, mobile or a network like large:6@1056 ({e})")
+        })?,
     };
     config.use_aux_head = false;
     config.dense_dropout_keep_prob = 1.0;
@@ -39,9 +42,39 @@ pub fn config(net: &str) -> Result<NetworkConfig> {
     Ok(config)
 }
 
-/// Runs the benchmark and returns its JSON object.
-pub fn run(net: &str, batch: Option<usize>, steps: usize) -> Result<serde_json::Value> {
-    let config = config(net)?;
+/// The device of a `--device` name: `cpu`, `cuda` or `cuda:N`.
+pub fn device(name: &str) -> Result<Device> {
+    let ordinal = match name {
+        "cpu" => return Ok(Device::Cpu),
+        "cuda" => 0,
+        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(n)) => n,
+            _ => bail!("unknown device `{other}`; expected cpu, cuda or cuda:N"),
+        },
+    };
+    if !cfg!(feature = "cuda") {
+        bail!("--device {name}: this nas was built without the `cuda` feature (cargo build --release --features cuda)");
+    }
+    Ok(Device::new_cuda(ordinal)?)
+}
+
+/// Runs the benchmark on `device` and returns its JSON object. `stem` sets the ImageNet
+/// stem's filters (timm's `stem_size`) and `image` the input size.
+pub fn run(
+    net: &str,
+    batch: Option<usize>,
+    steps: usize,
+    device: &Device,
+    stem: Option<usize>,
+    image: Option<usize>,
+) -> Result<serde_json::Value> {
+    let mut config = config(net)?;
+    if let Some(s) = stem {
+        config.stem_multiplier = s as f64 / 32.0;
+    }
+    if let Some(i) = image {
+        config.image_size = i;
+    }
     let batch = batch.unwrap_or(if net == "small" { 64 } else { 32 });
     if batch == 0 || steps == 0 {
         bail!("--batch and --steps must be at least 1");
@@ -49,7 +82,7 @@ pub fn run(net: &str, batch: Option<usize>, steps: usize) -> Result<serde_json::
     let spec = CellSpec::nasnet_a();
     let cost = network_cost(&spec, &config)?;
     let varmap = VarMap::new();
-    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
     let model = NasNet::new(&spec, &config, 0, vb)?;
     init_weights(&varmap, 0)?;
     // BN moving statistics are VarMap entries too; they are never trained.
@@ -57,9 +90,9 @@ pub fn run(net: &str, batch: Option<usize>, steps: usize) -> Result<serde_json::
     let mut sgd = SGD::new(trainable, 0.01)?;
     let s = config.image_size;
     let xs = filler(batch * 3 * s * s, 1);
-    let xs = Tensor::from_vec(xs, (batch, 3, s, s), &Device::Cpu)?;
+    let xs = Tensor::from_vec(xs, (batch, 3, s, s), device)?;
     let labels: Vec<u32> = (0..batch as u32).map(|i| i * 7 % config.num_classes as u32).collect();
-    let labels = Tensor::from_vec(labels, batch, &Device::Cpu)?;
+    let labels = Tensor::from_vec(labels, batch, device)?;
 
     let train_step = |sgd: &mut SGD| -> Result<()> {
         let logits = model.forward_t(&xs, true)?.logits;
@@ -67,18 +100,22 @@ pub fn run(net: &str, batch: Option<usize>, steps: usize) -> Result<serde_json::
         sgd.backward_step(&loss)?;
         Ok(())
     };
-    train_step(&mut sgd)?; // warm-up: first-touch allocations, thread pools
+    train_step(&mut sgd)?; // warm-up: first-touch allocations, thread pools, kernel loading
+    device.synchronize()?;
     let start = Instant::now();
     for _ in 0..steps {
         train_step(&mut sgd)?;
     }
+    device.synchronize()?;
     let train_s = start.elapsed().as_secs_f64() / steps as f64;
 
     model.forward_t(&xs, false)?;
+    device.synchronize()?;
     let start = Instant::now();
     for _ in 0..steps {
         model.forward_t(&xs, false)?;
     }
+    device.synchronize()?;
     let infer_s = start.elapsed().as_secs_f64() / steps as f64;
 
     Ok(json!({
@@ -94,6 +131,7 @@ pub fn run(net: &str, batch: Option<usize>, steps: usize) -> Result<serde_json::
         "infer_images_per_s": batch as f64 / infer_s,
         "peak_rss_mib": peak_rss_mib(),
         "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        "device": format!("{device:?}"),
     }))
 }
 

@@ -80,7 +80,8 @@ enum Command {
     Infer(infer::InferArgs),
     /// Time a training step and an inference pass of a standard network.
     Bench {
-        /// `small` (Keras NASNet 2@384 at 32×32) or `mobile` (NASNet-A Mobile at 224).
+        /// `small` (Keras NASNet 2@384 at 32×32), `mobile` (NASNet-A Mobile at 224), or any
+        /// network such as `large:6@1056` (timm's `nasnetalarge` at that width).
         #[arg(long, default_value = "small")]
         net: String,
         /// Batch size (default 64 for small, 32 for mobile).
@@ -92,6 +93,15 @@ enum Command {
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
+        /// `cpu`, or `cuda` / `cuda:N` (a build with the `cuda` feature).
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Filters of the ImageNet stem conv (timm's `stem_size`; the networks' default 32).
+        #[arg(long)]
+        stem_size: Option<usize>,
+        /// Input size (default: the network's).
+        #[arg(long)]
+        image: Option<usize>,
     },
     /// Train a network built from a cell in a run directory (resumable).
     Train(train::TrainArgs),
@@ -208,8 +218,8 @@ fn run(cli: Cli) -> Result<String> {
             let spec = load_cell(&args.cell)?;
             infer::run(&spec, &args, &mut out)?
         }
-        Command::Bench { net, batch, steps, json } => {
-            let result = bench::run(&net, batch, steps)?;
+        Command::Bench { net, batch, steps, json, device, stem_size, image } => {
+            let result = bench::run(&net, batch, steps, &bench::device(&device)?, stem_size, image)?;
             if json {
                 outln!(out, "{}", serde_json::to_string_pretty(&result)?);
             } else {

@@ -11,7 +11,7 @@ use candle_nn::VarBuilder;
 use nas_space::network::{CellLayout, PrevAdjust};
 use nas_space::{Cell, Combine};
 
-use crate::drop_path::DropPath;
+use crate::drop_path::{drop_path_add, scale_examples, DropPath};
 use crate::layers::Conv2dConfig;
 use crate::ops::{ActConvBn, BnConfig, CellOp, FactorizedReduction};
 
@@ -116,18 +116,27 @@ impl CellModule {
         let mut states = vec![state0, state1];
         for block in &self.blocks {
             let mut sides = Vec::with_capacity(2);
+            let mut scales = Vec::with_capacity(2);
             for (op, &input) in block.ops.iter().zip(&block.inputs) {
-                let mut ys = op.forward_t(&states[input], train)?;
-                if train && op.takes_drop_path() {
-                    if let Some(dp) = &self.drop_path {
-                        ys = dp.apply(&ys)?;
-                    }
-                }
+                let ys = op.forward_t(&states[input], train)?;
+                let scale = match &self.drop_path {
+                    Some(dp) if train && op.takes_drop_path() => dp.scales(ys.dim(0)?),
+                    _ => None,
+                };
                 sides.push(ys);
+                scales.push(scale);
             }
             let out = match block.combine {
-                Combine::Add => (&sides[0] + &sides[1])?,
-                Combine::Concat => Tensor::cat(&[&sides[0], &sides[1]], 1)?,
+                // Drop path folded into the add (one pass; the dropped branches are not stored).
+                Combine::Add => drop_path_add(&sides[0], scales[0].as_deref(), &sides[1], scales[1].as_deref())?,
+                Combine::Concat => {
+                    let scaled = sides
+                        .iter()
+                        .zip(&scales)
+                        .map(|(ys, s)| s.as_deref().map_or_else(|| Ok(ys.clone()), |s| scale_examples(ys, s)))
+                        .collect::<Result<Vec<_>>>()?;
+                    Tensor::cat(&[&scaled[0], &scaled[1]], 1)?
+                }
             };
             states.push(out);
         }

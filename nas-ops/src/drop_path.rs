@@ -9,7 +9,8 @@
 
 use std::sync::{Arc, Mutex};
 
-use candle_core::{Result, Tensor};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
 use nas_space::SpaceRng;
 
 /// The training progress and the mask generator, shared by every cell of a network.
@@ -79,23 +80,163 @@ impl DropPath {
         1.0 - r * depth * (1.0 - self.keep_prob)
     }
 
+    /// The factor of each of `batch` examples now: 0 or `1 / keep` (drawn from the
+    /// schedule's generator), or `None` when nothing is dropped.
+    pub fn scales(&self, batch: usize) -> Option<Vec<f64>> {
+        let keep = self.keep();
+        if keep >= 1.0 {
+            return None;
+        }
+        Some(self.schedule.uniforms(batch).into_iter().map(|u| if u < keep { 1.0 / keep } else { 0.0 }).collect())
+    }
+
     /// Multiplies each example of `xs` by 0 or `1 / keep`.
     ///
     /// # Shapes
     /// - `xs`: `(batch, c, h, w)`; returns the same shape
     pub fn apply(&self, xs: &Tensor) -> Result<Tensor> {
-        let keep = self.keep();
-        if keep >= 1.0 {
-            return Ok(xs.clone());
+        match self.scales(xs.dim(0)?) {
+            Some(scales) => scale_examples(xs, &scales),
+            None => Ok(xs.clone()),
         }
-        let batch = xs.dim(0)?;
-        let mask: Vec<f32> = self
-            .schedule
-            .uniforms(batch)
-            .into_iter()
-            .map(|u| if u < keep { (1.0 / keep) as f32 } else { 0.0 })
-            .collect();
-        let mask = Tensor::from_vec(mask, (batch, 1, 1, 1), xs.device())?.to_dtype(xs.dtype())?;
-        xs.broadcast_mul(&mask)
+    }
+}
+
+/// `xs` with example `i` multiplied by `scales[i]` (taken in the dtype of `xs`).
+///
+/// # Shapes
+/// - `xs`: `(batch, ...)`; `scales`: `batch` values; returns the shape of `xs`
+pub fn scale_examples(xs: &Tensor, scales: &[f64]) -> Result<Tensor> {
+    let mut dims = vec![1; xs.rank()];
+    dims[0] = scales.len();
+    let mask: Vec<f32> = scales.iter().map(|&s| s as f32).collect();
+    let mask = Tensor::from_vec(mask, dims, xs.device())?.to_dtype(xs.dtype())?;
+    xs.broadcast_mul(&mask)
+}
+
+/// `a · sa + b · sb` with per-example factors (`None`: 1), the add of a block with both
+/// branches' drop path folded in: one pass, and the dropped branches are never stored.
+/// Each product is rounded to the dtype before the add, as the unfused ops do.
+///
+/// # Shapes
+/// - `a`, `b`: `(batch, ...)`, the same; `sa`, `sb`: `batch` values; returns the shape of `a`
+pub fn drop_path_add(a: &Tensor, sa: Option<&[f64]>, b: &Tensor, sb: Option<&[f64]>) -> Result<Tensor> {
+    if a.shape() != b.shape() {
+        candle_core::bail!("drop-path-add: the branches differ in shape, {:?} and {:?}", a.shape(), b.shape())
+    }
+    let batch = a.dim(0)?;
+    for s in [sa, sb].into_iter().flatten() {
+        if s.len() != batch {
+            candle_core::bail!("drop-path-add: {} factors for a batch of {batch}", s.len())
+        }
+    }
+    if sa.is_none() && sb.is_none() {
+        return a + b;
+    }
+    let op = ScaledAdd { sa: sa.map(<[f64]>::to_vec), sb: sb.map(<[f64]>::to_vec) };
+    a.contiguous()?.apply_op2(&b.contiguous()?, op)
+}
+
+/// The op of [`drop_path_add`].
+#[derive(Debug, Clone)]
+struct ScaledAdd {
+    sa: Option<Vec<f64>>,
+    sb: Option<Vec<f64>>,
+}
+
+impl ScaledAdd {
+    fn run<T: WithDType>(&self, a: &[T], b: &[T]) -> Vec<T> {
+        let batch = self.sa.as_ref().or(self.sb.as_ref()).map_or(1, Vec::len).max(1);
+        let per = a.len() / batch;
+        let factor = |s: &Option<Vec<f64>>, e: usize| s.as_ref().map(|s| T::from_f64(s[e] as f32 as f64));
+        let mut out = Vec::with_capacity(a.len());
+        for e in 0..batch {
+            let (fa, fb) = (factor(&self.sa, e), factor(&self.sb, e));
+            let range = e * per..(e + 1) * per;
+            for (&x, &y) in a[range.clone()].iter().zip(&b[range]) {
+                let x = fa.map_or(x, |f| x * f);
+                let y = fb.map_or(y, |f| y * f);
+                out.push(x + y);
+            }
+        }
+        out
+    }
+}
+
+impl CustomOp2 for ScaledAdd {
+    fn name(&self) -> &'static str {
+        "drop-path-add"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let offsets = |l: &Layout| {
+            l.contiguous_offsets()
+                .ok_or_else(|| candle_core::Error::Msg("drop-path-add: inputs must be contiguous".into()))
+        };
+        let ((a0, a1), (b0, b1)) = (offsets(l1)?, offsets(l2)?);
+        let out = match (s1, s2) {
+            (CpuStorage::F32(a), CpuStorage::F32(b)) => CpuStorage::F32(self.run(&a[a0..a1], &b[b0..b1])),
+            (CpuStorage::F64(a), CpuStorage::F64(b)) => CpuStorage::F64(self.run(&a[a0..a1], &b[b0..b1])),
+            _ => candle_core::bail!(
+                "drop-path-add: expected both f32 or both f64, got {:?} and {:?}",
+                s1.dtype(),
+                s2.dtype()
+            ),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use crate::kernels::cuda::{same_dtype, scaled_add, view, wrap};
+        let (op, dev) = (self.name(), s1.device());
+        let total = l1.shape().elem_count();
+        let batch = l1.dims()[0].max(1);
+        let per = total / batch;
+        let cast = |s: &Option<Vec<f64>>| s.as_ref().map(|s| s.iter().map(|&v| v as f32).collect::<Vec<f32>>());
+        let out = match same_dtype(op, &[s1, s2])? {
+            candle_core::DType::F32 => {
+                let (sa, sb) = (cast(&self.sa), cast(&self.sb));
+                let y = scaled_add::<f32>(
+                    dev,
+                    &view(op, s1, l1)?,
+                    sa.as_deref(),
+                    &view(op, s2, l2)?,
+                    sb.as_deref(),
+                    per,
+                    total,
+                )?;
+                wrap(y, dev)
+            }
+            _ => {
+                let widen = |s: Option<Vec<f32>>| s.map(|s| s.into_iter().map(f64::from).collect::<Vec<f64>>());
+                let (sa, sb) = (widen(cast(&self.sa)), widen(cast(&self.sb)));
+                let y = scaled_add::<f64>(
+                    dev,
+                    &view(op, s1, l1)?,
+                    sa.as_deref(),
+                    &view(op, s2, l2)?,
+                    sb.as_deref(),
+                    per,
+                    total,
+                )?;
+                wrap(y, dev)
+            }
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(&self, _a: &Tensor, _b: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let side = |s: &Option<Vec<f64>>| match s {
+            Some(s) => scale_examples(grad, s),
+            None => Ok(grad.clone()),
+        };
+        Ok((Some(side(&self.sa)?), Some(side(&self.sb)?)))
     }
 }

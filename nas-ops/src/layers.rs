@@ -7,8 +7,8 @@
 use candle_core::{Module, ModuleT, Result, Tensor, Var, D};
 use candle_nn::{Init, VarBuilder};
 
-use crate::kernels::batch_norm::{batch_norm_eval, batch_norm_train};
-use crate::kernels::depthwise::depthwise_conv2d;
+use crate::kernels::batch_norm::{batch_norm_eval, batch_norm_train, batch_norm_train_relu};
+use crate::kernels::depthwise::{depthwise_conv2d, depthwise_conv2d_relu};
 use crate::kernels::pool::avg_pool2d;
 use crate::kernels::Padding2d;
 
@@ -122,6 +122,16 @@ impl DepthwiseConv2d {
         let weight = vb.get_with_hints((channels, 1, k, k), "weight", Init::Const(0.0))?;
         Ok(DepthwiseConv2d { weight, k, stride, dilation })
     }
+
+    /// `forward(&xs.relu())` with the ReLU read inside the op (`xs.relu()` is not stored).
+    ///
+    /// # Shapes
+    /// As `forward`.
+    pub fn forward_relu(&self, xs: &Tensor) -> Result<Tensor> {
+        let (_, _, h, w) = xs.dims4()?;
+        let pad = Padding2d::same(h, w, self.k, self.k, self.stride, self.dilation);
+        depthwise_conv2d_relu(xs, &self.weight, self.stride, self.dilation, pad)
+    }
 }
 
 impl Module for DepthwiseConv2d {
@@ -162,15 +172,27 @@ impl BatchNorm {
     }
 }
 
-impl ModuleT for BatchNorm {
+impl BatchNorm {
+    /// `forward_t(xs, train)?.relu()` with the ReLU fused into the training-mode op (the
+    /// tensor before the ReLU is not kept for the backward pass).
+    ///
     /// # Shapes
     /// - `xs`: `(batch, c, h, w)`; returns the same shape
-    fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+    pub fn forward_relu_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_with(xs, train, true)
+    }
+
+    fn forward_with(&self, xs: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
         if !train {
             let (rm, rv) = (self.running_mean.as_tensor(), self.running_var.as_tensor());
-            return batch_norm_eval(xs, &self.weight, &self.bias, rm, rv, self.eps);
+            let ys = batch_norm_eval(xs, &self.weight, &self.bias, rm, rv, self.eps)?;
+            return if relu { ys.relu() } else { Ok(ys) };
         }
-        let out = batch_norm_train(xs, &self.weight, &self.bias, self.eps)?;
+        let out = if relu {
+            batch_norm_train_relu(xs, &self.weight, &self.bias, self.eps)?
+        } else {
+            batch_norm_train(xs, &self.weight, &self.bias, self.eps)?
+        };
         let (b, _, h, w) = xs.dims4()?;
         let m = (b * h * w) as f64;
         let unbiased = if m > 1.0 { (out.var * (m / (m - 1.0)))? } else { out.var };
@@ -180,6 +202,14 @@ impl ModuleT for BatchNorm {
         self.running_mean.set(&mean.detach())?;
         self.running_var.set(&var.detach())?;
         Ok(out.ys)
+    }
+}
+
+impl ModuleT for BatchNorm {
+    /// # Shapes
+    /// - `xs`: `(batch, c, h, w)`; returns the same shape
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_with(xs, train, false)
     }
 }
 

@@ -70,6 +70,11 @@ impl SeparableConv {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         self.pointwise.forward(&self.depthwise.forward(xs)?)
     }
+
+    /// `forward(&xs.relu())`, the ReLU fused into the depthwise conv.
+    fn forward_relu(&self, xs: &Tensor) -> Result<Tensor> {
+        self.pointwise.forward(&self.depthwise.forward_relu(xs)?)
+    }
 }
 
 /// `sep_conv_kxk`: ReLU → sep(stride s, `c_in → F`) → BN → ReLU → sep(`F → F`) → BN
@@ -97,8 +102,10 @@ impl SepConv {
 
 impl ModuleT for SepConv {
     fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        let xs = self.bn_sep_1.forward_t(&self.separable_1.forward(&xs.relu()?)?, train)?;
-        self.bn_sep_2.forward_t(&self.separable_2.forward(&xs.relu()?)?, train)
+        // Both ReLUs are fused: the first into the depthwise conv's input read, the second
+        // into the batch norm before it; neither's output is stored.
+        let xs = self.bn_sep_1.forward_relu_t(&self.separable_1.forward_relu(xs)?, train)?;
+        self.bn_sep_2.forward_t(&self.separable_2.forward(&xs)?, train)
     }
 }
 

@@ -15,8 +15,11 @@
 //!   buffer: `dbeta = sum(dy)`, `dgamma = sum(dy * xhat)` and
 //!   `dx = gamma * invstd / M * (M * dy - dbeta - xhat * dgamma)` with `M = N * H * W`.
 //!
-//! There is no CUDA implementation yet: candle's default `cuda_fwd` gives a named error
-//! (`no cuda implementation for batch-norm-stats`). A CUDA twin goes beside each `cpu_fwd`.
+//! [`batch_norm_train_relu`] applies a ReLU inside `batch-norm-train` (and masks the
+//! gradient in its `bwd`), so the normalised tensor before the ReLU is never stored.
+//! Under the `cuda` feature each op has a CUDA twin (`cuda_fwd`, kernels in
+//! `kernels/nas_ops.cu`); the statistics go through the host between the two forward ops, as
+//! on the CPU.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
@@ -44,6 +47,20 @@ pub struct BatchNormTrain {
 /// - `gamma`, `beta`: `(channels)`
 /// - returns: `ys` like `xs`; `mean` and `var` `(channels)`
 pub fn batch_norm_train(xs: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<BatchNormTrain> {
+    batch_norm_train_with(xs, gamma, beta, eps, false)
+}
+
+/// [`batch_norm_train`] followed by a ReLU, in one op: `ys = max(0, bn(xs))`. The gradient
+/// passes where `ys > 0` (candle's ReLU passes it where its input is `>= 0`; the two differ
+/// only where the normalised value is exactly 0).
+///
+/// # Shapes
+/// As [`batch_norm_train`].
+pub fn batch_norm_train_relu(xs: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<BatchNormTrain> {
+    batch_norm_train_with(xs, gamma, beta, eps, true)
+}
+
+fn batch_norm_train_with(xs: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64, relu: bool) -> Result<BatchNormTrain> {
     const OP: &str = "batch-norm-train";
     check_args(OP, xs, &[("gamma", gamma), ("beta", beta)])?;
     check_nonempty(OP, xs)?;
@@ -62,7 +79,7 @@ pub fn batch_norm_train(xs: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) ->
         _ => bail!("{OP}: statistics must have two rows, got {:?}", stats.shape()),
     };
     let invstd = var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
-    let ys = xs.apply_op3(&gamma, &beta, BatchNormTrainOp { mean, invstd })?;
+    let ys = xs.apply_op3(&gamma, &beta, BatchNormTrainOp { mean, invstd, relu })?;
     Ok(BatchNormTrain { ys, mean: stats.get(0)?.to_dtype(dtype)?, var: stats.get(1)?.to_dtype(dtype)? })
 }
 
@@ -160,6 +177,18 @@ impl CustomOp1 for BatchNormStats {
         };
         Ok((CpuStorage::F64(stats), Shape::from((2, c))))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        use super::cuda::{bn_stats, same_dtype, view, wrap};
+        let (n, c, h, w) = l.shape().dims4()?;
+        let (op, dev) = (self.name(), s.device());
+        let stats = match same_dtype(op, &[s])? {
+            DType::F32 => bn_stats::<f32>(dev, &view(op, s, l)?, (n, c, h * w))?,
+            _ => bn_stats::<f64>(dev, &view(op, s, l)?, (n, c, h * w))?,
+        };
+        Ok((wrap(stats, dev), Shape::from((2, c))))
+    }
 }
 
 /// The training-mode forward from precomputed statistics; its `bwd` gives all three
@@ -170,6 +199,8 @@ struct BatchNormTrainOp {
     mean: Vec<f64>,
     /// `1 / sqrt(var + eps)` per channel.
     invstd: Vec<f64>,
+    /// Whether a ReLU follows inside the op.
+    relu: bool,
 }
 
 impl CustomOp3 for BatchNormTrainOp {
@@ -196,6 +227,7 @@ impl CustomOp3 for BatchNormTrainOp {
                 &self.mean,
                 &self.invstd,
                 (n, c, h * w),
+                self.relu,
             )),
             (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(normalize(
                 contiguous_slice(s1, l1, op, "xs")?,
@@ -204,6 +236,7 @@ impl CustomOp3 for BatchNormTrainOp {
                 &self.mean,
                 &self.invstd,
                 (n, c, h * w),
+                self.relu,
             )),
             _ => bail!(
                 "{op}: xs, gamma and beta must all be f32 or all f64, got {:?}, {:?}, {:?}",
@@ -215,16 +248,63 @@ impl CustomOp3 for BatchNormTrainOp {
         Ok((ys, l1.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use super::cuda::{bn_fwd, same_dtype, view, wrap};
+        let (n, c, h, w) = l1.shape().dims4()?;
+        let (op, dev) = (self.name(), s1.device());
+        let dims = (n, c, h * w);
+        let (mean, invstd, relu) = (&self.mean, &self.invstd, self.relu);
+        let ys = match same_dtype(op, &[s1, s2, s3])? {
+            DType::F32 => wrap(
+                bn_fwd::<f32>(
+                    dev,
+                    &view(op, s1, l1)?,
+                    &view(op, s2, l2)?,
+                    &view(op, s3, l3)?,
+                    mean,
+                    invstd,
+                    dims,
+                    relu,
+                )?,
+                dev,
+            ),
+            _ => wrap(
+                bn_fwd::<f64>(
+                    dev,
+                    &view(op, s1, l1)?,
+                    &view(op, s2, l2)?,
+                    &view(op, s3, l3)?,
+                    mean,
+                    invstd,
+                    dims,
+                    relu,
+                )?,
+                dev,
+            ),
+        };
+        Ok((ys, l1.shape().clone()))
+    }
+
     fn bwd(
         &self,
         xs: &Tensor,
         gamma: &Tensor,
         _beta: &Tensor,
-        _ys: &Tensor,
+        ys: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (n, c, h, w) = xs.dims4()?;
         let numel = n * c * h * w;
+        let grad = if self.relu { (grad * ys.gt(0.0)?.to_dtype(grad.dtype())?)? } else { grad.clone() };
         let (xs, gamma, grad) = (xs.contiguous()?, gamma.contiguous()?, grad.contiguous()?);
         let packed = xs.apply_op3_no_bwd(&gamma, &grad, &BatchNormTrainBwd { fwd: self })?;
         let dx = packed.narrow(0, 0, numel)?.reshape((n, c, h, w))?;
@@ -287,6 +367,36 @@ impl CustomOp3 for BatchNormTrainBwd<'_> {
         };
         Ok((packed, Shape::from(n * c * h * w + 2 * c)))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use super::cuda::{bn_bwd, same_dtype, view, wrap};
+        let (n, c, h, w) = l1.shape().dims4()?;
+        if l3.dims() != l1.dims() {
+            bail!("{}: dy must be shaped like xs {:?}, got {:?}", self.name(), l1.shape(), l3.shape())
+        }
+        let (op, dev) = (self.name(), s1.device());
+        let (mean, invstd, dims) = (&self.fwd.mean, &self.fwd.invstd, (n, c, h * w));
+        let packed = match same_dtype(op, &[s1, s2, s3])? {
+            DType::F32 => wrap(
+                bn_bwd::<f32>(dev, &view(op, s1, l1)?, &view(op, s2, l2)?, &view(op, s3, l3)?, mean, invstd, dims)?,
+                dev,
+            ),
+            _ => wrap(
+                bn_bwd::<f64>(dev, &view(op, s1, l1)?, &view(op, s2, l2)?, &view(op, s3, l3)?, mean, invstd, dims)?,
+                dev,
+            ),
+        };
+        Ok((packed, Shape::from(n * c * h * w + 2 * c)))
+    }
 }
 
 /// Independent accumulators per reduction, so that the f64 sums vectorise.
@@ -320,7 +430,8 @@ fn channel_stats<T: WithDType>(xs: &[T], n: usize, c: usize, hw: usize) -> Vec<f
     [means, vars].concat()
 }
 
-/// `ys = (xs - mean) * gamma * invstd + beta`, in parallel over planes, in f64.
+/// `ys = (xs - mean) * gamma * invstd + beta` (then `max(ys, 0)` with `relu`), in parallel over
+/// planes, in f64.
 fn normalize<T: WithDType>(
     xs: &[T],
     gamma: &[T],
@@ -328,14 +439,22 @@ fn normalize<T: WithDType>(
     mean: &[f64],
     invstd: &[f64],
     (_n, c, hw): (usize, usize, usize),
+    relu: bool,
 ) -> Vec<T> {
     let mut ys = vec![T::zero(); xs.len()];
     ys.par_chunks_mut(hw).zip(xs.par_chunks(hw)).enumerate().with_min_len(planes_per_task(hw)).for_each(
         |(plane_idx, (ys, xs))| {
             let ci = plane_idx % c;
             let (mean, scale, shift) = (mean[ci], gamma[ci].to_f64() * invstd[ci], beta[ci].to_f64());
-            for (y, &x) in ys.iter_mut().zip(xs) {
-                *y = T::from_f64((x.to_f64() - mean) * scale + shift);
+            if relu {
+                for (y, &x) in ys.iter_mut().zip(xs) {
+                    let v = (x.to_f64() - mean) * scale + shift;
+                    *y = T::from_f64(if v >= 0.0 { v } else { 0.0 });
+                }
+            } else {
+                for (y, &x) in ys.iter_mut().zip(xs) {
+                    *y = T::from_f64((x.to_f64() - mean) * scale + shift);
+                }
             }
         },
     );

@@ -10,8 +10,10 @@
 //! Candle's grouped convolution loops over groups and is very slow for `groups = C`, so
 //! [`depthwise_conv2d`] is a custom op with a direct CPU kernel and its own backward pass.
 //! [`depthwise_conv2d_reference`] composes plain tensor ops and stays as the reference.
-//! The CUDA twin (`cuda_fwd` on the three ops below) comes with the `cuda` issue; until then
-//! candle's default gives a named error on GPU tensors.
+//! [`depthwise_conv2d_relu`] reads its input through a ReLU inside the op, so the ReLU's
+//! output is never stored (NASNet's separable convs all start with one).
+//! Under the `cuda` feature each op has a CUDA twin (`cuda_fwd`, kernels in
+//! `kernels/nas_ops.cu`).
 
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
@@ -38,7 +40,25 @@ pub fn depthwise_conv2d(
     DepthwiseGeometry::new(FWD_NAME, xs.dims(), weight.dims(), stride, dilation, padding)?;
     let xs = xs.contiguous()?;
     let weight = weight.contiguous()?;
-    xs.apply_op2(&weight, DepthwiseConv2d { stride, dilation, padding })
+    xs.apply_op2(&weight, DepthwiseConv2d { stride, dilation, padding, relu_in: false })
+}
+
+/// `depthwise_conv2d(xs.relu(), ...)` as one op: the input is read through the ReLU and its
+/// gradient passes where `xs >= 0` (candle's ReLU rule), without storing `xs.relu()`.
+///
+/// # Shapes
+/// As [`depthwise_conv2d`].
+pub fn depthwise_conv2d_relu(
+    xs: &Tensor,
+    weight: &Tensor,
+    stride: usize,
+    dilation: usize,
+    padding: Padding2d,
+) -> Result<Tensor> {
+    DepthwiseGeometry::new(FWD_NAME, xs.dims(), weight.dims(), stride, dilation, padding)?;
+    let xs = xs.contiguous()?;
+    let weight = weight.contiguous()?;
+    xs.apply_op2(&weight, DepthwiseConv2d { stride, dilation, padding, relu_in: true })
 }
 
 /// Same contract as [`depthwise_conv2d`], composed from plain candle tensor ops (explicit
@@ -238,12 +258,69 @@ fn dispatch(
     }
 }
 
-/// The forward op on `(xs, weight)`.
+/// `xs` through a ReLU (a copy), when asked.
+fn relu_copy<T: Float>(xs: &[T], relu: bool) -> std::borrow::Cow<'_, [T]> {
+    if relu {
+        std::borrow::Cow::Owned(xs.iter().map(|&v| if v >= T::ZERO { v } else { T::ZERO }).collect())
+    } else {
+        std::borrow::Cow::Borrowed(xs)
+    }
+}
+
+/// The geometry as the CUDA kernels take it.
+#[cfg(feature = "cuda")]
+fn cuda_geom(name: &str, g: &DepthwiseGeometry) -> Result<super::cuda::DwGeom> {
+    use super::cuda::int;
+    Ok(super::cuda::DwGeom {
+        n: int(name, "batch", g.n)?,
+        c: int(name, "channels", g.c)?,
+        h: int(name, "height", g.h)?,
+        w: int(name, "width", g.w)?,
+        kh: int(name, "kernel height", g.kh)?,
+        kw: int(name, "kernel width", g.kw)?,
+        ho: int(name, "output height", g.ho)?,
+        wo: int(name, "output width", g.wo)?,
+        stride: int(name, "stride", g.stride)?,
+        dilation: int(name, "dilation", g.dilation)?,
+        pad_top: int(name, "top padding", g.padding.top)?,
+        pad_left: int(name, "left padding", g.padding.left)?,
+    })
+}
+
+/// Runs a two-input CUDA kernel on f32 or f64 storages and wraps its output.
+#[cfg(feature = "cuda")]
+fn cuda_dispatch2(
+    name: &str,
+    s1: &candle_core::CudaStorage,
+    l1: &Layout,
+    s2: &candle_core::CudaStorage,
+    l2: &Layout,
+    f32_kernel: impl FnOnce(
+        &candle_core::CudaDevice,
+        &super::cuda::CudaView<f32>,
+        &super::cuda::CudaView<f32>,
+    ) -> Result<super::cuda::CudaSlice<f32>>,
+    f64_kernel: impl FnOnce(
+        &candle_core::CudaDevice,
+        &super::cuda::CudaView<f64>,
+        &super::cuda::CudaView<f64>,
+    ) -> Result<super::cuda::CudaSlice<f64>>,
+) -> Result<candle_core::CudaStorage> {
+    use super::cuda::{same_dtype, view, wrap};
+    let dev = s1.device();
+    Ok(match same_dtype(name, &[s1, s2])? {
+        candle_core::DType::F32 => wrap(f32_kernel(dev, &view(name, s1, l1)?, &view(name, s2, l2)?)?, dev),
+        _ => wrap(f64_kernel(dev, &view(name, s1, l1)?, &view(name, s2, l2)?)?, dev),
+    })
+}
+
+/// The forward op on `(xs, weight)`; with `relu_in` it convolves `xs.relu()`.
 #[derive(Debug, Clone, Copy)]
 struct DepthwiseConv2d {
     stride: usize,
     dilation: usize,
     padding: Padding2d,
+    relu_in: bool,
 }
 
 impl CustomOp2 for DepthwiseConv2d {
@@ -253,8 +330,39 @@ impl CustomOp2 for DepthwiseConv2d {
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let geom = DepthwiseGeometry::new(FWD_NAME, l1.dims(), l2.dims(), self.stride, self.dilation, self.padding)?;
-        let out =
-            dispatch(FWD_NAME, s1, l1, s2, l2, |x, w| cpu::forward(&geom, x, w), |x, w| cpu::forward(&geom, x, w))?;
+        let relu = self.relu_in;
+        let out = dispatch(
+            FWD_NAME,
+            s1,
+            l1,
+            s2,
+            l2,
+            |x, w| cpu::forward(&geom, &relu_copy(x, relu), w),
+            |x, w| cpu::forward(&geom, &relu_copy(x, relu), w),
+        )?;
+        Ok((out, geom.output_dims().into()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let geom = DepthwiseGeometry::new(FWD_NAME, l1.dims(), l2.dims(), self.stride, self.dilation, self.padding)?;
+        let g = cuda_geom(FWD_NAME, &geom)?;
+        let relu = self.relu_in;
+        let out = cuda_dispatch2(
+            FWD_NAME,
+            s1,
+            l1,
+            s2,
+            l2,
+            |dev, x, w| super::cuda::dw_fwd(dev, x, w, g, relu),
+            |dev, x, w| super::cuda::dw_fwd(dev, x, w, g, relu),
+        )?;
         Ok((out, geom.output_dims().into()))
     }
 
@@ -268,8 +376,11 @@ impl CustomOp2 for DepthwiseConv2d {
         let geom =
             DepthwiseGeometry::new(FWD_NAME, xs.dims(), weight.dims(), self.stride, self.dilation, self.padding)?;
         let (xs, weight, grad) = (xs.contiguous()?, weight.contiguous()?, grad.contiguous()?);
-        let grad_xs = grad.apply_op2_no_bwd(&weight, &DepthwiseConv2dGradInput { geom })?;
-        let grad_weight = xs.apply_op2_no_bwd(&grad, &DepthwiseConv2dGradWeight { geom })?;
+        let mut grad_xs = grad.apply_op2_no_bwd(&weight, &DepthwiseConv2dGradInput { geom })?;
+        if self.relu_in {
+            grad_xs = (grad_xs * xs.ge(0.0)?.to_dtype(xs.dtype())?)?;
+        }
+        let grad_weight = xs.apply_op2_no_bwd(&grad, &DepthwiseConv2dGradWeight { geom, relu_in: self.relu_in })?;
         Ok((Some(grad_xs), Some(grad_weight)))
     }
 }
@@ -300,12 +411,38 @@ impl CustomOp2 for DepthwiseConv2dGradInput {
         )?;
         Ok((out, geom.input_dims().into()))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let geom = &self.geom;
+        check_dims(GRAD_INPUT_NAME, "an output gradient", l1, geom.output_dims())?;
+        check_dims(GRAD_INPUT_NAME, "a weight", l2, geom.weight_dims())?;
+        let g = cuda_geom(GRAD_INPUT_NAME, geom)?;
+        let out = cuda_dispatch2(
+            GRAD_INPUT_NAME,
+            s1,
+            l1,
+            s2,
+            l2,
+            |dev, dy, w| super::cuda::dw_bwd_input(dev, dy, w, g),
+            |dev, dy, w| super::cuda::dw_bwd_input(dev, dy, w, g),
+        )?;
+        Ok((out, geom.input_dims().into()))
+    }
 }
 
-/// The weight gradient, on `(xs, grad_out)`: a reduction over the batch and output positions.
+/// The weight gradient, on `(xs, grad_out)`: a reduction over the batch and output positions
+/// (of `xs.relu()` with `relu_in`).
 #[derive(Debug, Clone, Copy)]
 struct DepthwiseConv2dGradWeight {
     geom: DepthwiseGeometry,
+    relu_in: bool,
 }
 
 impl CustomOp2 for DepthwiseConv2dGradWeight {
@@ -323,8 +460,33 @@ impl CustomOp2 for DepthwiseConv2dGradWeight {
             l1,
             s2,
             l2,
-            |x, g| cpu::grad_weight(geom, x, g),
-            |x, g| cpu::grad_weight(geom, x, g),
+            |x, g| cpu::grad_weight(geom, &relu_copy(x, self.relu_in), g),
+            |x, g| cpu::grad_weight(geom, &relu_copy(x, self.relu_in), g),
+        )?;
+        Ok((out, geom.weight_dims().into()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let geom = &self.geom;
+        check_dims(GRAD_WEIGHT_NAME, "an input", l1, geom.input_dims())?;
+        check_dims(GRAD_WEIGHT_NAME, "an output gradient", l2, geom.output_dims())?;
+        let g = cuda_geom(GRAD_WEIGHT_NAME, geom)?;
+        let relu = self.relu_in;
+        let out = cuda_dispatch2(
+            GRAD_WEIGHT_NAME,
+            s1,
+            l1,
+            s2,
+            l2,
+            |dev, x, dy| super::cuda::dw_bwd_weight(dev, x, dy, g, relu),
+            |dev, x, dy| super::cuda::dw_bwd_weight(dev, x, dy, g, relu),
         )?;
         Ok((out, geom.weight_dims().into()))
     }

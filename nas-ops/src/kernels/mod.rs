@@ -1,15 +1,20 @@
-//! Custom CPU kernels (candle `CustomOp`s) where candle is missing a feature or slow.
+//! Custom kernels (candle `CustomOp`s) where candle is missing a feature or slow.
 //!
 //! Each kernel file keeps three things side by side: a reference built from plain candle
 //! tensor ops (differentiable, any device), the custom op with its CPU forward and a
-//! `bwd`, and (under the `cuda` feature, in a later issue) its CUDA twin.
+//! `bwd`, and, under the `cuda` feature, its CUDA twin (`cuda_fwd`, launching the kernels of
+//! `kernels/nas_ops.cu` through `cuda.rs`).
 //! Tests compare the custom op with its reference, forward and gradients, and check
 //! gradients against finite differences in f64.
 
 pub mod batch_norm;
+#[cfg(feature = "cuda")]
+pub(crate) mod cuda;
 pub mod depthwise;
 pub mod pool;
 
+#[cfg(test)]
+mod device_tests;
 #[cfg(test)]
 pub(crate) mod testutil;
 

@@ -11,7 +11,7 @@
 //! Candle's own pooling has no padding and no backward when `kernel != stride`, so this file
 //! keeps, side by side: the references built from plain candle ops (`*_reference`), the custom
 //! ops `max-pool2d-tf` and `avg-pool2d-tf` with their CPU forward and backward kernels, and
-//! (later, under `cuda`) their CUDA twins.
+//! (under the `cuda` feature) their CUDA twins (`cuda_fwd`, kernels in `kernels/nas_ops.cu`).
 //! The geometry (`PoolGeom`) is plain data shared by all implementations.
 
 use candle_core::backend::BackendStorage;
@@ -261,6 +261,44 @@ fn contiguous<'a, T>(name: &str, data: &'a [T], layout: &Layout) -> Result<&'a [
     }
 }
 
+/// The geometry as the CUDA kernels take it.
+#[cfg(feature = "cuda")]
+fn cuda_geom(name: &str, g: &PoolGeom) -> Result<super::cuda::PoolGeom> {
+    use super::cuda::int;
+    Ok(super::cuda::PoolGeom {
+        n: int(name, "batch", g.n)?,
+        c: int(name, "channels", g.c)?,
+        h: int(name, "height", g.h)?,
+        w: int(name, "width", g.w)?,
+        ho: int(name, "output height", g.ho)?,
+        wo: int(name, "output width", g.wo)?,
+        kernel: int(name, "kernel", g.params.kernel)?,
+        stride: int(name, "stride", g.params.stride)?,
+        pad_top: int(name, "top padding", g.params.padding.top)?,
+        pad_left: int(name, "left padding", g.params.padding.left)?,
+    })
+}
+
+/// A pooling forward (`kind`: `max` or `avg`) on the GPU.
+#[cfg(feature = "cuda")]
+fn cuda_pool_fwd(
+    name: &str,
+    kind: &str,
+    params: PoolParams,
+    s: &candle_core::CudaStorage,
+    l: &Layout,
+) -> Result<(candle_core::CudaStorage, Shape)> {
+    use super::cuda::{pool_fwd, same_dtype, view, wrap};
+    let g = PoolGeom::new(name, l.dims(), params)?;
+    let cg = cuda_geom(name, &g)?;
+    let dev = s.device();
+    let out = match same_dtype(name, &[s])? {
+        DType::F32 => wrap(pool_fwd::<f32>(dev, kind, &view(name, s, l)?, cg)?, dev),
+        _ => wrap(pool_fwd::<f64>(dev, kind, &view(name, s, l)?, cg)?, dev),
+    };
+    Ok((out, g.out_shape()))
+}
+
 fn unsupported(name: &str, dtype: DType) -> Result<(CpuStorage, Shape)> {
     bail!("{name}: unsupported dtype {dtype:?}, expected f32 or f64")
 }
@@ -282,6 +320,11 @@ impl CustomOp1 for MaxPool2dTf {
             _ => return unsupported(self.name(), s.dtype()),
         };
         Ok((out, g.out_shape()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda_pool_fwd(self.name(), "max", self.0, s, l)
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
@@ -319,6 +362,28 @@ impl CustomOp2 for MaxPool2dTfBwd {
         };
         Ok((out, g.in_shape()))
     }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use super::cuda::{max_pool_bwd, same_dtype, view, wrap};
+        let name = self.name();
+        let g = PoolGeom::new(name, l1.dims(), self.0)?;
+        if l2.shape() != &g.out_shape() {
+            bail!("{name}: expected a gradient of shape {:?}, got {:?}", g.out_shape(), l2.shape())
+        }
+        let cg = cuda_geom(name, &g)?;
+        let dev = s1.device();
+        let out = match same_dtype(name, &[s1, s2])? {
+            DType::F32 => wrap(max_pool_bwd::<f32>(dev, &view(name, s1, l1)?, &view(name, s2, l2)?, cg)?, dev),
+            _ => wrap(max_pool_bwd::<f64>(dev, &view(name, s1, l1)?, &view(name, s2, l2)?, cg)?, dev),
+        };
+        Ok((out, g.in_shape()))
+    }
 }
 
 /// `avg-pool2d-tf`: forward of [`avg_pool2d`].
@@ -338,6 +403,11 @@ impl CustomOp1 for AvgPool2dTf {
             _ => return unsupported(self.name(), s.dtype()),
         };
         Ok((out, g.out_shape()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda_pool_fwd(self.name(), "avg", self.0, s, l)
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
@@ -372,6 +442,23 @@ impl CustomOp1 for AvgPool2dTfBwd {
             CpuStorage::F32(gy) => f32::to_cpu_storage_owned(avg_bwd_cpu(contiguous(name, gy, l)?, &g)),
             CpuStorage::F64(gy) => f64::to_cpu_storage_owned(avg_bwd_cpu(contiguous(name, gy, l)?, &g)),
             _ => return unsupported(name, s.dtype()),
+        };
+        Ok((out, g.in_shape()))
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        use super::cuda::{avg_pool_bwd, same_dtype, view, wrap};
+        let name = self.name();
+        let &[n, c, ..] = l.dims() else { bail!("{name}: expected an (N, C, Ho, Wo) gradient, got {:?}", l.shape()) };
+        let g = PoolGeom::new(name, &[n, c, self.h, self.w], self.params)?;
+        if l.shape() != &g.out_shape() {
+            bail!("{name}: expected a gradient of shape {:?}, got {:?}", g.out_shape(), l.shape())
+        }
+        let cg = cuda_geom(name, &g)?;
+        let dev = s.device();
+        let out = match same_dtype(name, &[s])? {
+            DType::F32 => wrap(avg_pool_bwd::<f32>(dev, &view(name, s, l)?, cg)?, dev),
+            _ => wrap(avg_pool_bwd::<f64>(dev, &view(name, s, l)?, cg)?, dev),
         };
         Ok((out, g.in_shape()))
     }

@@ -1,0 +1,162 @@
+//! The same test bodies on every device the build has: each custom op (forward and the
+//! gradients of every input) against the plain CPU path it replaces.
+//!
+//! On the CPU the fused ops (ReLU read inside the depthwise conv, ReLU inside the batch norm,
+//! drop path inside the add) are checked against the unfused composition. Under the `cuda`
+//! feature every op also runs on GPU 0 and is checked against the CPU path (the custom CPU
+//! kernel, itself tested against the plain-tensor references in each kernel's file); those
+//! tests need a GPU and fail, naming it, without one.
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+
+use super::batch_norm::{batch_norm_train, batch_norm_train_relu};
+use super::depthwise::{depthwise_conv2d, depthwise_conv2d_relu};
+use super::pool::{avg_pool2d, max_pool2d};
+use super::testutil::{assert_close, TestRng};
+use super::Padding2d;
+use crate::drop_path::{drop_path_add, scale_examples};
+
+type Op<'a> = &'a dyn Fn(&[Tensor]) -> Result<Tensor>;
+
+/// Forward output and the gradients of `sum(f(inputs) * probe)` on `device`, copied back to
+/// the CPU.
+fn run_on(device: &Device, f: Op, inputs: &[Tensor], probe: &Tensor) -> (Tensor, Vec<Tensor>) {
+    let vars: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(&t.to_device(device).unwrap()).unwrap()).collect();
+    let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let out = f(&ts).unwrap();
+    let loss = (&out * probe.to_device(device).unwrap()).unwrap().sum_all().unwrap();
+    let grads = loss.backward().unwrap();
+    let grads = ts
+        .iter()
+        .map(|t| grads.get(t).cloned().unwrap_or_else(|| t.zeros_like().unwrap()).to_device(&Device::Cpu).unwrap())
+        .collect();
+    (out.to_device(&Device::Cpu).unwrap(), grads)
+}
+
+/// Runs `op` on `device` and `reference` on the CPU with the same inputs, and compares the
+/// outputs and every input's gradient.
+fn check(device: &Device, what: &str, op: Op, reference: Op, inputs: &[Tensor], tol: f64) {
+    let out = reference(inputs).unwrap();
+    let probe = TestRng::new(99).tensor(out.dims(), out.dtype()).unwrap();
+    let (want, want_grads) = run_on(&Device::Cpu, reference, inputs, &probe);
+    let (got, got_grads) = run_on(device, op, inputs, &probe);
+    let on = format!("{what} on {device:?}");
+    assert_close(&got, &want, tol, &format!("{on}: forward"));
+    for (i, (g, w)) in got_grads.iter().zip(&want_grads).enumerate() {
+        assert_close(g, w, tol, &format!("{on}: gradient of input {i}"));
+    }
+}
+
+/// The devices of this build: the CPU, and GPU 0 under the `cuda` feature.
+fn devices() -> Vec<Device> {
+    #[allow(unused_mut)]
+    let mut out = vec![Device::Cpu];
+    #[cfg(feature = "cuda")]
+    out.push(Device::new_cuda(0).expect("the `cuda` feature's tests run on GPU 0, which could not be opened"));
+    out
+}
+
+/// On the CPU, the fused op against the unfused composition; elsewhere, the op against the
+/// CPU's op.
+fn check_fused(device: &Device, what: &str, fused: Op, unfused: Op, inputs: &[Tensor], tol: f64) {
+    if device.is_cpu() {
+        check(device, what, fused, unfused, inputs, tol);
+    } else {
+        check(device, what, fused, fused, inputs, tol);
+    }
+}
+
+fn tolerance(dtype: DType) -> f64 {
+    if dtype == DType::F64 {
+        1e-10
+    } else {
+        2e-4
+    }
+}
+
+#[test]
+fn depthwise_convs_on_every_device() {
+    let mut rng = TestRng::new(7);
+    for device in devices() {
+        for (k, stride, dilation, h, w) in [(3, 1, 1, 7, 6), (5, 2, 1, 9, 8), (3, 1, 2, 8, 9), (7, 2, 1, 11, 5)] {
+            for dtype in [DType::F32, DType::F64] {
+                let (n, c) = (2, 3);
+                let xs = rng.tensor(&[n, c, h, w], dtype).unwrap();
+                let weight = rng.tensor(&[c, 1, k, k], dtype).unwrap();
+                let pad = Padding2d::same(h, w, k, k, stride, dilation);
+                let what = format!("depthwise k{k} s{stride} d{dilation} {h}x{w} {dtype:?}");
+                let plain = |t: &[Tensor]| depthwise_conv2d(&t[0], &t[1], stride, dilation, pad);
+                let fused = |t: &[Tensor]| depthwise_conv2d_relu(&t[0], &t[1], stride, dilation, pad);
+                let unfused = |t: &[Tensor]| depthwise_conv2d(&t[0].relu()?, &t[1], stride, dilation, pad);
+                let inputs = [xs, weight];
+                check(&device, &what, &plain, &plain, &inputs, tolerance(dtype));
+                check_fused(&device, &format!("{what} relu"), &fused, &unfused, &inputs, tolerance(dtype));
+            }
+        }
+    }
+}
+
+#[test]
+fn pools_on_every_device() {
+    let mut rng = TestRng::new(8);
+    for device in devices() {
+        for (k, stride, h, w) in [(3, 1, 7, 6), (3, 2, 8, 9), (3, 2, 9, 9), (1, 2, 6, 7), (5, 3, 11, 10)] {
+            for dtype in [DType::F32, DType::F64] {
+                let xs = rng.tensor(&[2, 3, h, w], dtype).unwrap();
+                let pad = Padding2d::same(h, w, k, k, stride, 1);
+                let max = |t: &[Tensor]| max_pool2d(&t[0], k, stride, pad);
+                let avg = |t: &[Tensor]| avg_pool2d(&t[0], k, stride, pad);
+                let what = format!("k{k} s{stride} {h}x{w} {dtype:?}");
+                let inputs = [xs];
+                check(&device, &format!("max pool {what}"), &max, &max, &inputs, tolerance(dtype));
+                check(&device, &format!("avg pool {what}"), &avg, &avg, &inputs, tolerance(dtype));
+            }
+        }
+    }
+}
+
+#[test]
+fn batch_norms_on_every_device() {
+    let mut rng = TestRng::new(9);
+    for device in devices() {
+        for (n, c, h, w) in [(2, 3, 5, 4), (4, 5, 3, 3), (1, 2, 7, 1)] {
+            for dtype in [DType::F32, DType::F64] {
+                let xs = (rng.tensor(&[n, c, h, w], dtype).unwrap() * 3.0).unwrap();
+                let gamma = rng.tensor(&[c], dtype).unwrap();
+                let beta = rng.tensor(&[c], dtype).unwrap();
+                let what = format!("batch norm {n}x{c}x{h}x{w} {dtype:?}");
+                let plain = |t: &[Tensor]| Ok(batch_norm_train(&t[0], &t[1], &t[2], 1e-3)?.ys);
+                let fused = |t: &[Tensor]| Ok(batch_norm_train_relu(&t[0], &t[1], &t[2], 1e-3)?.ys);
+                let unfused = |t: &[Tensor]| batch_norm_train(&t[0], &t[1], &t[2], 1e-3)?.ys.relu();
+                let inputs = [xs, gamma, beta];
+                check(&device, &what, &plain, &plain, &inputs, tolerance(dtype));
+                check_fused(&device, &format!("{what} relu"), &fused, &unfused, &inputs, tolerance(dtype));
+            }
+        }
+    }
+}
+
+#[test]
+fn drop_path_adds_on_every_device() {
+    let mut rng = TestRng::new(10);
+    for device in devices() {
+        for dtype in [DType::F32, DType::F64] {
+            let a = rng.tensor(&[4, 3, 5, 5], dtype).unwrap();
+            let b = rng.tensor(&[4, 3, 5, 5], dtype).unwrap();
+            let sa = [0.0, 1.25, 1.25, 0.0];
+            let sb = [1.25, 0.0, 1.25, 1.25];
+            let inputs = [a, b];
+            for (name, left, right) in [("both", true, true), ("left", true, false), ("right", false, true)] {
+                let (l, r) = (left.then_some(&sa[..]), right.then_some(&sb[..]));
+                let fused = |t: &[Tensor]| drop_path_add(&t[0], l, &t[1], r);
+                let unfused = |t: &[Tensor]| {
+                    let x = l.map_or_else(|| Ok(t[0].clone()), |s| scale_examples(&t[0], s))?;
+                    let y = r.map_or_else(|| Ok(t[1].clone()), |s| scale_examples(&t[1], s))?;
+                    x + y
+                };
+                let what = format!("drop-path add ({name} dropped) {dtype:?}");
+                check_fused(&device, &what, &fused, &unfused, &inputs, tolerance(dtype));
+            }
+        }
+    }
+}
