@@ -708,7 +708,15 @@ fn search_loop(
             }
             continue;
         }
-        for result in executor.wait(&mut |line| reporter.message(line))? {
+        let results = executor.wait(&mut |line| reporter.message(line))?;
+        if results.is_empty() {
+            // An executor that holds none of the children in flight would spin this loop.
+            return Err(TrainError::Config {
+                field: "executor",
+                message: format!("{} returned no result with {} children in flight", executor.name(), in_flight.len()),
+            });
+        }
+        for result in results {
             if in_flight.remove(&result.id).is_none() {
                 continue; // not ours to settle (cannot happen with a well-behaved executor)
             }
@@ -823,7 +831,14 @@ fn retrain_top(
         if in_flight == 0 {
             return Ok(!stopped);
         }
-        for result in executor.wait(&mut |line| reporter.message(line))? {
+        let results = executor.wait(&mut |line| reporter.message(line))?;
+        if results.is_empty() {
+            return Err(TrainError::Config {
+                field: "executor",
+                message: format!("{} returned no result with {in_flight} re-trainings in flight", executor.name()),
+            });
+        }
+        for result in results {
             in_flight -= 1;
             let (reward, reason) = match result.outcome {
                 Outcome::Trained { top1, .. } => (Some(top1), None),

@@ -261,7 +261,8 @@ fn dispatch(
 /// `xs` through a ReLU (a copy), when asked.
 fn relu_copy<T: Float>(xs: &[T], relu: bool) -> std::borrow::Cow<'_, [T]> {
     if relu {
-        std::borrow::Cow::Owned(xs.iter().map(|&v| if v >= T::ZERO { v } else { T::ZERO }).collect())
+        let relu = |&v: &T| if v >= T::ZERO { v } else { T::ZERO };
+        std::borrow::Cow::Owned(xs.par_iter().with_min_len(1 << 15).map(relu).collect())
     } else {
         std::borrow::Cow::Borrowed(xs)
     }
