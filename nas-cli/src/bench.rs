@@ -44,18 +44,7 @@ pub fn config(net: &str) -> Result<NetworkConfig> {
 
 /// The device of a `--device` name: `cpu`, `cuda` or `cuda:N`.
 pub fn device(name: &str) -> Result<Device> {
-    let ordinal = match name {
-        "cpu" => return Ok(Device::Cpu),
-        "cuda" => 0,
-        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(n)) => n,
-            _ => bail!("unknown device `{other}`; expected cpu, cuda or cuda:N"),
-        },
-    };
-    if !cfg!(feature = "cuda") {
-        bail!("--device {name}: this nas was built without the `cuda` feature (cargo build --release --features cuda)");
-    }
-    Ok(Device::new_cuda(ordinal)?)
+    Ok(nas_train::device::parse_device(name)?)
 }
 
 /// Runs the benchmark on `device` and returns its JSON object. `stem` sets the ImageNet

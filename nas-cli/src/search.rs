@@ -94,6 +94,10 @@ pub struct SearchArgs {
     pub executor: ExecutorKind,
     #[command(flatten)]
     pub slurm: SlurmArgs,
+    /// Where each child trains: `cpu`, or `cuda` / `cuda:N` (a build with the `cuda`
+    /// feature; on Slurm with `--gres gpu:1`, `cuda` is the task's own GPU).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
     /// How progress is shown.
     #[arg(long, value_enum, default_value_t = Progress::Auto)]
     pub progress: Progress,
@@ -274,6 +278,7 @@ pub fn search_config(args: &SearchArgs) -> Result<SearchConfig> {
         seed: args.seed,
         top_k: args.top_k,
         retrain: (args.retrain_top > 0).then_some(Retrain { top: args.retrain_top, epochs: args.retrain_epochs }),
+        device: args.device.clone(),
     };
     config.validate()?;
     Ok(config)
@@ -338,6 +343,10 @@ pub fn run(args: &SearchArgs, out: &mut String) -> Result<()> {
     let dir = args.out.join(name);
     if args.executor == ExecutorKind::Local && args.slurm.any_given() {
         bail!("the Slurm options need --executor slurm");
+    }
+    if args.executor == ExecutorKind::Local && !args.resume {
+        // Children on this machine: the device must open here (on Slurm, on the nodes).
+        nas_train::device::parse_device(&args.device)?;
     }
     let mut executor: Box<dyn Executor> = match args.executor {
         ExecutorKind::Slurm => {

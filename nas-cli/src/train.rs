@@ -95,6 +95,9 @@ pub struct RunArgs {
     /// Start even when the memory estimate exceeds the available memory.
     #[arg(long)]
     pub force_memory: bool,
+    /// Where to train: `cpu`, or `cuda` / `cuda:N` (a build with the `cuda` feature).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
     /// How progress is shown.
     #[arg(long, value_enum, default_value_t = Progress::Auto)]
     pub progress: Progress,
@@ -122,8 +125,9 @@ impl RunArgs {
     }
 
     /// The options of the run itself.
-    pub fn options(&self) -> RunOptions {
-        RunOptions { force_memory: self.force_memory, stop: Some(stop_on_ctrl_c()) }
+    pub fn options(&self) -> Result<RunOptions> {
+        let device = nas_train::device::parse_device(&self.device)?;
+        Ok(RunOptions { force_memory: self.force_memory, stop: Some(stop_on_ctrl_c()), device })
     }
 }
 
@@ -145,6 +149,9 @@ pub struct EvalArgs {
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
+    /// Where to evaluate: `cpu`, or `cuda` / `cuda:N` (a build with the `cuda` feature).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
 }
 
 /// Parses `tf-slim` or `fan-in`.
@@ -269,7 +276,7 @@ pub fn default_out(verb: &str) -> PathBuf {
 
 /// `nas train`.
 pub fn train(args: &TrainArgs, spec: impl FnOnce() -> Result<nas_space::CellSpec>, out: &mut String) -> Result<()> {
-    let options = args.run.options();
+    let options = args.run.options()?;
     let mut reporter = reporter(args.run.progress);
     let report = if args.run.resume {
         let Some(dir) = &args.run.out else { bail!("--resume needs --out DIR, the run to continue") };
@@ -299,6 +306,7 @@ pub fn train(args: &TrainArgs, spec: impl FnOnce() -> Result<nas_space::CellSpec
 
 /// `nas eval`.
 pub fn eval(args: &EvalArgs, out: &mut String) -> Result<()> {
+    let device = nas_train::device::parse_device(&args.device)?;
     let dir: &Path = &args.checkpoint;
     let config = run::read_run_config(dir).ok();
     let data: DataSource = match (&args.data, &config) {
@@ -314,7 +322,8 @@ pub fn eval(args: &EvalArgs, out: &mut String) -> Result<()> {
         },
         other => bail!("unknown --split `{other}`; expected test or validation"),
     };
-    let (mut trainer, state) = Trainer::resume(dir).with_context(|| format!("loading {}", dir.display()))?;
+    let (mut trainer, state) =
+        Trainer::resume_on(dir, &device).with_context(|| format!("loading {}", dir.display()))?;
     let image_size = state.network.image_size as u32;
     let (augment, cutout) =
         config.as_ref().map_or((nas_train::data::Augment::Standard, None), |c| (c.recipe.augment, c.recipe.cutout));
@@ -328,7 +337,7 @@ pub fn eval(args: &EvalArgs, out: &mut String) -> Result<()> {
             state.network.num_classes
         );
     }
-    let metrics = trainer.evaluate(run_data.eval_batcher(args.batch)?.epoch(0))?;
+    let metrics = trainer.evaluate(run_data.eval_batcher(args.batch, &device)?.epoch(0))?;
     use std::fmt::Write as _;
     if args.json {
         writeln!(

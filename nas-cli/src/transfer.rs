@@ -122,7 +122,7 @@ fn builtin_folder(size: u32, per_class: usize, seed: u64) -> Result<PathBuf> {
 /// `nas transfer`.
 pub fn transfer(args: &TransferArgs, load_cell: &dyn Fn(&str) -> Result<CellSpec>, out: &mut String) -> Result<()> {
     use std::fmt::Write as _;
-    let options = args.run.options();
+    let options = args.run.options()?;
     let mut reporter = reporter(args.run.progress);
     let (config, dir) = if args.run.resume {
         let Some(dir) = &args.run.out else { bail!("--resume needs --out DIR, the run to continue") };

@@ -262,14 +262,15 @@ impl RunData {
     }
 
     /// Training batches (shuffled by `seed`, last partial batch dropped).
-    pub fn train_batcher(&self, batch_size: usize, seed: u64) -> Result<RunBatcher, TrainError> {
+    pub fn train_batcher(&self, batch_size: usize, seed: u64, device: &Device) -> Result<RunBatcher, TrainError> {
         let config = BatchConfig { drop_last: self.train.len() >= batch_size, ..BatchConfig::train(batch_size, seed) };
-        Ok(Batcher::new(self.train.clone(), self.train_transform.clone(), config, Device::Cpu)?)
+        Ok(Batcher::new(self.train.clone(), self.train_transform.clone(), config, device.clone())?)
     }
 
     /// Evaluation batches, in order.
-    pub fn eval_batcher(&self, batch_size: usize) -> Result<RunBatcher, TrainError> {
-        Ok(Batcher::new(self.eval.clone(), self.eval_transform.clone(), BatchConfig::eval(batch_size), Device::Cpu)?)
+    pub fn eval_batcher(&self, batch_size: usize, device: &Device) -> Result<RunBatcher, TrainError> {
+        let config = BatchConfig::eval(batch_size);
+        Ok(Batcher::new(self.eval.clone(), self.eval_transform.clone(), config, device.clone())?)
     }
 }
 

@@ -35,6 +35,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use candle_core::Device;
 use nas_space::cost::network_cost;
 use nas_space::{CellSpec, NetworkConfig, Stem};
 use serde::{Deserialize, Serialize};
@@ -86,13 +87,22 @@ pub struct RunConfig {
 }
 
 /// How to run (not recorded: a resumed run may change these).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct RunOptions {
     /// Start even when the memory estimate exceeds the available memory.
     pub force_memory: bool,
     /// Set from elsewhere (Ctrl-C, a search shutting down): the run checkpoints and returns
     /// [`TrainError::Interrupted`].
     pub stop: Option<Arc<AtomicBool>>,
+    /// Where the network and the batches live (checkpoints are device-independent, so a run
+    /// may resume on another device).
+    pub device: Device,
+}
+
+impl Default for RunOptions {
+    fn default() -> RunOptions {
+        RunOptions { force_memory: false, stop: None, device: Device::Cpu }
+    }
 }
 
 /// What the loop tells whoever watches it (a progress bar, log lines, nothing).
@@ -448,7 +458,8 @@ fn run_inner(
         .map_err(|err| TrainError::Config { field: "network", message: err.to_string() })?;
 
     let estimate = MemoryEstimate::of(&config.cell_spec, &network, recipe.batch_size, recipe.ema_decay.is_some())?;
-    if let Some(available) = available_memory() {
+    // The estimate is of this machine's memory; a GPU's is not checked up front.
+    if let Some(available) = available_memory().filter(|_| options.device.is_cpu()) {
         if estimate.total_bytes() > available && !options.force_memory {
             return Err(TrainError::Memory {
                 estimate: gib(estimate.total_bytes()),
@@ -464,8 +475,8 @@ fn run_inner(
     }
 
     let data_seed = config.seed.wrapping_add(0x5EED);
-    let train_batches = data.train_batcher(recipe.batch_size, data_seed)?;
-    let eval_batches = data.eval_batcher(recipe.eval_batch_size)?;
+    let train_batches = data.train_batcher(recipe.batch_size, data_seed, &options.device)?;
+    let eval_batches = data.eval_batcher(recipe.eval_batch_size, &options.device)?;
     let steps_per_epoch = train_batches.batches_per_epoch() as u64;
     let total_steps = recipe.max_steps.unwrap_or(recipe.epochs * steps_per_epoch).max(1);
     let train_config = TrainConfig {
@@ -486,7 +497,7 @@ fn run_inner(
                 message: format!("was saved for another network or cell than {} describes", files::CONFIG),
             });
         }
-        let (trainer, state) = Trainer::resume(dir)?;
+        let (trainer, state) = Trainer::resume_on(dir, &options.device)?;
         if trainer.config() != &train_config {
             return Err(TrainError::Checkpoint {
                 path: dir.to_path_buf(),
@@ -496,7 +507,7 @@ fn run_inner(
         let offset = state.metrics.get("batch_in_epoch").and_then(serde_json::Value::as_u64).unwrap_or(0);
         (trainer, state.epoch, offset)
     } else {
-        let trainer = Trainer::new(&config.cell_spec, &network, train_config)?;
+        let trainer = Trainer::new_on(&config.cell_spec, &network, train_config, &options.device)?;
         if recipe.classifier_init == crate::recipe::ClassifierInit::FanIn {
             nas_ops::init::rescale_classifiers_fan_in(trainer.varmap())?;
         }

@@ -87,6 +87,14 @@ pub struct SearchConfig {
     /// (the paper re-trains its top 250 to convergence).
     #[serde(default)]
     pub retrain: Option<Retrain>,
+    /// Where each child trains: `cpu`, `cuda` or `cuda:N` (a worker's own GPU on Slurm with
+    /// `--gres gpu:1`).
+    #[serde(default = "cpu")]
+    pub device: String,
+}
+
+fn cpu() -> String {
+    "cpu".into()
 }
 
 /// The re-training of the top cells at the end of a search.
@@ -116,6 +124,12 @@ impl SearchConfig {
                 return err("retrain", "needs at least one cell and one epoch");
             }
         }
+        let device_ok = self.device == "cpu"
+            || self.device == "cuda"
+            || self.device.strip_prefix("cuda:").is_some_and(|n| n.parse::<usize>().is_ok());
+        if !device_ok {
+            return err("device", "must be cpu, cuda or cuda:N");
+        }
         self.strategy.validate().map_err(|e| TrainError::Config { field: "strategy", message: e.to_string() })?;
         self.child.validate()
     }
@@ -136,6 +150,9 @@ pub struct Trial {
     pub seed: u64,
     /// Its run directory.
     pub dir: PathBuf,
+    /// Where it trains (`cpu`, `cuda`, `cuda:N`).
+    #[serde(default = "cpu")]
+    pub device: String,
 }
 
 /// What a trial gave: what `nas worker --out FILE` writes.
@@ -165,7 +182,14 @@ pub enum Outcome {
 /// returns its outcome; never panics on a bad child.
 pub fn run_trial(trial: &Trial, stop: Option<Arc<AtomicBool>>) -> TrialResult {
     let started = Instant::now();
-    let options = RunOptions { force_memory: false, stop };
+    let device = match crate::device::parse_device(&trial.device) {
+        Ok(device) => device,
+        Err(err) => {
+            let outcome = Outcome::Failed { reason: err.to_string() };
+            return TrialResult { id: trial.id, outcome, seconds: started.elapsed().as_secs_f64() };
+        }
+    };
+    let options = RunOptions { force_memory: false, stop, device };
     let config = RunConfig {
         cell_spec: trial.spec.clone(),
         recipe: trial.recipe.clone(),
@@ -677,6 +701,7 @@ fn search_loop(
                     data: config.data.clone(),
                     seed: config.seed.wrapping_mul(1_000_003).wrapping_add(p.id),
                     dir: children_dir.join(format!("{:05}", p.id)),
+                    device: config.device.clone(),
                 });
                 journal.append(&JournalEvent::Started { id: p.id, time: now() })?;
                 in_flight.insert(p.id, (hash, Instant::now()));
@@ -816,6 +841,7 @@ fn retrain_top(
             data: config.data.clone(),
             seed: config.seed.wrapping_mul(1_000_003).wrapping_add(s.id),
             dir: dir.join("retrain").join(format!("{:05}", s.id)),
+            device: config.device.clone(),
         })
         .collect();
     let mut in_flight = 0;
@@ -917,6 +943,7 @@ mod tests {
             seed: 5,
             top_k: 3,
             retrain: None,
+            device: "cpu".into(),
         }
     }
 

@@ -107,9 +107,20 @@ impl std::fmt::Debug for Trainer {
 impl Trainer {
     /// Builds and initialises the network `network` describes around `spec` on the CPU.
     pub fn new(spec: &CellSpec, network: &NetworkConfig, config: TrainConfig) -> Result<Trainer, TrainError> {
+        Trainer::new_on(spec, network, config, &Device::Cpu)
+    }
+
+    /// [`Trainer::new`] on `device`. The initial weights are drawn on the CPU from the seed,
+    /// so they are the same on every device.
+    pub fn new_on(
+        spec: &CellSpec,
+        network: &NetworkConfig,
+        config: TrainConfig,
+        device: &Device,
+    ) -> Result<Trainer, TrainError> {
         config.validate()?;
         let varmap = VarMap::new();
-        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
         let net = NasNet::new(spec, network, config.seed, vb)?;
         init_weights(&varmap, config.seed)?;
         let groups = ParamGroups::from_varmap(&varmap);
@@ -205,11 +216,16 @@ impl Trainer {
     /// Rebuilds the run saved in `dir` and continues where it stopped.
     /// Returns the trainer and the saved state (epoch, data seed, …).
     pub fn resume(dir: &Path) -> Result<(Trainer, CheckpointState), TrainError> {
+        Trainer::resume_on(dir, &Device::Cpu)
+    }
+
+    /// [`Trainer::resume`] on `device`.
+    pub fn resume_on(dir: &Path, device: &Device) -> Result<(Trainer, CheckpointState), TrainError> {
         let state = read_checkpoint_state(dir)?;
         let config: TrainConfig = serde_json::from_value(state.train_config.clone()).map_err(|err| {
             TrainError::Checkpoint { path: dir.to_path_buf(), message: format!("train_config: {err}") }
         })?;
-        let mut trainer = Trainer::new(&state.cell_spec, &state.network, config)?;
+        let mut trainer = Trainer::new_on(&state.cell_spec, &state.network, config, device)?;
         let loaded = load_checkpoint(dir, &trainer.varmap)?;
         trainer.optimizer.load_state(&loaded.optimizer)?;
         if let Some(ema) = &mut trainer.ema {

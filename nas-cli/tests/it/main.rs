@@ -534,3 +534,26 @@ fn transfer_fine_tune_and_predict() {
     assert!(["00_disc", "01_square", "03_cross"].iter().all(|c| stdout.contains(c)), "{stdout}");
     std::fs::remove_dir_all(&work).unwrap();
 }
+
+/// Without the `cuda` feature, asking for a GPU is refused up front with the way out.
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn a_gpu_device_without_the_cuda_feature_is_a_clear_error() {
+    let dir = std::env::temp_dir().join(format!("nas-cli-device-{}", std::process::id()));
+    let d = dir.to_str().unwrap();
+    let cases: [&[&str]; 4] = [
+        &["train", "--cell", "nasnet-a", "--data", "synthetic:64", "--device", "cuda", "--out", d],
+        &["search", "--children", "1", "--device", "cuda:0", "--out", d],
+        &["bench", "--device", "cuda"],
+        &["eval", "--checkpoint", d, "--device", "cuda:1"],
+    ];
+    for args in cases {
+        let out = nas(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert!(err.contains("--features cuda"), "{args:?}: {err}");
+    }
+    let out = nas(&["bench", "--device", "tpu"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("expected cpu, cuda or cuda:N"));
+    assert!(!dir.join("run.json").exists(), "nothing was started");
+}
