@@ -239,6 +239,15 @@ fn a_stopped_or_killed_search_on_slurm_cancels_or_reattaches() {
     assert!(!live.is_empty());
     assert!(!queued(&dir).is_empty(), "the killed search's jobs still run");
     let before = tasks(&dir).len();
+    // As if the kill had come between sbatch and the search recording its answer: the
+    // resumed search must find those jobs by their batch scripts.
+    let mut saved = state(&dir);
+    for sub in saved["submissions"].as_array_mut().unwrap() {
+        if sub["tasks"].as_array().unwrap().iter().any(|t| t["state"] == "live") {
+            sub["job_id"] = "".into();
+        }
+    }
+    std::fs::write(dir.join("slurm.json"), serde_json::to_string_pretty(&saved).unwrap()).unwrap();
 
     // The second resume waits for the live tasks instead of submitting them again.
     let (status, stdout, stderr) = finish(spawn(&resume, &[]));
@@ -246,6 +255,7 @@ fn a_stopped_or_killed_search_on_slurm_cancels_or_reattaches() {
     assert!(stdout.contains("5 children evaluated (5 trained"), "{stdout}\n{stderr}");
     let after = tasks(&dir);
     for (job, id, ..) in &live {
+        // Waited for under the job id found again in the queue.
         assert!(stderr.contains(&format!("child {id}: waiting for its Slurm task {job}_")), "{stderr}");
         let submissions = after[before..].iter().filter(|t| t.1 == *id).count();
         assert_eq!(submissions, 0, "child {id} was submitted again: {after:?}");

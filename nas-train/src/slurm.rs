@@ -128,8 +128,9 @@ impl SlurmConfig {
 pub fn live_jobs(dir: &Path) -> Result<Vec<String>, TrainError> {
     let mut jobs = Vec::new();
     for sub in State::read(&dir.join(STATE_FILE))?.map_or_else(Vec::new, |s| s.submissions) {
-        if sub.tasks.iter().any(|t| t.state == TaskState::Live) && !jobs.contains(&sub.job_id) {
-            jobs.push(sub.job_id);
+        let job = if sub.job_id.is_empty() { format!("of {}", sub.dir.join("job.sh").display()) } else { sub.job_id };
+        if sub.tasks.iter().any(|t| t.state == TaskState::Live) && !jobs.contains(&job) {
+            jobs.push(job);
         }
     }
     Ok(jobs)
@@ -159,6 +160,9 @@ struct Task {
     state: TaskState,
 }
 
+/// One `sbatch` of a job array. It is recorded before `sbatch` runs, with an empty
+/// `job_id` until `sbatch` answers, so that a search killed in between finds the job again
+/// on resume (by its batch script, through `squeue`) instead of submitting it twice.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct Submission {
     job_id: String,
@@ -282,14 +286,6 @@ impl SlurmExecutor {
             }
             let script = job_dir.join("job.sh");
             write_atomic(&script, &batch_script(&self.config.program, &job_dir))?;
-            let job_name = self.state().job_name.clone();
-            let args = sbatch_args(&self.config, &job_name, &job_dir, chunk.len());
-            let out = run_command("sbatch", &args)
-                .map_err(|message| TrainError::Scheduler { command: format!("sbatch {}", args.join(" ")), message })?;
-            let job_id = parse_sbatch(&out).ok_or_else(|| TrainError::Scheduler {
-                command: "sbatch --parsable".into(),
-                message: format!("expected a job id, got {out:?}"),
-            })?;
             let tasks: Vec<Task> = chunk
                 .iter()
                 .enumerate()
@@ -302,9 +298,30 @@ impl SlurmExecutor {
                 })
                 .collect();
             let ids: Vec<String> = chunk.iter().map(|(t, _)| t.id.to_string()).collect();
+            // Recorded before sbatch runs (see `Submission`).
             let state = self.state();
-            state.submissions.push(Submission { job_id: job_id.clone(), dir: job_dir.clone(), tasks });
+            state.submissions.push(Submission { job_id: String::new(), dir: job_dir.clone(), tasks });
             let s = state.submissions.len() - 1;
+            self.save()?;
+            let job_name = self.state().job_name.clone();
+            let args = sbatch_args(&self.config, &job_name, &job_dir, chunk.len());
+            let answer = run_command("sbatch", &args)
+                .map_err(|message| TrainError::Scheduler { command: format!("sbatch {}", args.join(" ")), message })
+                .and_then(|out| {
+                    parse_sbatch(&out).ok_or_else(|| TrainError::Scheduler {
+                        command: "sbatch --parsable".into(),
+                        message: format!("expected a job id, got {out:?}"),
+                    })
+                });
+            let job_id = match answer {
+                Ok(id) => id,
+                Err(err) => {
+                    self.state().submissions.pop();
+                    self.save()?;
+                    return Err(err);
+                }
+            };
+            self.state().submissions[s].job_id = job_id.clone();
             self.live.extend((0..chunk.len()).map(|t| ((s, t), 0)));
             self.save()?;
             log(&format!(
@@ -476,6 +493,7 @@ impl Executor for SlurmExecutor {
             submissions: Vec::new(),
         });
         state.config = self.config.clone();
+        recover_unanswered(&mut state)?;
         self.state = Some(state);
         let cluster_max = run_command("scontrol", &["show".into(), "config".into()])
             .ok()
@@ -555,6 +573,31 @@ impl Executor for SlurmExecutor {
     fn abandon(&mut self) {
         let _ = self.cancel_all(&mut |line| eprintln!("{line}"));
     }
+}
+
+/// Submissions whose `sbatch` never answered (the search was killed in between): the job
+/// found in the queue by its batch script takes its id; one not there never reached Slurm,
+/// or finished (its results are in the children's directories), and is forgotten.
+fn recover_unanswered(state: &mut State) -> Result<(), TrainError> {
+    if state.submissions.iter().all(|s| !s.job_id.is_empty()) {
+        return Ok(());
+    }
+    let args = ["--noheader", &format!("--name={}", state.job_name), "--format=%F|%o"].map(String::from);
+    let out = run_command("squeue", &args).map_err(|message| TrainError::Scheduler {
+        command: format!("squeue {}", args.join(" ")),
+        message: format!("cannot tell whether a job array of this search reached Slurm: {message}"),
+    })?;
+    let queued: HashMap<&str, &str> =
+        out.lines().filter_map(|l| l.trim().split_once('|')).map(|(id, script)| (script, id)).collect();
+    for sub in &mut state.submissions {
+        if sub.job_id.is_empty() {
+            if let Some(id) = queued.get(sub.dir.join("job.sh").to_string_lossy().as_ref()) {
+                sub.job_id = (*id).to_string();
+            }
+        }
+    }
+    state.submissions.retain(|s| !s.job_id.is_empty());
+    Ok(())
 }
 
 /// `dir` made absolute against the working directory (not resolving links: the nodes see
