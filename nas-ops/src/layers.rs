@@ -100,11 +100,7 @@ impl Module for Conv2d {
 
 /// A 1×1 stride-1 convolution as one batched matmul: `(c_out, c_in) × (batch, c_in, h·w)`.
 pub fn conv1x1(xs: &Tensor, weight: &Tensor) -> Result<Tensor> {
-    let (b, c, h, w) = xs.dims4()?;
-    let c_out = weight.dim(0)?;
-    let w2 = weight.reshape((c_out, c))?;
-    let ys = w2.broadcast_matmul(&xs.reshape((b, c, h * w))?)?;
-    ys.reshape((b, c_out, h, w))
+    crate::kernels::conv1x1::conv1x1(xs, weight)
 }
 
 /// A depthwise convolution (multiplier 1) without bias, TF SAME padding.

@@ -10,6 +10,7 @@
 use candle_core::{DType, Device, Result, Tensor, Var};
 
 use super::batch_norm::{batch_norm_train, batch_norm_train_relu};
+use super::conv1x1::{conv1x1, conv1x1_reference};
 use super::depthwise::{depthwise_conv2d, depthwise_conv2d_relu};
 use super::pool::{avg_pool2d, max_pool2d};
 use super::testutil::{assert_close, TestRng};
@@ -156,6 +157,24 @@ fn drop_path_adds_on_every_device() {
                 };
                 let what = format!("drop-path add ({name} dropped) {dtype:?}");
                 check_fused(&device, &what, &fused, &unfused, &inputs, tolerance(dtype));
+            }
+        }
+    }
+}
+
+#[test]
+fn conv1x1_on_every_device() {
+    let mut rng = TestRng::new(11);
+    for device in devices() {
+        // Batches below and above the thread count (gemm per sample, or threaded gemm).
+        for (n, c, c_out, h, w) in [(1, 3, 5, 4, 3), (5, 7, 4, 3, 5), (9, 16, 24, 2, 2)] {
+            for dtype in [DType::F32, DType::F64] {
+                let xs = rng.tensor(&[n, c, h, w], dtype).unwrap();
+                let weight = rng.tensor(&[c_out, c, 1, 1], dtype).unwrap();
+                let op = |t: &[Tensor]| conv1x1(&t[0], &t[1]);
+                let reference = |t: &[Tensor]| conv1x1_reference(&t[0], &t[1]);
+                let what = format!("conv1x1 {n}x{c}x{h}x{w} -> {c_out} {dtype:?}");
+                check_fused(&device, &what, &op, &reference, &[xs, weight], tolerance(dtype));
             }
         }
     }
