@@ -4,9 +4,10 @@
 //! The plain-tensor path ([`conv1x1_reference`]) is `W · X_b` for every sample as one
 //! broadcast `matmul`. Its backward materialises the `(batch, c_out, c_in)` per-sample weight
 //! gradients and sums them with candle's reduction over a leading axis, which runs on one
-//! thread: 14 % of a `small` training step. On the CPU, [`conv1x1`] is a custom op: the
-//! forward is one gemm per sample (in parallel over samples), and the weight gradient
-//! `Σ_b dY_b · X_bᵀ` is accumulated by gemm straight into a `(c_out, c_in)` buffer. On other
+//! thread: 14 % of a `small` training step; and its input gradient copies `Wᵀ` once per
+//! sample. On the CPU, [`conv1x1`] is a custom op: the forward and the input gradient are one
+//! gemm per sample (in parallel over samples), and the weight gradient `Σ_b dY_b · X_bᵀ` is
+//! accumulated by gemm straight into a `(c_out, c_in)` buffer. On other
 //! devices [`conv1x1`] is the reference, whose ops run there already.
 
 use candle_core::backend::BackendStorage;
@@ -61,22 +62,23 @@ fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<
     }
 }
 
-/// `dst (m × n, row-major) [+]= lhs (m × k, row-major) · rhs`, where `rhs` is `k × n`
-/// row-major (`rhs_t = false`) or the transpose of an `n × k` row-major matrix.
+/// `dst (m × n, row-major) [+]= lhs · rhs`, where `lhs` is `m × k` row-major (`lhs_t =
+/// false`) or the transpose of a `k × m` row-major matrix, and `rhs` likewise `k × n` or the
+/// transpose of `n × k`.
 ///
 /// # Safety
 /// The slices must hold `m·n`, `m·k` and `k·n` elements.
 #[allow(clippy::too_many_arguments)]
 unsafe fn matmul<T: WithDType>(
     dst: &mut [T],
-    lhs: &[T],
-    rhs: &[T],
+    (lhs, lhs_t): (&[T], bool),
+    (rhs, rhs_t): (&[T], bool),
     (m, n, k): (usize, usize, usize),
-    rhs_t: bool,
     accumulate: bool,
     parallelism: Parallelism,
 ) {
     debug_assert!(dst.len() == m * n && lhs.len() == m * k && rhs.len() == k * n);
+    let (lhs_cs, lhs_rs) = if lhs_t { (m as isize, 1) } else { (1, k as isize) };
     let (rhs_cs, rhs_rs) = if rhs_t { (k as isize, 1) } else { (1, n as isize) };
     // SAFETY: the strides describe the slices' extents (checked above in debug builds).
     unsafe {
@@ -89,8 +91,8 @@ unsafe fn matmul<T: WithDType>(
             n as isize,
             accumulate,
             lhs.as_ptr(),
-            1,
-            k as isize,
+            lhs_cs,
+            lhs_rs,
             rhs.as_ptr(),
             rhs_cs,
             rhs_rs,
@@ -120,14 +122,14 @@ impl Conv1x1 {
         let mut ys = vec![T::zero(); b * c_out * p];
         let run = |(y, x): (&mut [T], &[T])| {
             // SAFETY: y is c_out × p, w is c_out × c, x is c × p.
-            unsafe { matmul(y, w, x, (c_out, p, c), false, false, Parallelism::None) }
+            unsafe { matmul(y, (w, false), (x, false), (c_out, p, c), false, Parallelism::None) }
         };
         if b >= rayon::current_num_threads() {
             ys.par_chunks_mut(c_out * p).zip(xs.par_chunks(c * p)).for_each(run);
         } else {
             for (y, x) in ys.chunks_mut(c_out * p).zip(xs.chunks(c * p)) {
                 // SAFETY: as above.
-                unsafe { matmul(y, w, x, (c_out, p, c), false, false, threads()) }
+                unsafe { matmul(y, (w, false), (x, false), (c_out, p, c), false, threads()) }
             }
         }
         ys
@@ -161,9 +163,59 @@ impl CustomOp2 for Conv1x1 {
 
     fn bwd(&self, xs: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
-        let grad_xs = w.t()?.broadcast_matmul(&grad)?;
+        let grad_xs = grad.apply_op2_no_bwd(w, &Conv1x1GradInput)?;
         let grad_w = xs.apply_op2_no_bwd(&grad, &Conv1x1GradWeight)?;
         Ok((Some(grad_xs), Some(grad_w)))
+    }
+}
+
+/// `(grad (b, c_out, p), weight (c_out, c)) -> weightᵀ · grad_b (b, c, p)`.
+#[derive(Debug, Clone, Copy)]
+struct Conv1x1GradInput;
+
+impl Conv1x1GradInput {
+    fn run<T: WithDType>(g: &[T], w: &[T], (b, c, p, c_out): (usize, usize, usize, usize)) -> Vec<T> {
+        let mut dx = vec![T::zero(); b * c * p];
+        let run = |(dx, g): (&mut [T], &[T])| {
+            // SAFETY: dx is c × p, w is c_out × c (read transposed), g is c_out × p.
+            unsafe { matmul(dx, (w, true), (g, false), (c, p, c_out), false, Parallelism::None) }
+        };
+        if b >= rayon::current_num_threads() {
+            dx.par_chunks_mut(c * p).zip(g.par_chunks(c_out * p)).for_each(run);
+        } else {
+            for (dx, g) in dx.chunks_mut(c * p).zip(g.chunks(c_out * p)) {
+                // SAFETY: as above.
+                unsafe { matmul(dx, (w, true), (g, false), (c, p, c_out), false, threads()) }
+            }
+        }
+        dx
+    }
+}
+
+impl CustomOp2 for Conv1x1GradInput {
+    fn name(&self) -> &'static str {
+        "conv1x1-grad-input"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let name = self.name();
+        let (&[b, c_out, p], &[c_out_w, c]) = (l1.dims(), l2.dims()) else {
+            bail!("{name}: expected (b, c_out, p) and (c_out, c), got {:?} and {:?}", l1.dims(), l2.dims())
+        };
+        if c_out_w != c_out {
+            bail!("{name}: gradient {:?} and weight {:?} differ", l1.dims(), l2.dims())
+        }
+        let dims = (b, c, p, c_out);
+        let out = match (s1, s2) {
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => {
+                CpuStorage::F32(Conv1x1GradInput::run(slice(s1, l1, "grad")?, slice(s2, l2, "weight")?, dims))
+            }
+            (CpuStorage::F64(_), CpuStorage::F64(_)) => {
+                CpuStorage::F64(Conv1x1GradInput::run(slice(s1, l1, "grad")?, slice(s2, l2, "weight")?, dims))
+            }
+            _ => bail!("{name}: expected both f32 or both f64, got {:?} and {:?}", s1.dtype(), s2.dtype()),
+        };
+        Ok((out, Shape::from((b, c, p))))
     }
 }
 
@@ -176,7 +228,7 @@ impl Conv1x1GradWeight {
         let mut dw = vec![T::zero(); c_out * c];
         for (k, (x, g)) in xs.chunks(c * p).zip(g.chunks(c_out * p)).take(b).enumerate() {
             // SAFETY: dw is c_out × c, g is c_out × p, x is c × p (read transposed).
-            unsafe { matmul(&mut dw, g, x, (c_out, c, p), true, k > 0, threads()) }
+            unsafe { matmul(&mut dw, (g, false), (x, true), (c_out, c, p), k > 0, threads()) }
         }
         dw
     }
