@@ -194,41 +194,19 @@ impl CustomOp2 for ScaledAdd {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use crate::kernels::cuda::{same_dtype, scaled_add, view, wrap};
+        use crate::kernels::cuda::{by_dtype, same_dtype, scaled_add, view, wrap};
         let (op, dev) = (self.name(), s1.device());
         let total = l1.shape().elem_count();
-        let batch = l1.dims()[0].max(1);
-        let per = total / batch;
-        let cast = |s: &Option<Vec<f64>>| s.as_ref().map(|s| s.iter().map(|&v| v as f32).collect::<Vec<f32>>());
-        let out = match same_dtype(op, &[s1, s2])? {
-            candle_core::DType::F32 => {
-                let (sa, sb) = (cast(&self.sa), cast(&self.sb));
-                let y = scaled_add::<f32>(
-                    dev,
-                    &view(op, s1, l1)?,
-                    sa.as_deref(),
-                    &view(op, s2, l2)?,
-                    sb.as_deref(),
-                    per,
-                    total,
-                )?;
-                wrap(y, dev)
-            }
-            _ => {
-                let widen = |s: Option<Vec<f32>>| s.map(|s| s.into_iter().map(f64::from).collect::<Vec<f64>>());
-                let (sa, sb) = (widen(cast(&self.sa)), widen(cast(&self.sb)));
-                let y = scaled_add::<f64>(
-                    dev,
-                    &view(op, s1, l1)?,
-                    sa.as_deref(),
-                    &view(op, s2, l2)?,
-                    sb.as_deref(),
-                    per,
-                    total,
-                )?;
-                wrap(y, dev)
-            }
-        };
+        let per = total / l1.dims()[0].max(1);
+        let out = by_dtype!(same_dtype(op, &[s1, s2])?, T => {
+            // The factors rounded to f32 first, as `scale_examples` and the CPU kernel do.
+            let cast = |s: &Option<Vec<f64>>| {
+                s.as_ref().map(|s| s.iter().map(|&v| T::from_f64(f64::from(v as f32))).collect::<Vec<T>>())
+            };
+            let (sa, sb) = (cast(&self.sa), cast(&self.sb));
+            let (a, b) = (view::<T>(op, s1, l1)?, view(op, s2, l2)?);
+            wrap(scaled_add(dev, &a, sa.as_deref(), &b, sb.as_deref(), per, total)?, dev)
+        });
         Ok((out, l1.shape().clone()))
     }
 

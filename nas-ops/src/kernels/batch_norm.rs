@@ -180,13 +180,10 @@ impl CustomOp1 for BatchNormStats {
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
-        use super::cuda::{bn_stats, same_dtype, view, wrap};
+        use super::cuda::{bn_stats, by_dtype, same_dtype, view, wrap};
         let (n, c, h, w) = l.shape().dims4()?;
         let (op, dev) = (self.name(), s.device());
-        let stats = match same_dtype(op, &[s])? {
-            DType::F32 => bn_stats::<f32>(dev, &view(op, s, l)?, (n, c, h * w))?,
-            _ => bn_stats::<f64>(dev, &view(op, s, l)?, (n, c, h * w))?,
-        };
+        let stats = by_dtype!(same_dtype(op, &[s])?, T => bn_stats::<T>(dev, &view(op, s, l)?, (n, c, h * w))?);
         Ok((wrap(stats, dev), Shape::from((2, c))))
     }
 }
@@ -258,39 +255,15 @@ impl CustomOp3 for BatchNormTrainOp {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use super::cuda::{bn_fwd, same_dtype, view, wrap};
+        use super::cuda::{bn_fwd, by_dtype, same_dtype, view, wrap};
         let (n, c, h, w) = l1.shape().dims4()?;
         let (op, dev) = (self.name(), s1.device());
         let dims = (n, c, h * w);
         let (mean, invstd, relu) = (&self.mean, &self.invstd, self.relu);
-        let ys = match same_dtype(op, &[s1, s2, s3])? {
-            DType::F32 => wrap(
-                bn_fwd::<f32>(
-                    dev,
-                    &view(op, s1, l1)?,
-                    &view(op, s2, l2)?,
-                    &view(op, s3, l3)?,
-                    mean,
-                    invstd,
-                    dims,
-                    relu,
-                )?,
-                dev,
-            ),
-            _ => wrap(
-                bn_fwd::<f64>(
-                    dev,
-                    &view(op, s1, l1)?,
-                    &view(op, s2, l2)?,
-                    &view(op, s3, l3)?,
-                    mean,
-                    invstd,
-                    dims,
-                    relu,
-                )?,
-                dev,
-            ),
-        };
+        let ys = by_dtype!(same_dtype(op, &[s1, s2, s3])?, T => {
+            let (x, gamma, beta) = (view::<T>(op, s1, l1)?, view(op, s2, l2)?, view(op, s3, l3)?);
+            wrap(bn_fwd(dev, &x, &gamma, &beta, mean, invstd, dims, relu)?, dev)
+        });
         Ok((ys, l1.shape().clone()))
     }
 
@@ -378,23 +351,17 @@ impl CustomOp3 for BatchNormTrainBwd<'_> {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use super::cuda::{bn_bwd, same_dtype, view, wrap};
+        use super::cuda::{bn_bwd, by_dtype, same_dtype, view, wrap};
         let (n, c, h, w) = l1.shape().dims4()?;
         if l3.dims() != l1.dims() {
             bail!("{}: dy must be shaped like xs {:?}, got {:?}", self.name(), l1.shape(), l3.shape())
         }
         let (op, dev) = (self.name(), s1.device());
         let (mean, invstd, dims) = (&self.fwd.mean, &self.fwd.invstd, (n, c, h * w));
-        let packed = match same_dtype(op, &[s1, s2, s3])? {
-            DType::F32 => wrap(
-                bn_bwd::<f32>(dev, &view(op, s1, l1)?, &view(op, s2, l2)?, &view(op, s3, l3)?, mean, invstd, dims)?,
-                dev,
-            ),
-            _ => wrap(
-                bn_bwd::<f64>(dev, &view(op, s1, l1)?, &view(op, s2, l2)?, &view(op, s3, l3)?, mean, invstd, dims)?,
-                dev,
-            ),
-        };
+        let packed = by_dtype!(same_dtype(op, &[s1, s2, s3])?, T => {
+            let (x, gamma, dy) = (view::<T>(op, s1, l1)?, view(op, s2, l2)?, view(op, s3, l3)?);
+            wrap(bn_bwd(dev, &x, &gamma, &dy, mean, invstd, dims)?, dev)
+        });
         Ok((packed, Shape::from(n * c * h * w + 2 * c)))
     }
 }

@@ -99,6 +99,24 @@ macro_rules! function {
     };
 }
 
+/// Runs `$body` with the type alias `$T` set to `f32` or `f64`, as `$dtype` says (the one
+/// dtype of an op's inputs, from [`same_dtype`]).
+macro_rules! by_dtype {
+    ($dtype:expr, $T:ident => $body:expr) => {
+        match $dtype {
+            candle_core::DType::F32 => {
+                type $T = f32;
+                $body
+            }
+            _ => {
+                type $T = f64;
+                $body
+            }
+        }
+    };
+}
+pub(crate) use by_dtype;
+
 /// The dtype every input of an op shares, or an error naming them.
 pub(crate) fn same_dtype(op: &str, storages: &[&CudaStorage]) -> Result<DType> {
     let d = storages[0].dtype();

@@ -268,6 +268,9 @@ fn relu_copy<T: Float>(xs: &[T], relu: bool) -> std::borrow::Cow<'_, [T]> {
     }
 }
 
+#[cfg(feature = "cuda")]
+use super::cuda::{by_dtype, dw_bwd_input, dw_bwd_weight, dw_fwd, same_dtype, view, wrap};
+
 /// The geometry as the CUDA kernels take it.
 #[cfg(feature = "cuda")]
 fn cuda_geom(name: &str, g: &DepthwiseGeometry) -> Result<super::cuda::DwGeom> {
@@ -285,33 +288,6 @@ fn cuda_geom(name: &str, g: &DepthwiseGeometry) -> Result<super::cuda::DwGeom> {
         dilation: int(name, "dilation", g.dilation)?,
         pad_top: int(name, "top padding", g.padding.top)?,
         pad_left: int(name, "left padding", g.padding.left)?,
-    })
-}
-
-/// Runs a two-input CUDA kernel on f32 or f64 storages and wraps its output.
-#[cfg(feature = "cuda")]
-fn cuda_dispatch2(
-    name: &str,
-    s1: &candle_core::CudaStorage,
-    l1: &Layout,
-    s2: &candle_core::CudaStorage,
-    l2: &Layout,
-    f32_kernel: impl FnOnce(
-        &candle_core::CudaDevice,
-        &super::cuda::CudaView<f32>,
-        &super::cuda::CudaView<f32>,
-    ) -> Result<super::cuda::CudaSlice<f32>>,
-    f64_kernel: impl FnOnce(
-        &candle_core::CudaDevice,
-        &super::cuda::CudaView<f64>,
-        &super::cuda::CudaView<f64>,
-    ) -> Result<super::cuda::CudaSlice<f64>>,
-) -> Result<candle_core::CudaStorage> {
-    use super::cuda::{same_dtype, view, wrap};
-    let dev = s1.device();
-    Ok(match same_dtype(name, &[s1, s2])? {
-        candle_core::DType::F32 => wrap(f32_kernel(dev, &view(name, s1, l1)?, &view(name, s2, l2)?)?, dev),
-        _ => wrap(f64_kernel(dev, &view(name, s1, l1)?, &view(name, s2, l2)?)?, dev),
     })
 }
 
@@ -354,16 +330,11 @@ impl CustomOp2 for DepthwiseConv2d {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let geom = DepthwiseGeometry::new(FWD_NAME, l1.dims(), l2.dims(), self.stride, self.dilation, self.padding)?;
         let g = cuda_geom(FWD_NAME, &geom)?;
-        let relu = self.relu_in;
-        let out = cuda_dispatch2(
-            FWD_NAME,
-            s1,
-            l1,
-            s2,
-            l2,
-            |dev, x, w| super::cuda::dw_fwd(dev, x, w, g, relu),
-            |dev, x, w| super::cuda::dw_fwd(dev, x, w, g, relu),
-        )?;
+        let (x, w, dev) = (s1, s2, s1.device());
+        let out = by_dtype!(same_dtype(FWD_NAME, &[x, w])?, T => wrap(
+            dw_fwd::<T>(dev, &view(FWD_NAME, x, l1)?, &view(FWD_NAME, w, l2)?, g, self.relu_in)?,
+            dev,
+        ));
         Ok((out, geom.output_dims().into()))
     }
 
@@ -425,15 +396,11 @@ impl CustomOp2 for DepthwiseConv2dGradInput {
         check_dims(GRAD_INPUT_NAME, "an output gradient", l1, geom.output_dims())?;
         check_dims(GRAD_INPUT_NAME, "a weight", l2, geom.weight_dims())?;
         let g = cuda_geom(GRAD_INPUT_NAME, geom)?;
-        let out = cuda_dispatch2(
-            GRAD_INPUT_NAME,
-            s1,
-            l1,
-            s2,
-            l2,
-            |dev, dy, w| super::cuda::dw_bwd_input(dev, dy, w, g),
-            |dev, dy, w| super::cuda::dw_bwd_input(dev, dy, w, g),
-        )?;
+        let (dy, w, dev) = (s1, s2, s1.device());
+        let out = by_dtype!(same_dtype(GRAD_INPUT_NAME, &[dy, w])?, T => wrap(
+            dw_bwd_input::<T>(dev, &view(GRAD_INPUT_NAME, dy, l1)?, &view(GRAD_INPUT_NAME, w, l2)?, g)?,
+            dev,
+        ));
         Ok((out, geom.input_dims().into()))
     }
 }
@@ -479,16 +446,11 @@ impl CustomOp2 for DepthwiseConv2dGradWeight {
         check_dims(GRAD_WEIGHT_NAME, "an input", l1, geom.input_dims())?;
         check_dims(GRAD_WEIGHT_NAME, "an output gradient", l2, geom.output_dims())?;
         let g = cuda_geom(GRAD_WEIGHT_NAME, geom)?;
-        let relu = self.relu_in;
-        let out = cuda_dispatch2(
-            GRAD_WEIGHT_NAME,
-            s1,
-            l1,
-            s2,
-            l2,
-            |dev, x, dy| super::cuda::dw_bwd_weight(dev, x, dy, g, relu),
-            |dev, x, dy| super::cuda::dw_bwd_weight(dev, x, dy, g, relu),
-        )?;
+        let (x, dy, dev) = (s1, s2, s1.device());
+        let out = by_dtype!(same_dtype(GRAD_WEIGHT_NAME, &[x, dy])?, T => wrap(
+            dw_bwd_weight::<T>(dev, &view(GRAD_WEIGHT_NAME, x, l1)?, &view(GRAD_WEIGHT_NAME, dy, l2)?, g, self.relu_in)?,
+            dev,
+        ));
         Ok((out, geom.weight_dims().into()))
     }
 }

@@ -288,14 +288,11 @@ fn cuda_pool_fwd(
     s: &candle_core::CudaStorage,
     l: &Layout,
 ) -> Result<(candle_core::CudaStorage, Shape)> {
-    use super::cuda::{pool_fwd, same_dtype, view, wrap};
+    use super::cuda::{by_dtype, pool_fwd, same_dtype, view, wrap};
     let g = PoolGeom::new(name, l.dims(), params)?;
     let cg = cuda_geom(name, &g)?;
     let dev = s.device();
-    let out = match same_dtype(name, &[s])? {
-        DType::F32 => wrap(pool_fwd::<f32>(dev, kind, &view(name, s, l)?, cg)?, dev),
-        _ => wrap(pool_fwd::<f64>(dev, kind, &view(name, s, l)?, cg)?, dev),
-    };
+    let out = by_dtype!(same_dtype(name, &[s])?, T => wrap(pool_fwd::<T>(dev, kind, &view(name, s, l)?, cg)?, dev));
     Ok((out, g.out_shape()))
 }
 
@@ -370,7 +367,7 @@ impl CustomOp2 for MaxPool2dTfBwd {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use super::cuda::{max_pool_bwd, same_dtype, view, wrap};
+        use super::cuda::{by_dtype, max_pool_bwd, same_dtype, view, wrap};
         let name = self.name();
         let g = PoolGeom::new(name, l1.dims(), self.0)?;
         if l2.shape() != &g.out_shape() {
@@ -378,10 +375,10 @@ impl CustomOp2 for MaxPool2dTfBwd {
         }
         let cg = cuda_geom(name, &g)?;
         let dev = s1.device();
-        let out = match same_dtype(name, &[s1, s2])? {
-            DType::F32 => wrap(max_pool_bwd::<f32>(dev, &view(name, s1, l1)?, &view(name, s2, l2)?, cg)?, dev),
-            _ => wrap(max_pool_bwd::<f64>(dev, &view(name, s1, l1)?, &view(name, s2, l2)?, cg)?, dev),
-        };
+        let out = by_dtype!(same_dtype(name, &[s1, s2])?, T => wrap(
+            max_pool_bwd::<T>(dev, &view(name, s1, l1)?, &view(name, s2, l2)?, cg)?,
+            dev,
+        ));
         Ok((out, g.in_shape()))
     }
 }
@@ -447,7 +444,7 @@ impl CustomOp1 for AvgPool2dTfBwd {
     }
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
-        use super::cuda::{avg_pool_bwd, same_dtype, view, wrap};
+        use super::cuda::{avg_pool_bwd, by_dtype, same_dtype, view, wrap};
         let name = self.name();
         let &[n, c, ..] = l.dims() else { bail!("{name}: expected an (N, C, Ho, Wo) gradient, got {:?}", l.shape()) };
         let g = PoolGeom::new(name, &[n, c, self.h, self.w], self.params)?;
@@ -456,10 +453,7 @@ impl CustomOp1 for AvgPool2dTfBwd {
         }
         let cg = cuda_geom(name, &g)?;
         let dev = s.device();
-        let out = match same_dtype(name, &[s])? {
-            DType::F32 => wrap(avg_pool_bwd::<f32>(dev, &view(name, s, l)?, cg)?, dev),
-            _ => wrap(avg_pool_bwd::<f64>(dev, &view(name, s, l)?, cg)?, dev),
-        };
+        let out = by_dtype!(same_dtype(name, &[s])?, T => wrap(avg_pool_bwd::<T>(dev, &view(name, s, l)?, cg)?, dev));
         Ok((out, g.in_shape()))
     }
 }
