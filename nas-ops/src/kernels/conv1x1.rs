@@ -119,21 +119,28 @@ struct Conv1x1;
 
 impl Conv1x1 {
     fn forward<T: WithDType>(xs: &[T], w: &[T], (b, c, p, c_out): (usize, usize, usize, usize)) -> Vec<T> {
-        let mut ys = vec![T::zero(); b * c_out * p];
-        let run = |(y, x): (&mut [T], &[T])| {
-            // SAFETY: y is c_out × p, w is c_out × c, x is c × p.
-            unsafe { matmul(y, (w, false), (x, false), (c_out, p, c), false, Parallelism::None) }
-        };
-        if b >= rayon::current_num_threads() {
-            ys.par_chunks_mut(c_out * p).zip(xs.par_chunks(c * p)).for_each(run);
-        } else {
-            for (y, x) in ys.chunks_mut(c_out * p).zip(xs.chunks(c * p)) {
-                // SAFETY: as above.
-                unsafe { matmul(y, (w, false), (x, false), (c_out, p, c), false, threads()) }
-            }
-        }
-        ys
+        per_sample(b, (w, false), xs, (c_out, p, c))
     }
+}
+
+/// `out_b = lhs · rhs_b` for every sample: `rhs` holds `b` row-major `k × n` matrices and
+/// the result `b` row-major `m × n` ones. One gemm per sample, in parallel over the samples,
+/// or a threaded gemm each when there are fewer samples than threads.
+fn per_sample<T: WithDType>(b: usize, lhs: (&[T], bool), rhs: &[T], (m, n, k): (usize, usize, usize)) -> Vec<T> {
+    let mut out = vec![T::zero(); b * m * n];
+    let run = |(o, r): (&mut [T], &[T])| {
+        // SAFETY: o is m × n, lhs m × k, r k × n.
+        unsafe { matmul(o, lhs, (r, false), (m, n, k), false, Parallelism::None) }
+    };
+    if b >= rayon::current_num_threads() {
+        out.par_chunks_mut(m * n).zip(rhs.par_chunks(k * n)).for_each(run);
+    } else {
+        for (o, r) in out.chunks_mut(m * n).zip(rhs.chunks(k * n)) {
+            // SAFETY: as above.
+            unsafe { matmul(o, lhs, (r, false), (m, n, k), false, threads()) }
+        }
+    }
+    out
 }
 
 impl CustomOp2 for Conv1x1 {
@@ -175,20 +182,7 @@ struct Conv1x1GradInput;
 
 impl Conv1x1GradInput {
     fn run<T: WithDType>(g: &[T], w: &[T], (b, c, p, c_out): (usize, usize, usize, usize)) -> Vec<T> {
-        let mut dx = vec![T::zero(); b * c * p];
-        let run = |(dx, g): (&mut [T], &[T])| {
-            // SAFETY: dx is c × p, w is c_out × c (read transposed), g is c_out × p.
-            unsafe { matmul(dx, (w, true), (g, false), (c, p, c_out), false, Parallelism::None) }
-        };
-        if b >= rayon::current_num_threads() {
-            dx.par_chunks_mut(c * p).zip(g.par_chunks(c_out * p)).for_each(run);
-        } else {
-            for (dx, g) in dx.chunks_mut(c * p).zip(g.chunks(c_out * p)) {
-                // SAFETY: as above.
-                unsafe { matmul(dx, (w, true), (g, false), (c, p, c_out), false, threads()) }
-            }
-        }
-        dx
+        per_sample(b, (w, true), g, (c, p, c_out))
     }
 }
 
