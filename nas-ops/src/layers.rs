@@ -7,7 +7,7 @@
 use candle_core::{Module, ModuleT, Result, Tensor, Var, D};
 use candle_nn::{Init, VarBuilder};
 
-use crate::kernels::batch_norm::{batch_norm_eval, batch_norm_train, batch_norm_train_relu};
+use crate::kernels::batch_norm::{batch_norm_eval, batch_norm_eval_relu, batch_norm_train, batch_norm_train_relu};
 use crate::kernels::depthwise::{depthwise_conv2d, depthwise_conv2d_relu};
 use crate::kernels::pool::avg_pool2d;
 use crate::kernels::Padding2d;
@@ -181,8 +181,11 @@ impl BatchNorm {
     fn forward_with(&self, xs: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
         if !train {
             let (rm, rv) = (self.running_mean.as_tensor(), self.running_var.as_tensor());
-            let ys = batch_norm_eval(xs, &self.weight, &self.bias, rm, rv, self.eps)?;
-            return if relu { ys.relu() } else { Ok(ys) };
+            return if relu {
+                batch_norm_eval_relu(xs, &self.weight, &self.bias, rm, rv, self.eps)
+            } else {
+                batch_norm_eval(xs, &self.weight, &self.bias, rm, rv, self.eps)
+            };
         }
         let out = if relu {
             batch_norm_train_relu(xs, &self.weight, &self.bias, self.eps)?

@@ -104,7 +104,9 @@ pub fn batch_norm_train_reference(xs: &Tensor, gamma: &Tensor, beta: &Tensor, ep
 }
 
 /// Eval-mode batch norm: `ys = gamma * (xs - running_mean) / sqrt(running_var + eps) + beta`,
-/// from plain tensor ops with broadcasting (differentiable w.r.t. xs, gamma and beta).
+/// differentiable w.r.t. xs, gamma and beta. The statistics fold into one per-channel scale
+/// and shift; on the CPU `xs · scale + shift` is one pass (the op `batch-norm-eval`), elsewhere
+/// two broadcast tensor ops.
 ///
 /// # Shapes
 /// - `xs`: `(batch, channels, height, width)`
@@ -118,13 +120,121 @@ pub fn batch_norm_eval(
     running_var: &Tensor,
     eps: f64,
 ) -> Result<Tensor> {
-    let params = [("gamma", gamma), ("beta", beta), ("running_mean", running_mean), ("running_var", running_var)];
-    let (_n, c, _h, _w) = check_args("batch-norm-eval", xs, &params)?;
-    // Fold the statistics into one per-channel scale and shift: two passes over `xs`
-    // instead of three (`ys = xs · scale + (β − mean · scale)`).
+    batch_norm_eval_with(xs, [gamma, beta, running_mean, running_var], eps, false)
+}
+
+/// [`batch_norm_eval`] followed by a ReLU, in the same pass on the CPU. The gradient passes
+/// where the output is `> 0` (see [`batch_norm_train_relu`]).
+///
+/// # Shapes
+/// As [`batch_norm_eval`].
+pub fn batch_norm_eval_relu(
+    xs: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
+    batch_norm_eval_with(xs, [gamma, beta, running_mean, running_var], eps, true)
+}
+
+fn batch_norm_eval_with(xs: &Tensor, params: [&Tensor; 4], eps: f64, relu: bool) -> Result<Tensor> {
+    let [gamma, beta, running_mean, running_var] = params;
+    let named = [("gamma", gamma), ("beta", beta), ("running_mean", running_mean), ("running_var", running_var)];
+    let (_n, c, _h, _w) = check_args("batch-norm-eval", xs, &named)?;
+    // `ys = xs · scale + (β − mean · scale)`.
     let scale = (gamma / (running_var + eps)?.sqrt()?)?;
     let shift = (beta - (running_mean * &scale)?)?;
-    xs.broadcast_mul(&scale.reshape((1, c, 1, 1))?)?.broadcast_add(&shift.reshape((1, c, 1, 1))?)
+    if xs.device().is_cpu() {
+        return xs.contiguous()?.apply_op3(&scale.contiguous()?, &shift.contiguous()?, ScaleShift { relu });
+    }
+    let ys = xs.broadcast_mul(&scale.reshape((1, c, 1, 1))?)?.broadcast_add(&shift.reshape((1, c, 1, 1))?)?;
+    if relu {
+        ys.relu()
+    } else {
+        Ok(ys)
+    }
+}
+
+/// `(xs (N, C, H, W), scale (C), shift (C)) -> xs · scale + shift` per channel, then
+/// `max(·, 0)` with `relu`; each product is rounded before the add, as the two broadcast ops
+/// round it.
+#[derive(Debug, Clone, Copy)]
+struct ScaleShift {
+    relu: bool,
+}
+
+impl ScaleShift {
+    fn run<T: WithDType>(&self, xs: &[T], scale: &[T], shift: &[T], (c, hw): (usize, usize)) -> Vec<T> {
+        let mut ys = vec![T::zero(); xs.len()];
+        ys.par_chunks_mut(hw).zip(xs.par_chunks(hw)).enumerate().with_min_len(planes_per_task(hw)).for_each(
+            |(plane_idx, (ys, xs))| {
+                let (s, b) = (scale[plane_idx % c], shift[plane_idx % c]);
+                for (y, &x) in ys.iter_mut().zip(xs) {
+                    let v = x * s + b;
+                    *y = if !self.relu || v >= T::zero() { v } else { T::zero() };
+                }
+            },
+        );
+        ys
+    }
+}
+
+impl CustomOp3 for ScaleShift {
+    fn name(&self) -> &'static str {
+        "batch-norm-eval"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (_n, c, h, w) = l1.shape().dims4()?;
+        let op = self.name();
+        let ys = match (s1, s2, s3) {
+            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(self.run(
+                contiguous_slice(s1, l1, op, "xs")?,
+                contiguous_slice(s2, l2, op, "scale")?,
+                contiguous_slice(s3, l3, op, "shift")?,
+                (c, h * w),
+            )),
+            (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(self.run(
+                contiguous_slice(s1, l1, op, "xs")?,
+                contiguous_slice(s2, l2, op, "scale")?,
+                contiguous_slice(s3, l3, op, "shift")?,
+                (c, h * w),
+            )),
+            _ => bail!(
+                "{op}: xs, scale and shift must all be f32 or all f64, got {:?}, {:?}, {:?}",
+                s1.dtype(),
+                s2.dtype(),
+                s3.dtype()
+            ),
+        };
+        Ok((ys, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        xs: &Tensor,
+        scale: &Tensor,
+        _shift: &Tensor,
+        ys: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let c = scale.dim(0)?;
+        let grad = if self.relu { (grad * ys.gt(0.0)?.to_dtype(grad.dtype())?)? } else { grad.clone() };
+        let grad_xs = grad.broadcast_mul(&scale.reshape((1, c, 1, 1))?)?;
+        let grad_scale = (&grad * xs)?.sum((0, 2, 3))?;
+        let grad_shift = grad.sum((0, 2, 3))?;
+        Ok((Some(grad_xs), Some(grad_scale), Some(grad_shift)))
+    }
 }
 
 /// Checks that `xs` is `(N, C, H, W)` and every named parameter is `(C)` with the dtype of

@@ -10,7 +10,7 @@
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 
-use super::batch_norm::{batch_norm_train, batch_norm_train_relu};
+use super::batch_norm::{batch_norm_eval, batch_norm_eval_relu, batch_norm_train, batch_norm_train_relu};
 use super::conv1x1::{conv1x1, conv1x1_reference};
 use super::depthwise::{depthwise_conv2d, depthwise_conv2d_relu};
 use super::pool::{avg_pool2d, max_pool2d};
@@ -142,6 +142,28 @@ fn batch_norms_on_every_device() {
                 let inputs = [xs, gamma, beta];
                 check_against_cpu(&device, &what, &plain, &inputs, tolerance(dtype));
                 check_fused(&device, &format!("{what} relu"), &fused, &unfused, &inputs, tolerance(dtype));
+                // Eval mode, with moving statistics: the one-pass op against broadcast ops.
+                let (mean, var) = (
+                    rng.tensor(&[c], dtype).unwrap(),
+                    (rng.tensor(&[c], dtype).unwrap().abs().unwrap() + 0.5).unwrap(),
+                );
+                let eval = |t: &[Tensor]| batch_norm_eval(&t[0], &t[1], &t[2], &mean, &var, 1e-3);
+                let eval_relu = |t: &[Tensor]| batch_norm_eval_relu(&t[0], &t[1], &t[2], &mean, &var, 1e-3);
+                let broadcast = |t: &[Tensor]| {
+                    let scale = (&t[1] / (&var + 1e-3)?.sqrt()?)?;
+                    let shift = (&t[2] - (&mean * &scale)?)?;
+                    t[0].broadcast_mul(&scale.reshape((1, c, 1, 1))?)?.broadcast_add(&shift.reshape((1, c, 1, 1))?)
+                };
+                let broadcast_relu = |t: &[Tensor]| broadcast(t)?.relu();
+                check_fused(&device, &format!("{what} eval"), &eval, &broadcast, &inputs, tolerance(dtype));
+                check_fused(
+                    &device,
+                    &format!("{what} eval relu"),
+                    &eval_relu,
+                    &broadcast_relu,
+                    &inputs,
+                    tolerance(dtype),
+                );
             }
         }
     }
