@@ -25,6 +25,39 @@ use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
+/// Runs `$body` on the contiguous slices `$x`, `$y`, `$z` of a three-input op's storages,
+/// all f32 or all f64, and wraps the `Vec` it returns; other dtypes are an error naming the
+/// op and its inputs.
+macro_rules! cpu_dispatch3 {
+    ($op:expr, [$nx:expr, $ny:expr, $nz:expr], ($s1:expr, $l1:expr), ($s2:expr, $l2:expr), ($s3:expr, $l3:expr),
+     |$x:ident, $y:ident, $z:ident| $body:expr) => {
+        match ($s1, $s2, $s3) {
+            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => {
+                let $x = contiguous_slice::<f32>($s1, $l1, $op, $nx)?;
+                let $y = contiguous_slice::<f32>($s2, $l2, $op, $ny)?;
+                let $z = contiguous_slice::<f32>($s3, $l3, $op, $nz)?;
+                CpuStorage::F32($body)
+            }
+            (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => {
+                let $x = contiguous_slice::<f64>($s1, $l1, $op, $nx)?;
+                let $y = contiguous_slice::<f64>($s2, $l2, $op, $ny)?;
+                let $z = contiguous_slice::<f64>($s3, $l3, $op, $nz)?;
+                CpuStorage::F64($body)
+            }
+            _ => bail!(
+                "{}: {}, {} and {} must all be f32 or all f64, got {:?}, {:?}, {:?}",
+                $op,
+                $nx,
+                $ny,
+                $nz,
+                $s1.dtype(),
+                $s2.dtype(),
+                $s3.dtype()
+            ),
+        }
+    };
+}
+
 /// What a training-mode batch norm returns.
 #[derive(Debug, Clone)]
 pub struct BatchNormTrain {
@@ -197,26 +230,12 @@ impl CustomOp3 for ScaleShift {
     ) -> Result<(CpuStorage, Shape)> {
         let (_n, c, h, w) = l1.shape().dims4()?;
         let op = self.name();
-        let ys = match (s1, s2, s3) {
-            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(self.run(
-                contiguous_slice(s1, l1, op, "xs")?,
-                contiguous_slice(s2, l2, op, "scale")?,
-                contiguous_slice(s3, l3, op, "shift")?,
-                (c, h * w),
-            )),
-            (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(self.run(
-                contiguous_slice(s1, l1, op, "xs")?,
-                contiguous_slice(s2, l2, op, "scale")?,
-                contiguous_slice(s3, l3, op, "shift")?,
-                (c, h * w),
-            )),
-            _ => bail!(
-                "{op}: xs, scale and shift must all be f32 or all f64, got {:?}, {:?}, {:?}",
-                s1.dtype(),
-                s2.dtype(),
-                s3.dtype()
-            ),
-        };
+        let ys = cpu_dispatch3!(op, ["xs", "scale", "shift"], (s1, l1), (s2, l2), (s3, l3), |x, y, z| self.run(
+            x,
+            y,
+            z,
+            (c, h * w)
+        ));
         Ok((ys, l1.shape().clone()))
     }
 
@@ -326,32 +345,15 @@ impl CustomOp3 for BatchNormTrainOp {
     ) -> Result<(CpuStorage, Shape)> {
         let (n, c, h, w) = l1.shape().dims4()?;
         let op = self.name();
-        let ys = match (s1, s2, s3) {
-            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(normalize(
-                contiguous_slice(s1, l1, op, "xs")?,
-                contiguous_slice(s2, l2, op, "gamma")?,
-                contiguous_slice(s3, l3, op, "beta")?,
-                &self.mean,
-                &self.invstd,
-                (n, c, h * w),
-                self.relu,
-            )),
-            (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(normalize(
-                contiguous_slice(s1, l1, op, "xs")?,
-                contiguous_slice(s2, l2, op, "gamma")?,
-                contiguous_slice(s3, l3, op, "beta")?,
-                &self.mean,
-                &self.invstd,
-                (n, c, h * w),
-                self.relu,
-            )),
-            _ => bail!(
-                "{op}: xs, gamma and beta must all be f32 or all f64, got {:?}, {:?}, {:?}",
-                s1.dtype(),
-                s2.dtype(),
-                s3.dtype()
-            ),
-        };
+        let ys = cpu_dispatch3!(op, ["xs", "gamma", "beta"], (s1, l1), (s2, l2), (s3, l3), |x, y, z| normalize(
+            x,
+            y,
+            z,
+            &self.mean,
+            &self.invstd,
+            (n, c, h * w),
+            self.relu
+        ));
         Ok((ys, l1.shape().clone()))
     }
 
@@ -424,30 +426,14 @@ impl CustomOp3 for BatchNormTrainBwd<'_> {
         }
         let op = self.name();
         let (mean, invstd) = (&self.fwd.mean, &self.fwd.invstd);
-        let packed = match (s1, s2, s3) {
-            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(backward(
-                contiguous_slice(s1, l1, op, "xs")?,
-                contiguous_slice(s2, l2, op, "gamma")?,
-                contiguous_slice(s3, l3, op, "dy")?,
-                mean,
-                invstd,
-                (n, c, h * w),
-            )),
-            (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(backward(
-                contiguous_slice(s1, l1, op, "xs")?,
-                contiguous_slice(s2, l2, op, "gamma")?,
-                contiguous_slice(s3, l3, op, "dy")?,
-                mean,
-                invstd,
-                (n, c, h * w),
-            )),
-            _ => bail!(
-                "{op}: xs, gamma and dy must all be f32 or all f64, got {:?}, {:?}, {:?}",
-                s1.dtype(),
-                s2.dtype(),
-                s3.dtype()
-            ),
-        };
+        let packed = cpu_dispatch3!(op, ["xs", "gamma", "dy"], (s1, l1), (s2, l2), (s3, l3), |x, y, z| backward(
+            x,
+            y,
+            z,
+            mean,
+            invstd,
+            (n, c, h * w)
+        ));
         Ok((packed, Shape::from(n * c * h * w + 2 * c)))
     }
 
