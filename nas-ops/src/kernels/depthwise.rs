@@ -16,9 +16,10 @@
 //! `kernels/nas_ops.cu`).
 
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
+use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
+use crate::kernels::simd::Isa;
 use crate::kernels::Padding2d;
 
 /// Depthwise convolution of `xs` with one `kh × kw` filter per channel, through the direct
@@ -89,6 +90,7 @@ pub fn depthwise_conv2d_reference(
 
 const FWD_NAME: &str = "depthwise-conv2d";
 const GRAD_INPUT_NAME: &str = "depthwise-conv2d-grad-input";
+const GRAD_INPUT_RELU_NAME: &str = "depthwise-conv2d-relu-grad-input";
 const GRAD_WEIGHT_NAME: &str = "depthwise-conv2d-grad-weight";
 
 /// Every size of one depthwise convolution, checked once.
@@ -151,67 +153,6 @@ impl DepthwiseGeometry {
     fn output_dims(&self) -> (usize, usize, usize, usize) {
         (self.n, self.c, self.ho, self.wo)
     }
-
-    /// Which output rows each kernel row `ky` reaches inside the input.
-    fn row_taps(&self) -> Vec<TapRange> {
-        TapRange::all(self.h, self.ho, self.kh, self.padding.top, self.stride, self.dilation)
-    }
-
-    /// Which output columns each kernel column `kx` reaches inside the input.
-    fn col_taps(&self) -> Vec<TapRange> {
-        TapRange::all(self.w, self.wo, self.kw, self.padding.left, self.stride, self.dilation)
-    }
-}
-
-/// Along one axis, for one kernel tap: the output positions `lo..hi` whose tap lands inside
-/// the input (the others read padding), and `first`, the input index read by `lo`.
-/// Output `o` in `lo..hi` reads input `first + (o - lo) * stride`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct TapRange {
-    lo: usize,
-    hi: usize,
-    first: usize,
-}
-
-impl TapRange {
-    fn all(n_in: usize, n_out: usize, k: usize, before: usize, stride: usize, dilation: usize) -> Vec<TapRange> {
-        (0..k)
-            .map(|tap| {
-                // Output `o` reads input `o * stride + tap * dilation - before`.
-                let shift = tap * dilation;
-                let lo = before.saturating_sub(shift).div_ceil(stride);
-                // The last readable input is `n_in - 1`, so `o * stride <= n_in - 1 + before - shift`.
-                let hi = match (n_in + before).checked_sub(shift + 1) {
-                    Some(last) => (last / stride + 1).min(n_out),
-                    None => 0,
-                };
-                if lo < hi {
-                    TapRange { lo, hi, first: lo * stride + shift - before }
-                } else {
-                    TapRange { lo: 0, hi: 0, first: 0 }
-                }
-            })
-            .collect()
-    }
-
-    /// The input index read by output `o`, when the tap lands inside the input.
-    #[inline]
-    fn input_index(&self, o: usize, stride: usize) -> Option<usize> {
-        (self.lo <= o && o < self.hi).then(|| self.first + (o - self.lo) * stride)
-    }
-}
-
-/// The float types the CPU kernels support.
-trait Float: WithDType {
-    const ZERO: Self;
-}
-
-impl Float for f32 {
-    const ZERO: Self = 0.0;
-}
-
-impl Float for f64 {
-    const ZERO: Self = 0.0;
 }
 
 /// The contiguous data of one input of a custom op.
@@ -255,16 +196,6 @@ fn dispatch(
             Ok(CpuStorage::F64(out))
         }
         _ => bail!("{name}: unsupported dtype {d1:?}"),
-    }
-}
-
-/// `xs` through a ReLU (a copy), when asked.
-fn relu_copy<T: Float>(xs: &[T], relu: bool) -> std::borrow::Cow<'_, [T]> {
-    if relu {
-        let relu = |&v: &T| if v >= T::ZERO { v } else { T::ZERO };
-        std::borrow::Cow::Owned(xs.par_iter().with_min_len(1 << 15).map(relu).collect())
-    } else {
-        std::borrow::Cow::Borrowed(xs)
     }
 }
 
@@ -314,8 +245,8 @@ impl CustomOp2 for DepthwiseConv2d {
             l1,
             s2,
             l2,
-            |x, w| cpu::forward(&geom, &relu_copy(x, relu), w),
-            |x, w| cpu::forward(&geom, &relu_copy(x, relu), w),
+            |x, w| cpu::forward(Isa::detect(), &geom, x, w, relu),
+            |x, w| cpu::forward(Isa::detect(), &geom, x, w, relu),
         )?;
         Ok((out, geom.output_dims().into()))
     }
@@ -348,10 +279,15 @@ impl CustomOp2 for DepthwiseConv2d {
         let geom =
             DepthwiseGeometry::new(FWD_NAME, xs.dims(), weight.dims(), self.stride, self.dilation, self.padding)?;
         let (xs, weight, grad) = (xs.contiguous()?, weight.contiguous()?, grad.contiguous()?);
-        let mut grad_xs = grad.apply_op2_no_bwd(&weight, &DepthwiseConv2dGradInput { geom })?;
-        if self.relu_in {
-            grad_xs = (grad_xs * xs.ge(0.0)?.to_dtype(xs.dtype())?)?;
-        }
+        let grad_xs = match (self.relu_in, xs.device().is_cpu()) {
+            // On the CPU the ReLU's gradient mask is applied inside the kernel.
+            (true, true) => grad.apply_op3_no_bwd(&weight, &xs, &DepthwiseConv2dGradInputRelu { geom })?,
+            (true, false) => {
+                (grad.apply_op2_no_bwd(&weight, &DepthwiseConv2dGradInput { geom })?
+                    * xs.ge(0.0)?.to_dtype(xs.dtype())?)?
+            }
+            (false, _) => grad.apply_op2_no_bwd(&weight, &DepthwiseConv2dGradInput { geom })?,
+        };
         let grad_weight = xs.apply_op2_no_bwd(&grad, &DepthwiseConv2dGradWeight { geom, relu_in: self.relu_in })?;
         Ok((Some(grad_xs), Some(grad_weight)))
     }
@@ -378,8 +314,8 @@ impl CustomOp2 for DepthwiseConv2dGradInput {
             l1,
             s2,
             l2,
-            |g, w| cpu::grad_input(geom, g, w),
-            |g, w| cpu::grad_input(geom, g, w),
+            |g, w| cpu::grad_input(Isa::detect(), geom, g, w, None),
+            |g, w| cpu::grad_input(Isa::detect(), geom, g, w, None),
         )?;
         Ok((out, geom.input_dims().into()))
     }
@@ -401,6 +337,66 @@ impl CustomOp2 for DepthwiseConv2dGradInput {
             dw_bwd_input::<T>(dev, &view(GRAD_INPUT_NAME, dy, l1)?, &view(GRAD_INPUT_NAME, w, l2)?, g)?,
             dev,
         ));
+        Ok((out, geom.input_dims().into()))
+    }
+}
+
+/// The input gradient of [`depthwise_conv2d_relu`], on `(grad_out, weight, xs)`: the
+/// transposed convolution, zeroed where `xs < 0`, in one pass (CPU only; other devices mask
+/// the result of [`DepthwiseConv2dGradInput`]).
+#[derive(Debug, Clone, Copy)]
+struct DepthwiseConv2dGradInputRelu {
+    geom: DepthwiseGeometry,
+}
+
+impl CustomOp3 for DepthwiseConv2dGradInputRelu {
+    fn name(&self) -> &'static str {
+        GRAD_INPUT_RELU_NAME
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (name, geom) = (GRAD_INPUT_RELU_NAME, &self.geom);
+        check_dims(name, "an output gradient", l1, geom.output_dims())?;
+        check_dims(name, "a weight", l2, geom.weight_dims())?;
+        check_dims(name, "an input", l3, geom.input_dims())?;
+        if s3.dtype() != s1.dtype() {
+            bail!("{name}: dtypes differ, {:?} and {:?}", s1.dtype(), s3.dtype())
+        }
+        let out = match s3 {
+            CpuStorage::F32(_) => {
+                let xs = contiguous::<f32>(name, "arg 3", s3, l3)?;
+                dispatch(
+                    name,
+                    s1,
+                    l1,
+                    s2,
+                    l2,
+                    |g, w| cpu::grad_input(Isa::detect(), geom, g, w, Some(xs)),
+                    |_, _| unreachable!("all three args are f32"),
+                )?
+            }
+            CpuStorage::F64(_) => {
+                let xs = contiguous::<f64>(name, "arg 3", s3, l3)?;
+                dispatch(
+                    name,
+                    s1,
+                    l1,
+                    s2,
+                    l2,
+                    |_, _| unreachable!("all three args are f64"),
+                    |g, w| cpu::grad_input(Isa::detect(), geom, g, w, Some(xs)),
+                )?
+            }
+            other => bail!("{name}: unsupported dtype {:?}", other.dtype()),
+        };
         Ok((out, geom.input_dims().into()))
     }
 }
@@ -428,8 +424,8 @@ impl CustomOp2 for DepthwiseConv2dGradWeight {
             l1,
             s2,
             l2,
-            |x, g| cpu::grad_weight(geom, &relu_copy(x, self.relu_in), g),
-            |x, g| cpu::grad_weight(geom, &relu_copy(x, self.relu_in), g),
+            |x, g| cpu::grad_weight(Isa::detect(), geom, x, g, self.relu_in),
+            |x, g| cpu::grad_weight(Isa::detect(), geom, x, g, self.relu_in),
         )?;
         Ok((out, geom.weight_dims().into()))
     }
@@ -457,308 +453,378 @@ impl CustomOp2 for DepthwiseConv2dGradWeight {
 
 /// The CPU kernels, on contiguous row-major slices.
 ///
-/// Rows: every kernel walks the pairs (output row, kernel row) that meet an input row inside
-/// the image, so padded rows are skipped. Columns: each kernel tap becomes a `RowTap`, a run
-/// `out[lo..hi] += k * src[src..]` over the columns whose input lies inside the image, so
-/// padding is never read or written. Where the taps of a `TapGroup` all overlap (the
-/// interior), up to four taps are fused into one pass over the output; only the borders run
-/// tap by tap. With stride `s > 1`, input and input-gradient planes go through a per-task
-/// scratch buffer in "phased" column order (see `Plan`), so every run stays contiguous and
-/// the loops vectorise.
+/// All three are one loop, [`correlate`](cpu) or its reduction twin: each rayon task copies
+/// the plane it reads into a zero-padded scratch plane (applying the fused ReLU on the way),
+/// so no kernel tap ever tests a border. An output row is computed `LANES` columns at a
+/// time, `BLOCK` chunks at once, with every tap of the kernel accumulated in registers and
+/// one store per output. The loops run with the widest vectors and FMA the CPU has
+/// (`kernels::simd`).
+///
+/// With stride `s > 1` the padded plane is stored "phased": padded column `pc` sits at
+/// `(pc % s) * wq + pc / s`, so the columns one tap meets are contiguous. The input gradient
+/// at stride `s` splits into `s × s` phases (input rows and columns by their remainder mod
+/// `s`); each phase is a stride-1 correlation of the padded output gradient with the kernel
+/// taps of that remainder, and its results are scattered into every `s`-th input position.
 mod cpu {
     use super::*;
+    use crate::kernels::simd::{multiversion, Float, Isa};
 
-    /// One kernel column as a contiguous run: `out[lo..hi] += k[kx] * src[src..src + hi - lo]`.
+    /// Output columns one accumulator holds: one AVX-512 register of f32.
+    const LANES: usize = 16;
+    /// Accumulators in flight, so that consecutive fused multiply-adds do not wait on each
+    /// other (their latency is about four times their issue interval).
+    const BLOCK: usize = 4;
+
+    /// The index space of one correlation: `rows × cols` outputs, and the strides that place
+    /// them in the source and the output.
     #[derive(Debug, Clone, Copy)]
-    struct RowTap {
-        kx: usize,
-        lo: usize,
-        hi: usize,
-        src: usize,
+    struct Grid {
+        rows: usize,
+        cols: usize,
+        /// Source elements between the windows of consecutive output rows.
+        src_row: usize,
+        /// Output elements between consecutive rows.
+        out_row: usize,
+        /// Output elements between consecutive columns (the stride of a phase's scatter).
+        out_col: usize,
     }
 
-    /// Taps that write into the same output row, with the interior `inner_lo..inner_hi`
-    /// that all of them cover (empty when they do not overlap).
-    #[derive(Debug, Clone)]
-    struct TapGroup {
-        taps: Vec<RowTap>,
-        inner_lo: usize,
-        inner_hi: usize,
-    }
-
-    impl TapGroup {
-        fn new(taps: Vec<RowTap>) -> Self {
-            let inner_lo = taps.iter().map(|t| t.lo).max().unwrap_or(0);
-            let inner_hi = taps.iter().map(|t| t.hi).min().unwrap_or(0);
-            let (inner_lo, inner_hi) = if inner_lo < inner_hi { (inner_lo, inner_hi) } else { (0, 0) };
-            TapGroup { taps, inner_lo, inner_hi }
-        }
-
-        /// `out_row += sum over taps of k_row[kx] * shifted src_row`.
-        #[inline]
-        fn apply<T: Float>(&self, out_row: &mut [T], src_row: &[T], k_row: &[T]) {
-            let (inner_lo, inner_hi) = (self.inner_lo, self.inner_hi);
-            // Borders, tap by tap (with an empty interior, `inner_lo == inner_hi == 0` and
-            // the second run is the whole tap).
-            for t in &self.taps {
-                for (lo, hi) in [(t.lo, inner_lo.clamp(t.lo, t.hi)), (inner_hi.clamp(t.lo, t.hi), t.hi)] {
-                    let src = t.src + (lo - t.lo);
-                    axpy(&mut out_row[lo..hi], k_row[t.kx], &src_row[src..src + (hi - lo)]);
+    /// `out[y * out_row + x * out_col] = Σ over taps (offset, k) of k * src[y * src_row + x + offset]`
+    /// for `y < rows`, `x < cols`. The last chunk of a row reads up to `LANES - 1` elements
+    /// past the last column, so `src` must extend that far; those lanes are never stored.
+    #[inline(always)]
+    fn correlate_body<T: Float, const FMA: bool>(src: &[T], taps: &[(usize, T)], grid: &Grid, out: &mut [T]) {
+        let chunks = grid.cols.div_ceil(LANES);
+        let total = grid.rows * chunks;
+        let mut first = 0;
+        while first < total {
+            let live = (total - first).min(BLOCK);
+            // Dead slots of the last block repeat its last live chunk (read, never stored).
+            let mut base = [0usize; BLOCK];
+            for (b, base) in base.iter_mut().enumerate() {
+                let i = first + b.min(live - 1);
+                *base = (i / chunks) * grid.src_row + (i % chunks) * LANES;
+            }
+            let mut acc = [[T::ZERO; LANES]; BLOCK];
+            for &(offset, k) in taps {
+                for (acc, &base) in acc.iter_mut().zip(&base) {
+                    let s: &[T; LANES] = src[base + offset..][..LANES].try_into().expect("LANES elements");
+                    for (a, &v) in acc.iter_mut().zip(s) {
+                        *a = T::madd::<FMA>(k, v, *a);
+                    }
                 }
             }
-            if inner_lo == inner_hi {
-                return;
-            }
-            // The interior, four taps at a time.
-            let out = &mut out_row[inner_lo..inner_hi];
-            let n = out.len();
-            let run = |t: &RowTap| (k_row[t.kx], &src_row[t.src + (inner_lo - t.lo)..][..n]);
-            for chunk in self.taps.chunks(4) {
-                match chunk {
-                    [a, b, c, d] => {
-                        let ((ka, xa), (kb, xb), (kc, xc), (kd, xd)) = (run(a), run(b), run(c), run(d));
-                        for ((((o, &va), &vb), &vc), &vd) in out.iter_mut().zip(xa).zip(xb).zip(xc).zip(xd) {
-                            *o += ka * va + kb * vb + kc * vc + kd * vd;
-                        }
+            for (b, acc) in acc.iter().enumerate().take(live) {
+                let i = first + b;
+                let (y, x0) = (i / chunks, (i % chunks) * LANES);
+                let len = LANES.min(grid.cols - x0);
+                let start = y * grid.out_row + x0 * grid.out_col;
+                if grid.out_col == 1 {
+                    out[start..start + len].copy_from_slice(&acc[..len]);
+                } else {
+                    for (j, &v) in acc[..len].iter().enumerate() {
+                        out[start + j * grid.out_col] = v;
                     }
-                    [a, b, c] => {
-                        let ((ka, xa), (kb, xb), (kc, xc)) = (run(a), run(b), run(c));
-                        for (((o, &va), &vb), &vc) in out.iter_mut().zip(xa).zip(xb).zip(xc) {
-                            *o += ka * va + kb * vb + kc * vc;
-                        }
-                    }
-                    [a, b] => {
-                        let ((ka, xa), (kb, xb)) = (run(a), run(b));
-                        for ((o, &va), &vb) in out.iter_mut().zip(xa).zip(xb) {
-                            *o += ka * va + kb * vb;
-                        }
-                    }
-                    [a] => {
-                        let (ka, xa) = run(a);
-                        axpy(out, ka, xa);
-                    }
-                    _ => unreachable!("chunks of one to four taps"),
                 }
             }
+            first += live;
         }
     }
 
-    /// `out += k * x` over equal-length slices.
-    #[inline]
-    fn axpy<T: Float>(out: &mut [T], k: T, x: &[T]) {
-        for (o, &v) in out.iter_mut().zip(x) {
-            *o += k * v;
+    multiversion!(fn correlate(src: &[T], taps: &[(usize, T)], grid: &Grid, out: &mut [T]) => correlate_body);
+
+    /// `dk[t] += Σ over y < rows, x < cols of g[y * g_row + x] * src[y * src_row + x + offsets[t]]`.
+    /// `g_row` is a multiple of `LANES` and `g` is zero from `cols` to the end of each row, so
+    /// the lanes read past the last column add nothing.
+    #[inline(always)]
+    fn tap_dots_body<T: Float, const FMA: bool>(
+        src: &[T],
+        offsets: &[usize],
+        g: &[T],
+        g_row: usize,
+        grid: &Grid,
+        dk: &mut [T],
+    ) {
+        let chunks = grid.cols.div_ceil(LANES);
+        for (offs, dk) in offsets.chunks(BLOCK).zip(dk.chunks_mut(BLOCK)) {
+            // Dead slots of the last block repeat its first tap (summed, never stored).
+            let mut off = [offs[0]; BLOCK];
+            off[..offs.len()].copy_from_slice(offs);
+            let mut acc = [[T::ZERO; LANES]; BLOCK];
+            for y in 0..grid.rows {
+                for c in 0..chunks {
+                    let gv: &[T; LANES] = g[y * g_row + c * LANES..][..LANES].try_into().expect("LANES elements");
+                    let base = y * grid.src_row + c * LANES;
+                    for (acc, &off) in acc.iter_mut().zip(&off) {
+                        let s: &[T; LANES] = src[base + off..][..LANES].try_into().expect("LANES elements");
+                        for ((a, &gv), &v) in acc.iter_mut().zip(gv).zip(s) {
+                            *a = T::madd::<FMA>(gv, v, *a);
+                        }
+                    }
+                }
+            }
+            for (d, acc) in dk.iter_mut().zip(&acc) {
+                *d += acc.iter().fold(T::ZERO, |s, &a| s + a);
+            }
         }
     }
 
-    /// The loop plan shared by the three kernels.
-    ///
-    /// In the phased column order, column `ix = q * s + p` of a row sits at `p * wq + q`
-    /// (`wq = ceil(w / s)`), so the columns one tap meets at stride `s` are contiguous.
-    /// At stride 1 the order is the identity and planes are used in place.
+    multiversion!(
+        fn tap_dots(src: &[T], offsets: &[usize], g: &[T], g_row: usize, grid: &Grid, dk: &mut [T]) => tap_dots_body
+    );
+
+    /// The padded (and, at stride > 1, phased) copy of one input plane that the forward pass
+    /// and the weight gradient read, and where each kernel tap starts in it.
     #[derive(Debug)]
-    struct Plan {
+    struct InputLayout {
         geom: DepthwiseGeometry,
-        rows: Vec<TapRange>,
+        /// Padded rows held: exactly those some output window reads.
+        rows: usize,
+        /// Padded columns held, likewise.
+        cols: usize,
+        /// Columns per phase.
         wq: usize,
+        /// `stride * wq`.
         row_len: usize,
-        /// Forward and weight gradient: output columns read phased input columns.
-        forward: TapGroup,
-        /// Input gradient: phased input-gradient columns gather output-gradient columns,
-        /// one group per phase.
-        backward: Vec<TapGroup>,
+        /// Where tap `ky * kw + kx` of output (0, 0) reads.
+        offsets: Vec<usize>,
+        /// The forward correlation: `ho × wo` outputs into a row-major plane.
+        grid: Grid,
     }
 
-    impl Plan {
+    impl InputLayout {
         fn new(geom: &DepthwiseGeometry) -> Self {
-            let s = geom.stride;
-            let wq = geom.w.div_ceil(s);
-            let row_len = if s == 1 { geom.w } else { s * wq };
-            let cols = geom.col_taps();
-            let phased = |first: usize| (first % s) * wq + first / s;
-            let forward = cols
-                .iter()
-                .enumerate()
-                .filter(|(_, t)| t.lo < t.hi)
-                .map(|(kx, t)| RowTap { kx, lo: t.lo, hi: t.hi, src: phased(t.first) })
+            let &DepthwiseGeometry { kh, kw, ho, wo, stride: s, dilation: d, .. } = geom;
+            let rows = (ho - 1) * s + (kh - 1) * d + 1;
+            let cols = (wo - 1) * s + (kw - 1) * d + 1;
+            let wq = cols.div_ceil(s);
+            let row_len = s * wq;
+            let offsets = (0..kh)
+                .flat_map(|ky| (0..kw).map(move |kx| ky * d * row_len + (kx * d % s) * wq + kx * d / s))
                 .collect();
-            let backward = (0..s)
-                .map(|phase| {
-                    let taps = cols.iter().enumerate().filter(|(_, t)| t.lo < t.hi && t.first % s == phase);
-                    let taps = taps.map(|(kx, t)| {
-                        let start = phased(t.first);
-                        RowTap { kx, lo: start, hi: start + (t.hi - t.lo), src: t.lo }
-                    });
-                    TapGroup::new(taps.collect())
-                })
-                .filter(|group| !group.taps.is_empty())
-                .collect();
-            Plan { geom: *geom, rows: geom.row_taps(), wq, row_len, forward: TapGroup::new(forward), backward }
+            let grid = Grid { rows: ho, cols: wo, src_row: s * row_len, out_row: wo, out_col: 1 };
+            InputLayout { geom: *geom, rows, cols, wq, row_len, offsets, grid }
         }
 
-        /// Per-task scratch for one phased plane; empty at stride 1, where none is needed.
+        /// A zeroed scratch plane, with room for the reads past the last column.
         fn scratch<T: Float>(&self) -> Vec<T> {
-            if self.geom.stride == 1 {
-                Vec::new()
-            } else {
-                vec![T::ZERO; self.geom.h * self.row_len]
-            }
+            vec![T::ZERO; self.rows * self.row_len + LANES]
         }
 
-        /// The plane in phased order: `plane` itself at stride 1, else a copy in `scratch`.
-        fn phased<'a, T: Float>(&self, plane: &'a [T], scratch: &'a mut [T]) -> &'a [T] {
-            let (w, s) = (self.geom.w, self.geom.stride);
-            if s == 1 {
-                return plane;
-            }
-            for (src, dst) in plane.chunks_exact(w).zip(scratch.chunks_exact_mut(self.row_len)) {
-                if s == 2 {
-                    // The common case, as a pairwise loop that vectorises.
-                    let (even, odd) = dst.split_at_mut(self.wq);
-                    for ((e, o), pair) in even.iter_mut().zip(odd.iter_mut()).zip(src.chunks_exact(2)) {
-                        (*e, *o) = (pair[0], pair[1]);
-                    }
-                    if w % 2 == 1 {
-                        even[self.wq - 1] = src[w - 1];
-                    }
+        /// Copies `plane` (one `h × w` input plane) into `dst` with its padding, through a
+        /// ReLU when `relu` (`v >= 0 ? v : 0`, as the unfused path computes it).
+        fn fill<T: Float>(&self, plane: &[T], relu: bool, dst: &mut [T]) {
+            let &DepthwiseGeometry { h, w, stride: s, padding, .. } = &self.geom;
+            let act = |v: T| if !relu || v >= T::ZERO { v } else { T::ZERO };
+            for (r, dst) in dst.chunks_exact_mut(self.row_len).take(self.rows).enumerate() {
+                let Some(iy) = r.checked_sub(padding.top).filter(|&iy| iy < h) else {
+                    dst.fill(T::ZERO);
                     continue;
-                }
-                for (p, dst) in dst.chunks_exact_mut(self.wq).enumerate() {
-                    for (d, &v) in dst.iter_mut().zip(src[p.min(w)..].iter().step_by(s)) {
-                        *d = v;
+                };
+                let src = &plane[iy * w..(iy + 1) * w];
+                if s == 1 {
+                    let lo = padding.left.min(self.cols);
+                    let held = w.min(self.cols - lo);
+                    dst[..lo].fill(T::ZERO);
+                    for (d, &v) in dst[lo..lo + held].iter_mut().zip(src) {
+                        *d = act(v);
                     }
-                }
-            }
-            scratch
-        }
-
-        /// Writes a phased plane back in row-major order.
-        fn unphase<T: Float>(&self, phased: &[T], plane: &mut [T]) {
-            let (w, s) = (self.geom.w, self.geom.stride);
-            for (dst, src) in plane.chunks_exact_mut(w).zip(phased.chunks_exact(self.row_len)) {
-                if s == 2 {
-                    let (even, odd) = src.split_at(self.wq);
-                    for ((&e, &o), pair) in even.iter().zip(odd).zip(dst.chunks_exact_mut(2)) {
-                        (pair[0], pair[1]) = (e, o);
-                    }
-                    if w % 2 == 1 {
-                        dst[w - 1] = even[self.wq - 1];
-                    }
-                    continue;
-                }
-                for (p, src) in src.chunks_exact(self.wq).enumerate() {
-                    for (d, &v) in dst[p.min(w)..].iter_mut().step_by(s).zip(src) {
-                        *d = v;
-                    }
-                }
-            }
-        }
-
-        /// Calls `f(oy, iy, ky)` for every output row `oy` and kernel row `ky` that meet input
-        /// row `iy` inside the image.
-        #[inline]
-        fn for_each_row_pair(&self, mut f: impl FnMut(usize, usize, usize)) {
-            for oy in 0..self.geom.ho {
-                for (ky, row_tap) in self.rows.iter().enumerate() {
-                    if let Some(iy) = row_tap.input_index(oy, self.geom.stride) {
-                        f(oy, iy, ky);
+                    dst[lo + held..].fill(T::ZERO);
+                } else {
+                    // Phase `p` holds padded columns `p + s·q`; those inside the image are
+                    // `q_lo..q_hi`, reading input columns `ix_lo, ix_lo + s, ...`.
+                    dst.fill(T::ZERO);
+                    let end = self.cols.min(padding.left + w);
+                    for (p, dst) in dst.chunks_exact_mut(self.wq).enumerate() {
+                        let q_lo = padding.left.saturating_sub(p).div_ceil(s);
+                        let q_hi = end.saturating_sub(p).div_ceil(s);
+                        if q_lo < q_hi {
+                            let ix_lo = p + s * q_lo - padding.left;
+                            for (d, &v) in dst[q_lo..q_hi].iter_mut().zip(src[ix_lo..].iter().step_by(s)) {
+                                *d = act(v);
+                            }
+                        }
                     }
                 }
             }
         }
     }
 
-    /// `out[(n, c)] = sum over taps of weight[c, tap] * shifted xs[(n, c)]`, one rayon task
-    /// per `(n, c)` plane.
-    pub(super) fn forward<T: Float>(geom: &DepthwiseGeometry, xs: &[T], weight: &[T]) -> Vec<T> {
+    /// `out[(n, c)] = Σ over taps of weight[c, tap] * shifted xs[(n, c)]` (of `xs.relu()`
+    /// with `relu`), one rayon task per `(n, c)` plane.
+    pub(super) fn forward<T: Float>(isa: Isa, geom: &DepthwiseGeometry, xs: &[T], weight: &[T], relu: bool) -> Vec<T> {
         let &DepthwiseGeometry { n, c, h, w, kh, kw, ho, wo, .. } = geom;
-        let plan = Plan::new(geom);
         let mut out = vec![T::ZERO; n * c * ho * wo];
         if out.is_empty() || h * w == 0 {
             // An empty image pads to windows of zeros.
             return out;
         }
+        let layout = InputLayout::new(geom);
         out.par_chunks_mut(ho * wo).enumerate().for_each_init(
-            || plan.scratch(),
-            |scratch, (plane, out)| {
-                let x = plan.phased(&xs[plane * h * w..(plane + 1) * h * w], scratch);
+            || (layout.scratch(), Vec::with_capacity(kh * kw)),
+            |(scratch, taps), (plane, out)| {
+                layout.fill(&xs[plane * h * w..(plane + 1) * h * w], relu, scratch);
                 let k = &weight[(plane % c) * kh * kw..(plane % c + 1) * kh * kw];
-                plan.for_each_row_pair(|oy, iy, ky| {
-                    let out_row = &mut out[oy * wo..(oy + 1) * wo];
-                    let x_row = &x[iy * plan.row_len..(iy + 1) * plan.row_len];
-                    plan.forward.apply(out_row, x_row, &k[ky * kw..(ky + 1) * kw]);
-                });
+                taps.clear();
+                taps.extend(layout.offsets.iter().copied().zip(k.iter().copied()));
+                correlate(isa, scratch, taps, &layout.grid, out);
             },
         );
         out
     }
 
-    /// `grad_xs[(n, c)]`: every input position gathers the output gradients whose windows
-    /// read it, one rayon task per plane (each task owns its plane, so there are no races).
-    pub(super) fn grad_input<T: Float>(geom: &DepthwiseGeometry, grad: &[T], weight: &[T]) -> Vec<T> {
-        let &DepthwiseGeometry { n, c, h, w, kh, kw, ho, wo, stride, .. } = geom;
-        let plan = Plan::new(geom);
+    /// One phase of the input gradient: the input positions `(iy0 + s·i, ix0 + s·j)` and the
+    /// kernel taps whose shift has their remainder mod `s`.
+    #[derive(Debug)]
+    struct Phase {
+        /// Where output `(0, 0)` of the phase's correlation sits in the padded gradient.
+        src_start: usize,
+        /// Where it sits in the input-gradient plane.
+        out_start: usize,
+        grid: Grid,
+        /// `(offset, index of the tap in the kernel)`.
+        taps: Vec<(usize, usize)>,
+    }
+
+    /// The padded output-gradient plane the input gradient reads, and its phases.
+    ///
+    /// Input row `iy` receives from output row `oy` through kernel row `ky` when
+    /// `iy + top = oy·s + ky·d`. Writing `iy + top = Q·s + a` (`a < s`), the rows that reach
+    /// it are the `ky` with `ky·d ≡ a (mod s)`, at `oy = Q - ⌊ky·d / s⌋`. With the gradient
+    /// shifted down by `offy = ⌊(kh - 1)·d / s⌋` rows, every offset is non-negative.
+    /// Columns likewise.
+    #[derive(Debug)]
+    struct GradLayout {
+        rows: usize,
+        row_len: usize,
+        offy: usize,
+        offx: usize,
+        phases: Vec<Phase>,
+    }
+
+    impl GradLayout {
+        fn new(geom: &DepthwiseGeometry) -> Self {
+            let &DepthwiseGeometry { h, w, kh, kw, stride: s, dilation: d, padding, .. } = geom;
+            let (offy, offx) = ((kh - 1) * d / s, (kw - 1) * d / s);
+            let rows = (h - 1 + padding.top) / s + offy + 1;
+            let row_len = (w - 1 + padding.left) / s + offx + 1;
+            // For remainder `a` along an axis of `size` input positions padded by `before`:
+            // the first position, how many there are, and the first `Q`.
+            let axis = |a: usize, size: usize, before: usize| {
+                let first = (a + s - before % s) % s;
+                (first < size).then(|| (first, (size - first).div_ceil(s), (first + before) / s))
+            };
+            let mut phases = Vec::new();
+            for a in 0..s {
+                let Some((iy0, n_rows, q0)) = axis(a, h, padding.top) else { continue };
+                for b in 0..s {
+                    let Some((ix0, n_cols, r0)) = axis(b, w, padding.left) else { continue };
+                    let taps: Vec<(usize, usize)> = (0..kh)
+                        .filter(|ky| ky * d % s == a)
+                        .flat_map(|ky| {
+                            (0..kw)
+                                .filter(move |kx| kx * d % s == b)
+                                .map(move |kx| ((offy - ky * d / s) * row_len + (offx - kx * d / s), ky * kw + kx))
+                        })
+                        .collect();
+                    if taps.is_empty() {
+                        // No tap reaches these positions: their gradient stays zero.
+                        continue;
+                    }
+                    let grid = Grid { rows: n_rows, cols: n_cols, src_row: row_len, out_row: s * w, out_col: s };
+                    phases.push(Phase { src_start: q0 * row_len + r0, out_start: iy0 * w + ix0, grid, taps });
+                }
+            }
+            GradLayout { rows, row_len, offy, offx, phases }
+        }
+
+        fn scratch<T: Float>(&self) -> Vec<T> {
+            vec![T::ZERO; self.rows * self.row_len + LANES]
+        }
+
+        /// Copies one `ho × wo` output-gradient plane into `dst`, shifted by `(offy, offx)`
+        /// and zero elsewhere.
+        fn fill<T: Float>(&self, geom: &DepthwiseGeometry, plane: &[T], dst: &mut [T]) {
+            let (ho, wo) = (geom.ho, geom.wo);
+            let held = wo.min(self.row_len - self.offx);
+            for (r, dst) in dst.chunks_exact_mut(self.row_len).take(self.rows).enumerate() {
+                match r.checked_sub(self.offy).filter(|&oy| oy < ho) {
+                    Some(oy) => {
+                        dst[..self.offx].fill(T::ZERO);
+                        dst[self.offx..self.offx + held].copy_from_slice(&plane[oy * wo..oy * wo + held]);
+                        dst[self.offx + held..].fill(T::ZERO);
+                    }
+                    None => dst.fill(T::ZERO),
+                }
+            }
+        }
+    }
+
+    /// `grad_xs[(n, c)]`, one rayon task per plane (each task owns its plane, so there are no
+    /// races). With `relu_xs`, the gradient of `xs.relu()` is taken back through the ReLU:
+    /// it is zero where `xs < 0`.
+    pub(super) fn grad_input<T: Float>(
+        isa: Isa,
+        geom: &DepthwiseGeometry,
+        grad: &[T],
+        weight: &[T],
+        relu_xs: Option<&[T]>,
+    ) -> Vec<T> {
+        let &DepthwiseGeometry { n, c, h, w, kh, kw, ho, wo, .. } = geom;
         let mut grad_xs = vec![T::ZERO; n * c * h * w];
         if grad_xs.is_empty() {
             return grad_xs;
         }
+        let layout = GradLayout::new(geom);
         grad_xs.par_chunks_mut(h * w).enumerate().for_each_init(
-            || plan.scratch(),
-            |scratch, (plane, dx_plane)| {
-                let g = &grad[plane * ho * wo..(plane + 1) * ho * wo];
+            || (layout.scratch(), Vec::with_capacity(kh * kw)),
+            |(scratch, taps), (plane, dx)| {
+                layout.fill(geom, &grad[plane * ho * wo..(plane + 1) * ho * wo], scratch);
                 let k = &weight[(plane % c) * kh * kw..(plane % c + 1) * kh * kw];
-                let gather = |dx: &mut [T]| {
-                    plan.for_each_row_pair(|oy, iy, ky| {
-                        let dx_row = &mut dx[iy * plan.row_len..(iy + 1) * plan.row_len];
-                        let (g_row, k_row) = (&g[oy * wo..(oy + 1) * wo], &k[ky * kw..(ky + 1) * kw]);
-                        for group in &plan.backward {
-                            group.apply(dx_row, g_row, k_row);
-                        }
-                    })
-                };
-                if stride == 1 {
-                    gather(dx_plane);
-                } else {
-                    scratch.fill(T::ZERO);
-                    gather(scratch);
-                    plan.unphase(scratch, dx_plane);
+                for phase in &layout.phases {
+                    taps.clear();
+                    taps.extend(phase.taps.iter().map(|&(offset, tap)| (offset, k[tap])));
+                    correlate(isa, &scratch[phase.src_start..], taps, &phase.grid, &mut dx[phase.out_start..]);
+                }
+                if let Some(xs) = relu_xs {
+                    // Candle's ReLU rule: the gradient passes where `x >= 0` (not where x is NaN).
+                    for (d, &x) in dx.iter_mut().zip(&xs[plane * h * w..(plane + 1) * h * w]) {
+                        *d = if x >= T::ZERO { *d } else { T::ZERO };
+                    }
                 }
             },
         );
         grad_xs
     }
 
-    /// `grad_weight[c, tap] = sum over n and output positions of grad * shifted xs`, one
-    /// rayon task per channel that reduces over the batch. Each tap accumulates elementwise
-    /// into its own row of `wo` partial sums (vectorised, and more accurate than one running
-    /// sum), which are added up once per channel.
-    pub(super) fn grad_weight<T: Float>(geom: &DepthwiseGeometry, xs: &[T], grad: &[T]) -> Vec<T> {
+    /// `grad_weight[c, tap] = Σ over n and output positions of grad * shifted xs` (of
+    /// `xs.relu()` with `relu`), one rayon task per channel that reduces over the batch.
+    /// Each block of taps accumulates in `LANES`-wide partial sums, added up once per plane.
+    pub(super) fn grad_weight<T: Float>(
+        isa: Isa,
+        geom: &DepthwiseGeometry,
+        xs: &[T],
+        grad: &[T],
+        relu: bool,
+    ) -> Vec<T> {
         let &DepthwiseGeometry { n, c, h, w, kh, kw, ho, wo, .. } = geom;
-        let plan = Plan::new(geom);
         let mut grad_weight = vec![T::ZERO; c * kh * kw];
         if grad_weight.is_empty() || h * w == 0 {
             return grad_weight;
         }
-        let scratch = || (plan.scratch(), vec![T::ZERO; kh * kw * wo]);
-        grad_weight.par_chunks_mut(kh * kw).enumerate().for_each_init(scratch, |(scratch, partial), (channel, dk)| {
-            partial.fill(T::ZERO);
+        let layout = InputLayout::new(geom);
+        let g_row = wo.next_multiple_of(LANES);
+        // The gradient rows are copied into `g_row`-long rows whose tails stay zero.
+        let scratch = || (layout.scratch(), vec![T::ZERO; ho * g_row]);
+        grad_weight.par_chunks_mut(kh * kw).enumerate().for_each_init(scratch, |(scratch, g), (channel, dk)| {
             for batch_idx in 0..n {
                 let plane = batch_idx * c + channel;
-                let x = plan.phased(&xs[plane * h * w..(plane + 1) * h * w], scratch);
-                let g = &grad[plane * ho * wo..(plane + 1) * ho * wo];
-                plan.for_each_row_pair(|oy, iy, ky| {
-                    let (g_row, x_row) = (&g[oy * wo..(oy + 1) * wo], &x[iy * plan.row_len..(iy + 1) * plan.row_len]);
-                    for t in &plan.forward.taps {
-                        let acc = &mut partial[(ky * kw + t.kx) * wo..][t.lo..t.hi];
-                        let x = &x_row[t.src..t.src + acc.len()];
-                        for ((a, &gv), &xv) in acc.iter_mut().zip(&g_row[t.lo..t.hi]).zip(x) {
-                            *a += gv * xv;
-                        }
-                    }
-                });
-            }
-            for (d, acc) in dk.iter_mut().zip(partial.chunks_exact(wo)) {
-                *d = acc.iter().fold(T::ZERO, |s, &a| s + a);
+                layout.fill(&xs[plane * h * w..(plane + 1) * h * w], relu, scratch);
+                let src = &grad[plane * ho * wo..(plane + 1) * ho * wo];
+                for (dst, src) in g.chunks_exact_mut(g_row).zip(src.chunks_exact(wo)) {
+                    dst[..wo].copy_from_slice(src);
+                }
+                tap_dots(isa, scratch, &layout.offsets, g, g_row, &layout.grid, dk);
             }
         });
         grad_weight
@@ -865,6 +931,68 @@ mod tests {
             let expected = analytic_grads(&reference, &inputs, &probe).unwrap();
             assert_close(&grads[0], &expected[0], 1e-5, &format!("input gradient {case:?}"));
             assert_close(&grads[1], &expected[1], 1e-5, &format!("weight gradient {case:?}"));
+        }
+    }
+
+    /// The kernels themselves, on every instruction set this CPU has (`kernels::simd`), with
+    /// and without the fused ReLU, against the reference: rows wider than one register block
+    /// (17 to 53 columns, so rows end in partial chunks), strides 1 to 3, f32 and f64.
+    #[test]
+    fn every_instruction_set_matches_the_reference() {
+        use super::{cpu, DepthwiseGeometry, FWD_NAME};
+        use crate::kernels::simd::Isa;
+        let mut rng = TestRng::new(5);
+        let mut all = cases(&mut rng);
+        for (k, stride, dilation) in [(3, 1, 1), (5, 2, 1), (7, 3, 1), (3, 2, 2), (5, 1, 2), (3, 3, 1)] {
+            let (h, w) = (5 + rng.below(12), 17 + rng.below(37));
+            let padding = Padding2d::same(h, w, k, k, stride, dilation);
+            all.push(Case { n: 2, c: 3, h, w, k, stride, dilation, padding });
+        }
+        for case in all {
+            let Case { stride, dilation, padding, .. } = case;
+            for dtype in [DType::F32, DType::F64] {
+                let (xs, weight) = case.inputs(&mut rng, dtype);
+                let geom =
+                    DepthwiseGeometry::new(FWD_NAME, xs.dims(), weight.dims(), stride, dilation, padding).unwrap();
+                let tol = if dtype == DType::F32 { 1e-4 } else { 1e-11 };
+                for relu in [false, true] {
+                    let reference = |ts: &[Tensor]| {
+                        let x = if relu { ts[0].relu()? } else { ts[0].clone() };
+                        depthwise_conv2d_reference(&x, &ts[1], stride, dilation, padding)
+                    };
+                    let want = reference(&[xs.clone(), weight.clone()]).unwrap();
+                    let probe = rng.tensor(want.dims(), dtype).unwrap();
+                    let want_grads = analytic_grads(&reference, &[xs.clone(), weight.clone()], &probe).unwrap();
+                    let flat = |t: &Tensor| t.flatten_all().unwrap();
+                    for isa in Isa::available() {
+                        let what = format!("{isa:?} relu={relu} {dtype:?} {case:?}");
+                        let (out, dx, dk) = if dtype == DType::F32 {
+                            let v = |t: &Tensor| flat(t).to_vec1::<f32>().unwrap();
+                            let (x, k, g) = (v(&xs), v(&weight), v(&probe));
+                            let tensor =
+                                |d: Vec<f32>, like: &Tensor| Tensor::from_vec(d, like.dims(), &Device::Cpu).unwrap();
+                            (
+                                tensor(cpu::forward(isa, &geom, &x, &k, relu), &want),
+                                tensor(cpu::grad_input(isa, &geom, &g, &k, relu.then_some(&x[..])), &xs),
+                                tensor(cpu::grad_weight(isa, &geom, &x, &g, relu), &weight),
+                            )
+                        } else {
+                            let v = |t: &Tensor| flat(t).to_vec1::<f64>().unwrap();
+                            let (x, k, g) = (v(&xs), v(&weight), v(&probe));
+                            let tensor =
+                                |d: Vec<f64>, like: &Tensor| Tensor::from_vec(d, like.dims(), &Device::Cpu).unwrap();
+                            (
+                                tensor(cpu::forward(isa, &geom, &x, &k, relu), &want),
+                                tensor(cpu::grad_input(isa, &geom, &g, &k, relu.then_some(&x[..])), &xs),
+                                tensor(cpu::grad_weight(isa, &geom, &x, &g, relu), &weight),
+                            )
+                        };
+                        assert_close(&out, &want, tol, &format!("forward {what}"));
+                        assert_close(&dx, &want_grads[0], tol, &format!("input gradient {what}"));
+                        assert_close(&dk, &want_grads[1], tol * 10.0, &format!("weight gradient {what}"));
+                    }
+                }
+            }
         }
     }
 

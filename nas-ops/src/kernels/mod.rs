@@ -13,6 +13,7 @@ pub mod conv1x1;
 pub(crate) mod cuda;
 pub mod depthwise;
 pub mod pool;
+pub(crate) mod simd;
 
 #[cfg(test)]
 mod device_tests;
