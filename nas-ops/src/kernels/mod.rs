@@ -14,6 +14,7 @@ pub(crate) mod cuda;
 pub mod depthwise;
 pub mod pool;
 pub(crate) mod simd;
+pub(crate) mod window;
 
 #[cfg(test)]
 mod device_tests;

@@ -18,6 +18,9 @@ use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
+use super::depthwise::DepthwiseGeometry;
+use super::simd::{Float, Isa};
+use super::window;
 use super::Padding2d;
 
 const MAX_NAME: &str = "max-pool2d-tf";
@@ -237,6 +240,26 @@ impl PoolGeom {
             None => 0,
         };
         (lo, hi.max(lo))
+    }
+
+    /// The same window as a depthwise geometry (a `kernel × kernel` filter per channel,
+    /// dilation 1), for the shared CPU kernels of `kernels::window`.
+    fn window(&self) -> DepthwiseGeometry {
+        let PoolParams { kernel, stride, padding } = self.params;
+        let (n, c, h, w, ho, wo) = (self.n, self.c, self.h, self.w, self.ho, self.wo);
+        DepthwiseGeometry { n, c, h, w, kh: kernel, kw: kernel, ho, wo, stride, dilation: 1, padding }
+    }
+
+    /// The number of real elements of each output's window, as an `ho × wo` plane (the
+    /// average pool's divisors).
+    fn counts<T: Float>(&self) -> Vec<T> {
+        let cols = self.col_ranges();
+        (0..self.ho)
+            .flat_map(|o| {
+                let (h0, h1) = self.rows(o);
+                cols.iter().map(move |&(w0, w1)| T::from_f64(((h1 - h0) * (w1 - w0)) as f64))
+            })
+            .collect()
     }
 
     /// Real columns `[start, end)` of every output column.
@@ -500,16 +523,6 @@ fn split_phases<T: Copy>(row: &[T], phases: &mut [T], stride: usize) {
     }
 }
 
-/// The inverse of [`split_phases`], adding into `row`.
-fn add_phases<T: WithDType>(row: &mut [T], phases: &[T], stride: usize) {
-    let len = phases.len() / stride;
-    for (i, chunk) in row.chunks_mut(stride).enumerate() {
-        for (p, x) in chunk.iter_mut().enumerate() {
-            *x += phases[p * len + i];
-        }
-    }
-}
-
 /// The `n` values `row[off + j * stride]` as one slice: taken from `row` itself for stride 1,
 /// else from its phase-split copy.
 #[inline]
@@ -519,41 +532,6 @@ fn strided<'a, T>(row: &'a [T], phases: &'a [T], stride: usize, off: usize, n: u
     } else {
         let start = phase_start(off, stride, phases.len());
         &phases[start..start + n]
-    }
-}
-
-/// Max pooling of one plane.
-fn max_fwd_plane<T: WithDType>(xs: &[T], ys: &mut [T], g: &PoolGeom, cols: &[(usize, usize)], sc: &mut Scratch<T>) {
-    let (k, s, w, left) = (g.params.kernel, g.params.stride, g.w, g.params.padding.left);
-    let (lo, hi) = g.interior_cols();
-    let acc = &mut sc.acc;
-    for (o, ys) in ys.chunks_exact_mut(g.wo).enumerate() {
-        let (h0, h1) = g.rows(o);
-        // Start from each window's first real element, then compare in row-major order with a
-        // strict `>`, exactly as `max_bwd_plane` does.
-        for (a, &(w0, _)) in acc.iter_mut().zip(cols) {
-            *a = xs[h0 * w + w0];
-        }
-        for row in xs[h0 * w..h1 * w].chunks_exact(w) {
-            if lo < hi {
-                if s > 1 {
-                    split_phases(row, &mut sc.phases, s);
-                }
-                for dj in 0..k {
-                    let vs = strided(row, &sc.phases, s, lo * s + dj - left, hi - lo);
-                    for (a, &v) in acc[lo..hi].iter_mut().zip(vs) {
-                        *a = if v > *a { v } else { *a };
-                    }
-                }
-            }
-            for oj in (0..lo).chain(hi..g.wo) {
-                let (w0, w1) = cols[oj];
-                for &v in &row[w0..w1] {
-                    acc[oj] = if v > acc[oj] { v } else { acc[oj] };
-                }
-            }
-        }
-        ys.copy_from_slice(acc);
     }
 }
 
@@ -614,88 +592,8 @@ fn max_bwd_plane<T: WithDType>(
     }
 }
 
-/// Average pooling of one plane.
-fn avg_fwd_plane<T: WithDType>(xs: &[T], ys: &mut [T], g: &PoolGeom, cols: &[(usize, usize)], sc: &mut Scratch<T>) {
-    let (k, s, w, left) = (g.params.kernel, g.params.stride, g.w, g.params.padding.left);
-    let (lo, hi) = g.interior_cols();
-    let acc = &mut sc.acc;
-    for (o, ys) in ys.chunks_exact_mut(g.wo).enumerate() {
-        let (h0, h1) = g.rows(o);
-        acc.fill(T::zero());
-        for row in xs[h0 * w..h1 * w].chunks_exact(w) {
-            if lo < hi {
-                if s > 1 {
-                    split_phases(row, &mut sc.phases, s);
-                }
-                for dj in 0..k {
-                    let vs = strided(row, &sc.phases, s, lo * s + dj - left, hi - lo);
-                    for (a, &v) in acc[lo..hi].iter_mut().zip(vs) {
-                        *a += v;
-                    }
-                }
-            }
-            for oj in (0..lo).chain(hi..g.wo) {
-                let (w0, w1) = cols[oj];
-                for &v in &row[w0..w1] {
-                    acc[oj] += v;
-                }
-            }
-        }
-        for ((y, &sum), &(w0, w1)) in ys.iter_mut().zip(acc.iter()).zip(cols) {
-            *y = sum / T::from_f64(((h1 - h0) * (w1 - w0)) as f64);
-        }
-    }
-}
-
-/// Gradient of average pooling for one plane: `grad / count` goes to every real element of
-/// each window. `acc` holds those per-output values for one output row.
-fn avg_bwd_plane<T: WithDType>(gy: &[T], gx: &mut [T], g: &PoolGeom, cols: &[(usize, usize)], sc: &mut Scratch<T>) {
-    let (k, s, w, left) = (g.params.kernel, g.params.stride, g.w, g.params.padding.left);
-    let (lo, hi) = g.interior_cols();
-    let vals = &mut sc.acc;
-    for (o, gy) in gy.chunks_exact(g.wo).enumerate() {
-        let (h0, h1) = g.rows(o);
-        for ((v, &gy), &(w0, w1)) in vals.iter_mut().zip(gy).zip(cols) {
-            *v = gy / T::from_f64(((h1 - h0) * (w1 - w0)) as f64);
-        }
-        for row in gx[h0 * w..h1 * w].chunks_exact_mut(w) {
-            if lo < hi {
-                // Accumulate into the row itself for stride 1, else into a phase-split buffer
-                // that is added back afterwards.
-                let (dst, s_dst) = if s == 1 {
-                    (&mut *row, 1)
-                } else {
-                    sc.phases.fill(T::zero());
-                    (&mut sc.phases[..], s)
-                };
-                for dj in 0..k {
-                    let off = lo * s + dj - left;
-                    let start = if s_dst == 1 { off } else { phase_start(off, s, dst.len()) };
-                    for (x, &v) in dst[start..start + (hi - lo)].iter_mut().zip(&vals[lo..hi]) {
-                        *x += v;
-                    }
-                }
-                if s > 1 {
-                    add_phases(row, &sc.phases, s);
-                }
-            }
-            for oj in (0..lo).chain(hi..g.wo) {
-                let (w0, w1) = cols[oj];
-                for x in &mut row[w0..w1] {
-                    *x += vals[oj];
-                }
-            }
-        }
-    }
-}
-
-fn max_fwd_cpu<T: WithDType>(xs: &[T], g: &PoolGeom) -> Vec<T> {
-    let cols = g.col_ranges();
-    let mut out = vec![T::zero(); g.n * g.c * g.ho * g.wo];
-    out.par_chunks_mut(g.ho * g.wo)
-        .zip(xs.par_chunks(g.h * g.w))
-        .for_each_init(|| Scratch::new(g), |sc, (ys, xs)| max_fwd_plane(xs, ys, g, &cols, sc));
-    out
+fn max_fwd_cpu<T: Float>(xs: &[T], g: &PoolGeom) -> Vec<T> {
+    window::max_pool(Isa::detect(), &g.window(), xs)
 }
 
 fn max_bwd_cpu<T: WithDType>(xs: &[T], grad_out: &[T], g: &PoolGeom) -> Vec<T> {
@@ -709,23 +607,12 @@ fn max_bwd_cpu<T: WithDType>(xs: &[T], grad_out: &[T], g: &PoolGeom) -> Vec<T> {
     grad_in
 }
 
-fn avg_fwd_cpu<T: WithDType>(xs: &[T], g: &PoolGeom) -> Vec<T> {
-    let cols = g.col_ranges();
-    let mut out = vec![T::zero(); g.n * g.c * g.ho * g.wo];
-    out.par_chunks_mut(g.ho * g.wo)
-        .zip(xs.par_chunks(g.h * g.w))
-        .for_each_init(|| Scratch::new(g), |sc, (ys, xs)| avg_fwd_plane(xs, ys, g, &cols, sc));
-    out
+fn avg_fwd_cpu<T: Float>(xs: &[T], g: &PoolGeom) -> Vec<T> {
+    window::avg_pool(Isa::detect(), &g.window(), xs, &g.counts())
 }
 
-fn avg_bwd_cpu<T: WithDType>(grad_out: &[T], g: &PoolGeom) -> Vec<T> {
-    let cols = g.col_ranges();
-    let mut grad_in = vec![T::zero(); g.n * g.c * g.h * g.w];
-    grad_in
-        .par_chunks_mut(g.h * g.w)
-        .zip(grad_out.par_chunks(g.ho * g.wo))
-        .for_each_init(|| Scratch::new(g), |sc, (gx, gy)| avg_bwd_plane(gy, gx, g, &cols, sc));
-    grad_in
+fn avg_bwd_cpu<T: Float>(grad_out: &[T], g: &PoolGeom) -> Vec<T> {
+    window::avg_pool_grad(Isa::detect(), &g.window(), grad_out, &g.counts())
 }
 
 #[cfg(test)]
@@ -792,6 +679,57 @@ mod tests {
             }
         }
         assert!(compared > 300, "only {compared} cases compared");
+    }
+
+    /// The shared window kernels on every instruction set this CPU has, on rows wider than
+    /// one register block: max and average forward, and the average's gradient.
+    #[test]
+    fn every_instruction_set_matches_the_reference() {
+        let mut rng = TestRng::new(17);
+        for (kernel, stride, h, w) in [(3, 1, 9, 37), (3, 2, 12, 50), (5, 2, 7, 33), (3, 3, 10, 41), (5, 1, 6, 17)] {
+            for dtype in [DType::F32, DType::F64] {
+                let xs = rng.tensor(&[2, 3, h, w], dtype).unwrap();
+                let padding = Padding2d::same(h, w, kernel, kernel, stride, 1);
+                let g = PoolGeom::new("test", xs.dims(), PoolParams { kernel, stride, padding }).unwrap();
+                let want_max = max_pool2d_reference(&xs, kernel, stride, padding).unwrap();
+                let avg = |t: &[Tensor]| avg_pool2d_reference(&t[0], kernel, stride, padding);
+                let want_avg = avg(std::slice::from_ref(&xs)).unwrap();
+                let probe = rng.tensor(want_avg.dims(), dtype).unwrap();
+                let want_grad = analytic_grads(&avg, std::slice::from_ref(&xs), &probe).unwrap().remove(0);
+                let tol = if dtype == DType::F32 { 1e-5 } else { 1e-12 };
+                for isa in Isa::available() {
+                    let what = format!("{isa:?} k{kernel} s{stride} {h}x{w} {dtype:?}");
+                    let (max, avg, grad) = if dtype == DType::F32 {
+                        let (x, p) = (
+                            xs.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                            probe.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                        );
+                        let t = |v: Vec<f32>, like: &Tensor| Tensor::from_vec(v, like.dims(), &Device::Cpu).unwrap();
+                        let counts = g.counts::<f32>();
+                        (
+                            t(window::max_pool(isa, &g.window(), &x), &want_max),
+                            t(window::avg_pool(isa, &g.window(), &x, &counts), &want_avg),
+                            t(window::avg_pool_grad(isa, &g.window(), &p, &counts), &xs),
+                        )
+                    } else {
+                        let (x, p) = (
+                            xs.flatten_all().unwrap().to_vec1::<f64>().unwrap(),
+                            probe.flatten_all().unwrap().to_vec1::<f64>().unwrap(),
+                        );
+                        let t = |v: Vec<f64>, like: &Tensor| Tensor::from_vec(v, like.dims(), &Device::Cpu).unwrap();
+                        let counts = g.counts::<f64>();
+                        (
+                            t(window::max_pool(isa, &g.window(), &x), &want_max),
+                            t(window::avg_pool(isa, &g.window(), &x, &counts), &want_avg),
+                            t(window::avg_pool_grad(isa, &g.window(), &p, &counts), &xs),
+                        )
+                    };
+                    assert_close(&max, &want_max, 0.0, &format!("max {what}"));
+                    assert_close(&avg, &want_avg, tol, &format!("avg {what}"));
+                    assert_close(&grad, &want_grad, tol, &format!("avg gradient {what}"));
+                }
+            }
+        }
     }
 
     #[test]

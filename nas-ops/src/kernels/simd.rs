@@ -13,6 +13,8 @@ use std::sync::OnceLock;
 /// The float types of the CPU kernels (f32 and f64).
 pub(crate) trait Float: candle_core::WithDType + PartialOrd {
     const ZERO: Self;
+    const ONE: Self;
+    const NEG_INFINITY: Self;
     /// `a * b + c`: one fused multiply-add when `FMA` (only inside a wrapper that enables
     /// the `fma` feature; elsewhere it would be a slow libm call), else a multiply and an add.
     fn madd<const FMA: bool>(a: Self, b: Self, c: Self) -> Self;
@@ -20,6 +22,8 @@ pub(crate) trait Float: candle_core::WithDType + PartialOrd {
 
 impl Float for f32 {
     const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
+    const NEG_INFINITY: Self = f32::NEG_INFINITY;
     #[inline(always)]
     fn madd<const FMA: bool>(a: Self, b: Self, c: Self) -> Self {
         if FMA {
@@ -32,6 +36,8 @@ impl Float for f32 {
 
 impl Float for f64 {
     const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
+    const NEG_INFINITY: Self = f64::NEG_INFINITY;
     #[inline(always)]
     fn madd<const FMA: bool>(a: Self, b: Self, c: Self) -> Self {
         if FMA {

@@ -1,0 +1,510 @@
+//! The CPU kernels of the windowed ops: depthwise convolution (forward, input gradient,
+//! weight gradient) and SAME pooling, on contiguous row-major `(n, c, h, w)` slices.
+//!
+//! All of them are one loop, `correlate` (or `tap_dots`, its reduction twin, for the weight
+//! gradient): each rayon task copies
+//! the plane it reads into a zero-padded scratch plane (applying the fused ReLU on the way),
+//! so no kernel tap ever tests a border. An output row is computed `LANES` columns at a
+//! time, `BLOCK` chunks at once, with every tap of the kernel accumulated in registers and
+//! one store per output. The loops run with the widest vectors and FMA the CPU has
+//! (`kernels::simd`).
+//!
+//! With stride `s > 1` the padded plane is stored "phased": padded column `pc` sits at
+//! `(pc % s) * wq + pc / s`, so the columns one tap meets are contiguous. The input gradient
+//! at stride `s` splits into `s × s` phases (input rows and columns by their remainder mod
+//! `s`); each phase is a stride-1 correlation of the padded output gradient with the kernel
+//! taps of that remainder, and its results are scattered into every `s`-th input position.
+
+use rayon::prelude::*;
+
+use crate::kernels::depthwise::DepthwiseGeometry;
+use crate::kernels::simd::{multiversion, Float, Isa};
+
+/// Output columns one accumulator holds: one AVX-512 register of f32.
+const LANES: usize = 16;
+/// Accumulators in flight, so that consecutive fused multiply-adds do not wait on each
+/// other (their latency is about four times their issue interval).
+const BLOCK: usize = 4;
+
+/// The index space of one correlation: `rows × cols` outputs, and the strides that place
+/// them in the source and the output.
+#[derive(Debug, Clone, Copy)]
+struct Grid {
+    rows: usize,
+    cols: usize,
+    /// Source elements between the windows of consecutive output rows.
+    src_row: usize,
+    /// Output elements between consecutive rows.
+    out_row: usize,
+    /// Output elements between consecutive columns (the stride of a phase's scatter).
+    out_col: usize,
+}
+
+/// What one block of output chunks computes: `block(bases)` gets where each chunk's window
+/// starts in the source and returns the chunks' `LANES` outputs. A trait with an
+/// `#[inline(always)]` method rather than a closure: a closure is compiled as its own
+/// function, without the wrapper's target features (its fused multiply-adds would become
+/// calls to libm's `fmaf`).
+trait Block<T> {
+    fn block(&self, bases: &[usize; BLOCK]) -> [[T; LANES]; BLOCK];
+}
+
+/// Runs `kernel` on the output chunks of `grid`, `BLOCK` at a time, and stores what it
+/// returns. Dead slots of the last block repeat its last live chunk (computed,
+/// never stored); the lanes past a row's last column are dropped.
+#[inline(always)]
+fn for_each_block<T: Float, K: Block<T>>(grid: &Grid, out: &mut [T], kernel: &K) {
+    let chunks = grid.cols.div_ceil(LANES);
+    let total = grid.rows * chunks;
+    let mut first = 0;
+    while first < total {
+        let live = (total - first).min(BLOCK);
+        let mut base = [0usize; BLOCK];
+        for (b, base) in base.iter_mut().enumerate() {
+            let i = first + b.min(live - 1);
+            *base = (i / chunks) * grid.src_row + (i % chunks) * LANES;
+        }
+        let acc = kernel.block(&base);
+        for (b, acc) in acc.iter().enumerate().take(live) {
+            let i = first + b;
+            let (y, x0) = (i / chunks, (i % chunks) * LANES);
+            let len = LANES.min(grid.cols - x0);
+            let start = y * grid.out_row + x0 * grid.out_col;
+            if grid.out_col == 1 {
+                out[start..start + len].copy_from_slice(&acc[..len]);
+            } else {
+                for (j, &v) in acc[..len].iter().enumerate() {
+                    out[start + j * grid.out_col] = v;
+                }
+            }
+        }
+        first += live;
+    }
+}
+
+/// The `LANES` source elements a chunk reads at `at`.
+#[inline(always)]
+fn lanes<T: Float>(src: &[T], at: usize) -> &[T; LANES] {
+    src[at..at + LANES].try_into().expect("LANES elements")
+}
+
+/// `out[y * out_row + x * out_col] = Σ over taps (offset, k) of k * src[y * src_row + x + offset]`
+/// for `y < rows`, `x < cols`. The last chunk of a row reads up to `LANES - 1` elements
+/// past the last column, so `src` must extend that far; those lanes are never stored.
+#[inline(always)]
+fn correlate_body<T: Float, const FMA: bool>(src: &[T], taps: &[(usize, T)], grid: &Grid, out: &mut [T]) {
+    for_each_block(grid, out, &Correlation::<T, FMA> { src, taps });
+}
+
+struct Correlation<'a, T, const FMA: bool> {
+    src: &'a [T],
+    taps: &'a [(usize, T)],
+}
+
+impl<T: Float, const FMA: bool> Block<T> for Correlation<'_, T, FMA> {
+    #[inline(always)]
+    fn block(&self, bases: &[usize; BLOCK]) -> [[T; LANES]; BLOCK] {
+        let mut acc = [[T::ZERO; LANES]; BLOCK];
+        for &(offset, k) in self.taps {
+            for (acc, &base) in acc.iter_mut().zip(bases) {
+                for (a, &v) in acc.iter_mut().zip(lanes(self.src, base + offset)) {
+                    *a = T::madd::<FMA>(k, v, *a);
+                }
+            }
+        }
+        acc
+    }
+}
+
+multiversion!(fn correlate(src: &[T], taps: &[(usize, T)], grid: &Grid, out: &mut [T]) => correlate_body);
+
+/// `out[y * out_row + x * out_col] = max over offsets of src[y * src_row + x + offset]`, laid
+/// out as in [`correlate_body`] (a NaN never wins, as in the other max-pool paths).
+#[inline(always)]
+fn window_max_body<T: Float, const FMA: bool>(src: &[T], offsets: &[usize], grid: &Grid, out: &mut [T]) {
+    for_each_block(grid, out, &WindowMax { src, offsets });
+}
+
+struct WindowMax<'a, T> {
+    src: &'a [T],
+    offsets: &'a [usize],
+}
+
+impl<T: Float> Block<T> for WindowMax<'_, T> {
+    #[inline(always)]
+    fn block(&self, bases: &[usize; BLOCK]) -> [[T; LANES]; BLOCK] {
+        let mut acc = [[T::NEG_INFINITY; LANES]; BLOCK];
+        for &offset in self.offsets {
+            for (acc, &base) in acc.iter_mut().zip(bases) {
+                for (a, &v) in acc.iter_mut().zip(lanes(self.src, base + offset)) {
+                    *a = if v > *a { v } else { *a };
+                }
+            }
+        }
+        acc
+    }
+}
+
+multiversion!(fn window_max(src: &[T], offsets: &[usize], grid: &Grid, out: &mut [T]) => window_max_body);
+
+/// `dk[t] += Σ over y < rows, x < cols of g[y * g_row + x] * src[y * src_row + x + offsets[t]]`.
+/// `g_row` is a multiple of `LANES` and `g` is zero from `cols` to the end of each row, so
+/// the lanes read past the last column add nothing.
+#[inline(always)]
+fn tap_dots_body<T: Float, const FMA: bool>(
+    src: &[T],
+    offsets: &[usize],
+    g: &[T],
+    g_row: usize,
+    grid: &Grid,
+    dk: &mut [T],
+) {
+    let chunks = grid.cols.div_ceil(LANES);
+    for (offs, dk) in offsets.chunks(BLOCK).zip(dk.chunks_mut(BLOCK)) {
+        // Dead slots of the last block repeat its first tap (summed, never stored).
+        let mut off = [offs[0]; BLOCK];
+        off[..offs.len()].copy_from_slice(offs);
+        let mut acc = [[T::ZERO; LANES]; BLOCK];
+        for y in 0..grid.rows {
+            for c in 0..chunks {
+                let gv: &[T; LANES] = g[y * g_row + c * LANES..][..LANES].try_into().expect("LANES elements");
+                let base = y * grid.src_row + c * LANES;
+                for (acc, &off) in acc.iter_mut().zip(&off) {
+                    let s: &[T; LANES] = src[base + off..][..LANES].try_into().expect("LANES elements");
+                    for ((a, &gv), &v) in acc.iter_mut().zip(gv).zip(s) {
+                        *a = T::madd::<FMA>(gv, v, *a);
+                    }
+                }
+            }
+        }
+        for (d, acc) in dk.iter_mut().zip(&acc) {
+            *d += acc.iter().fold(T::ZERO, |s, &a| s + a);
+        }
+    }
+}
+
+multiversion!(
+    fn tap_dots(src: &[T], offsets: &[usize], g: &[T], g_row: usize, grid: &Grid, dk: &mut [T]) => tap_dots_body
+);
+
+/// The padded (and, at stride > 1, phased) copy of one input plane that the forward pass
+/// and the weight gradient read, and where each kernel tap starts in it.
+#[derive(Debug)]
+struct InputLayout {
+    geom: DepthwiseGeometry,
+    /// Padded rows held: exactly those some output window reads.
+    rows: usize,
+    /// Padded columns held, likewise.
+    cols: usize,
+    /// Columns per phase.
+    wq: usize,
+    /// `stride * wq`.
+    row_len: usize,
+    /// Where tap `ky * kw + kx` of output (0, 0) reads.
+    offsets: Vec<usize>,
+    /// The forward correlation: `ho × wo` outputs into a row-major plane.
+    grid: Grid,
+}
+
+impl InputLayout {
+    fn new(geom: &DepthwiseGeometry) -> Self {
+        let &DepthwiseGeometry { kh, kw, ho, wo, stride: s, dilation: d, .. } = geom;
+        let rows = (ho - 1) * s + (kh - 1) * d + 1;
+        let cols = (wo - 1) * s + (kw - 1) * d + 1;
+        let wq = cols.div_ceil(s);
+        let row_len = s * wq;
+        let offsets =
+            (0..kh).flat_map(|ky| (0..kw).map(move |kx| ky * d * row_len + (kx * d % s) * wq + kx * d / s)).collect();
+        let grid = Grid { rows: ho, cols: wo, src_row: s * row_len, out_row: wo, out_col: 1 };
+        InputLayout { geom: *geom, rows, cols, wq, row_len, offsets, grid }
+    }
+
+    /// A zeroed scratch plane, with room for the reads past the last column.
+    fn scratch<T: Float>(&self) -> Vec<T> {
+        vec![T::ZERO; self.rows * self.row_len + LANES]
+    }
+
+    /// Copies `plane` (one `h × w` input plane) into `dst`, padded with `pad`, through a
+    /// ReLU when `relu` (`v >= 0 ? v : 0`, as the unfused path computes it).
+    fn fill<T: Float>(&self, plane: &[T], relu: bool, pad: T, dst: &mut [T]) {
+        let &DepthwiseGeometry { h, w, stride: s, padding, .. } = &self.geom;
+        let act = |v: T| if !relu || v >= T::ZERO { v } else { T::ZERO };
+        for (r, dst) in dst.chunks_exact_mut(self.row_len).take(self.rows).enumerate() {
+            let Some(iy) = r.checked_sub(padding.top).filter(|&iy| iy < h) else {
+                dst.fill(pad);
+                continue;
+            };
+            let src = &plane[iy * w..(iy + 1) * w];
+            if s == 1 {
+                let lo = padding.left.min(self.cols);
+                let held = w.min(self.cols - lo);
+                dst[..lo].fill(pad);
+                for (d, &v) in dst[lo..lo + held].iter_mut().zip(src) {
+                    *d = act(v);
+                }
+                dst[lo + held..].fill(pad);
+            } else {
+                // Phase `p` holds padded columns `p + s·q`; those inside the image are
+                // `q_lo..q_hi`, reading input columns `ix_lo, ix_lo + s, ...`.
+                dst.fill(pad);
+                let end = self.cols.min(padding.left + w);
+                for (p, dst) in dst.chunks_exact_mut(self.wq).enumerate() {
+                    let q_lo = padding.left.saturating_sub(p).div_ceil(s);
+                    let q_hi = end.saturating_sub(p).div_ceil(s);
+                    if q_lo < q_hi {
+                        let ix_lo = p + s * q_lo - padding.left;
+                        for (d, &v) in dst[q_lo..q_hi].iter_mut().zip(src[ix_lo..].iter().step_by(s)) {
+                            *d = act(v);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `out[(n, c)] = Σ over taps of weight[c, tap] * shifted xs[(n, c)]` (of `xs.relu()`
+/// with `relu`), one rayon task per `(n, c)` plane.
+pub(crate) fn forward<T: Float>(isa: Isa, geom: &DepthwiseGeometry, xs: &[T], weight: &[T], relu: bool) -> Vec<T> {
+    let &DepthwiseGeometry { n, c, h, w, kh, kw, ho, wo, .. } = geom;
+    let mut out = vec![T::ZERO; n * c * ho * wo];
+    if out.is_empty() || h * w == 0 {
+        // An empty image pads to windows of zeros.
+        return out;
+    }
+    let layout = InputLayout::new(geom);
+    out.par_chunks_mut(ho * wo).enumerate().for_each_init(
+        || (layout.scratch(), Vec::with_capacity(kh * kw)),
+        |(scratch, taps), (plane, out)| {
+            layout.fill(&xs[plane * h * w..(plane + 1) * h * w], relu, T::ZERO, scratch);
+            let k = &weight[(plane % c) * kh * kw..(plane % c + 1) * kh * kw];
+            taps.clear();
+            taps.extend(layout.offsets.iter().copied().zip(k.iter().copied()));
+            correlate(isa, scratch, taps, &layout.grid, out);
+        },
+    );
+    out
+}
+
+/// One phase of the input gradient: the input positions `(iy0 + s·i, ix0 + s·j)` and the
+/// kernel taps whose shift has their remainder mod `s`.
+#[derive(Debug)]
+struct Phase {
+    /// Where output `(0, 0)` of the phase's correlation sits in the padded gradient.
+    src_start: usize,
+    /// Where it sits in the input-gradient plane.
+    out_start: usize,
+    grid: Grid,
+    /// `(offset, index of the tap in the kernel)`.
+    taps: Vec<(usize, usize)>,
+}
+
+/// The padded output-gradient plane the input gradient reads, and its phases.
+///
+/// Input row `iy` receives from output row `oy` through kernel row `ky` when
+/// `iy + top = oy·s + ky·d`. Writing `iy + top = Q·s + a` (`a < s`), the rows that reach
+/// it are the `ky` with `ky·d ≡ a (mod s)`, at `oy = Q - ⌊ky·d / s⌋`. With the gradient
+/// shifted down by `offy = ⌊(kh - 1)·d / s⌋` rows, every offset is non-negative.
+/// Columns likewise.
+#[derive(Debug)]
+struct GradLayout {
+    rows: usize,
+    row_len: usize,
+    offy: usize,
+    offx: usize,
+    phases: Vec<Phase>,
+}
+
+impl GradLayout {
+    fn new(geom: &DepthwiseGeometry) -> Self {
+        let &DepthwiseGeometry { h, w, kh, kw, stride: s, dilation: d, padding, .. } = geom;
+        let (offy, offx) = ((kh - 1) * d / s, (kw - 1) * d / s);
+        let rows = (h - 1 + padding.top) / s + offy + 1;
+        let row_len = (w - 1 + padding.left) / s + offx + 1;
+        // For remainder `a` along an axis of `size` input positions padded by `before`:
+        // the first position, how many there are, and the first `Q`.
+        let axis = |a: usize, size: usize, before: usize| {
+            let first = (a + s - before % s) % s;
+            (first < size).then(|| (first, (size - first).div_ceil(s), (first + before) / s))
+        };
+        let mut phases = Vec::new();
+        for a in 0..s {
+            let Some((iy0, n_rows, q0)) = axis(a, h, padding.top) else { continue };
+            for b in 0..s {
+                let Some((ix0, n_cols, r0)) = axis(b, w, padding.left) else { continue };
+                let taps: Vec<(usize, usize)> = (0..kh)
+                    .filter(|ky| ky * d % s == a)
+                    .flat_map(|ky| {
+                        (0..kw)
+                            .filter(move |kx| kx * d % s == b)
+                            .map(move |kx| ((offy - ky * d / s) * row_len + (offx - kx * d / s), ky * kw + kx))
+                    })
+                    .collect();
+                if taps.is_empty() {
+                    // No tap reaches these positions: their gradient stays zero.
+                    continue;
+                }
+                let grid = Grid { rows: n_rows, cols: n_cols, src_row: row_len, out_row: s * w, out_col: s };
+                phases.push(Phase { src_start: q0 * row_len + r0, out_start: iy0 * w + ix0, grid, taps });
+            }
+        }
+        GradLayout { rows, row_len, offy, offx, phases }
+    }
+
+    fn scratch<T: Float>(&self) -> Vec<T> {
+        vec![T::ZERO; self.rows * self.row_len + LANES]
+    }
+
+    /// Copies one `ho × wo` output-gradient plane into `dst`, shifted by `(offy, offx)`
+    /// and zero elsewhere; divided elementwise by `divisor` (an `ho × wo` plane) if given.
+    fn fill<T: Float>(&self, geom: &DepthwiseGeometry, plane: &[T], divisor: Option<&[T]>, dst: &mut [T]) {
+        let (ho, wo) = (geom.ho, geom.wo);
+        let held = wo.min(self.row_len - self.offx);
+        for (r, dst) in dst.chunks_exact_mut(self.row_len).take(self.rows).enumerate() {
+            match r.checked_sub(self.offy).filter(|&oy| oy < ho) {
+                Some(oy) => {
+                    dst[..self.offx].fill(T::ZERO);
+                    let (dst_row, src) = (&mut dst[self.offx..self.offx + held], &plane[oy * wo..oy * wo + held]);
+                    match divisor {
+                        Some(divisor) => {
+                            for ((d, &v), &q) in dst_row.iter_mut().zip(src).zip(&divisor[oy * wo..]) {
+                                *d = v / q;
+                            }
+                        }
+                        None => dst_row.copy_from_slice(src),
+                    }
+                    dst[self.offx + held..].fill(T::ZERO);
+                }
+                None => dst.fill(T::ZERO),
+            }
+        }
+    }
+}
+
+/// `grad_xs[(n, c)]`, one rayon task per plane (each task owns its plane, so there are no
+/// races). With `relu_xs`, the gradient of `xs.relu()` is taken back through the ReLU:
+/// it is zero where `xs < 0`.
+pub(crate) fn grad_input<T: Float>(
+    isa: Isa,
+    geom: &DepthwiseGeometry,
+    grad: &[T],
+    weight: &[T],
+    relu_xs: Option<&[T]>,
+) -> Vec<T> {
+    transpose(isa, geom, grad, weight, None, relu_xs)
+}
+
+/// The input gradient of a windowed op whose output is `Σ weight[c, tap] * shifted xs`,
+/// divided by `divisor` (an `ho × wo` plane) when given: the gradient is divided first,
+/// then gathered back through the taps.
+fn transpose<T: Float>(
+    isa: Isa,
+    geom: &DepthwiseGeometry,
+    grad: &[T],
+    weight: &[T],
+    divisor: Option<&[T]>,
+    relu_xs: Option<&[T]>,
+) -> Vec<T> {
+    let &DepthwiseGeometry { n, c, h, w, kh, kw, ho, wo, .. } = geom;
+    let mut grad_xs = vec![T::ZERO; n * c * h * w];
+    if grad_xs.is_empty() {
+        return grad_xs;
+    }
+    let layout = GradLayout::new(geom);
+    grad_xs.par_chunks_mut(h * w).enumerate().for_each_init(
+        || (layout.scratch(), Vec::with_capacity(kh * kw)),
+        |(scratch, taps), (plane, dx)| {
+            layout.fill(geom, &grad[plane * ho * wo..(plane + 1) * ho * wo], divisor, scratch);
+            let k = &weight[(plane % c) * kh * kw..(plane % c + 1) * kh * kw];
+            for phase in &layout.phases {
+                taps.clear();
+                taps.extend(phase.taps.iter().map(|&(offset, tap)| (offset, k[tap])));
+                correlate(isa, &scratch[phase.src_start..], taps, &phase.grid, &mut dx[phase.out_start..]);
+            }
+            if let Some(xs) = relu_xs {
+                // Candle's ReLU rule: the gradient passes where `x >= 0` (not where x is NaN).
+                for (d, &x) in dx.iter_mut().zip(&xs[plane * h * w..(plane + 1) * h * w]) {
+                    *d = if x >= T::ZERO { *d } else { T::ZERO };
+                }
+            }
+        },
+    );
+    grad_xs
+}
+
+/// `grad_weight[c, tap] = Σ over n and output positions of grad * shifted xs` (of
+/// `xs.relu()` with `relu`), one rayon task per channel that reduces over the batch.
+/// Each block of taps accumulates in `LANES`-wide partial sums, added up once per plane.
+pub(crate) fn grad_weight<T: Float>(isa: Isa, geom: &DepthwiseGeometry, xs: &[T], grad: &[T], relu: bool) -> Vec<T> {
+    let &DepthwiseGeometry { n, c, h, w, kh, kw, ho, wo, .. } = geom;
+    let mut grad_weight = vec![T::ZERO; c * kh * kw];
+    if grad_weight.is_empty() || h * w == 0 {
+        return grad_weight;
+    }
+    let layout = InputLayout::new(geom);
+    let g_row = wo.next_multiple_of(LANES);
+    // The gradient rows are copied into `g_row`-long rows whose tails stay zero.
+    let scratch = || (layout.scratch(), vec![T::ZERO; ho * g_row]);
+    grad_weight.par_chunks_mut(kh * kw).enumerate().for_each_init(scratch, |(scratch, g), (channel, dk)| {
+        for batch_idx in 0..n {
+            let plane = batch_idx * c + channel;
+            layout.fill(&xs[plane * h * w..(plane + 1) * h * w], relu, T::ZERO, scratch);
+            let src = &grad[plane * ho * wo..(plane + 1) * ho * wo];
+            for (dst, src) in g.chunks_exact_mut(g_row).zip(src.chunks_exact(wo)) {
+                dst[..wo].copy_from_slice(src);
+            }
+            tap_dots(isa, scratch, &layout.offsets, g, g_row, &layout.grid, dk);
+        }
+    });
+    grad_weight
+}
+
+/// SAME average pooling: the sum over each window (the kernel's taps, every weight one, the
+/// padding zero) divided by `counts`, the number of real elements of each window (an
+/// `ho × wo` plane, the same for every channel).
+pub(crate) fn avg_pool<T: Float>(isa: Isa, geom: &DepthwiseGeometry, xs: &[T], counts: &[T]) -> Vec<T> {
+    let &DepthwiseGeometry { n, c, h, w, ho, wo, .. } = geom;
+    let mut out = vec![T::ZERO; n * c * ho * wo];
+    if out.is_empty() {
+        return out;
+    }
+    let layout = InputLayout::new(geom);
+    let taps: Vec<(usize, T)> = layout.offsets.iter().map(|&offset| (offset, T::ONE)).collect();
+    out.par_chunks_mut(ho * wo).enumerate().for_each_init(
+        || layout.scratch(),
+        |scratch, (plane, out)| {
+            layout.fill(&xs[plane * h * w..(plane + 1) * h * w], false, T::ZERO, scratch);
+            correlate(isa, scratch, &taps, &layout.grid, out);
+            for (v, &count) in out.iter_mut().zip(counts) {
+                *v /= count;
+            }
+        },
+    );
+    out
+}
+
+/// The input gradient of [`avg_pool`]: `grad / count` goes to every real element of each
+/// window.
+pub(crate) fn avg_pool_grad<T: Float>(isa: Isa, geom: &DepthwiseGeometry, grad: &[T], counts: &[T]) -> Vec<T> {
+    let ones = vec![T::ONE; geom.c * geom.kh * geom.kw];
+    transpose(isa, geom, grad, &ones, Some(counts), None)
+}
+
+/// SAME max pooling: the largest real element of each window (the padding is `-inf`, and
+/// every window holds a real element).
+pub(crate) fn max_pool<T: Float>(isa: Isa, geom: &DepthwiseGeometry, xs: &[T]) -> Vec<T> {
+    let &DepthwiseGeometry { n, c, h, w, ho, wo, .. } = geom;
+    let mut out = vec![T::ZERO; n * c * ho * wo];
+    if out.is_empty() {
+        return out;
+    }
+    let layout = InputLayout::new(geom);
+    out.par_chunks_mut(ho * wo).enumerate().for_each_init(
+        || layout.scratch(),
+        |scratch, (plane, out)| {
+            layout.fill(&xs[plane * h * w..(plane + 1) * h * w], false, T::NEG_INFINITY, scratch);
+            window_max(isa, scratch, &layout.offsets, &layout.grid, out);
+        },
+    );
+    out
+}
