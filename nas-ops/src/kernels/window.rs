@@ -219,49 +219,68 @@ impl InputLayout {
         InputLayout { geom: *geom, rows, cols, wq, row_len, offsets, grid }
     }
 
-    /// A zeroed scratch plane, with room for the reads past the last column.
-    fn scratch<T: Float>(&self) -> Vec<T> {
-        vec![T::ZERO; self.rows * self.row_len + LANES]
+    /// A scratch plane holding `pad` everywhere, with room for the reads past the last
+    /// column. The padding positions are the same for every plane of one call, so `fill`
+    /// writes only the image's own positions and the padding stays as written here.
+    fn scratch<T: Float>(&self, pad: T) -> Vec<T> {
+        vec![pad; self.rows * self.row_len + LANES]
     }
 
-    /// Copies `plane` (one `h × w` input plane) into `dst`, padded with `pad`, through a
-    /// ReLU when `relu` (`v >= 0 ? v : 0`, as the unfused path computes it).
-    fn fill<T: Float>(&self, plane: &[T], relu: bool, pad: T, dst: &mut [T]) {
-        let &DepthwiseGeometry { h, w, stride: s, padding, .. } = &self.geom;
-        let act = |v: T| if !relu || v >= T::ZERO { v } else { T::ZERO };
-        for (r, dst) in dst.chunks_exact_mut(self.row_len).take(self.rows).enumerate() {
-            let Some(iy) = r.checked_sub(padding.top).filter(|&iy| iy < h) else {
-                dst.fill(pad);
-                continue;
-            };
-            let src = &plane[iy * w..(iy + 1) * w];
-            if s == 1 {
-                let lo = padding.left.min(self.cols);
-                let held = w.min(self.cols - lo);
-                dst[..lo].fill(pad);
-                for (d, &v) in dst[lo..lo + held].iter_mut().zip(src) {
+    /// Copies `plane` (one `h × w` input plane) into the image positions of `dst` (a
+    /// `scratch`), through a ReLU when `relu` (`v >= 0 ? v : 0`, as the unfused path
+    /// computes it).
+    fn fill<T: Float>(&self, isa: Isa, plane: &[T], relu: bool, dst: &mut [T]) {
+        fill_input(isa, self, plane, relu, dst)
+    }
+}
+
+#[inline(always)]
+fn fill_input_body<T: Float, const FMA: bool>(layout: &InputLayout, plane: &[T], relu: bool, dst: &mut [T]) {
+    let &DepthwiseGeometry { h, w, stride: s, padding, .. } = &layout.geom;
+    let act = |v: T| if !relu || v >= T::ZERO { v } else { T::ZERO };
+    // Rows `r` of the scratch hold input row `r - top`; columns likewise (phased).
+    let rows = padding.top.min(layout.rows)..(padding.top + h).min(layout.rows);
+    let end = layout.cols.min(padding.left + w);
+    for (iy, dst) in dst.chunks_exact_mut(layout.row_len).skip(rows.start).take(rows.len()).enumerate() {
+        let src = &plane[iy * w..(iy + 1) * w];
+        if s == 1 {
+            if padding.left < end {
+                for (d, &v) in dst[padding.left..end].iter_mut().zip(src) {
                     *d = act(v);
                 }
-                dst[lo + held..].fill(pad);
+            }
+            continue;
+        }
+        // Phase `p` holds padded columns `p + s·q`; those inside the image are `q_lo..q_hi`,
+        // reading input columns `ix_lo, ix_lo + s, ...`.
+        for (p, dst) in dst.chunks_exact_mut(layout.wq).enumerate() {
+            let q_lo = padding.left.saturating_sub(p).div_ceil(s);
+            let q_hi = end.saturating_sub(p).div_ceil(s);
+            if q_lo >= q_hi {
+                continue;
+            }
+            let (dst, src) = (&mut dst[q_lo..q_hi], &src[p + s * q_lo - padding.left..]);
+            if s == 2 {
+                // A constant stride, so the loop vectorises (with shuffles).
+                let pairs = src.chunks_exact(2);
+                let last = pairs.remainder().first().copied();
+                let n = pairs.len();
+                for (d, pair) in dst.iter_mut().zip(pairs) {
+                    *d = act(pair[0]);
+                }
+                if let (Some(d), Some(v)) = (dst.get_mut(n), last) {
+                    *d = act(v);
+                }
             } else {
-                // Phase `p` holds padded columns `p + s·q`; those inside the image are
-                // `q_lo..q_hi`, reading input columns `ix_lo, ix_lo + s, ...`.
-                dst.fill(pad);
-                let end = self.cols.min(padding.left + w);
-                for (p, dst) in dst.chunks_exact_mut(self.wq).enumerate() {
-                    let q_lo = padding.left.saturating_sub(p).div_ceil(s);
-                    let q_hi = end.saturating_sub(p).div_ceil(s);
-                    if q_lo < q_hi {
-                        let ix_lo = p + s * q_lo - padding.left;
-                        for (d, &v) in dst[q_lo..q_hi].iter_mut().zip(src[ix_lo..].iter().step_by(s)) {
-                            *d = act(v);
-                        }
-                    }
+                for (d, &v) in dst.iter_mut().zip(src.iter().step_by(s)) {
+                    *d = act(v);
                 }
             }
         }
     }
 }
+
+multiversion!(fn fill_input(layout: &InputLayout, plane: &[T], relu: bool, dst: &mut [T]) => fill_input_body);
 
 /// `out[(n, c)] = Σ over taps of weight[c, tap] * shifted xs[(n, c)]` (of `xs.relu()`
 /// with `relu`), one rayon task per `(n, c)` plane.
@@ -274,9 +293,9 @@ pub(crate) fn forward<T: Float>(isa: Isa, geom: &DepthwiseGeometry, xs: &[T], we
     }
     let layout = InputLayout::new(geom);
     out.par_chunks_mut(ho * wo).enumerate().for_each_init(
-        || (layout.scratch(), Vec::with_capacity(kh * kw)),
+        || (layout.scratch(T::ZERO), Vec::with_capacity(kh * kw)),
         |(scratch, taps), (plane, out)| {
-            layout.fill(&xs[plane * h * w..(plane + 1) * h * w], relu, T::ZERO, scratch);
+            layout.fill(isa, &xs[plane * h * w..(plane + 1) * h * w], relu, scratch);
             let k = &weight[(plane % c) * kh * kw..(plane % c + 1) * kh * kw];
             taps.clear();
             taps.extend(layout.offsets.iter().copied().zip(k.iter().copied()));
@@ -351,31 +370,26 @@ impl GradLayout {
         GradLayout { rows, row_len, offy, offx, phases }
     }
 
+    /// A zeroed scratch plane; `fill` writes only the gradient's own positions.
     fn scratch<T: Float>(&self) -> Vec<T> {
         vec![T::ZERO; self.rows * self.row_len + LANES]
     }
 
-    /// Copies one `ho × wo` output-gradient plane into `dst`, shifted by `(offy, offx)`
-    /// and zero elsewhere; divided elementwise by `divisor` (an `ho × wo` plane) if given.
+    /// Copies one `ho × wo` output-gradient plane into `dst` (a `scratch`), shifted by
+    /// `(offy, offx)`; divided elementwise by `divisor` (an `ho × wo` plane) if given.
     fn fill<T: Float>(&self, geom: &DepthwiseGeometry, plane: &[T], divisor: Option<&[T]>, dst: &mut [T]) {
         let (ho, wo) = (geom.ho, geom.wo);
         let held = wo.min(self.row_len - self.offx);
-        for (r, dst) in dst.chunks_exact_mut(self.row_len).take(self.rows).enumerate() {
-            match r.checked_sub(self.offy).filter(|&oy| oy < ho) {
-                Some(oy) => {
-                    dst[..self.offx].fill(T::ZERO);
-                    let (dst_row, src) = (&mut dst[self.offx..self.offx + held], &plane[oy * wo..oy * wo + held]);
-                    match divisor {
-                        Some(divisor) => {
-                            for ((d, &v), &q) in dst_row.iter_mut().zip(src).zip(&divisor[oy * wo..]) {
-                                *d = v / q;
-                            }
-                        }
-                        None => dst_row.copy_from_slice(src),
+        let rows = ho.min(self.rows.saturating_sub(self.offy));
+        for (oy, dst) in dst.chunks_exact_mut(self.row_len).skip(self.offy).take(rows).enumerate() {
+            let (dst, src) = (&mut dst[self.offx..self.offx + held], &plane[oy * wo..oy * wo + held]);
+            match divisor {
+                Some(divisor) => {
+                    for ((d, &v), &q) in dst.iter_mut().zip(src).zip(&divisor[oy * wo..]) {
+                        *d = v / q;
                     }
-                    dst[self.offx + held..].fill(T::ZERO);
                 }
-                None => dst.fill(T::ZERO),
+                None => dst.copy_from_slice(src),
             }
         }
     }
@@ -444,11 +458,11 @@ pub(crate) fn grad_weight<T: Float>(isa: Isa, geom: &DepthwiseGeometry, xs: &[T]
     let layout = InputLayout::new(geom);
     let g_row = wo.next_multiple_of(LANES);
     // The gradient rows are copied into `g_row`-long rows whose tails stay zero.
-    let scratch = || (layout.scratch(), vec![T::ZERO; ho * g_row]);
+    let scratch = || (layout.scratch(T::ZERO), vec![T::ZERO; ho * g_row]);
     grad_weight.par_chunks_mut(kh * kw).enumerate().for_each_init(scratch, |(scratch, g), (channel, dk)| {
         for batch_idx in 0..n {
             let plane = batch_idx * c + channel;
-            layout.fill(&xs[plane * h * w..(plane + 1) * h * w], relu, T::ZERO, scratch);
+            layout.fill(isa, &xs[plane * h * w..(plane + 1) * h * w], relu, scratch);
             let src = &grad[plane * ho * wo..(plane + 1) * ho * wo];
             for (dst, src) in g.chunks_exact_mut(g_row).zip(src.chunks_exact(wo)) {
                 dst[..wo].copy_from_slice(src);
@@ -471,9 +485,9 @@ pub(crate) fn avg_pool<T: Float>(isa: Isa, geom: &DepthwiseGeometry, xs: &[T], c
     let layout = InputLayout::new(geom);
     let taps: Vec<(usize, T)> = layout.offsets.iter().map(|&offset| (offset, T::ONE)).collect();
     out.par_chunks_mut(ho * wo).enumerate().for_each_init(
-        || layout.scratch(),
+        || layout.scratch(T::ZERO),
         |scratch, (plane, out)| {
-            layout.fill(&xs[plane * h * w..(plane + 1) * h * w], false, T::ZERO, scratch);
+            layout.fill(isa, &xs[plane * h * w..(plane + 1) * h * w], false, scratch);
             correlate(isa, scratch, &taps, &layout.grid, out);
             for (v, &count) in out.iter_mut().zip(counts) {
                 *v /= count;
@@ -500,9 +514,9 @@ pub(crate) fn max_pool<T: Float>(isa: Isa, geom: &DepthwiseGeometry, xs: &[T]) -
     }
     let layout = InputLayout::new(geom);
     out.par_chunks_mut(ho * wo).enumerate().for_each_init(
-        || layout.scratch(),
+        || layout.scratch(T::NEG_INFINITY),
         |scratch, (plane, out)| {
-            layout.fill(&xs[plane * h * w..(plane + 1) * h * w], false, T::NEG_INFINITY, scratch);
+            layout.fill(isa, &xs[plane * h * w..(plane + 1) * h * w], false, scratch);
             window_max(isa, scratch, &layout.offsets, &layout.grid, out);
         },
     );
