@@ -109,7 +109,7 @@ impl CellModule {
             (Adjust::UseX, _) => x.clone(),
             (Adjust::Unchanged, Some(p)) => p.clone(),
             (Adjust::Conv(conv), Some(p)) => conv.forward_t(p, train)?,
-            (Adjust::Reduce(reduce), Some(p)) => reduce.forward_t(&p.relu()?, train)?,
+            (Adjust::Reduce(reduce), Some(p)) => reduce.forward_relu_t(p, train)?,
             (_, None) => candle_core::bail!("this cell was built for a previous input, but none was given"),
         };
         let state0 = self.preamble.forward_t(x, train)?;

@@ -98,6 +98,17 @@ impl Module for Conv2d {
     }
 }
 
+impl Conv2d {
+    /// `forward(&xs.relu())`; a 1×1 stride-1 conv reads its input through the ReLU inside
+    /// the op (`kernels::conv1x1::conv1x1_relu`), so `xs.relu()` is not stored.
+    pub fn forward_relu(&self, xs: &Tensor) -> Result<Tensor> {
+        if self.kh == 1 && self.kw == 1 && self.stride == 1 {
+            return crate::kernels::conv1x1::conv1x1_relu(xs, &self.weight);
+        }
+        self.forward(&xs.relu()?)
+    }
+}
+
 /// A 1×1 stride-1 convolution as one batched matmul: `(c_out, c_in) × (batch, c_in, h·w)`.
 pub fn conv1x1(xs: &Tensor, weight: &Tensor) -> Result<Tensor> {
     crate::kernels::conv1x1::conv1x1(xs, weight)

@@ -47,8 +47,8 @@ impl ActConvBn {
 
 impl ModuleT for ActConvBn {
     fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        let xs = if self.relu { xs.relu()? } else { xs.clone() };
-        self.bn.forward_t(&self.conv.forward(&xs)?, train)
+        let ys = if self.relu { self.conv.forward_relu(xs)? } else { self.conv.forward(xs)? };
+        self.bn.forward_t(&ys, train)
     }
 }
 
@@ -151,8 +151,9 @@ impl ConvChain {
 
 impl ModuleT for ConvChain {
     fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        let mut xs = xs.relu()?;
-        for conv in &self.convs {
+        let (first, rest) = self.convs.split_first().expect("a conv chain has a conv");
+        let mut xs = first.forward_relu(xs)?;
+        for conv in rest {
             xs = conv.forward(&xs)?;
         }
         self.bn.forward_t(&xs, train)
@@ -216,11 +217,24 @@ impl ModuleT for FactorizedReduction {
     /// - `xs`: `(batch, c_in, h, w)`
     /// - returns: `(batch, c_out, ceil(h / stride), ceil(w / stride))`
     fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_with(xs, train, false)
+    }
+}
+
+impl FactorizedReduction {
+    /// `forward_t(&xs.relu(), train)` with the ReLU read inside the 1×1 convs (it commutes
+    /// with the subsampling, whose padding is zeros).
+    pub fn forward_relu_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_with(xs, train, true)
+    }
+
+    fn forward_with(&self, xs: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
+        let conv = |conv: &Conv2d, xs: &Tensor| if relu { conv.forward_relu(xs) } else { conv.forward(xs) };
         let ys = match &self.path_2 {
-            None => self.path_1.forward(xs)?,
+            None => conv(&self.path_1, xs)?,
             Some(path_2) => {
-                let a = self.path_1.forward(&subsample2(xs, 0)?)?;
-                let b = path_2.forward(&subsample2(xs, 1)?)?;
+                let a = conv(&self.path_1, &subsample2(xs, 0)?)?;
+                let b = conv(path_2, &subsample2(xs, 1)?)?;
                 Tensor::cat(&[&a, &b], 1)?
             }
         };

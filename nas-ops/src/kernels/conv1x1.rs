@@ -11,11 +11,14 @@
 //! devices [`conv1x1`] is the reference, whose ops run there already.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
+use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, WithDType};
+
+use crate::kernels::simd::Float;
 use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
 const NAME: &str = "conv1x1";
+const GRAD_INPUT_NAME: &str = "conv1x1-grad-input";
 const GRAD_WEIGHT_NAME: &str = "conv1x1-grad-weight";
 
 /// `ys[b] = weight · xs[b]` over the pixels: a 1×1 stride-1 convolution without bias.
@@ -39,7 +42,32 @@ pub fn conv1x1(xs: &Tensor, weight: &Tensor) -> Result<Tensor> {
     }
     let xs3 = xs.reshape((b, c, h * w))?.contiguous()?;
     let w2 = weight.reshape((c_out, c))?.contiguous()?;
-    xs3.apply_op2(&w2, Conv1x1)?.reshape((b, c_out, h, w))
+    xs3.apply_op2(&w2, Conv1x1 { relu_in: false })?.reshape((b, c_out, h, w))
+}
+
+/// `conv1x1(&xs.relu(), weight)` as one op on the CPU: each sample is read through the ReLU
+/// into a scratch buffer before its gemm, and the input gradient is zeroed where `xs < 0`
+/// (candle's ReLU rule) in the same pass, so `xs.relu()` is never stored nor differentiated
+/// as a separate node. On other devices, the unfused ops.
+///
+/// # Shapes
+/// As [`conv1x1`].
+pub fn conv1x1_relu(xs: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    if !xs.device().is_cpu() {
+        return conv1x1(&xs.relu()?, weight);
+    }
+    let (b, c, h, w) = xs.dims4()?;
+    let c_out = weight.dim(0)?;
+    if weight.dims() != [c_out, c, 1, 1] {
+        bail!(
+            "{NAME}: expected a weight of shape ({c_out}, {c}, 1, 1) for input {:?}, got {:?}",
+            xs.dims(),
+            weight.dims()
+        )
+    }
+    let xs3 = xs.reshape((b, c, h * w))?.contiguous()?;
+    let w2 = weight.reshape((c_out, c))?.contiguous()?;
+    xs3.apply_op2(&w2, Conv1x1 { relu_in: true })?.reshape((b, c_out, h, w))
 }
 
 /// [`conv1x1`] from plain tensor ops (a broadcast `matmul`), differentiable on any device.
@@ -113,31 +141,71 @@ fn threads() -> Parallelism {
     }
 }
 
-/// `(xs (b, c, p), weight (c_out, c)) -> (b, c_out, p)`.
+/// `(xs (b, c, p), weight (c_out, c)) -> (b, c_out, p)`, of `xs.relu()` with `relu_in`.
 #[derive(Debug, Clone, Copy)]
-struct Conv1x1;
+struct Conv1x1 {
+    relu_in: bool,
+}
 
 impl Conv1x1 {
-    fn forward<T: WithDType>(xs: &[T], w: &[T], (b, c, p, c_out): (usize, usize, usize, usize)) -> Vec<T> {
-        per_sample(b, (w, false), xs, (c_out, p, c))
+    fn forward<T: Float>(&self, xs: &[T], w: &[T], (b, c, p, c_out): (usize, usize, usize, usize)) -> Vec<T> {
+        per_sample(b, (w, false), xs, (c_out, p, c), self.relu_in, None)
     }
+}
+
+/// `max(v, 0)` with candle's rule (`v >= 0 ? v : 0`).
+#[inline]
+fn relu<T: Float>(v: T) -> T {
+    if v >= T::ZERO {
+        v
+    } else {
+        T::ZERO
+    }
+}
+
+/// `rhs`, or its ReLU copied into `scratch`.
+fn relu_into<'a, T: Float>(rhs: &'a [T], relu_rhs: bool, scratch: &'a mut Vec<T>) -> &'a [T] {
+    if !relu_rhs {
+        return rhs;
+    }
+    scratch.clear();
+    scratch.extend(rhs.iter().map(|&v| relu(v)));
+    scratch
 }
 
 /// `out_b = lhs · rhs_b` for every sample: `rhs` holds `b` row-major `k × n` matrices and
 /// the result `b` row-major `m × n` ones. One gemm per sample, in parallel over the samples,
-/// or a threaded gemm each when there are fewer samples than threads.
-fn per_sample<T: WithDType>(b: usize, lhs: (&[T], bool), rhs: &[T], (m, n, k): (usize, usize, usize)) -> Vec<T> {
+/// or a threaded gemm each when there are fewer samples than threads. With `relu_rhs` each
+/// `rhs_b` is read through a ReLU; with `mask` (shaped like the result), `out` is zeroed
+/// where `mask < 0`.
+fn per_sample<T: Float>(
+    b: usize,
+    lhs: (&[T], bool),
+    rhs: &[T],
+    (m, n, k): (usize, usize, usize),
+    relu_rhs: bool,
+    mask: Option<&[T]>,
+) -> Vec<T> {
     let mut out = vec![T::zero(); b * m * n];
-    let run = |(o, r): (&mut [T], &[T])| {
+    let run = |scratch: &mut Vec<T>, i: usize, o: &mut [T], r: &[T], parallelism: Parallelism| {
+        let r = relu_into(r, relu_rhs, scratch);
         // SAFETY: o is m × n, lhs m × k, r k × n.
-        unsafe { matmul(o, lhs, (r, false), (m, n, k), false, Parallelism::None) }
+        unsafe { matmul(o, lhs, (r, false), (m, n, k), false, parallelism) }
+        if let Some(mask) = mask {
+            for (o, &x) in o.iter_mut().zip(&mask[i * m * n..(i + 1) * m * n]) {
+                *o = if x >= T::ZERO { *o } else { T::ZERO };
+            }
+        }
     };
     if b >= rayon::current_num_threads() {
-        out.par_chunks_mut(m * n).zip(rhs.par_chunks(k * n)).for_each(run);
+        out.par_chunks_mut(m * n)
+            .zip(rhs.par_chunks(k * n))
+            .enumerate()
+            .for_each_init(Vec::new, |scratch, (i, (o, r))| run(scratch, i, o, r, Parallelism::None));
     } else {
-        for (o, r) in out.chunks_mut(m * n).zip(rhs.chunks(k * n)) {
-            // SAFETY: as above.
-            unsafe { matmul(o, lhs, (r, false), (m, n, k), false, threads()) }
+        let mut scratch = Vec::new();
+        for (i, (o, r)) in out.chunks_mut(m * n).zip(rhs.chunks(k * n)).enumerate() {
+            run(&mut scratch, i, o, r, threads());
         }
     }
     out
@@ -158,10 +226,10 @@ impl CustomOp2 for Conv1x1 {
         let dims = (b, c, p, c_out);
         let out = match (s1, s2) {
             (CpuStorage::F32(_), CpuStorage::F32(_)) => {
-                CpuStorage::F32(Conv1x1::forward(slice(s1, l1, "xs")?, slice(s2, l2, "weight")?, dims))
+                CpuStorage::F32(self.forward(slice(s1, l1, "xs")?, slice(s2, l2, "weight")?, dims))
             }
             (CpuStorage::F64(_), CpuStorage::F64(_)) => {
-                CpuStorage::F64(Conv1x1::forward(slice(s1, l1, "xs")?, slice(s2, l2, "weight")?, dims))
+                CpuStorage::F64(self.forward(slice(s1, l1, "xs")?, slice(s2, l2, "weight")?, dims))
             }
             _ => bail!("{NAME}: expected both f32 or both f64, got {:?} and {:?}", s1.dtype(), s2.dtype()),
         };
@@ -170,42 +238,63 @@ impl CustomOp2 for Conv1x1 {
 
     fn bwd(&self, xs: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
-        let grad_xs = grad.apply_op2_no_bwd(w, &Conv1x1GradInput)?;
-        let grad_w = xs.apply_op2_no_bwd(&grad, &Conv1x1GradWeight)?;
+        let grad_xs = if self.relu_in {
+            grad.apply_op3_no_bwd(w, xs, &Conv1x1GradInput)?
+        } else {
+            grad.apply_op2_no_bwd(w, &Conv1x1GradInput)?
+        };
+        let grad_w = xs.apply_op2_no_bwd(&grad, &Conv1x1GradWeight { relu_in: self.relu_in })?;
         Ok((Some(grad_xs), Some(grad_w)))
     }
 }
 
-/// `(grad (b, c_out, p), weight (c_out, c)) -> weightᵀ · grad_b (b, c, p)`.
+/// `(grad (b, c_out, p), weight (c_out, c)) -> weightᵀ · grad_b (b, c, p)`. As a
+/// `CustomOp3`, a third argument `xs (b, c, p)` zeroes it where `xs < 0` (the input gradient
+/// of [`conv1x1_relu`]).
 #[derive(Debug, Clone, Copy)]
 struct Conv1x1GradInput;
 
 impl Conv1x1GradInput {
-    fn run<T: WithDType>(g: &[T], w: &[T], (b, c, p, c_out): (usize, usize, usize, usize)) -> Vec<T> {
-        per_sample(b, (w, true), g, (c, p, c_out))
-    }
-}
-
-impl CustomOp2 for Conv1x1GradInput {
-    fn name(&self) -> &'static str {
-        "conv1x1-grad-input"
+    fn run<T: Float>(g: &[T], w: &[T], mask: Option<&[T]>, (b, c, p, c_out): (usize, usize, usize, usize)) -> Vec<T> {
+        per_sample(b, (w, true), g, (c, p, c_out), false, mask)
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let name = self.name();
+    /// Checks the shapes and runs the kernel, on `xs` too when given.
+    fn cpu(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        xs: Option<(&CpuStorage, &Layout)>,
+    ) -> Result<(CpuStorage, Shape)> {
+        let name = GRAD_INPUT_NAME;
         let (&[b, c_out, p], &[c_out_w, c]) = (l1.dims(), l2.dims()) else {
             bail!("{name}: expected (b, c_out, p) and (c_out, c), got {:?} and {:?}", l1.dims(), l2.dims())
         };
         if c_out_w != c_out {
             bail!("{name}: gradient {:?} and weight {:?} differ", l1.dims(), l2.dims())
         }
+        if let Some((s3, l3)) = xs {
+            if l3.dims() != [b, c, p] || s3.dtype() != s1.dtype() {
+                bail!(
+                    "{name}: expected xs of shape {:?} and dtype {:?}, got {:?} {:?}",
+                    [b, c, p],
+                    s1.dtype(),
+                    l3.dims(),
+                    s3.dtype()
+                )
+            }
+        }
         let dims = (b, c, p, c_out);
         let out = match (s1, s2) {
             (CpuStorage::F32(_), CpuStorage::F32(_)) => {
-                CpuStorage::F32(Conv1x1GradInput::run(slice(s1, l1, "grad")?, slice(s2, l2, "weight")?, dims))
+                let mask = xs.map(|(s3, l3)| slice(s3, l3, "xs")).transpose()?;
+                CpuStorage::F32(Conv1x1GradInput::run(slice(s1, l1, "grad")?, slice(s2, l2, "weight")?, mask, dims))
             }
             (CpuStorage::F64(_), CpuStorage::F64(_)) => {
-                CpuStorage::F64(Conv1x1GradInput::run(slice(s1, l1, "grad")?, slice(s2, l2, "weight")?, dims))
+                let mask = xs.map(|(s3, l3)| slice(s3, l3, "xs")).transpose()?;
+                CpuStorage::F64(Conv1x1GradInput::run(slice(s1, l1, "grad")?, slice(s2, l2, "weight")?, mask, dims))
             }
             _ => bail!("{name}: expected both f32 or both f64, got {:?} and {:?}", s1.dtype(), s2.dtype()),
         };
@@ -213,14 +302,47 @@ impl CustomOp2 for Conv1x1GradInput {
     }
 }
 
-/// `(xs (b, c, p), grad (b, c_out, p)) -> Σ_b grad_b · xs_bᵀ (c_out, c)`.
+impl CustomOp2 for Conv1x1GradInput {
+    fn name(&self) -> &'static str {
+        GRAD_INPUT_NAME
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.cpu(s1, l1, s2, l2, None)
+    }
+}
+
+impl CustomOp3 for Conv1x1GradInput {
+    fn name(&self) -> &'static str {
+        GRAD_INPUT_NAME
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.cpu(s1, l1, s2, l2, Some((s3, l3)))
+    }
+}
+
+/// `(xs (b, c, p), grad (b, c_out, p)) -> Σ_b grad_b · xs_bᵀ (c_out, c)`, of `xs.relu()`
+/// with `relu_in`.
 #[derive(Debug, Clone, Copy)]
-struct Conv1x1GradWeight;
+struct Conv1x1GradWeight {
+    relu_in: bool,
+}
 
 impl Conv1x1GradWeight {
-    fn run<T: WithDType>(xs: &[T], g: &[T], (b, c, p, c_out): (usize, usize, usize, usize)) -> Vec<T> {
+    fn run<T: Float>(&self, xs: &[T], g: &[T], (b, c, p, c_out): (usize, usize, usize, usize)) -> Vec<T> {
         let mut dw = vec![T::zero(); c_out * c];
+        let mut scratch = Vec::new();
         for (k, (x, g)) in xs.chunks(c * p).zip(g.chunks(c_out * p)).take(b).enumerate() {
+            let x = relu_into(x, self.relu_in, &mut scratch);
             // SAFETY: dw is c_out × c, g is c_out × p, x is c × p (read transposed).
             unsafe { matmul(&mut dw, (g, false), (x, true), (c_out, c, p), k > 0, threads()) }
         }
@@ -243,10 +365,10 @@ impl CustomOp2 for Conv1x1GradWeight {
         let dims = (b, c, p, c_out);
         let out = match (s1, s2) {
             (CpuStorage::F32(_), CpuStorage::F32(_)) => {
-                CpuStorage::F32(Conv1x1GradWeight::run(slice(s1, l1, "xs")?, slice(s2, l2, "grad")?, dims))
+                CpuStorage::F32(self.run(slice(s1, l1, "xs")?, slice(s2, l2, "grad")?, dims))
             }
             (CpuStorage::F64(_), CpuStorage::F64(_)) => {
-                CpuStorage::F64(Conv1x1GradWeight::run(slice(s1, l1, "xs")?, slice(s2, l2, "grad")?, dims))
+                CpuStorage::F64(self.run(slice(s1, l1, "xs")?, slice(s2, l2, "grad")?, dims))
             }
             _ => bail!("{GRAD_WEIGHT_NAME}: expected both f32 or both f64, got {:?} and {:?}", s1.dtype(), s2.dtype()),
         };

@@ -11,7 +11,7 @@
 use candle_core::{DType, Device, Result, Tensor, Var};
 
 use super::batch_norm::{batch_norm_eval, batch_norm_eval_relu, batch_norm_train, batch_norm_train_relu};
-use super::conv1x1::{conv1x1, conv1x1_reference};
+use super::conv1x1::{conv1x1, conv1x1_reference, conv1x1_relu};
 use super::depthwise::{depthwise_conv2d, depthwise_conv2d_relu};
 use super::pool::{avg_pool2d, max_pool2d};
 use super::testutil::{assert_close, TestRng};
@@ -206,7 +206,11 @@ fn conv1x1_on_every_device() {
                 let op = |t: &[Tensor]| conv1x1(&t[0], &t[1]);
                 let reference = |t: &[Tensor]| conv1x1_reference(&t[0], &t[1]);
                 let what = format!("conv1x1 {n}x{c}x{h}x{w} -> {c_out} {dtype:?}");
-                check_fused(&device, &what, &op, &reference, &[xs, weight], tolerance(dtype));
+                let inputs = [xs, weight];
+                check_fused(&device, &what, &op, &reference, &inputs, tolerance(dtype));
+                let fused = |t: &[Tensor]| conv1x1_relu(&t[0], &t[1]);
+                let unfused = |t: &[Tensor]| conv1x1_reference(&t[0].relu()?, &t[1]);
+                check_fused(&device, &format!("{what} relu"), &fused, &unfused, &inputs, tolerance(dtype));
             }
         }
     }
