@@ -559,7 +559,7 @@ fn run_inner(
         let mut batches = train_batches.epoch_from(epoch, offset as usize);
         for batch in batches.by_ref() {
             let batch = batch?;
-            let step_metrics = match trainer.train_step(&batch) {
+            let step_metrics = match crate::on_pool(|| trainer.train_step(&batch)) {
                 Ok(m) => m,
                 Err(TrainError::NonFinite { step, loss }) => {
                     let path = dir.join(files::NAN_DIAGNOSTIC);
