@@ -28,21 +28,11 @@ const GRAD_WEIGHT_NAME: &str = "conv1x1-grad-weight";
 /// - `weight`: `(c_out, c_in, 1, 1)`
 /// - returns: `(batch, c_out, h, w)`
 pub fn conv1x1(xs: &Tensor, weight: &Tensor) -> Result<Tensor> {
-    let (b, c, h, w) = xs.dims4()?;
-    let c_out = weight.dim(0)?;
-    if weight.dims() != [c_out, c, 1, 1] {
-        bail!(
-            "{NAME}: expected a weight of shape ({c_out}, {c}, 1, 1) for input {:?}, got {:?}",
-            xs.dims(),
-            weight.dims()
-        )
-    }
     if !xs.device().is_cpu() {
+        check_weight(xs, weight)?;
         return conv1x1_reference(xs, weight);
     }
-    let xs3 = xs.reshape((b, c, h * w))?.contiguous()?;
-    let w2 = weight.reshape((c_out, c))?.contiguous()?;
-    xs3.apply_op2(&w2, Conv1x1 { relu_in: false })?.reshape((b, c_out, h, w))
+    apply(xs, weight, false)
 }
 
 /// `conv1x1(&xs.relu(), weight)` as one op on the CPU: each sample is read through the ReLU
@@ -56,7 +46,12 @@ pub fn conv1x1_relu(xs: &Tensor, weight: &Tensor) -> Result<Tensor> {
     if !xs.device().is_cpu() {
         return conv1x1(&xs.relu()?, weight);
     }
-    let (b, c, h, w) = xs.dims4()?;
+    apply(xs, weight, true)
+}
+
+/// Checks that `weight` is `(c_out, c, 1, 1)` for `xs` `(b, c, h, w)`; returns `c_out`.
+fn check_weight(xs: &Tensor, weight: &Tensor) -> Result<usize> {
+    let (_, c, _, _) = xs.dims4()?;
     let c_out = weight.dim(0)?;
     if weight.dims() != [c_out, c, 1, 1] {
         bail!(
@@ -65,9 +60,16 @@ pub fn conv1x1_relu(xs: &Tensor, weight: &Tensor) -> Result<Tensor> {
             weight.dims()
         )
     }
+    Ok(c_out)
+}
+
+/// The CPU custom op on `xs` (through a ReLU with `relu_in`).
+fn apply(xs: &Tensor, weight: &Tensor, relu_in: bool) -> Result<Tensor> {
+    let c_out = check_weight(xs, weight)?;
+    let (b, c, h, w) = xs.dims4()?;
     let xs3 = xs.reshape((b, c, h * w))?.contiguous()?;
     let w2 = weight.reshape((c_out, c))?.contiguous()?;
-    xs3.apply_op2(&w2, Conv1x1 { relu_in: true })?.reshape((b, c_out, h, w))
+    xs3.apply_op2(&w2, Conv1x1 { relu_in })?.reshape((b, c_out, h, w))
 }
 
 /// [`conv1x1`] from plain tensor ops (a broadcast `matmul`), differentiable on any device.

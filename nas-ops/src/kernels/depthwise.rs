@@ -367,35 +367,28 @@ impl CustomOp3 for DepthwiseConv2dGradInputRelu {
         check_dims(name, "an output gradient", l1, geom.output_dims())?;
         check_dims(name, "a weight", l2, geom.weight_dims())?;
         check_dims(name, "an input", l3, geom.input_dims())?;
-        if s3.dtype() != s1.dtype() {
-            bail!("{name}: dtypes differ, {:?} and {:?}", s1.dtype(), s3.dtype())
-        }
-        let out = match s3 {
-            CpuStorage::F32(_) => {
-                let xs = contiguous::<f32>(name, "arg 3", s3, l3)?;
-                dispatch(
-                    name,
-                    s1,
-                    l1,
-                    s2,
-                    l2,
-                    |g, w| cpu::grad_input(Isa::detect(), geom, g, w, Some(xs)),
-                    |_, _| unreachable!("all three args are f32"),
-                )?
-            }
-            CpuStorage::F64(_) => {
-                let xs = contiguous::<f64>(name, "arg 3", s3, l3)?;
-                dispatch(
-                    name,
-                    s1,
-                    l1,
-                    s2,
-                    l2,
-                    |_, _| unreachable!("all three args are f64"),
-                    |g, w| cpu::grad_input(Isa::detect(), geom, g, w, Some(xs)),
-                )?
-            }
-            other => bail!("{name}: unsupported dtype {:?}", other.dtype()),
+        let isa = Isa::detect();
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(cpu::grad_input(
+                isa,
+                geom,
+                contiguous(name, "arg 1", s1, l1)?,
+                contiguous(name, "arg 2", s2, l2)?,
+                Some(contiguous(name, "arg 3", s3, l3)?),
+            )),
+            (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(cpu::grad_input(
+                isa,
+                geom,
+                contiguous(name, "arg 1", s1, l1)?,
+                contiguous(name, "arg 2", s2, l2)?,
+                Some(contiguous(name, "arg 3", s3, l3)?),
+            )),
+            _ => bail!(
+                "{name}: expected three f32 or three f64 tensors, got {:?}, {:?} and {:?}",
+                s1.dtype(),
+                s2.dtype(),
+                s3.dtype()
+            ),
         };
         Ok((out, geom.input_dims().into()))
     }

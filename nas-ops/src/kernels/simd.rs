@@ -20,33 +20,25 @@ pub(crate) trait Float: candle_core::WithDType + PartialOrd {
     fn madd<const FMA: bool>(a: Self, b: Self, c: Self) -> Self;
 }
 
-impl Float for f32 {
-    const ZERO: Self = 0.0;
-    const ONE: Self = 1.0;
-    const NEG_INFINITY: Self = f32::NEG_INFINITY;
-    #[inline(always)]
-    fn madd<const FMA: bool>(a: Self, b: Self, c: Self) -> Self {
-        if FMA {
-            a.mul_add(b, c)
-        } else {
-            a * b + c
+macro_rules! impl_float {
+    ($($t:ty),*) => {$(
+        impl Float for $t {
+            const ZERO: Self = 0.0;
+            const ONE: Self = 1.0;
+            const NEG_INFINITY: Self = <$t>::NEG_INFINITY;
+            #[inline(always)]
+            fn madd<const FMA: bool>(a: Self, b: Self, c: Self) -> Self {
+                if FMA {
+                    a.mul_add(b, c)
+                } else {
+                    a * b + c
+                }
+            }
         }
-    }
+    )*};
 }
 
-impl Float for f64 {
-    const ZERO: Self = 0.0;
-    const ONE: Self = 1.0;
-    const NEG_INFINITY: Self = f64::NEG_INFINITY;
-    #[inline(always)]
-    fn madd<const FMA: bool>(a: Self, b: Self, c: Self) -> Self {
-        if FMA {
-            a.mul_add(b, c)
-        } else {
-            a * b + c
-        }
-    }
-}
+impl_float!(f32, f64);
 
 /// An instruction set this CPU is known to have. The field is private: a value comes only
 /// from [`Isa::detect`] or [`Isa::available`], which check the CPU, so the `unsafe` calls
