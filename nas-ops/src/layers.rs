@@ -63,7 +63,7 @@ impl Module for Conv2d {
     /// - returns: `(batch, c_out, ceil(h / stride), ceil(w / stride))` with SAME padding
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let (_, _, h, w) = xs.dims4()?;
-        if self.kh == 1 && self.kw == 1 && self.stride == 1 {
+        if self.is_pointwise() {
             return conv1x1(xs, &self.weight);
         }
         let pad = if self.same {
@@ -99,13 +99,20 @@ impl Module for Conv2d {
 }
 
 impl Conv2d {
-    /// `forward(&xs.relu())`; a 1×1 stride-1 conv reads its input through the ReLU inside
-    /// the op (`kernels::conv1x1::conv1x1_relu`), so `xs.relu()` is not stored.
-    pub fn forward_relu(&self, xs: &Tensor) -> Result<Tensor> {
-        if self.kh == 1 && self.kw == 1 && self.stride == 1 {
-            return crate::kernels::conv1x1::conv1x1_relu(xs, &self.weight);
+    /// `forward(&xs.relu())` when `relu`, else `forward(xs)`. A 1×1 stride-1 conv reads its
+    /// input through the ReLU inside the op (`kernels::conv1x1::conv1x1_relu`), so
+    /// `xs.relu()` is not stored.
+    pub fn forward_relu_if(&self, xs: &Tensor, relu: bool) -> Result<Tensor> {
+        match (relu, self.is_pointwise()) {
+            (false, _) => self.forward(xs),
+            (true, true) => crate::kernels::conv1x1::conv1x1_relu(xs, &self.weight),
+            (true, false) => self.forward(&xs.relu()?),
         }
-        self.forward(&xs.relu()?)
+    }
+
+    /// A 1×1 stride-1 conv, which runs as `kernels::conv1x1`.
+    fn is_pointwise(&self) -> bool {
+        self.kh == 1 && self.kw == 1 && self.stride == 1
     }
 }
 

@@ -47,8 +47,7 @@ impl ActConvBn {
 
 impl ModuleT for ActConvBn {
     fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        let ys = if self.relu { self.conv.forward_relu(xs)? } else { self.conv.forward(xs)? };
-        self.bn.forward_t(&ys, train)
+        self.bn.forward_t(&self.conv.forward_relu_if(xs, self.relu)?, train)
     }
 }
 
@@ -152,7 +151,7 @@ impl ConvChain {
 impl ModuleT for ConvChain {
     fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
         let (first, rest) = self.convs.split_first().expect("a conv chain has a conv");
-        let mut xs = first.forward_relu(xs)?;
+        let mut xs = first.forward_relu_if(xs, true)?;
         for conv in rest {
             xs = conv.forward(&xs)?;
         }
@@ -229,12 +228,11 @@ impl FactorizedReduction {
     }
 
     fn forward_with(&self, xs: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
-        let conv = |conv: &Conv2d, xs: &Tensor| if relu { conv.forward_relu(xs) } else { conv.forward(xs) };
         let ys = match &self.path_2 {
-            None => conv(&self.path_1, xs)?,
+            None => self.path_1.forward_relu_if(xs, relu)?,
             Some(path_2) => {
-                let a = conv(&self.path_1, &subsample2(xs, 0)?)?;
-                let b = conv(path_2, &subsample2(xs, 1)?)?;
+                let a = self.path_1.forward_relu_if(&subsample2(xs, 0)?, relu)?;
+                let b = path_2.forward_relu_if(&subsample2(xs, 1)?, relu)?;
                 Tensor::cat(&[&a, &b], 1)?
             }
         };
