@@ -8,6 +8,7 @@ use candle_core::{Module, ModuleT, Result, Tensor, Var, D};
 use candle_nn::{Init, VarBuilder};
 
 use crate::kernels::batch_norm::{batch_norm_eval, batch_norm_eval_relu, batch_norm_train, batch_norm_train_relu};
+use crate::kernels::dense::dense_conv2d;
 use crate::kernels::depthwise::{depthwise_conv2d, depthwise_conv2d_relu};
 use crate::kernels::pool::avg_pool2d;
 use crate::kernels::Padding2d;
@@ -69,32 +70,9 @@ impl Module for Conv2d {
         let pad = if self.same {
             Padding2d::same(h, w, self.kh, self.kw, self.stride, self.dilation)
         } else {
-            Padding2d { top: 0, bottom: 0, left: 0, right: 0 }
+            Padding2d::default()
         };
-        if self.stride == 1 && pad.top == pad.bottom && pad.top == pad.left && pad.left == pad.right {
-            return xs.conv2d(&self.weight, pad.top, self.stride, self.dilation, 1);
-        }
-        let xs = xs.pad_with_zeros(2, pad.top, pad.bottom)?.pad_with_zeros(3, pad.left, pad.right)?;
-        if self.stride == 1 {
-            return xs.conv2d(&self.weight, 0, 1, self.dilation, 1);
-        }
-        // candle's conv2d backward derives the transposed convolution's output padding from
-        // the height alone and applies it to the width too, so a strided conv whose last rows
-        // and last columns are unread by different amounts (a 1×7 kernel at stride 2) gets a
-        // gradient of the wrong width. Cropping each side to the extent the kernel reads makes
-        // that padding 0 in both dimensions; the cropped rows and columns get no gradient,
-        // which is what they would get anyway.
-        let extent = |size: usize, k: usize| {
-            let span = (k - 1) * self.dilation + 1;
-            if size < span {
-                size
-            } else {
-                (size - span) / self.stride * self.stride + span
-            }
-        };
-        let (ph, pw) = (xs.dim(2)?, xs.dim(3)?);
-        let xs = xs.narrow(2, 0, extent(ph, self.kh))?.narrow(3, 0, extent(pw, self.kw))?;
-        xs.conv2d(&self.weight, 0, self.stride, self.dilation, 1)
+        dense_conv2d(xs, &self.weight, self.stride, self.dilation, pad)
     }
 }
 

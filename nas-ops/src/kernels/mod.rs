@@ -11,6 +11,7 @@ pub mod batch_norm;
 pub mod conv1x1;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
+pub mod dense;
 pub mod depthwise;
 pub mod pool;
 pub(crate) mod simd;

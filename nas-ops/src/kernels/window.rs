@@ -522,3 +522,113 @@ pub(crate) fn max_pool<T: Float>(isa: Isa, geom: &DepthwiseGeometry, xs: &[T]) -
     );
     out
 }
+
+/// The offsets of every tap of a dense kernel `(c_in, kh, kw)` in a scratch holding the
+/// `c_in` padded planes of one sample back to back, `plane_len` apart.
+fn dense_offsets(layout: &InputLayout, c_in: usize, plane_len: usize) -> Vec<usize> {
+    (0..c_in).flat_map(|ci| layout.offsets.iter().map(move |&offset| ci * plane_len + offset)).collect()
+}
+
+/// Copies the `c_in` planes of sample `b` into `scratch` (`c_in` scratch planes back to back).
+fn fill_sample<T: Float>(isa: Isa, layout: &InputLayout, xs: &[T], b: usize, plane_len: usize, scratch: &mut [T]) {
+    let &DepthwiseGeometry { c, h, w, .. } = &layout.geom;
+    for ci in 0..c {
+        let plane = &xs[(b * c + ci) * h * w..(b * c + ci + 1) * h * w];
+        layout.fill(isa, plane, false, &mut scratch[ci * plane_len..]);
+    }
+}
+
+/// A dense convolution: `out[(b, co)] = Σ over ci and taps of weight[co, ci, tap] * shifted
+/// xs[(b, ci)]`, for an input of `geom.c` channels and `c_out` output channels. Each task
+/// copies the padded planes of one sample once and correlates them with the `c_in·kh·kw`
+/// taps of each of its output channels; a sample is split across tasks by output channels
+/// when there are fewer samples than tasks the threads need.
+pub(crate) fn dense_forward<T: Float>(
+    isa: Isa,
+    geom: &DepthwiseGeometry,
+    c_out: usize,
+    xs: &[T],
+    weight: &[T],
+) -> Vec<T> {
+    let &DepthwiseGeometry { n, c, h, w, kh, kw, ho, wo, .. } = geom;
+    let mut out = vec![T::ZERO; n * c_out * ho * wo];
+    if out.is_empty() || h * w == 0 || c == 0 {
+        return out;
+    }
+    let layout = InputLayout::new(geom);
+    let plane_len = layout.rows * layout.row_len;
+    let offsets = dense_offsets(&layout, c, plane_len);
+    let taps_per = c * kh * kw;
+    let splits = (4 * rayon::current_num_threads()).div_ceil(n).clamp(1, c_out);
+    let group = c_out.div_ceil(splits);
+    out.par_chunks_mut(c_out * ho * wo).enumerate().for_each(|(b, out)| {
+        out.par_chunks_mut(group * ho * wo).enumerate().for_each_init(
+            || (vec![T::ZERO; c * plane_len + LANES], Vec::with_capacity(taps_per)),
+            |(scratch, taps), (g, out)| {
+                fill_sample(isa, &layout, xs, b, plane_len, scratch);
+                for (j, out) in out.chunks_exact_mut(ho * wo).enumerate() {
+                    let co = g * group + j;
+                    let k = &weight[co * taps_per..(co + 1) * taps_per];
+                    taps.clear();
+                    taps.extend(offsets.iter().copied().zip(k.iter().copied()));
+                    correlate(isa, scratch, taps, &layout.grid, out);
+                }
+            },
+        );
+    });
+    out
+}
+
+/// The weight gradient of [`dense_forward`]: `grad_weight[co, ci, tap] = Σ over samples and
+/// output positions of grad[(b, co)] * shifted xs[(b, ci)]`. The batch is cut into at most
+/// `DENSE_PARTS` contiguous runs of samples (a number fixed by the batch alone, so the sum
+/// is the same on every machine and every run); each run is summed by one task, which
+/// copies a sample's planes once for all output channels, and the runs' sums are added in
+/// order.
+pub(crate) fn dense_grad_weight<T: Float>(
+    isa: Isa,
+    geom: &DepthwiseGeometry,
+    c_out: usize,
+    xs: &[T],
+    grad: &[T],
+) -> Vec<T> {
+    const DENSE_PARTS: usize = 16;
+    let &DepthwiseGeometry { n, c, h, w, kh, kw, ho, wo, .. } = geom;
+    let taps_per = c * kh * kw;
+    let total = c_out * taps_per;
+    if total == 0 || n == 0 || h * w == 0 {
+        return vec![T::ZERO; total];
+    }
+    let layout = InputLayout::new(geom);
+    let plane_len = layout.rows * layout.row_len;
+    let offsets = dense_offsets(&layout, c, plane_len);
+    let g_row = wo.next_multiple_of(LANES);
+    let per_part = n.div_ceil(n.min(DENSE_PARTS));
+    let parts: Vec<Vec<T>> = (0..n.div_ceil(per_part))
+        .into_par_iter()
+        .map(|part| {
+            let mut dk = vec![T::ZERO; total];
+            let mut scratch = vec![T::ZERO; c * plane_len + LANES];
+            // Output-gradient rows copied into `g_row`-long rows whose tails stay zero.
+            let mut g = vec![T::ZERO; ho * g_row];
+            for b in part * per_part..((part + 1) * per_part).min(n) {
+                fill_sample(isa, &layout, xs, b, plane_len, &mut scratch);
+                for (co, dk) in dk.chunks_exact_mut(taps_per).enumerate() {
+                    let src = &grad[(b * c_out + co) * ho * wo..(b * c_out + co + 1) * ho * wo];
+                    for (dst, src) in g.chunks_exact_mut(g_row).zip(src.chunks_exact(wo)) {
+                        dst[..wo].copy_from_slice(src);
+                    }
+                    tap_dots(isa, &scratch, &offsets, &g, g_row, &layout.grid, dk);
+                }
+            }
+            dk
+        })
+        .collect();
+    let mut sum = vec![T::ZERO; total];
+    for part in &parts {
+        for (s, &v) in sum.iter_mut().zip(part) {
+            *s += v;
+        }
+    }
+    sum
+}
