@@ -25,6 +25,8 @@ use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
+use crate::kernels::output_buffer;
+
 /// Runs `$body` on the contiguous slices `$x`, `$y`, `$z` of a three-input op's storages,
 /// all f32 or all f64, and wraps the `Vec` it returns; other dtypes are an error naming the
 /// op and its inputs.
@@ -200,7 +202,8 @@ struct ScaleShift {
 
 impl ScaleShift {
     fn run<T: WithDType>(&self, xs: &[T], scale: &[T], shift: &[T], (c, hw): (usize, usize)) -> Vec<T> {
-        let mut ys = vec![T::zero(); xs.len()];
+        // SAFETY: every plane of `ys` is written in full below.
+        let mut ys = unsafe { output_buffer(xs.len()) };
         ys.par_chunks_mut(hw).zip(xs.par_chunks(hw)).enumerate().with_min_len(planes_per_task(hw)).for_each(
             |(plane_idx, (ys, xs))| {
                 let (s, b) = (scale[plane_idx % c], shift[plane_idx % c]);
@@ -504,7 +507,8 @@ fn normalize<T: WithDType>(
     (_n, c, hw): (usize, usize, usize),
     relu: bool,
 ) -> Vec<T> {
-    let mut ys = vec![T::zero(); xs.len()];
+    // SAFETY: every plane of `ys` is written in full below.
+    let mut ys = unsafe { output_buffer(xs.len()) };
     ys.par_chunks_mut(hw).zip(xs.par_chunks(hw)).enumerate().with_min_len(planes_per_task(hw)).for_each(
         |(plane_idx, (ys, xs))| {
             let ci = plane_idx % c;
@@ -557,7 +561,8 @@ fn backward<T: WithDType>(
         })
         .collect();
     let numel = xs.len();
-    let mut packed = vec![T::zero(); numel + 2 * c];
+    // SAFETY: every plane of `dx` is written in full below, then every parameter gradient.
+    let mut packed = unsafe { output_buffer(numel + 2 * c) };
     let (dx, params) = packed.split_at_mut(numel);
     dx.par_chunks_mut(hw)
         .zip(xs.par_chunks(hw))

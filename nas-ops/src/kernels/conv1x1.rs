@@ -13,6 +13,7 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, WithDType};
 
+use crate::kernels::output_buffer;
 use crate::kernels::simd::Float;
 use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
@@ -188,7 +189,12 @@ fn per_sample<T: Float>(
     relu_rhs: bool,
     mask: Option<&[T]>,
 ) -> Vec<T> {
-    let mut out = vec![T::zero(); b * m * n];
+    if b * m * n == 0 || k == 0 {
+        return vec![T::zero(); b * m * n];
+    }
+    // SAFETY: each sample's `m × n` block is written in full by its gemm (which does not
+    // read it: `accumulate` is false).
+    let mut out = unsafe { output_buffer(b * m * n) };
     let run = |scratch: &mut Vec<T>, i: usize, o: &mut [T], r: &[T], parallelism: Parallelism| {
         let r = relu_into(r, relu_rhs, scratch);
         // SAFETY: o is m × n, lhs m × k, r k × n.

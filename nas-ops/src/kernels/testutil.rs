@@ -44,7 +44,17 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
 }
 
 /// Asserts `|a - b| <= tol * (1 + max|b|)` elementwise-max.
+/// Also asserts that `a` has NaN exactly where `b` has (an output element a kernel never
+/// wrote is NaN in debug builds, see `kernels::output_buffer`).
 pub fn assert_close(a: &Tensor, b: &Tensor, tol: f64, what: &str) {
+    let nan_at = |t: &Tensor| -> Vec<bool> {
+        let v: Vec<f64> = t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        v.iter().map(|x| x.is_nan()).collect()
+    };
+    let (nan_a, nan_b) = (nan_at(a), nan_at(b));
+    if let Some(i) = nan_a.iter().zip(&nan_b).position(|(x, y)| x != y) {
+        panic!("{what}: element {i} is NaN in one tensor only ({} vs {})", nan_a[i], nan_b[i]);
+    }
     let diff = max_abs_diff(a, b).unwrap();
     let scale = b.to_dtype(DType::F64).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
     let scale = scale.to_scalar::<f64>().unwrap();

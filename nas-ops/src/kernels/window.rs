@@ -18,6 +18,7 @@
 use rayon::prelude::*;
 
 use crate::kernels::depthwise::DepthwiseGeometry;
+use crate::kernels::output_buffer;
 use crate::kernels::simd::{multiversion, Float, Isa};
 
 /// Output columns one accumulator holds: one AVX-512 register of f32.
@@ -286,11 +287,12 @@ multiversion!(fn fill_input(layout: &InputLayout, plane: &[T], relu: bool, dst: 
 /// with `relu`), one rayon task per `(n, c)` plane.
 pub(crate) fn forward<T: Float>(isa: Isa, geom: &DepthwiseGeometry, xs: &[T], weight: &[T], relu: bool) -> Vec<T> {
     let &DepthwiseGeometry { n, c, h, w, kh, kw, ho, wo, .. } = geom;
-    let mut out = vec![T::ZERO; n * c * ho * wo];
-    if out.is_empty() || h * w == 0 {
+    if n * c * ho * wo == 0 || h * w == 0 {
         // An empty image pads to windows of zeros.
-        return out;
+        return vec![T::ZERO; n * c * ho * wo];
     }
+    // SAFETY: every plane is written in full by `correlate` (one task per plane).
+    let mut out = unsafe { output_buffer(n * c * ho * wo) };
     let layout = InputLayout::new(geom);
     out.par_chunks_mut(ho * wo).enumerate().for_each_init(
         || (layout.scratch(T::ZERO), Vec::with_capacity(kh * kw)),
@@ -478,10 +480,11 @@ pub(crate) fn grad_weight<T: Float>(isa: Isa, geom: &DepthwiseGeometry, xs: &[T]
 /// `ho × wo` plane, the same for every channel).
 pub(crate) fn avg_pool<T: Float>(isa: Isa, geom: &DepthwiseGeometry, xs: &[T], counts: &[T]) -> Vec<T> {
     let &DepthwiseGeometry { n, c, h, w, ho, wo, .. } = geom;
-    let mut out = vec![T::ZERO; n * c * ho * wo];
-    if out.is_empty() {
-        return out;
+    if n * c * ho * wo == 0 {
+        return Vec::new();
     }
+    // SAFETY: every plane is written in full by `correlate` (one task per plane).
+    let mut out = unsafe { output_buffer(n * c * ho * wo) };
     let layout = InputLayout::new(geom);
     let taps: Vec<(usize, T)> = layout.offsets.iter().map(|&offset| (offset, T::ONE)).collect();
     out.par_chunks_mut(ho * wo).enumerate().for_each_init(
@@ -508,10 +511,11 @@ pub(crate) fn avg_pool_grad<T: Float>(isa: Isa, geom: &DepthwiseGeometry, grad: 
 /// every window holds a real element).
 pub(crate) fn max_pool<T: Float>(isa: Isa, geom: &DepthwiseGeometry, xs: &[T]) -> Vec<T> {
     let &DepthwiseGeometry { n, c, h, w, ho, wo, .. } = geom;
-    let mut out = vec![T::ZERO; n * c * ho * wo];
-    if out.is_empty() {
-        return out;
+    if n * c * ho * wo == 0 {
+        return Vec::new();
     }
+    // SAFETY: every plane is written in full by `window_max` (one task per plane).
+    let mut out = unsafe { output_buffer(n * c * ho * wo) };
     let layout = InputLayout::new(geom);
     out.par_chunks_mut(ho * wo).enumerate().for_each_init(
         || layout.scratch(T::NEG_INFINITY),
@@ -551,10 +555,12 @@ pub(crate) fn dense_forward<T: Float>(
     weight: &[T],
 ) -> Vec<T> {
     let &DepthwiseGeometry { n, c, h, w, kh, kw, ho, wo, .. } = geom;
-    let mut out = vec![T::ZERO; n * c_out * ho * wo];
-    if out.is_empty() || h * w == 0 || c == 0 {
-        return out;
+    if n * c_out * ho * wo == 0 || h * w == 0 || c == 0 {
+        return vec![T::ZERO; n * c_out * ho * wo];
     }
+    // SAFETY: every output plane is written in full by `correlate` (each task owns its
+    // planes).
+    let mut out = unsafe { output_buffer(n * c_out * ho * wo) };
     let layout = InputLayout::new(geom);
     let plane_len = layout.rows * layout.row_len;
     let offsets = dense_offsets(&layout, c, plane_len);
