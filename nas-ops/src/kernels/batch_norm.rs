@@ -386,15 +386,22 @@ impl CustomOp3 for BatchNormTrainOp {
         &self,
         xs: &Tensor,
         gamma: &Tensor,
-        _beta: &Tensor,
+        beta: &Tensor,
         ys: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (n, c, h, w) = xs.dims4()?;
         let numel = n * c * h * w;
-        let grad = if self.relu { (grad * ys.gt(0.0)?.to_dtype(grad.dtype())?)? } else { grad.clone() };
-        let (xs, gamma, grad) = (xs.contiguous()?, gamma.contiguous()?, grad.contiguous()?);
-        let packed = xs.apply_op3_no_bwd(&gamma, &grad, &BatchNormTrainBwd { fwd: self })?;
+        // On the CPU the ReLU's mask is recomputed inside the backward kernel from xs, γ and
+        // β (packed after γ); elsewhere it is taken from ys by plain ops.
+        let relu_inside = self.relu && xs.device().is_cpu();
+        let (params, grad) = match (self.relu, relu_inside) {
+            (true, true) => (Tensor::cat(&[gamma, beta], 0)?, grad.clone()),
+            (true, false) => (gamma.clone(), (grad * ys.gt(0.0)?.to_dtype(grad.dtype())?)?),
+            (false, _) => (gamma.clone(), grad.clone()),
+        };
+        let (xs, params, grad) = (xs.contiguous()?, params.contiguous()?, grad.contiguous()?);
+        let packed = xs.apply_op3_no_bwd(&params, &grad, &BatchNormTrainBwd { fwd: self, relu: relu_inside })?;
         let dx = packed.narrow(0, 0, numel)?.reshape((n, c, h, w))?;
         let dgamma = packed.narrow(0, numel, c)?;
         let dbeta = packed.narrow(0, numel + c, c)?;
@@ -404,9 +411,12 @@ impl CustomOp3 for BatchNormTrainOp {
 
 /// The backward of [`BatchNormTrainOp`] on `(xs, gamma, dy)`, with the forward's statistics.
 /// Returns one flat buffer of `N * C * H * W + 2 * C` elements: dx, then dgamma, then dbeta.
+/// With `relu` (CPU only) the second input is γ followed by β, and `dy` is the gradient of
+/// the ReLU's output: the kernel masks it where the forward's output was not positive.
 #[derive(Debug, Clone, Copy)]
 struct BatchNormTrainBwd<'a> {
     fwd: &'a BatchNormTrainOp,
+    relu: bool,
 }
 
 impl CustomOp3 for BatchNormTrainBwd<'_> {
@@ -429,14 +439,15 @@ impl CustomOp3 for BatchNormTrainBwd<'_> {
         }
         let op = self.name();
         let (mean, invstd) = (&self.fwd.mean, &self.fwd.invstd);
-        let packed = cpu_dispatch3!(op, ["xs", "gamma", "dy"], (s1, l1), (s2, l2), (s3, l3), |x, y, z| backward(
-            x,
-            y,
-            z,
-            mean,
-            invstd,
-            (n, c, h * w)
-        ));
+        let expected = if self.relu { 2 * c } else { c };
+        if l2.dims() != [expected] {
+            bail!("{op}: expected {expected} parameters for {c} channels, got {:?}", l2.dims())
+        }
+        let relu = self.relu;
+        let packed = cpu_dispatch3!(op, ["xs", "gamma", "dy"], (s1, l1), (s2, l2), (s3, l3), |x, y, z| {
+            let (gamma, beta) = if relu { (&y[..c], Some(&y[c..])) } else { (y, None) };
+            backward(x, gamma, beta, z, mean, invstd, (n, c, h * w))
+        });
         Ok((packed, Shape::from(n * c * h * w + 2 * c)))
     }
 
@@ -528,23 +539,54 @@ fn normalize<T: WithDType>(
     ys
 }
 
+/// The gradient mask of the ReLU inside `batch_norm_train_relu`, recomputed from the input:
+/// the forward's output `y` is positive exactly where the same expression, rounded to `T`,
+/// is (`normalize` computes it in this order).
+#[derive(Debug, Clone, Copy)]
+struct ReluMask {
+    mean: f64,
+    scale: f64,
+    shift: f64,
+}
+
+impl ReluMask {
+    /// `dy` where the forward's output at `x` was positive, else zero.
+    #[inline(always)]
+    fn apply<T: WithDType>(mask: Option<ReluMask>, x: T, dy: T) -> T {
+        let Some(m) = mask else { return dy };
+        let y = T::from_f64((x.to_f64() - m.mean) * m.scale + m.shift);
+        if y > T::zero() {
+            dy
+        } else {
+            T::zero()
+        }
+    }
+}
+
 /// The three gradients, packed as dx, then dgamma, then dbeta. First the per-channel sums
 /// `sum(dy)` and `sum(dy * (x - mean))`, in parallel over channels; then
-/// `dx = k * dy + (x - mean) * k1 + k0` per plane, in parallel over planes.
+/// `dx = k * dy + (x - mean) * k1 + k0` per plane, in parallel over planes. With `beta`, `dy`
+/// is first masked by the ReLU that followed the forward (see [`ReluMask`]).
+#[allow(clippy::too_many_arguments)]
 fn backward<T: WithDType>(
     xs: &[T],
     gamma: &[T],
+    beta: Option<&[T]>,
     dy: &[T],
     mean: &[f64],
     invstd: &[f64],
     (n, c, hw): (usize, usize, usize),
 ) -> Vec<T> {
     let m = (n * hw) as f64;
+    let mask = |ci: usize| {
+        beta.map(|beta| ReluMask { mean: mean[ci], scale: gamma[ci].to_f64() * invstd[ci], shift: beta[ci].to_f64() })
+    };
     let sums: Vec<(f64, f64)> = (0..c)
         .into_par_iter()
         .map(|ci| {
             (0..n).fold((0.0, 0.0), |(s_dy, s_dy_xc), ni| {
-                let (a, b) = sum_dy_and_dy_xc(plane(dy, ni, ci, c, hw), plane(xs, ni, ci, c, hw), mean[ci]);
+                let (dy, xs) = (plane(dy, ni, ci, c, hw), plane(xs, ni, ci, c, hw));
+                let (a, b) = sum_dy_and_dy_xc(dy, xs, mean[ci], mask(ci));
                 (s_dy + a, s_dy_xc + b)
             })
         })
@@ -571,8 +613,9 @@ fn backward<T: WithDType>(
         .with_min_len(planes_per_task(hw))
         .for_each(|(plane_idx, ((dx, xs), dy))| {
             let ci = plane_idx % c;
-            let (mean, (k, k0, k1)) = (mean[ci], coeffs[ci]);
+            let (mask, mean, (k, k0, k1)) = (mask(ci), mean[ci], coeffs[ci]);
             for ((g, &x), &d) in dx.iter_mut().zip(xs).zip(dy) {
+                let d = ReluMask::apply(mask, x, d);
                 *g = T::from_f64(k * d.to_f64() + k0 + (x.to_f64() - mean) * k1);
             }
         });
@@ -612,20 +655,21 @@ fn sum_sq_dev<T: WithDType>(xs: &[T], mean: f64) -> f64 {
 }
 
 /// `(sum(dy), sum(dy * (xs - mean)))` in f64.
-fn sum_dy_and_dy_xc<T: WithDType>(dy: &[T], xs: &[T], mean: f64) -> (f64, f64) {
+fn sum_dy_and_dy_xc<T: WithDType>(dy: &[T], xs: &[T], mean: f64, mask: Option<ReluMask>) -> (f64, f64) {
     let mut acc_dy = [0.0f64; LANES];
     let mut acc_dy_xc = [0.0f64; LANES];
     let mut dy_chunks = dy.chunks_exact(LANES);
     let mut xs_chunks = xs.chunks_exact(LANES);
     for (dy, xs) in (&mut dy_chunks).zip(&mut xs_chunks) {
         for (((a, b), &d), &x) in acc_dy.iter_mut().zip(acc_dy_xc.iter_mut()).zip(dy).zip(xs) {
-            let d = d.to_f64();
+            let d = ReluMask::apply(mask, x, d).to_f64();
             *a += d;
             *b += d * (x.to_f64() - mean);
         }
     }
     let (mut s_dy, mut s_dy_xc) = (acc_dy.iter().sum::<f64>(), acc_dy_xc.iter().sum::<f64>());
     for (&d, &x) in dy_chunks.remainder().iter().zip(xs_chunks.remainder()) {
+        let d = ReluMask::apply(mask, x, d);
         s_dy += d.to_f64();
         s_dy_xc += d.to_f64() * (x.to_f64() - mean);
     }
