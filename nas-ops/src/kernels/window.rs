@@ -57,36 +57,66 @@ trait Block<T> {
 fn for_each_block<T: Float, K: Block<T>>(grid: &Grid, out: &mut [T], kernel: &K) {
     let chunks = grid.cols.div_ceil(LANES);
     let total = grid.rows * chunks;
+    // The row and chunk of the block's first chunk, advanced without dividing (a division
+    // per chunk cost as much as the taps of a 3×3 kernel).
+    let (mut y, mut c) = (0, 0);
     let mut first = 0;
     while first < total {
         let live = (total - first).min(BLOCK);
-        let mut base = [0usize; BLOCK];
-        for (b, base) in base.iter_mut().enumerate() {
-            let i = first + b.min(live - 1);
-            *base = (i / chunks) * grid.src_row + (i % chunks) * LANES;
+        let mut at = [(0usize, 0usize); BLOCK];
+        let (mut yb, mut cb) = (y, c);
+        for (b, at) in at.iter_mut().enumerate() {
+            *at = (yb, cb * LANES);
+            if b + 1 < live {
+                cb += 1;
+                if cb == chunks {
+                    (yb, cb) = (yb + 1, 0);
+                }
+            }
         }
-        let acc = kernel.block(&base);
-        for (b, acc) in acc.iter().enumerate().take(live) {
-            let i = first + b;
-            let (y, x0) = (i / chunks, (i % chunks) * LANES);
+        let acc = kernel.block(&at.map(|(y, x0)| y * grid.src_row + x0));
+        for (acc, &(y, x0)) in acc.iter().zip(&at).take(live) {
             let len = LANES.min(grid.cols - x0);
             let start = y * grid.out_row + x0 * grid.out_col;
-            if grid.out_col == 1 {
-                out[start..start + len].copy_from_slice(&acc[..len]);
+            if grid.out_col == 1 && len == LANES {
+                let dst: &mut [T; LANES] = (&mut out[start..start + LANES]).try_into().expect("LANES elements");
+                *dst = *acc;
+            } else if grid.out_col == 1 {
+                // Element by element: a `copy_from_slice` of a variable length is a call to
+                // `memmove`, which cost 12 % of a small depthwise conv.
+                let dst = &mut out[start..start + len];
+                for (j, d) in dst.iter_mut().enumerate() {
+                    *d = acc[j];
+                }
             } else {
                 for (j, &v) in acc[..len].iter().enumerate() {
                     out[start + j * grid.out_col] = v;
                 }
             }
         }
+        (y, c) = if cb + 1 == chunks { (yb + 1, 0) } else { (yb, cb + 1) };
         first += live;
     }
 }
 
-/// The `LANES` source elements a chunk reads at `at`.
+/// Checks once that every chunk a block reads, at `base + offset` for `offset <= reach`, lies
+/// inside `src`, so that its loads need no check each (a bounds check per load cost more
+/// instructions than the multiply-adds).
 #[inline(always)]
-fn lanes<T: Float>(src: &[T], at: usize) -> &[T; LANES] {
-    src[at..at + LANES].try_into().expect("LANES elements")
+fn check_block<T>(src: &[T], bases: &[usize; BLOCK], reach: usize) {
+    let top = bases.iter().copied().max().unwrap_or(0) + reach + LANES;
+    assert!(top <= src.len(), "window kernel reads up to {top}, past the source's {} elements", src.len());
+}
+
+/// The `LANES` elements of `src` at `at`.
+///
+/// # Safety
+/// `at + LANES <= src.len()` (see [`check_block`]).
+#[inline(always)]
+unsafe fn lanes<T>(src: &[T], at: usize) -> &[T; LANES] {
+    debug_assert!(at + LANES <= src.len());
+    // SAFETY: in bounds by the caller's contract; `[T; LANES]` has `T`'s alignment.
+    unsafe { &*(src.as_ptr().add(at) as *const [T; LANES]) }
 }
 
 /// `out[y * out_row + x * out_col] = Σ over taps (offset, k) of k * src[y * src_row + x + offset]`
@@ -94,21 +124,26 @@ fn lanes<T: Float>(src: &[T], at: usize) -> &[T; LANES] {
 /// past the last column, so `src` must extend that far; those lanes are never stored.
 #[inline(always)]
 fn correlate_body<T: Float, const FMA: bool>(src: &[T], taps: &[(usize, T)], grid: &Grid, out: &mut [T]) {
-    for_each_block(grid, out, &Correlation::<T, FMA> { src, taps });
+    let reach = taps.iter().map(|&(offset, _)| offset).max().unwrap_or(0);
+    for_each_block(grid, out, &Correlation::<T, FMA> { src, taps, reach });
 }
 
 struct Correlation<'a, T, const FMA: bool> {
     src: &'a [T],
     taps: &'a [(usize, T)],
+    /// The largest tap offset.
+    reach: usize,
 }
 
 impl<T: Float, const FMA: bool> Block<T> for Correlation<'_, T, FMA> {
     #[inline(always)]
     fn block(&self, bases: &[usize; BLOCK]) -> [[T; LANES]; BLOCK] {
+        check_block(self.src, bases, self.reach);
         let mut acc = [[T::ZERO; LANES]; BLOCK];
         for &(offset, k) in self.taps {
             for (acc, &base) in acc.iter_mut().zip(bases) {
-                for (a, &v) in acc.iter_mut().zip(lanes(self.src, base + offset)) {
+                // SAFETY: `base + offset <= base + reach`, checked above.
+                for (a, &v) in acc.iter_mut().zip(unsafe { lanes(self.src, base + offset) }) {
                     *a = T::madd::<FMA>(k, v, *a);
                 }
             }
@@ -123,21 +158,26 @@ multiversion!(fn correlate(src: &[T], taps: &[(usize, T)], grid: &Grid, out: &mu
 /// out as in [`correlate_body`] (a NaN never wins, as in the other max-pool paths).
 #[inline(always)]
 fn window_max_body<T: Float, const FMA: bool>(src: &[T], offsets: &[usize], grid: &Grid, out: &mut [T]) {
-    for_each_block(grid, out, &WindowMax { src, offsets });
+    let reach = offsets.iter().copied().max().unwrap_or(0);
+    for_each_block(grid, out, &WindowMax { src, offsets, reach });
 }
 
 struct WindowMax<'a, T> {
     src: &'a [T],
     offsets: &'a [usize],
+    /// The largest offset.
+    reach: usize,
 }
 
 impl<T: Float> Block<T> for WindowMax<'_, T> {
     #[inline(always)]
     fn block(&self, bases: &[usize; BLOCK]) -> [[T; LANES]; BLOCK] {
+        check_block(self.src, bases, self.reach);
         let mut acc = [[T::NEG_INFINITY; LANES]; BLOCK];
         for &offset in self.offsets {
             for (acc, &base) in acc.iter_mut().zip(bases) {
-                for (a, &v) in acc.iter_mut().zip(lanes(self.src, base + offset)) {
+                // SAFETY: `base + offset <= base + reach`, checked above.
+                for (a, &v) in acc.iter_mut().zip(unsafe { lanes(self.src, base + offset) }) {
                     *a = if v > *a { v } else { *a };
                 }
             }
@@ -161,17 +201,27 @@ fn tap_dots_body<T: Float, const FMA: bool>(
     dk: &mut [T],
 ) {
     let chunks = grid.cols.div_ceil(LANES);
+    if chunks == 0 {
+        return;
+    }
     for (offs, dk) in offsets.chunks(BLOCK).zip(dk.chunks_mut(BLOCK)) {
         // Dead slots of the last block repeat its first tap (summed, never stored).
         let mut off = [offs[0]; BLOCK];
         off[..offs.len()].copy_from_slice(offs);
+        let reach = off.iter().copied().max().unwrap_or(0);
         let mut acc = [[T::ZERO; LANES]; BLOCK];
         for y in 0..grid.rows {
+            // The row's last chunk reads the furthest, in `g` and in `src`.
+            let last = (chunks - 1) * LANES;
+            assert!(y * g_row + last + LANES <= g.len(), "tap_dots: gradient row {y} past its buffer");
+            check_block(src, &[y * grid.src_row + last; BLOCK], reach);
             for c in 0..chunks {
-                let gv: &[T; LANES] = g[y * g_row + c * LANES..][..LANES].try_into().expect("LANES elements");
+                // SAFETY: `c * LANES <= last`, checked above for this row.
+                let gv = unsafe { lanes(g, y * g_row + c * LANES) };
                 let base = y * grid.src_row + c * LANES;
                 for (acc, &off) in acc.iter_mut().zip(&off) {
-                    let s: &[T; LANES] = src[base + off..][..LANES].try_into().expect("LANES elements");
+                    // SAFETY: as above, with `off <= reach`.
+                    let s = unsafe { lanes(src, base + off) };
                     for ((a, &gv), &v) in acc.iter_mut().zip(gv).zip(s) {
                         *a = T::madd::<FMA>(gv, v, *a);
                     }
@@ -205,6 +255,18 @@ struct InputLayout {
     offsets: Vec<usize>,
     /// The forward correlation: `ho × wo` outputs into a row-major plane.
     grid: Grid,
+    /// Per phase `p` (one at stride 1), the image columns it holds: phase columns
+    /// `q_lo..q_hi`, read from input column `first` on, every `stride`-th (the same for every
+    /// row, so `fill` divides nothing).
+    phases: Vec<PhaseSpan>,
+}
+
+/// The image columns one column phase of an [`InputLayout`] holds.
+#[derive(Debug, Clone, Copy)]
+struct PhaseSpan {
+    q_lo: usize,
+    q_hi: usize,
+    first: usize,
 }
 
 impl InputLayout {
@@ -217,7 +279,17 @@ impl InputLayout {
         let offsets =
             (0..kh).flat_map(|ky| (0..kw).map(move |kx| ky * d * row_len + (kx * d % s) * wq + kx * d / s)).collect();
         let grid = Grid { rows: ho, cols: wo, src_row: s * row_len, out_row: wo, out_col: 1 };
-        InputLayout { geom: *geom, rows, cols, wq, row_len, offsets, grid }
+        // Phase `p` holds padded columns `p + s·q`; those inside the image are `q_lo..q_hi`,
+        // reading input columns `first, first + s, ...`.
+        let (left, end) = (geom.padding.left, cols.min(geom.padding.left + geom.w));
+        let phases = (0..s)
+            .map(|p| {
+                let q_lo = left.saturating_sub(p).div_ceil(s);
+                let q_hi = end.saturating_sub(p).div_ceil(s).max(q_lo);
+                PhaseSpan { q_lo, q_hi, first: (p + s * q_lo).saturating_sub(left) }
+            })
+            .collect();
+        InputLayout { geom: *geom, rows, cols, wq, row_len, offsets, grid, phases }
     }
 
     /// A scratch plane holding `pad` everywhere, with room for the reads past the last
@@ -252,15 +324,11 @@ fn fill_input_body<T: Float, const FMA: bool>(layout: &InputLayout, plane: &[T],
             }
             continue;
         }
-        // Phase `p` holds padded columns `p + s·q`; those inside the image are `q_lo..q_hi`,
-        // reading input columns `ix_lo, ix_lo + s, ...`.
-        for (p, dst) in dst.chunks_exact_mut(layout.wq).enumerate() {
-            let q_lo = padding.left.saturating_sub(p).div_ceil(s);
-            let q_hi = end.saturating_sub(p).div_ceil(s);
-            if q_lo >= q_hi {
+        for (span, dst) in layout.phases.iter().zip(dst.chunks_exact_mut(layout.wq)) {
+            if span.q_lo >= span.q_hi {
                 continue;
             }
-            let (dst, src) = (&mut dst[q_lo..q_hi], &src[p + s * q_lo - padding.left..]);
+            let (dst, src) = (&mut dst[span.q_lo..span.q_hi], &src[span.first..]);
             if s == 2 {
                 // A constant stride, so the loop vectorises (with shuffles).
                 let pairs = src.chunks_exact(2);
