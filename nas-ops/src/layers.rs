@@ -7,7 +7,10 @@
 use candle_core::{Module, ModuleT, Result, Tensor, Var, D};
 use candle_nn::{Init, VarBuilder};
 
-use crate::kernels::batch_norm::{batch_norm_eval, batch_norm_eval_relu, batch_norm_train, batch_norm_train_relu};
+use crate::kernels::batch_norm::{
+    batch_norm_eval, batch_norm_eval_affine, batch_norm_eval_relu, batch_norm_train, batch_norm_train_relu,
+};
+use crate::kernels::conv1x1::conv1x1_affine;
 use crate::kernels::dense::dense_conv2d;
 use crate::kernels::depthwise::{depthwise_conv2d, depthwise_conv2d_relu};
 use crate::kernels::pool::avg_pool2d;
@@ -172,6 +175,28 @@ impl BatchNorm {
     /// - `xs`: `(batch, c, h, w)`; returns the same shape
     pub fn forward_relu_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
         self.forward_with(xs, train, true)
+    }
+
+    /// `conv` on `xs` (read through a ReLU with `relu_in`), then this batch norm (then a
+    /// ReLU with `relu_out`). In eval mode a 1×1 conv takes the batch norm inside
+    /// (`kernels::conv1x1::conv1x1_affine`), so the conv's output is written once.
+    ///
+    /// # Shapes
+    /// - `xs`: the conv's input; returns the conv's output shape
+    pub fn after_conv_t(
+        &self,
+        conv: &Conv2d,
+        xs: &Tensor,
+        relu_in: bool,
+        relu_out: bool,
+        train: bool,
+    ) -> Result<Tensor> {
+        if !train && conv.is_pointwise() {
+            let (rm, rv) = (self.running_mean.as_tensor(), self.running_var.as_tensor());
+            let affine = batch_norm_eval_affine(&self.weight, &self.bias, rm, rv, self.eps)?;
+            return conv1x1_affine(xs, &conv.weight, (&affine.0, &affine.1), relu_in, relu_out);
+        }
+        self.forward_with(&conv.forward_relu_if(xs, relu_in)?, train, relu_out)
     }
 
     fn forward_with(&self, xs: &Tensor, train: bool, relu: bool) -> Result<Tensor> {

@@ -47,7 +47,7 @@ impl ActConvBn {
 
 impl ModuleT for ActConvBn {
     fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        self.bn.forward_t(&self.conv.forward_relu_if(xs, self.relu)?, train)
+        self.bn.after_conv_t(&self.conv, xs, self.relu, false, train)
     }
 }
 
@@ -66,13 +66,11 @@ impl SeparableConv {
         })
     }
 
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        self.pointwise.forward(&self.depthwise.forward(xs)?)
-    }
-
-    /// `forward(&xs.relu())`, the ReLU fused into the depthwise conv.
-    fn forward_relu(&self, xs: &Tensor) -> Result<Tensor> {
-        self.pointwise.forward(&self.depthwise.forward_relu(xs)?)
+    /// The depthwise conv (reading `xs` through a ReLU with `relu_in`), the pointwise one,
+    /// then `bn` (then a ReLU with `relu_out`; see `BatchNorm::after_conv_t`).
+    fn forward_bn_t(&self, xs: &Tensor, relu_in: bool, bn: &BatchNorm, relu_out: bool, train: bool) -> Result<Tensor> {
+        let xs = if relu_in { self.depthwise.forward_relu(xs)? } else { self.depthwise.forward(xs)? };
+        bn.after_conv_t(&self.pointwise, &xs, false, relu_out, train)
     }
 }
 
@@ -103,8 +101,8 @@ impl ModuleT for SepConv {
     fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
         // Both ReLUs are fused: the first into the depthwise conv's input read, the second
         // into the batch norm before it; neither's output is stored.
-        let xs = self.bn_sep_1.forward_relu_t(&self.separable_1.forward_relu(xs)?, train)?;
-        self.bn_sep_2.forward_t(&self.separable_2.forward(&xs)?, train)
+        let xs = self.separable_1.forward_bn_t(xs, true, &self.bn_sep_1, true, train)?;
+        self.separable_2.forward_bn_t(&xs, false, &self.bn_sep_2, false, train)
     }
 }
 
@@ -150,12 +148,12 @@ impl ConvChain {
 
 impl ModuleT for ConvChain {
     fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        let (first, rest) = self.convs.split_first().expect("a conv chain has a conv");
-        let mut xs = first.forward_relu_if(xs, true)?;
-        for conv in rest {
-            xs = conv.forward(&xs)?;
+        let (last, rest) = self.convs.split_last().expect("a conv chain has a conv");
+        let mut xs = xs.clone();
+        for (i, conv) in rest.iter().enumerate() {
+            xs = conv.forward_relu_if(&xs, i == 0)?;
         }
-        self.bn.forward_t(&xs, train)
+        self.bn.after_conv_t(last, &xs, rest.is_empty(), false, train)
     }
 }
 

@@ -174,13 +174,29 @@ pub fn batch_norm_eval_relu(
     batch_norm_eval_with(xs, [gamma, beta, running_mean, running_var], eps, true)
 }
 
+/// The per-channel `(scale, shift)` of a batch norm in eval mode, `ys = xs · scale + shift`:
+/// `scale = γ / sqrt(running_var + eps)`, `shift = β − running_mean · scale` (plain tensor
+/// ops, differentiable). `kernels::conv1x1::conv1x1_affine` folds them into a 1×1 conv.
+///
+/// # Shapes
+/// - `gamma`, `beta`, `running_mean`, `running_var`: `(c)`; returns two `(c)` tensors
+pub fn batch_norm_eval_affine(
+    gamma: &Tensor,
+    beta: &Tensor,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, Tensor)> {
+    let scale = (gamma / (running_var + eps)?.sqrt()?)?;
+    let shift = (beta - (running_mean * &scale)?)?;
+    Ok((scale, shift))
+}
+
 fn batch_norm_eval_with(xs: &Tensor, params: [&Tensor; 4], eps: f64, relu: bool) -> Result<Tensor> {
     let [gamma, beta, running_mean, running_var] = params;
     let named = [("gamma", gamma), ("beta", beta), ("running_mean", running_mean), ("running_var", running_var)];
     let (_n, c, _h, _w) = check_args("batch-norm-eval", xs, &named)?;
-    // `ys = xs · scale + (β − mean · scale)`.
-    let scale = (gamma / (running_var + eps)?.sqrt()?)?;
-    let shift = (beta - (running_mean * &scale)?)?;
+    let (scale, shift) = batch_norm_eval_affine(gamma, beta, running_mean, running_var, eps)?;
     if xs.device().is_cpu() {
         return xs.contiguous()?.apply_op3(&scale.contiguous()?, &shift.contiguous()?, ScaleShift { relu });
     }

@@ -50,6 +50,64 @@ pub fn conv1x1_relu(xs: &Tensor, weight: &Tensor) -> Result<Tensor> {
     apply(xs, weight, true)
 }
 
+/// `relu_out(conv1x1(relu_in(xs), weight) · scale + shift)` per output channel, where each
+/// ReLU applies when its flag is set: a batch norm in eval mode (`batch_norm_eval_affine`)
+/// folded into the conv. On the CPU the weight's rows are scaled first (`scale ⊙ W`, a
+/// `(c_out, c)` op), and the shift and the ReLU are applied to each sample's output block
+/// right after its gemm, while it is in cache: one pass over the output instead of two.
+/// Differentiable (the gradients of `scale` and `shift` flow back through plain ops). On
+/// other devices, the unfused ops.
+///
+/// # Shapes
+/// - `xs`: `(batch, c_in, h, w)`; `weight`: `(c_out, c_in, 1, 1)`
+/// - `scale`, `shift`: `(c_out)`
+/// - returns: `(batch, c_out, h, w)`
+pub fn conv1x1_affine(
+    xs: &Tensor,
+    weight: &Tensor,
+    (scale, shift): (&Tensor, &Tensor),
+    relu_in: bool,
+    relu_out: bool,
+) -> Result<Tensor> {
+    let c_out = check_weight(xs, weight)?;
+    for (what, t) in [("scale", scale), ("shift", shift)] {
+        if t.dims() != [c_out] {
+            bail!("{NAME}: expected a {what} of shape ({c_out}) for weight {:?}, got {:?}", weight.dims(), t.dims())
+        }
+    }
+    if !xs.device().is_cpu() {
+        return conv1x1_affine_reference(xs, weight, (scale, shift), relu_in, relu_out);
+    }
+    let (b, c, h, w) = xs.dims4()?;
+    let xs3 = xs.reshape((b, c, h * w))?.contiguous()?;
+    let w2 = weight.reshape((c_out, c))?.broadcast_mul(&scale.reshape((c_out, 1))?)?.contiguous()?;
+    let op = Conv1x1 { relu_in, shift_relu: Some(relu_out) };
+    xs3.apply_op3(&w2, &shift.contiguous()?, op)?.reshape((b, c_out, h, w))
+}
+
+/// [`conv1x1_affine`] from the unfused ops.
+///
+/// # Shapes
+/// As [`conv1x1_affine`].
+pub fn conv1x1_affine_reference(
+    xs: &Tensor,
+    weight: &Tensor,
+    (scale, shift): (&Tensor, &Tensor),
+    relu_in: bool,
+    relu_out: bool,
+) -> Result<Tensor> {
+    let c_out = weight.dim(0)?;
+    let xs = if relu_in { xs.relu()? } else { xs.clone() };
+    let ys = conv1x1(&xs, weight)?
+        .broadcast_mul(&scale.reshape((1, c_out, 1, 1))?)?
+        .broadcast_add(&shift.reshape((1, c_out, 1, 1))?)?;
+    if relu_out {
+        ys.relu()
+    } else {
+        Ok(ys)
+    }
+}
+
 /// Checks that `weight` is `(c_out, c, 1, 1)` for `xs` `(b, c, h, w)`; returns `c_out`.
 fn check_weight(xs: &Tensor, weight: &Tensor) -> Result<usize> {
     let (_, c, _, _) = xs.dims4()?;
@@ -70,7 +128,7 @@ fn apply(xs: &Tensor, weight: &Tensor, relu_in: bool) -> Result<Tensor> {
     let (b, c, h, w) = xs.dims4()?;
     let xs3 = xs.reshape((b, c, h * w))?.contiguous()?;
     let w2 = weight.reshape((c_out, c))?.contiguous()?;
-    xs3.apply_op2(&w2, Conv1x1 { relu_in })?.reshape((b, c_out, h, w))
+    xs3.apply_op2(&w2, Conv1x1 { relu_in, shift_relu: None })?.reshape((b, c_out, h, w))
 }
 
 /// [`conv1x1`] from plain tensor ops (a broadcast `matmul`), differentiable on any device.
@@ -144,15 +202,99 @@ fn threads() -> Parallelism {
     }
 }
 
-/// `(xs (b, c, p), weight (c_out, c)) -> (b, c_out, p)`, of `xs.relu()` with `relu_in`.
+/// `(xs (b, c, p), weight (c_out, c)) -> (b, c_out, p)`, of `xs.relu()` with `relu_in`. As
+/// a `CustomOp3` (with `shift_relu: Some(relu_out)`), a third argument `shift (c_out)` is
+/// added to every output row, then the ReLU applied with `relu_out`.
 #[derive(Debug, Clone, Copy)]
 struct Conv1x1 {
     relu_in: bool,
+    shift_relu: Option<bool>,
 }
 
 impl Conv1x1 {
-    fn forward<T: Float>(&self, xs: &[T], w: &[T], (b, c, p, c_out): (usize, usize, usize, usize)) -> Vec<T> {
-        per_sample(b, (w, false), xs, (c_out, p, c), self.relu_in, None)
+    fn forward<T: Float>(
+        &self,
+        xs: &[T],
+        w: &[T],
+        shift: Option<&[T]>,
+        (b, c, p, c_out): (usize, usize, usize, usize),
+    ) -> Vec<T> {
+        let epilogue = shift.map(|shift| Epilogue { shift, relu: self.shift_relu == Some(true) });
+        per_sample(b, (w, false), xs, (c_out, p, c), self.relu_in, Rows::from(epilogue))
+    }
+
+    /// Checks the shapes and runs the forward, with the shift when given.
+    fn cpu(
+        &self,
+        (s1, l1): (&CpuStorage, &Layout),
+        (s2, l2): (&CpuStorage, &Layout),
+        shift: Option<(&CpuStorage, &Layout)>,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (&[b, c, p], &[c_out, c_w]) = (l1.dims(), l2.dims()) else {
+            bail!("{NAME}: expected (b, c, p) and (c_out, c), got {:?} and {:?}", l1.dims(), l2.dims())
+        };
+        if c_w != c {
+            bail!("{NAME}: the weight has {c_w} input channels, the input {c}")
+        }
+        if let Some((s3, l3)) = shift {
+            if l3.dims() != [c_out] || s3.dtype() != s1.dtype() {
+                bail!(
+                    "{NAME}: expected a shift of shape ({c_out}) and dtype {:?}, got {:?} {:?}",
+                    s1.dtype(),
+                    l3.dims(),
+                    s3.dtype()
+                )
+            }
+        }
+        let dims = (b, c, p, c_out);
+        let out = match (s1, s2) {
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => {
+                let shift = shift.map(|(s3, l3)| slice(s3, l3, "shift")).transpose()?;
+                CpuStorage::F32(self.forward(slice(s1, l1, "xs")?, slice(s2, l2, "weight")?, shift, dims))
+            }
+            (CpuStorage::F64(_), CpuStorage::F64(_)) => {
+                let shift = shift.map(|(s3, l3)| slice(s3, l3, "shift")).transpose()?;
+                CpuStorage::F64(self.forward(slice(s1, l1, "xs")?, slice(s2, l2, "weight")?, shift, dims))
+            }
+            _ => bail!("{NAME}: expected both f32 or both f64, got {:?} and {:?}", s1.dtype(), s2.dtype()),
+        };
+        Ok((out, Shape::from((b, c_out, p))))
+    }
+
+    /// The gradients of the input and the weight from `grad`, the gradient of the output
+    /// before any shift or ReLU.
+    fn input_and_weight_grads(&self, xs: &Tensor, w: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor)> {
+        let grad = grad.contiguous()?;
+        let grad_xs = if self.relu_in {
+            grad.apply_op3_no_bwd(w, xs, &Conv1x1GradInput)?
+        } else {
+            grad.apply_op2_no_bwd(w, &Conv1x1GradInput)?
+        };
+        let grad_w = xs.apply_op2_no_bwd(&grad, &Conv1x1GradWeight { relu_in: self.relu_in })?;
+        Ok((grad_xs, grad_w))
+    }
+}
+
+/// What [`per_sample`] does to each sample's output block after its gemm.
+#[derive(Debug, Clone, Copy)]
+enum Rows<'a, T> {
+    /// Nothing.
+    Keep,
+    /// Zero it where `mask` (shaped like the whole output) is negative.
+    Mask(&'a [T]),
+    /// Add `shift[r]` to row `r`, then the ReLU if asked.
+    Shift(Epilogue<'a, T>),
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Epilogue<'a, T> {
+    shift: &'a [T],
+    relu: bool,
+}
+
+impl<'a, T> From<Option<Epilogue<'a, T>>> for Rows<'a, T> {
+    fn from(e: Option<Epilogue<'a, T>>) -> Self {
+        e.map_or(Rows::Keep, Rows::Shift)
     }
 }
 
@@ -179,15 +321,14 @@ fn relu_into<'a, T: Float>(rhs: &'a [T], relu_rhs: bool, scratch: &'a mut Vec<T>
 /// `out_b = lhs · rhs_b` for every sample: `rhs` holds `b` row-major `k × n` matrices and
 /// the result `b` row-major `m × n` ones. One gemm per sample, in parallel over the samples,
 /// or a threaded gemm each when there are fewer samples than threads. With `relu_rhs` each
-/// `rhs_b` is read through a ReLU; with `mask` (shaped like the result), `out` is zeroed
-/// where `mask < 0`.
+/// `rhs_b` is read through a ReLU; `rows` says what is done to each `out_b` after its gemm.
 fn per_sample<T: Float>(
     b: usize,
     lhs: (&[T], bool),
     rhs: &[T],
     (m, n, k): (usize, usize, usize),
     relu_rhs: bool,
-    mask: Option<&[T]>,
+    rows: Rows<'_, T>,
 ) -> Vec<T> {
     if b * m * n == 0 || k == 0 {
         return vec![T::zero(); b * m * n];
@@ -199,9 +340,20 @@ fn per_sample<T: Float>(
         let r = relu_into(r, relu_rhs, scratch);
         // SAFETY: o is m × n, lhs m × k, r k × n.
         unsafe { matmul(o, lhs, (r, false), (m, n, k), false, parallelism) }
-        if let Some(mask) = mask {
-            for (o, &x) in o.iter_mut().zip(&mask[i * m * n..(i + 1) * m * n]) {
-                *o = if x >= T::ZERO { *o } else { T::ZERO };
+        match rows {
+            Rows::Keep => {}
+            Rows::Mask(mask) => {
+                for (o, &x) in o.iter_mut().zip(&mask[i * m * n..(i + 1) * m * n]) {
+                    *o = if x >= T::ZERO { *o } else { T::ZERO };
+                }
+            }
+            Rows::Shift(Epilogue { shift, relu }) => {
+                for (row, &s) in o.chunks_exact_mut(n).zip(shift) {
+                    for v in row.iter_mut() {
+                        let y = *v + s;
+                        *v = if !relu || y >= T::ZERO { y } else { T::ZERO };
+                    }
+                }
             }
         }
     };
@@ -225,34 +377,47 @@ impl CustomOp2 for Conv1x1 {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (&[b, c, p], &[c_out, c_w]) = (l1.dims(), l2.dims()) else {
-            bail!("{NAME}: expected (b, c, p) and (c_out, c), got {:?} and {:?}", l1.dims(), l2.dims())
-        };
-        if c_w != c {
-            bail!("{NAME}: the weight has {c_w} input channels, the input {c}")
-        }
-        let dims = (b, c, p, c_out);
-        let out = match (s1, s2) {
-            (CpuStorage::F32(_), CpuStorage::F32(_)) => {
-                CpuStorage::F32(self.forward(slice(s1, l1, "xs")?, slice(s2, l2, "weight")?, dims))
-            }
-            (CpuStorage::F64(_), CpuStorage::F64(_)) => {
-                CpuStorage::F64(self.forward(slice(s1, l1, "xs")?, slice(s2, l2, "weight")?, dims))
-            }
-            _ => bail!("{NAME}: expected both f32 or both f64, got {:?} and {:?}", s1.dtype(), s2.dtype()),
-        };
-        Ok((out, Shape::from((b, c_out, p))))
+        self.cpu((s1, l1), (s2, l2), None)
     }
 
     fn bwd(&self, xs: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let grad = grad.contiguous()?;
-        let grad_xs = if self.relu_in {
-            grad.apply_op3_no_bwd(w, xs, &Conv1x1GradInput)?
-        } else {
-            grad.apply_op2_no_bwd(w, &Conv1x1GradInput)?
-        };
-        let grad_w = xs.apply_op2_no_bwd(&grad, &Conv1x1GradWeight { relu_in: self.relu_in })?;
+        let (grad_xs, grad_w) = self.input_and_weight_grads(xs, w, grad)?;
         Ok((Some(grad_xs), Some(grad_w)))
+    }
+}
+
+impl CustomOp3 for Conv1x1 {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.cpu((s1, l1), (s2, l2), Some((s3, l3)))
+    }
+
+    /// The output ReLU's gradient passes where the output is `> 0` (as candle's `relu`
+    /// after the unfused ops); the shift's gradient is the sum over samples and pixels.
+    fn bwd(
+        &self,
+        xs: &Tensor,
+        w: &Tensor,
+        _shift: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad =
+            if self.shift_relu == Some(true) { (grad * res.gt(0.0)?.to_dtype(grad.dtype())?)? } else { grad.clone() };
+        let (grad_xs, grad_w) = self.input_and_weight_grads(xs, w, &grad)?;
+        let grad_shift = grad.sum((0, 2))?;
+        Ok((Some(grad_xs), Some(grad_w), Some(grad_shift)))
     }
 }
 
@@ -264,7 +429,7 @@ struct Conv1x1GradInput;
 
 impl Conv1x1GradInput {
     fn run<T: Float>(g: &[T], w: &[T], mask: Option<&[T]>, (b, c, p, c_out): (usize, usize, usize, usize)) -> Vec<T> {
-        per_sample(b, (w, true), g, (c, p, c_out), false, mask)
+        per_sample(b, (w, true), g, (c, p, c_out), false, mask.map_or(Rows::Keep, Rows::Mask))
     }
 
     /// Checks the shapes and runs the kernel, on `xs` too when given.

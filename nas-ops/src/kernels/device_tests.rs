@@ -2,7 +2,7 @@
 //! gradients of every input) against the plain CPU path it replaces.
 //!
 //! On the CPU the fused ops (ReLU read inside the depthwise conv, ReLU inside the batch norm,
-//! drop path inside the add) and the 1×1 conv op are checked against the unfused or plain
+//! drop path inside the add, an eval batch norm inside the 1×1 conv) and the 1×1 conv op are checked against the unfused or plain
 //! tensor composition; the other ops are the CPU reference themselves. Under the `cuda`
 //! feature every op also runs on GPU 0 and is checked against the CPU path (the custom CPU
 //! kernel, itself tested against the plain-tensor references in each kernel's file); those
@@ -11,7 +11,7 @@
 use candle_core::{DType, Device, Result, Tensor, Var};
 
 use super::batch_norm::{batch_norm_eval, batch_norm_eval_relu, batch_norm_train, batch_norm_train_relu};
-use super::conv1x1::{conv1x1, conv1x1_reference, conv1x1_relu};
+use super::conv1x1::{conv1x1, conv1x1_affine, conv1x1_affine_reference, conv1x1_reference, conv1x1_relu};
 use super::depthwise::{depthwise_conv2d, depthwise_conv2d_relu};
 use super::pool::{avg_pool2d, max_pool2d};
 use super::testutil::{assert_close, TestRng};
@@ -211,6 +211,18 @@ fn conv1x1_on_every_device() {
                 let fused = |t: &[Tensor]| conv1x1_relu(&t[0], &t[1]);
                 let unfused = |t: &[Tensor]| conv1x1_reference(&t[0].relu()?, &t[1]);
                 check_fused(&device, &format!("{what} relu"), &fused, &unfused, &inputs, tolerance(dtype));
+                // With a batch norm's eval affine folded in: every input's gradient, the
+                // scale's and shift's included, with each combination of the two ReLUs.
+                let scale = rng.tensor(&[c_out], dtype).unwrap();
+                let shift = rng.tensor(&[c_out], dtype).unwrap();
+                let inputs = [inputs[0].clone(), inputs[1].clone(), scale, shift];
+                for (relu_in, relu_out) in [(false, false), (true, false), (false, true), (true, true)] {
+                    let fused = |t: &[Tensor]| conv1x1_affine(&t[0], &t[1], (&t[2], &t[3]), relu_in, relu_out);
+                    let unfused =
+                        |t: &[Tensor]| conv1x1_affine_reference(&t[0], &t[1], (&t[2], &t[3]), relu_in, relu_out);
+                    let what = format!("{what} affine relu_in={relu_in} relu_out={relu_out}");
+                    check_fused(&device, &what, &fused, &unfused, &inputs, tolerance(dtype));
+                }
             }
         }
     }
