@@ -114,11 +114,25 @@ impl CellModule {
         };
         let state0 = self.preamble.forward_t(x, train)?;
         let mut states = vec![state0, state1];
+        // The outputs of weightless ops, computed once per (state, op): NASNet-A's normal
+        // cell averages the previous input twice in one block (TF's graph optimiser
+        // merges the two as well). Drop path is applied after, per branch.
+        let mut pure = Vec::new();
         for block in &self.blocks {
             let mut sides = Vec::with_capacity(2);
             let mut scales = Vec::with_capacity(2);
             for (op, &input) in block.ops.iter().zip(&block.inputs) {
-                let ys = op.forward_t(&states[input], train)?;
+                let ys = match op.pure_key().map(|key| (input, key)) {
+                    Some(key) => match pure.iter().find(|(k, _)| *k == key) {
+                        Some((_, ys)) => Tensor::clone(ys),
+                        None => {
+                            let ys = op.forward_t(&states[input], train)?;
+                            pure.push((key, ys.clone()));
+                            ys
+                        }
+                    },
+                    None => op.forward_t(&states[input], train)?,
+                };
                 let scale = match &self.drop_path {
                     Some(dp) if train && op.takes_drop_path() => dp.scales(ys.dim(0)?),
                     _ => None,

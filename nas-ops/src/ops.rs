@@ -284,6 +284,16 @@ impl CellOp {
         })
     }
 
+    /// For an op without weights whose output depends only on its input (a pooling
+    /// without projection), what identifies it: two such ops with equal keys on the same
+    /// state give the same tensor, so a cell computes it once. `None` for every other op.
+    pub fn pure_key(&self) -> Option<(PoolKind, usize, usize)> {
+        match self {
+            CellOp::Pool(Pool { kind, kernel, stride, projection: None }) => Some((*kind, *kernel, *stride)),
+            _ => None,
+        }
+    }
+
     /// Whether ScheduledDropPath applies to this op's output (never to identities, even
     /// projected ones: TF-Slim §5.9).
     pub fn takes_drop_path(&self) -> bool {
