@@ -7,16 +7,20 @@
 //! forward and backward run as two custom ops that are parallel over channels:
 //!
 //! - `batch-norm-stats` reads xs once per channel and returns the batch mean and the biased
-//!   batch variance, accumulated in f64 with two passes (numerically safe for inputs with a
-//!   large common offset);
+//!   batch variance, from the sums of `x − s` and `(x − s)²` with `s` the channel's first
+//!   element (numerically safe for inputs with a large common offset), kept in the tensor's
+//!   precision for 64 rounds of 16 lanes at a time, then added into f64;
 //! - `batch-norm-train` writes `ys = gamma * (xs - mean) / sqrt(var + eps) + beta` from those
-//!   statistics, which it keeps as fields so that its `bwd` does not compute them again;
+//!   statistics (per channel one subtraction and one fused multiply-add in the tensor's
+//!   precision, the coefficients from f64), which it keeps as fields so that its `bwd` does
+//!   not compute them again;
 //! - its `bwd` runs `batch-norm-train-bwd`, which returns all three gradients in one packed
 //!   buffer: `dbeta = sum(dy)`, `dgamma = sum(dy * xhat)` and
 //!   `dx = gamma * invstd / M * (M * dy - dbeta - xhat * dgamma)` with `M = N * H * W`.
 //!
 //! [`batch_norm_train_relu`] applies a ReLU inside `batch-norm-train` (and masks the
 //! gradient in its `bwd`), so the normalised tensor before the ReLU is never stored.
+//! The CPU loops are compiled for each instruction set (`kernels::simd`).
 //! Under the `cuda` feature each op has a CUDA twin (`cuda_fwd`, kernels in
 //! `kernels/nas_ops.cu`); the statistics go through the host between the two forward ops, as
 //! on the CPU.
@@ -26,6 +30,7 @@ use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result,
 use rayon::prelude::*;
 
 use crate::kernels::output_buffer;
+use crate::kernels::simd::{multiversion, Float, Isa};
 
 /// Runs `$body` on the contiguous slices `$x`, `$y`, `$z` of a three-input op's storages,
 /// all f32 or all f64, and wraps the `Vec` it returns; other dtypes are an error naming the
@@ -319,8 +324,12 @@ impl CustomOp1 for BatchNormStats {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (n, c, h, w) = l.shape().dims4()?;
         let stats = match s {
-            CpuStorage::F32(_) => channel_stats(contiguous_slice::<f32>(s, l, self.name(), "xs")?, n, c, h * w),
-            CpuStorage::F64(_) => channel_stats(contiguous_slice::<f64>(s, l, self.name(), "xs")?, n, c, h * w),
+            CpuStorage::F32(_) => {
+                channel_stats(Isa::detect(), contiguous_slice::<f32>(s, l, self.name(), "xs")?, n, c, h * w)
+            }
+            CpuStorage::F64(_) => {
+                channel_stats(Isa::detect(), contiguous_slice::<f64>(s, l, self.name(), "xs")?, n, c, h * w)
+            }
             _ => bail!("{}: unsupported dtype {:?}, expected f32 or f64", self.name(), s.dtype()),
         };
         Ok((CpuStorage::F64(stats), Shape::from((2, c))))
@@ -365,6 +374,7 @@ impl CustomOp3 for BatchNormTrainOp {
         let (n, c, h, w) = l1.shape().dims4()?;
         let op = self.name();
         let ys = cpu_dispatch3!(op, ["xs", "gamma", "beta"], (s1, l1), (s2, l2), (s3, l3), |x, y, z| normalize(
+            Isa::detect(),
             x,
             y,
             z,
@@ -462,7 +472,7 @@ impl CustomOp3 for BatchNormTrainBwd<'_> {
         let relu = self.relu;
         let packed = cpu_dispatch3!(op, ["xs", "gamma", "dy"], (s1, l1), (s2, l2), (s3, l3), |x, y, z| {
             let (gamma, beta) = if relu { (&y[..c], Some(&y[c..])) } else { (y, None) };
-            backward(x, gamma, beta, z, mean, invstd, (n, c, h * w))
+            backward(Isa::detect(), x, gamma, beta, z, mean, invstd, (n, c, h * w))
         });
         Ok((packed, Shape::from(n * c * h * w + 2 * c)))
     }
@@ -492,8 +502,12 @@ impl CustomOp3 for BatchNormTrainBwd<'_> {
     }
 }
 
-/// Independent accumulators per reduction, so that the f64 sums vectorise.
-const LANES: usize = 8;
+/// Lanes of the partial sums of the reductions, in the tensor's own precision.
+const LANES: usize = 16;
+/// Elements each lane adds up in the tensor's precision before its partial sum is added
+/// into an f64 total: an f32 partial sum then holds at most 64 terms, so its rounding error
+/// stays within about 64 ulps of them.
+const FLUSH: usize = 64;
 
 /// Planes of `hw` elements per rayon task in the elementwise passes (at least one).
 fn planes_per_task(hw: usize) -> usize {
@@ -506,26 +520,137 @@ fn plane<T>(xs: &[T], ni: usize, ci: usize, c: usize, hw: usize) -> &[T] {
     &xs[start..start + hw]
 }
 
+/// The two terms element `i` adds to a pair of sums. A trait with an `#[inline(always)]`
+/// method rather than a closure, so that it is compiled inside the multiversioned loop
+/// with its instruction set (see `kernels::simd`).
+trait PairTerms<T> {
+    fn terms(&self, i: usize) -> (T, T);
+}
+
+/// `acc += (Σ terms(i).0, Σ terms(i).1)` over `i < len`: `LANES` partial sums in `T`, added
+/// into the f64 totals every `FLUSH` rounds, then the tail in f64.
+#[inline(always)]
+fn sum_pairs<T: Float, F: PairTerms<T>>(len: usize, acc: &mut (f64, f64), f: &F) {
+    let full = len / LANES * LANES;
+    let mut start = 0;
+    while start < full {
+        let end = (start + FLUSH * LANES).min(full);
+        let (mut a, mut b) = ([T::ZERO; LANES], [T::ZERO; LANES]);
+        for base in (start..end).step_by(LANES) {
+            for j in 0..LANES {
+                let (u, v) = f.terms(base + j);
+                a[j] += u;
+                b[j] += v;
+            }
+        }
+        acc.0 += a.iter().map(|v| v.to_f64()).sum::<f64>();
+        acc.1 += b.iter().map(|v| v.to_f64()).sum::<f64>();
+        start = end;
+    }
+    for i in full..len {
+        let (u, v) = f.terms(i);
+        acc.0 += u.to_f64();
+        acc.1 += v.to_f64();
+    }
+}
+
+/// `acc += (Σ (x − shift), Σ (x − shift)²)` over one plane.
+#[inline(always)]
+fn shifted_sums_body<T: Float, const FMA: bool>(xs: &[T], shift: T, acc: &mut (f64, f64)) {
+    sum_pairs(xs.len(), acc, &Shifted { xs, shift });
+}
+
+struct Shifted<'a, T> {
+    xs: &'a [T],
+    shift: T,
+}
+
+impl<T: Float> PairTerms<T> for Shifted<'_, T> {
+    #[inline(always)]
+    fn terms(&self, i: usize) -> (T, T) {
+        let d = self.xs[i] - self.shift;
+        (d, d * d)
+    }
+}
+
+multiversion!(fn shifted_sums(xs: &[T], shift: T, acc: &mut (f64, f64)) => shifted_sums_body);
+
 /// Per-channel mean and biased variance, in parallel over channels; within a channel, over
-/// samples then the contiguous plane. Two passes in f64 (mean, then squared deviations).
-/// Returns the `C` means followed by the `C` variances.
-fn channel_stats<T: WithDType>(xs: &[T], n: usize, c: usize, hw: usize) -> Vec<f64> {
+/// samples then the contiguous plane, in one pass: the sums of `x − s` and `(x − s)²` for
+/// `s` the channel's first element (so a large common offset cancels before squaring),
+/// accumulated as [`sum_pairs`] does. Returns the `C` means followed by the `C` variances.
+fn channel_stats<T: Float>(isa: Isa, xs: &[T], n: usize, c: usize, hw: usize) -> Vec<f64> {
     let m = (n * hw) as f64;
     let per_channel: Vec<(f64, f64)> = (0..c)
         .into_par_iter()
         .map(|ci| {
-            let mean = (0..n).map(|ni| sum_f64(plane(xs, ni, ci, c, hw))).sum::<f64>() / m;
-            let var = (0..n).map(|ni| sum_sq_dev(plane(xs, ni, ci, c, hw), mean)).sum::<f64>() / m;
-            (mean, var)
+            let shift = plane(xs, 0, ci, c, hw)[0];
+            let mut acc = (0.0, 0.0);
+            for ni in 0..n {
+                shifted_sums(isa, plane(xs, ni, ci, c, hw), shift, &mut acc);
+            }
+            let d = acc.0 / m;
+            (shift.to_f64() + d, (acc.1 / m - d * d).max(0.0))
         })
         .collect();
     let (means, vars): (Vec<f64>, Vec<f64>) = per_channel.into_iter().unzip();
     [means, vars].concat()
 }
 
+/// How one channel is normalised, in the tensor's precision: `y = (x − mean) · scale +
+/// shift`, where `shift` also absorbs the rounding of `mean` (so the result is as if the
+/// exact mean had been subtracted, up to one rounding of each product).
+#[derive(Debug, Clone, Copy)]
+struct Affine<T> {
+    mean: T,
+    scale: T,
+    shift: T,
+}
+
+impl<T: Float> Affine<T> {
+    fn new(mean: f64, scale: f64, beta: f64) -> Self {
+        let mean_t = T::from_f64(mean);
+        // (x − mean) · scale + β = (x − mean_t) · scale + (β + (mean_t − mean) · scale).
+        let shift = beta + (mean_t.to_f64() - mean) * scale;
+        Affine { mean: mean_t, scale: T::from_f64(scale), shift: T::from_f64(shift) }
+    }
+
+    /// The normalised value of `x`; the forward writes it (through the ReLU with
+    /// `batch_norm_train_relu`) and the backward recomputes it for the ReLU's mask, with
+    /// the same instruction set, so the two agree bit for bit.
+    #[inline(always)]
+    fn apply<const FMA: bool>(&self, x: T) -> T {
+        T::madd::<FMA>(x - self.mean, self.scale, self.shift)
+    }
+}
+
+/// `ys = affine(xs)`, then `max(·, 0)` with `relu` (`v >= 0 ? v : 0`), over one plane.
+#[inline(always)]
+fn normalize_plane_body<T: Float, const FMA: bool>(xs: &[T], affine: &Affine<T>, relu: bool, ys: &mut [T]) {
+    if relu {
+        for (y, &x) in ys.iter_mut().zip(xs) {
+            let v = affine.apply::<FMA>(x);
+            *y = if v >= T::ZERO { v } else { T::ZERO };
+        }
+    } else {
+        for (y, &x) in ys.iter_mut().zip(xs) {
+            *y = affine.apply::<FMA>(x);
+        }
+    }
+}
+
+multiversion!(fn normalize_plane(xs: &[T], affine: &Affine<T>, relu: bool, ys: &mut [T]) => normalize_plane_body);
+
+/// The normalisation of every channel.
+fn affines<T: Float>(gamma: &[T], beta: &[T], mean: &[f64], invstd: &[f64]) -> Vec<Affine<T>> {
+    (0..gamma.len()).map(|ci| Affine::new(mean[ci], gamma[ci].to_f64() * invstd[ci], beta[ci].to_f64())).collect()
+}
+
 /// `ys = (xs - mean) * gamma * invstd + beta` (then `max(ys, 0)` with `relu`), in parallel over
-/// planes, in f64.
-fn normalize<T: WithDType>(
+/// planes, in the tensor's precision (see [`Affine`]).
+#[allow(clippy::too_many_arguments)]
+fn normalize<T: Float>(
+    isa: Isa,
     xs: &[T],
     gamma: &[T],
     beta: &[T],
@@ -534,57 +659,86 @@ fn normalize<T: WithDType>(
     (_n, c, hw): (usize, usize, usize),
     relu: bool,
 ) -> Vec<T> {
+    let affines = affines(gamma, beta, mean, invstd);
     // SAFETY: every plane of `ys` is written in full below.
     let mut ys = unsafe { output_buffer(xs.len()) };
-    ys.par_chunks_mut(hw).zip(xs.par_chunks(hw)).enumerate().with_min_len(planes_per_task(hw)).for_each(
-        |(plane_idx, (ys, xs))| {
-            let ci = plane_idx % c;
-            let (mean, scale, shift) = (mean[ci], gamma[ci].to_f64() * invstd[ci], beta[ci].to_f64());
-            if relu {
-                for (y, &x) in ys.iter_mut().zip(xs) {
-                    let v = (x.to_f64() - mean) * scale + shift;
-                    *y = T::from_f64(if v >= 0.0 { v } else { 0.0 });
-                }
-            } else {
-                for (y, &x) in ys.iter_mut().zip(xs) {
-                    *y = T::from_f64((x.to_f64() - mean) * scale + shift);
-                }
-            }
-        },
-    );
+    ys.par_chunks_mut(hw)
+        .zip(xs.par_chunks(hw))
+        .enumerate()
+        .with_min_len(planes_per_task(hw))
+        .for_each(|(plane_idx, (ys, xs))| normalize_plane(isa, xs, &affines[plane_idx % c], relu, ys));
     ys
 }
 
-/// The gradient mask of the ReLU inside `batch_norm_train_relu`, recomputed from the input:
-/// the forward's output `y` is positive exactly where the same expression, rounded to `T`,
-/// is (`normalize` computes it in this order).
-#[derive(Debug, Clone, Copy)]
-struct ReluMask {
-    mean: f64,
-    scale: f64,
-    shift: f64,
-}
-
-impl ReluMask {
-    /// `dy` where the forward's output at `x` was positive, else zero.
-    #[inline(always)]
-    fn apply<T: WithDType>(mask: Option<ReluMask>, x: T, dy: T) -> T {
-        let Some(m) = mask else { return dy };
-        let y = T::from_f64((x.to_f64() - m.mean) * m.scale + m.shift);
-        if y > T::zero() {
-            dy
-        } else {
-            T::zero()
-        }
+/// `dy` where the forward's output at `x` was positive (recomputed by `mask`, the forward's
+/// [`Affine`]), else zero; `dy` itself without a mask.
+#[inline(always)]
+fn masked<T: Float, const FMA: bool>(mask: Option<&Affine<T>>, x: T, dy: T) -> T {
+    match mask {
+        Some(affine) if affine.apply::<FMA>(x) <= T::ZERO => T::ZERO,
+        _ => dy,
     }
 }
+
+/// `acc += (Σ dy, Σ dy · (x − mean))` over one plane, `dy` masked by the ReLU when given.
+#[inline(always)]
+fn grad_sums_body<T: Float, const FMA: bool>(
+    dy: &[T],
+    xs: &[T],
+    mean: T,
+    mask: Option<&Affine<T>>,
+    acc: &mut (f64, f64),
+) {
+    sum_pairs(dy.len().min(xs.len()), acc, &GradTerms::<T, FMA> { dy, xs, mean, mask });
+}
+
+struct GradTerms<'a, T, const FMA: bool> {
+    dy: &'a [T],
+    xs: &'a [T],
+    mean: T,
+    mask: Option<&'a Affine<T>>,
+}
+
+impl<T: Float, const FMA: bool> PairTerms<T> for GradTerms<'_, T, FMA> {
+    #[inline(always)]
+    fn terms(&self, i: usize) -> (T, T) {
+        let (x, d) = (self.xs[i], self.dy[i]);
+        let d = masked::<T, FMA>(self.mask, x, d);
+        (d, d * (x - self.mean))
+    }
+}
+
+multiversion!(
+    fn grad_sums(dy: &[T], xs: &[T], mean: T, mask: Option<&Affine<T>>, acc: &mut (f64, f64)) => grad_sums_body
+);
+
+/// `dx = dy · k + ((x − mean) · k1 + k0)` over one plane, `dy` masked when given.
+#[inline(always)]
+fn grad_input_plane_body<T: Float, const FMA: bool>(
+    dy: &[T],
+    xs: &[T],
+    mask: Option<&Affine<T>>,
+    (mean, k, k0, k1): (T, T, T, T),
+    dx: &mut [T],
+) {
+    for ((g, &x), &d) in dx.iter_mut().zip(xs).zip(dy) {
+        let d = masked::<T, FMA>(mask, x, d);
+        *g = T::madd::<FMA>(d, k, T::madd::<FMA>(x - mean, k1, k0));
+    }
+}
+
+multiversion!(
+    fn grad_input_plane(dy: &[T], xs: &[T], mask: Option<&Affine<T>>, coeffs: (T, T, T, T), dx: &mut [T])
+        => grad_input_plane_body
+);
 
 /// The three gradients, packed as dx, then dgamma, then dbeta. First the per-channel sums
 /// `sum(dy)` and `sum(dy * (x - mean))`, in parallel over channels; then
 /// `dx = k * dy + (x - mean) * k1 + k0` per plane, in parallel over planes. With `beta`, `dy`
-/// is first masked by the ReLU that followed the forward (see [`ReluMask`]).
+/// is first masked by the ReLU that followed the forward (its [`Affine`] recomputed).
 #[allow(clippy::too_many_arguments)]
-fn backward<T: WithDType>(
+fn backward<T: Float>(
+    isa: Isa,
     xs: &[T],
     gamma: &[T],
     beta: Option<&[T]>,
@@ -594,28 +748,32 @@ fn backward<T: WithDType>(
     (n, c, hw): (usize, usize, usize),
 ) -> Vec<T> {
     let m = (n * hw) as f64;
-    let mask = |ci: usize| {
-        beta.map(|beta| ReluMask { mean: mean[ci], scale: gamma[ci].to_f64() * invstd[ci], shift: beta[ci].to_f64() })
-    };
+    let masks = beta.map(|beta| affines(gamma, beta, mean, invstd));
+    let mask = |ci: usize| masks.as_ref().map(|masks| &masks[ci]);
+    let means: Vec<T> = mean.iter().map(|&v| T::from_f64(v)).collect();
     let sums: Vec<(f64, f64)> = (0..c)
         .into_par_iter()
         .map(|ci| {
-            (0..n).fold((0.0, 0.0), |(s_dy, s_dy_xc), ni| {
-                let (dy, xs) = (plane(dy, ni, ci, c, hw), plane(xs, ni, ci, c, hw));
-                let (a, b) = sum_dy_and_dy_xc(dy, xs, mean[ci], mask(ci));
-                (s_dy + a, s_dy_xc + b)
-            })
+            let mut acc = (0.0, 0.0);
+            for ni in 0..n {
+                grad_sums(isa, plane(dy, ni, ci, c, hw), plane(xs, ni, ci, c, hw), means[ci], mask(ci), &mut acc);
+            }
+            // Σ dy·(x − mean) = Σ dy·(x − mean_t) + (mean_t − mean)·Σ dy.
+            (acc.0, acc.1 + (means[ci].to_f64() - mean[ci]) * acc.0)
         })
         .collect();
     // dbeta = sum(dy); dgamma = sum(dy * xhat) = invstd * sum(dy * (x - mean)).
     let dbeta: Vec<f64> = sums.iter().map(|&(s_dy, _)| s_dy).collect();
     let dgamma: Vec<f64> = sums.iter().zip(invstd).map(|(&(_, s_dy_xc), &is)| is * s_dy_xc).collect();
     // dx = k / M * (M * dy - dbeta - xhat * dgamma) with k = gamma * invstd, i.e.
-    // dx = k * dy + k0 + (x - mean) * k1 with k0 = -k * dbeta / M, k1 = -k * invstd * dgamma / M.
-    let coeffs: Vec<(f64, f64, f64)> = (0..c)
+    // dx = k * dy + k0 + (x - mean) * k1 with k0 = -k * dbeta / M, k1 = -k * invstd * dgamma / M;
+    // with the rounded mean, k0 also absorbs `(mean_t − mean) · k1`.
+    let coeffs: Vec<(T, T, T, T)> = (0..c)
         .map(|ci| {
             let k = gamma[ci].to_f64() * invstd[ci];
-            (k, -k * dbeta[ci] / m, -k * invstd[ci] * dgamma[ci] / m)
+            let (k0, k1) = (-k * dbeta[ci] / m, -k * invstd[ci] * dgamma[ci] / m);
+            let k0 = k0 + (means[ci].to_f64() - mean[ci]) * k1;
+            (means[ci], T::from_f64(k), T::from_f64(k0), T::from_f64(k1))
         })
         .collect();
     let numel = xs.len();
@@ -629,11 +787,7 @@ fn backward<T: WithDType>(
         .with_min_len(planes_per_task(hw))
         .for_each(|(plane_idx, ((dx, xs), dy))| {
             let ci = plane_idx % c;
-            let (mask, mean, (k, k0, k1)) = (mask(ci), mean[ci], coeffs[ci]);
-            for ((g, &x), &d) in dx.iter_mut().zip(xs).zip(dy) {
-                let d = ReluMask::apply(mask, x, d);
-                *g = T::from_f64(k * d.to_f64() + k0 + (x.to_f64() - mean) * k1);
-            }
+            grad_input_plane(isa, dy, xs, mask(ci), coeffs[ci], dx);
         });
     let (dgamma_out, dbeta_out) = params.split_at_mut(c);
     for ci in 0..c {
@@ -641,55 +795,6 @@ fn backward<T: WithDType>(
         dbeta_out[ci] = T::from_f64(dbeta[ci]);
     }
     packed
-}
-
-/// `sum(xs)` in f64.
-fn sum_f64<T: WithDType>(xs: &[T]) -> f64 {
-    let mut acc = [0.0f64; LANES];
-    let mut chunks = xs.chunks_exact(LANES);
-    for chunk in &mut chunks {
-        for (a, &x) in acc.iter_mut().zip(chunk) {
-            *a += x.to_f64();
-        }
-    }
-    let tail: f64 = chunks.remainder().iter().map(|&x| x.to_f64()).sum();
-    acc.iter().sum::<f64>() + tail
-}
-
-/// `sum((xs - mean)^2)` in f64.
-fn sum_sq_dev<T: WithDType>(xs: &[T], mean: f64) -> f64 {
-    let mut acc = [0.0f64; LANES];
-    let mut chunks = xs.chunks_exact(LANES);
-    for chunk in &mut chunks {
-        for (a, &x) in acc.iter_mut().zip(chunk) {
-            let d = x.to_f64() - mean;
-            *a += d * d;
-        }
-    }
-    let tail: f64 = chunks.remainder().iter().map(|&x| (x.to_f64() - mean).powi(2)).sum();
-    acc.iter().sum::<f64>() + tail
-}
-
-/// `(sum(dy), sum(dy * (xs - mean)))` in f64.
-fn sum_dy_and_dy_xc<T: WithDType>(dy: &[T], xs: &[T], mean: f64, mask: Option<ReluMask>) -> (f64, f64) {
-    let mut acc_dy = [0.0f64; LANES];
-    let mut acc_dy_xc = [0.0f64; LANES];
-    let mut dy_chunks = dy.chunks_exact(LANES);
-    let mut xs_chunks = xs.chunks_exact(LANES);
-    for (dy, xs) in (&mut dy_chunks).zip(&mut xs_chunks) {
-        for (((a, b), &d), &x) in acc_dy.iter_mut().zip(acc_dy_xc.iter_mut()).zip(dy).zip(xs) {
-            let d = ReluMask::apply(mask, x, d).to_f64();
-            *a += d;
-            *b += d * (x.to_f64() - mean);
-        }
-    }
-    let (mut s_dy, mut s_dy_xc) = (acc_dy.iter().sum::<f64>(), acc_dy_xc.iter().sum::<f64>());
-    for (&d, &x) in dy_chunks.remainder().iter().zip(xs_chunks.remainder()) {
-        let d = ReluMask::apply(mask, x, d);
-        s_dy += d.to_f64();
-        s_dy_xc += d.to_f64() * (x.to_f64() - mean);
-    }
-    (s_dy, s_dy_xc)
 }
 
 #[cfg(test)]
@@ -788,6 +893,69 @@ mod tests {
             for (i, name) in ["dxs", "dgamma", "dbeta"].iter().enumerate() {
                 assert_eq!(fused[i].dims(), inputs[i].dims());
                 assert_close(&fused[i], &reference[i], 1e-5, &format!("{name} {shape:?}"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The CPU kernels on every instruction set of this CPU (`kernels::simd`), f32 and f64,
+    /// with and without the ReLU, against the reference: statistics, output and all three
+    /// gradients. Planes of up to 1,600 elements, past one flush of the partial sums.
+    #[test]
+    fn every_instruction_set_matches_the_reference() -> Result<()> {
+        fn run<T: Float>(isa: Isa, ts: &[Tensor], probe: &Tensor, relu: bool) -> Result<Vec<Tensor>> {
+            let (n, c, h, w) = ts[0].dims4()?;
+            let v = |t: &Tensor| t.flatten_all()?.to_vec1::<T>();
+            let (x, gamma, beta, g) = (v(&ts[0])?, v(&ts[1])?, v(&ts[2])?, v(probe)?);
+            let stats = channel_stats(isa, &x, n, c, h * w);
+            let (mean, var) = stats.split_at(c);
+            let invstd: Vec<f64> = var.iter().map(|v| 1.0 / (v + EPS).sqrt()).collect();
+            let ys = normalize(isa, &x, &gamma, &beta, mean, &invstd, (n, c, h * w), relu);
+            let packed = backward(isa, &x, &gamma, relu.then_some(&beta[..]), &g, mean, &invstd, (n, c, h * w));
+            let dev = &Device::Cpu;
+            Ok(vec![
+                Tensor::from_vec(mean.to_vec(), c, dev)?,
+                Tensor::from_vec(var.to_vec(), c, dev)?,
+                Tensor::from_vec(ys, (n, c, h, w), dev)?,
+                Tensor::from_vec(packed[..n * c * h * w].to_vec(), (n, c, h, w), dev)?,
+                Tensor::from_vec(packed[n * c * h * w..n * c * h * w + c].to_vec(), c, dev)?,
+                Tensor::from_vec(packed[n * c * h * w + c..].to_vec(), c, dev)?,
+            ])
+        }
+        let mut rng = TestRng::new(8);
+        let mut all = shapes(&mut rng);
+        all.extend([[2, 3, 40, 40], [3, 2, 33, 17]]);
+        for shape in all {
+            for dtype in [DType::F32, DType::F64] {
+                let ts = inputs(&mut rng, shape, 0.4, dtype);
+                let probe = rng.tensor(&shape, dtype)?;
+                for relu in [false, true] {
+                    let reference = |t: &[Tensor]| {
+                        let ys = batch_norm_train_reference(&t[0], &t[1], &t[2], EPS)?.ys;
+                        if relu {
+                            ys.relu()
+                        } else {
+                            Ok(ys)
+                        }
+                    };
+                    let want_stats = batch_norm_train_reference(&ts[0], &ts[1], &ts[2], EPS)?;
+                    let mut want = vec![want_stats.mean, want_stats.var, reference(&ts)?];
+                    want.extend(analytic_grads(&reference, &ts, &probe)?);
+                    let tol = if dtype == DType::F32 { 1e-5 } else { 1e-11 };
+                    for isa in Isa::available() {
+                        let got = if dtype == DType::F32 {
+                            run::<f32>(isa, &ts, &probe, relu)?
+                        } else {
+                            run::<f64>(isa, &ts, &probe, relu)?
+                        };
+                        for (name, (g, w)) in
+                            ["mean", "var", "ys", "dxs", "dgamma", "dbeta"].iter().zip(got.iter().zip(&want))
+                        {
+                            let w = w.to_dtype(g.dtype())?;
+                            assert_close(g, &w, tol, &format!("{name} {isa:?} relu={relu} {dtype:?} {shape:?}"));
+                        }
+                    }
+                }
             }
         }
         Ok(())
