@@ -525,6 +525,10 @@ fn plane<T>(xs: &[T], ni: usize, ci: usize, c: usize, hw: usize) -> &[T] {
 /// with its instruction set (see `kernels::simd`).
 trait PairTerms<T> {
     fn terms(&self, i: usize) -> (T, T);
+
+    /// The terms of elements `base..base + LANES`, with one bounds check, so that the lanes
+    /// vectorise.
+    fn chunk(&self, base: usize) -> ([T; LANES], [T; LANES]);
 }
 
 /// `acc += (Σ terms(i).0, Σ terms(i).1)` over `i < len`: `LANES` partial sums in `T`, added
@@ -537,10 +541,10 @@ fn sum_pairs<T: Float, F: PairTerms<T>>(len: usize, acc: &mut (f64, f64), f: &F)
         let end = (start + FLUSH * LANES).min(full);
         let (mut a, mut b) = ([T::ZERO; LANES], [T::ZERO; LANES]);
         for base in (start..end).step_by(LANES) {
+            let (u, v) = f.chunk(base);
             for j in 0..LANES {
-                let (u, v) = f.terms(base + j);
-                a[j] += u;
-                b[j] += v;
+                a[j] += u[j];
+                b[j] += v[j];
             }
         }
         acc.0 += a.iter().map(|v| v.to_f64()).sum::<f64>();
@@ -570,6 +574,13 @@ impl<T: Float> PairTerms<T> for Shifted<'_, T> {
     fn terms(&self, i: usize) -> (T, T) {
         let d = self.xs[i] - self.shift;
         (d, d * d)
+    }
+
+    #[inline(always)]
+    fn chunk(&self, base: usize) -> ([T; LANES], [T; LANES]) {
+        let xs: &[T; LANES] = self.xs[base..base + LANES].try_into().expect("LANES elements");
+        let d = xs.map(|x| x - self.shift);
+        (d, d.map(|d| d * d))
     }
 }
 
@@ -705,6 +716,19 @@ impl<T: Float, const FMA: bool> PairTerms<T> for GradTerms<'_, T, FMA> {
         let (x, d) = (self.xs[i], self.dy[i]);
         let d = masked::<T, FMA>(self.mask, x, d);
         (d, d * (x - self.mean))
+    }
+
+    #[inline(always)]
+    fn chunk(&self, base: usize) -> ([T; LANES], [T; LANES]) {
+        let xs: &[T; LANES] = self.xs[base..base + LANES].try_into().expect("LANES elements");
+        let dy: &[T; LANES] = self.dy[base..base + LANES].try_into().expect("LANES elements");
+        let mut d = [T::ZERO; LANES];
+        let mut dxc = [T::ZERO; LANES];
+        for j in 0..LANES {
+            d[j] = masked::<T, FMA>(self.mask, xs[j], dy[j]);
+            dxc[j] = d[j] * (xs[j] - self.mean);
+        }
+        (d, dxc)
     }
 }
 
