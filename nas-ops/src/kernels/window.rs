@@ -39,6 +39,9 @@ struct Grid {
     out_row: usize,
     /// Output elements between consecutive columns (the stride of a phase's scatter).
     out_col: usize,
+    /// The largest tap offset of the correlation (computed once per layout: for planes of a
+    /// few pixels, taking it per call cost 6 % of a `small` training step).
+    reach: usize,
 }
 
 /// What one block of output chunks computes: `block(bases)` gets where each chunk's window
@@ -124,8 +127,8 @@ unsafe fn lanes<T>(src: &[T], at: usize) -> &[T; LANES] {
 /// past the last column, so `src` must extend that far; those lanes are never stored.
 #[inline(always)]
 fn correlate_body<T: Float, const FMA: bool>(src: &[T], taps: &[(usize, T)], grid: &Grid, out: &mut [T]) {
-    let reach = taps.iter().map(|&(offset, _)| offset).max().unwrap_or(0);
-    for_each_block(grid, out, &Correlation::<T, FMA> { src, taps, reach });
+    debug_assert!(taps.iter().all(|&(offset, _)| offset <= grid.reach));
+    for_each_block(grid, out, &Correlation::<T, FMA> { src, taps, reach: grid.reach });
 }
 
 struct Correlation<'a, T, const FMA: bool> {
@@ -158,8 +161,8 @@ multiversion!(fn correlate(src: &[T], taps: &[(usize, T)], grid: &Grid, out: &mu
 /// out as in [`correlate_body`] (a NaN never wins, as in the other max-pool paths).
 #[inline(always)]
 fn window_max_body<T: Float, const FMA: bool>(src: &[T], offsets: &[usize], grid: &Grid, out: &mut [T]) {
-    let reach = offsets.iter().copied().max().unwrap_or(0);
-    for_each_block(grid, out, &WindowMax { src, offsets, reach });
+    debug_assert!(offsets.iter().all(|&offset| offset <= grid.reach));
+    for_each_block(grid, out, &WindowMax { src, offsets, reach: grid.reach });
 }
 
 struct WindowMax<'a, T> {
@@ -208,7 +211,8 @@ fn tap_dots_body<T: Float, const FMA: bool>(
         // Dead slots of the last block repeat its first tap (summed, never stored).
         let mut off = [offs[0]; BLOCK];
         off[..offs.len()].copy_from_slice(offs);
-        let reach = off.iter().copied().max().unwrap_or(0);
+        debug_assert!(off.iter().all(|&offset| offset <= grid.reach));
+        let reach = grid.reach;
         let mut acc = [[T::ZERO; LANES]; BLOCK];
         for y in 0..grid.rows {
             // The row's last chunk reads the furthest, in `g` and in `src`.
@@ -276,9 +280,10 @@ impl InputLayout {
         let cols = (wo - 1) * s + (kw - 1) * d + 1;
         let wq = cols.div_ceil(s);
         let row_len = s * wq;
-        let offsets =
+        let offsets: Vec<usize> =
             (0..kh).flat_map(|ky| (0..kw).map(move |kx| ky * d * row_len + (kx * d % s) * wq + kx * d / s)).collect();
-        let grid = Grid { rows: ho, cols: wo, src_row: s * row_len, out_row: wo, out_col: 1 };
+        let reach = offsets.iter().copied().max().unwrap_or(0);
+        let grid = Grid { rows: ho, cols: wo, src_row: s * row_len, out_row: wo, out_col: 1, reach };
         // Phase `p` holds padded columns `p + s·q`; those inside the image are `q_lo..q_hi`,
         // reading input columns `first, first + s, ...`.
         let (left, end) = (geom.padding.left, cols.min(geom.padding.left + geom.w));
@@ -433,7 +438,8 @@ impl GradLayout {
                     // No tap reaches these positions: their gradient stays zero.
                     continue;
                 }
-                let grid = Grid { rows: n_rows, cols: n_cols, src_row: row_len, out_row: s * w, out_col: s };
+                let reach = taps.iter().map(|&(offset, _)| offset).max().unwrap_or(0);
+                let grid = Grid { rows: n_rows, cols: n_cols, src_row: row_len, out_row: s * w, out_col: s, reach };
                 phases.push(Phase { src_start: q0 * row_len + r0, out_start: iy0 * w + ix0, grid, taps });
             }
         }
@@ -516,28 +522,47 @@ fn transpose<T: Float>(
     grad_xs
 }
 
+/// Scratch elements the weight gradient stacks samples into (a few hundred KiB at most).
+const STACK_ELEMS: usize = 1 << 15;
+
 /// `grad_weight[c, tap] = Σ over n and output positions of grad * shifted xs` (of
 /// `xs.relu()` with `relu`), one rayon task per channel that reduces over the batch.
-/// Each block of taps accumulates in `LANES`-wide partial sums, added up once per plane.
+/// Each block of taps accumulates in `LANES`-wide partial sums.
+///
+/// The padded planes of several samples are stacked in one scratch, each in a block of
+/// `hb · stride` rows (`hb` output rows, the last `hb − ho` of them zero in the stacked
+/// gradient), so that one `tap_dots` covers them all: on planes of a few pixels (the `small`
+/// network's 4×4 and 2×2 cells) the work per call is so small that a call per plane was a
+/// quarter of a training step.
 pub(crate) fn grad_weight<T: Float>(isa: Isa, geom: &DepthwiseGeometry, xs: &[T], grad: &[T], relu: bool) -> Vec<T> {
-    let &DepthwiseGeometry { n, c, h, w, kh, kw, ho, wo, .. } = geom;
+    let &DepthwiseGeometry { n, c, h, w, kh, kw, ho, wo, stride: s, .. } = geom;
     let mut grad_weight = vec![T::ZERO; c * kh * kw];
-    if grad_weight.is_empty() || h * w == 0 {
+    if grad_weight.is_empty() || h * w == 0 || n == 0 {
         return grad_weight;
     }
     let layout = InputLayout::new(geom);
     let g_row = wo.next_multiple_of(LANES);
-    // The gradient rows are copied into `g_row`-long rows whose tails stay zero.
-    let scratch = || (layout.scratch(T::ZERO), vec![T::ZERO; ho * g_row]);
+    // Output rows per stacked sample, and the padded rows they read.
+    let hb = layout.rows.div_ceil(s);
+    let block_len = hb * s * layout.row_len;
+    let group = (STACK_ELEMS / block_len).clamp(1, n);
+    // The gradient rows are copied into `g_row`-long rows whose tails (and the rows past
+    // `ho` in each block) stay zero.
+    let scratch = || (vec![T::ZERO; group * block_len + LANES], vec![T::ZERO; group * hb * g_row]);
     grad_weight.par_chunks_mut(kh * kw).enumerate().for_each_init(scratch, |(scratch, g), (channel, dk)| {
-        for batch_idx in 0..n {
-            let plane = batch_idx * c + channel;
-            layout.fill(isa, &xs[plane * h * w..(plane + 1) * h * w], relu, scratch);
-            let src = &grad[plane * ho * wo..(plane + 1) * ho * wo];
-            for (dst, src) in g.chunks_exact_mut(g_row).zip(src.chunks_exact(wo)) {
-                dst[..wo].copy_from_slice(src);
+        for first in (0..n).step_by(group) {
+            let m = group.min(n - first);
+            for i in 0..m {
+                let plane = (first + i) * c + channel;
+                layout.fill(isa, &xs[plane * h * w..(plane + 1) * h * w], relu, &mut scratch[i * block_len..]);
+                let src = &grad[plane * ho * wo..(plane + 1) * ho * wo];
+                let dst = &mut g[i * hb * g_row..];
+                for (dst, src) in dst.chunks_exact_mut(g_row).zip(src.chunks_exact(wo)) {
+                    dst[..wo].copy_from_slice(src);
+                }
             }
-            tap_dots(isa, scratch, &layout.offsets, g, g_row, &layout.grid, dk);
+            let grid = Grid { rows: (m - 1) * hb + ho, ..layout.grid };
+            tap_dots(isa, scratch, &layout.offsets, g, g_row, &grid, dk);
         }
     });
     grad_weight
@@ -601,6 +626,11 @@ fn dense_offsets(layout: &InputLayout, c_in: usize, plane_len: usize) -> Vec<usi
     (0..c_in).flat_map(|ci| layout.offsets.iter().map(move |&offset| ci * plane_len + offset)).collect()
 }
 
+/// The forward grid of `layout` for the dense taps `offsets` (which reach further).
+fn dense_grid(layout: &InputLayout, offsets: &[usize]) -> Grid {
+    Grid { reach: offsets.iter().copied().max().unwrap_or(0), ..layout.grid }
+}
+
 /// Copies the `c_in` planes of sample `b` into `scratch` (`c_in` scratch planes back to back).
 fn fill_sample<T: Float>(isa: Isa, layout: &InputLayout, xs: &[T], b: usize, plane_len: usize, scratch: &mut [T]) {
     let &DepthwiseGeometry { c, h, w, .. } = &layout.geom;
@@ -632,6 +662,7 @@ pub(crate) fn dense_forward<T: Float>(
     let layout = InputLayout::new(geom);
     let plane_len = layout.rows * layout.row_len;
     let offsets = dense_offsets(&layout, c, plane_len);
+    let grid = dense_grid(&layout, &offsets);
     let taps_per = c * kh * kw;
     let splits = (4 * rayon::current_num_threads()).div_ceil(n).clamp(1, c_out);
     let group = c_out.div_ceil(splits);
@@ -645,7 +676,7 @@ pub(crate) fn dense_forward<T: Float>(
                     let k = &weight[co * taps_per..(co + 1) * taps_per];
                     taps.clear();
                     taps.extend(offsets.iter().copied().zip(k.iter().copied()));
-                    correlate(isa, scratch, taps, &layout.grid, out);
+                    correlate(isa, scratch, taps, &grid, out);
                 }
             },
         );
@@ -676,6 +707,7 @@ pub(crate) fn dense_grad_weight<T: Float>(
     let layout = InputLayout::new(geom);
     let plane_len = layout.rows * layout.row_len;
     let offsets = dense_offsets(&layout, c, plane_len);
+    let grid = dense_grid(&layout, &offsets);
     let g_row = wo.next_multiple_of(LANES);
     let per_part = n.div_ceil(n.min(DENSE_PARTS));
     let parts: Vec<Vec<T>> = (0..n.div_ceil(per_part))
@@ -692,7 +724,7 @@ pub(crate) fn dense_grad_weight<T: Float>(
                     for (dst, src) in g.chunks_exact_mut(g_row).zip(src.chunks_exact(wo)) {
                         dst[..wo].copy_from_slice(src);
                     }
-                    tap_dots(isa, &scratch, &offsets, &g, g_row, &layout.grid, dk);
+                    tap_dots(isa, &scratch, &offsets, &g, g_row, &grid, dk);
                 }
             }
             dk
