@@ -364,6 +364,9 @@ pub(crate) fn forward<T: Float>(isa: Isa, geom: &DepthwiseGeometry, xs: &[T], we
         // An empty image pads to windows of zeros.
         return vec![T::ZERO; n * c * ho * wo];
     }
+    if wo <= CHANNELS_MAX_WO {
+        return forward_channels(isa, geom, xs, weight, relu);
+    }
     // SAFETY: every plane is written in full by `correlate` (one task per plane).
     let mut out = unsafe { output_buffer(n * c * ho * wo) };
     let layout = InputLayout::new(geom);
@@ -377,6 +380,119 @@ pub(crate) fn forward<T: Float>(isa: Isa, geom: &DepthwiseGeometry, xs: &[T], we
             correlate(isa, scratch, taps, &layout.grid, out);
         },
     );
+    out
+}
+
+/// Output widths up to this take [`forward_channels`] (measured against the row path:
+/// 1.6-3.7x on 4x4 and 2x2 planes, 0.87x on 8x8 ones).
+const CHANNELS_MAX_WO: usize = 4;
+
+/// The sizes [`channel_correlate`] needs.
+#[derive(Debug, Clone, Copy)]
+struct ChannelGeom {
+    ho: usize,
+    wo: usize,
+    kh: usize,
+    kw: usize,
+    stride: usize,
+    dilation: usize,
+    /// Columns of the padded, transposed input.
+    wp: usize,
+    /// Channels rounded up to `LANES`: the innermost stride of both transposed buffers.
+    cp: usize,
+}
+
+/// Output positions and channel registers [`channel_correlate`] accumulates at once: 8
+/// independent sums, enough to hide the latency of the fused multiply-adds.
+const CHANNEL_X: usize = 4;
+const CHANNEL_C: usize = 2;
+
+/// `yout[(y·wo + x)·cp + ch] = Σ over taps t of wt[t·cp + ch] · xin[((y·s + ky·d)·wp + x·s +
+/// kx·d)·cp + ch]`: the depthwise correlation with channels innermost, `LANES` channels per
+/// register, `CHANNEL_X` positions × `CHANNEL_C` registers in flight (dead slots of a
+/// partial block repeat a live one and are not stored).
+#[inline(always)]
+fn channel_correlate_body<T: Float, const FMA: bool>(xin: &[T], wt: &[T], g: &ChannelGeom, yout: &mut [T]) {
+    let &ChannelGeom { ho, wo, kh, kw, stride: s, dilation: d, wp, cp } = g;
+    let chunks = cp / LANES;
+    for y in 0..ho {
+        for x0 in (0..wo).step_by(CHANNEL_X) {
+            let xs_live = (wo - x0).min(CHANNEL_X);
+            for c0 in (0..chunks).step_by(CHANNEL_C) {
+                let cs_live = (chunks - c0).min(CHANNEL_C);
+                let mut acc = [[[T::ZERO; LANES]; CHANNEL_C]; CHANNEL_X];
+                for ky in 0..kh {
+                    for kx in 0..kw {
+                        let t = (ky * kw + kx) * cp;
+                        let row = (y * s + ky * d) * wp + kx * d;
+                        for (j, acc) in acc.iter_mut().enumerate() {
+                            let x = x0 + j.min(xs_live - 1);
+                            let at = (row + x * s) * cp;
+                            for (i, acc) in acc.iter_mut().enumerate() {
+                                let ch = (c0 + i.min(cs_live - 1)) * LANES;
+                                let k: &[T; LANES] = wt[t + ch..t + ch + LANES].try_into().expect("LANES elements");
+                                let v: &[T; LANES] = xin[at + ch..at + ch + LANES].try_into().expect("LANES elements");
+                                for ((a, &v), &k) in acc.iter_mut().zip(v).zip(k) {
+                                    *a = T::madd::<FMA>(k, v, *a);
+                                }
+                            }
+                        }
+                    }
+                }
+                for (j, acc) in acc.iter().enumerate().take(xs_live) {
+                    let at = (y * wo + x0 + j) * cp + c0 * LANES;
+                    for (i, acc) in acc.iter().enumerate().take(cs_live) {
+                        yout[at + i * LANES..at + (i + 1) * LANES].copy_from_slice(acc);
+                    }
+                }
+            }
+        }
+    }
+}
+
+multiversion!(fn channel_correlate(xin: &[T], wt: &[T], g: &ChannelGeom, yout: &mut [T]) => channel_correlate_body);
+
+/// [`forward`] for narrow outputs (at most `CHANNELS_MAX_WO` columns), vectorised over
+/// channels instead of columns: a row of 2 outputs filled 2 of a register's 16 lanes, and
+/// the work per plane was too small to pay for a call per plane. One rayon task per
+/// sample transposes it into a zero-padded `(rows, cols, channels)` buffer (through the
+/// ReLU with `relu`), correlates every position for all channels at once, and transposes
+/// the result back.
+fn forward_channels<T: Float>(isa: Isa, geom: &DepthwiseGeometry, xs: &[T], weight: &[T], relu: bool) -> Vec<T> {
+    let &DepthwiseGeometry { c, h, w, kh, kw, ho, wo, stride, dilation, padding, .. } = geom;
+    let cp = c.next_multiple_of(LANES);
+    let hp = (ho - 1) * stride + (kh - 1) * dilation + 1;
+    let wp = (wo - 1) * stride + (kw - 1) * dilation + 1;
+    let g = ChannelGeom { ho, wo, kh, kw, stride, dilation, wp, cp };
+    let mut wt = vec![T::ZERO; kh * kw * cp];
+    for (ch, k) in weight.chunks_exact(kh * kw).enumerate() {
+        for (t, &v) in k.iter().enumerate() {
+            wt[t * cp + ch] = v;
+        }
+    }
+    // The input rows and columns inside the padded window, and where they land.
+    let rows = padding.top.min(hp)..(padding.top + h).min(hp);
+    let cols = padding.left.min(wp)..(padding.left + w).min(wp);
+    // SAFETY: each sample's planes are written in full by the transpose back.
+    let mut out = unsafe { output_buffer(geom.n * c * ho * wo) };
+    let buffers = || (vec![T::ZERO; hp * wp * cp], vec![T::ZERO; ho * wo * cp]);
+    out.par_chunks_mut(c * ho * wo).zip(xs.par_chunks(c * h * w)).for_each_init(buffers, |(xin, yout), (out, xs)| {
+        for (ch, plane) in xs.chunks_exact(h * w).enumerate() {
+            for r in rows.clone() {
+                let src = &plane[(r - padding.top) * w..(r - padding.top + 1) * w];
+                for q in cols.clone() {
+                    let v = src[q - padding.left];
+                    xin[(r * wp + q) * cp + ch] = if !relu || v >= T::ZERO { v } else { T::ZERO };
+                }
+            }
+        }
+        channel_correlate(isa, xin, &wt, &g, yout);
+        for (ch, plane) in out.chunks_exact_mut(ho * wo).enumerate() {
+            for (p, v) in plane.iter_mut().enumerate() {
+                *v = yout[p * cp + ch];
+            }
+        }
+    });
     out
 }
 
