@@ -452,6 +452,86 @@ fn channel_correlate_body<T: Float, const FMA: bool>(xin: &[T], wt: &[T], g: &Ch
 
 multiversion!(fn channel_correlate(xin: &[T], wt: &[T], g: &ChannelGeom, yout: &mut [T]) => channel_correlate_body);
 
+/// The channels-last buffers of the narrow-output path: a zero-padded `(hp, wp, cp)` copy
+/// of one sample's input (the rows and columns some window reads), and `(ho, wo, cp)`
+/// outputs or output gradients.
+#[derive(Debug)]
+struct ChannelLayout {
+    geom: DepthwiseGeometry,
+    g: ChannelGeom,
+    hp: usize,
+    /// Padded rows and columns that hold input (row `r` holds input row `r − top`).
+    rows: std::ops::Range<usize>,
+    cols: std::ops::Range<usize>,
+}
+
+impl ChannelLayout {
+    fn new(geom: &DepthwiseGeometry) -> Self {
+        let &DepthwiseGeometry { c, h, w, kh, kw, ho, wo, stride, dilation, padding, .. } = geom;
+        let cp = c.next_multiple_of(LANES);
+        let hp = (ho - 1) * stride + (kh - 1) * dilation + 1;
+        let wp = (wo - 1) * stride + (kw - 1) * dilation + 1;
+        let rows = padding.top.min(hp)..(padding.top + h).min(hp);
+        let cols = padding.left.min(wp)..(padding.left + w).min(wp);
+        ChannelLayout { geom: *geom, g: ChannelGeom { ho, wo, kh, kw, stride, dilation, wp, cp }, hp, rows, cols }
+    }
+
+    /// The `(kh·kw, cp)` transpose of a `(c, kh·kw)` weight, zero past channel `c`.
+    fn weight<T: Float>(&self, weight: &[T]) -> Vec<T> {
+        let (k2, cp) = (self.geom.kh * self.geom.kw, self.g.cp);
+        let mut wt = vec![T::ZERO; k2 * cp];
+        for (ch, k) in weight.chunks_exact(k2).enumerate() {
+            for (t, &v) in k.iter().enumerate() {
+                wt[t * cp + ch] = v;
+            }
+        }
+        wt
+    }
+
+    fn input_buffer<T: Float>(&self) -> Vec<T> {
+        vec![T::ZERO; self.hp * self.g.wp * self.g.cp]
+    }
+
+    fn output_buffer<T: Float>(&self) -> Vec<T> {
+        vec![T::ZERO; self.g.ho * self.g.wo * self.g.cp]
+    }
+
+    /// Copies one sample `(c, h, w)` into the input positions of `xin` (an `input_buffer`,
+    /// whose padding stays zero), through a ReLU with `relu`.
+    fn fill_input<T: Float>(&self, xs: &[T], relu: bool, xin: &mut [T]) {
+        let (&DepthwiseGeometry { h, w, padding, .. }, &ChannelGeom { wp, cp, .. }) = (&self.geom, &self.g);
+        for (ch, plane) in xs.chunks_exact(h * w).enumerate() {
+            for r in self.rows.clone() {
+                let src = &plane[(r - padding.top) * w..(r - padding.top + 1) * w];
+                for q in self.cols.clone() {
+                    let v = src[q - padding.left];
+                    xin[(r * wp + q) * cp + ch] = if !relu || v >= T::ZERO { v } else { T::ZERO };
+                }
+            }
+        }
+    }
+
+    /// Copies one sample's `(c, ho, wo)` planes into `(ho, wo, cp)` order.
+    fn fill_output<T: Float>(&self, planes: &[T], dst: &mut [T]) {
+        let cp = self.g.cp;
+        for (ch, plane) in planes.chunks_exact(self.g.ho * self.g.wo).enumerate() {
+            for (p, &v) in plane.iter().enumerate() {
+                dst[p * cp + ch] = v;
+            }
+        }
+    }
+
+    /// Copies `(ho, wo, cp)` outputs back into one sample's `(c, ho, wo)` planes.
+    fn unfill_output<T: Float>(&self, src: &[T], planes: &mut [T]) {
+        let cp = self.g.cp;
+        for (ch, plane) in planes.chunks_exact_mut(self.g.ho * self.g.wo).enumerate() {
+            for (p, v) in plane.iter_mut().enumerate() {
+                *v = src[p * cp + ch];
+            }
+        }
+    }
+}
+
 /// [`forward`] for narrow outputs (at most `CHANNELS_MAX_WO` columns), vectorised over
 /// channels instead of columns: a row of 2 outputs filled 2 of a register's 16 lanes, and
 /// the work per plane was too small to pay for a call per plane. One rayon task per
@@ -459,41 +539,157 @@ multiversion!(fn channel_correlate(xin: &[T], wt: &[T], g: &ChannelGeom, yout: &
 /// ReLU with `relu`), correlates every position for all channels at once, and transposes
 /// the result back.
 fn forward_channels<T: Float>(isa: Isa, geom: &DepthwiseGeometry, xs: &[T], weight: &[T], relu: bool) -> Vec<T> {
-    let &DepthwiseGeometry { c, h, w, kh, kw, ho, wo, stride, dilation, padding, .. } = geom;
-    let cp = c.next_multiple_of(LANES);
-    let hp = (ho - 1) * stride + (kh - 1) * dilation + 1;
-    let wp = (wo - 1) * stride + (kw - 1) * dilation + 1;
-    let g = ChannelGeom { ho, wo, kh, kw, stride, dilation, wp, cp };
-    let mut wt = vec![T::ZERO; kh * kw * cp];
-    for (ch, k) in weight.chunks_exact(kh * kw).enumerate() {
-        for (t, &v) in k.iter().enumerate() {
-            wt[t * cp + ch] = v;
-        }
-    }
-    // The input rows and columns inside the padded window, and where they land.
-    let rows = padding.top.min(hp)..(padding.top + h).min(hp);
-    let cols = padding.left.min(wp)..(padding.left + w).min(wp);
-    // SAFETY: each sample's planes are written in full by the transpose back.
-    let mut out = unsafe { output_buffer(geom.n * c * ho * wo) };
-    let buffers = || (vec![T::ZERO; hp * wp * cp], vec![T::ZERO; ho * wo * cp]);
+    let &DepthwiseGeometry { n, c, h, w, ho, wo, .. } = geom;
+    let layout = ChannelLayout::new(geom);
+    let wt = layout.weight(weight);
+    // SAFETY: each sample's planes are written in full by `unfill_output`.
+    let mut out = unsafe { output_buffer(n * c * ho * wo) };
+    let buffers = || (layout.input_buffer(), layout.output_buffer());
     out.par_chunks_mut(c * ho * wo).zip(xs.par_chunks(c * h * w)).for_each_init(buffers, |(xin, yout), (out, xs)| {
-        for (ch, plane) in xs.chunks_exact(h * w).enumerate() {
-            for r in rows.clone() {
-                let src = &plane[(r - padding.top) * w..(r - padding.top + 1) * w];
-                for q in cols.clone() {
-                    let v = src[q - padding.left];
-                    xin[(r * wp + q) * cp + ch] = if !relu || v >= T::ZERO { v } else { T::ZERO };
+        layout.fill_input(xs, relu, xin);
+        channel_correlate(isa, xin, &wt, &layout.g, yout);
+        layout.unfill_output(yout, out);
+    });
+    out
+}
+
+/// `dxin[((y·s + ky·d)·wp + x·s + kx·d)·cp + ch] += wt[t·cp + ch] · g[(y·wo + x)·cp + ch]`
+/// for every output position and tap: the transpose of [`channel_correlate_body`].
+#[inline(always)]
+fn channel_scatter_body<T: Float, const FMA: bool>(g: &[T], wt: &[T], geom: &ChannelGeom, dxin: &mut [T]) {
+    let &ChannelGeom { ho, wo, kh, kw, stride: s, dilation: d, wp, cp } = geom;
+    for y in 0..ho {
+        for x in 0..wo {
+            let gv = &g[(y * wo + x) * cp..(y * wo + x + 1) * cp];
+            for ky in 0..kh {
+                for kx in 0..kw {
+                    let at = ((y * s + ky * d) * wp + x * s + kx * d) * cp;
+                    let k = &wt[(ky * kw + kx) * cp..(ky * kw + kx + 1) * cp];
+                    for ((dst, &gv), &k) in dxin[at..at + cp].iter_mut().zip(gv).zip(k) {
+                        *dst = T::madd::<FMA>(k, gv, *dst);
+                    }
                 }
             }
         }
-        channel_correlate(isa, xin, &wt, &g, yout);
-        for (ch, plane) in out.chunks_exact_mut(ho * wo).enumerate() {
-            for (p, v) in plane.iter_mut().enumerate() {
-                *v = yout[p * cp + ch];
+    }
+}
+
+multiversion!(fn channel_scatter(g: &[T], wt: &[T], geom: &ChannelGeom, dxin: &mut [T]) => channel_scatter_body);
+
+/// [`grad_input`] for narrow outputs, channels innermost (see [`forward_channels`]): one
+/// task per sample scatters its output gradient through the taps into a zeroed padded
+/// buffer and copies the input positions back (zero where `relu_xs < 0`).
+fn grad_input_channels<T: Float>(
+    isa: Isa,
+    geom: &DepthwiseGeometry,
+    grad: &[T],
+    weight: &[T],
+    relu_xs: Option<&[T]>,
+) -> Vec<T> {
+    let &DepthwiseGeometry { c, h, w, ho, wo, padding, .. } = geom;
+    let layout = ChannelLayout::new(geom);
+    let wt = layout.weight(weight);
+    let (wp, cp) = (layout.g.wp, layout.g.cp);
+    // Input positions outside the padded window get no gradient.
+    let mut grad_xs = vec![T::ZERO; geom.n * c * h * w];
+    let buffers = || (layout.output_buffer(), layout.input_buffer());
+    grad_xs.par_chunks_mut(c * h * w).zip(grad.par_chunks(c * ho * wo)).enumerate().for_each_init(
+        buffers,
+        |(g, dxin), (b, (dx, grad))| {
+            layout.fill_output(grad, g);
+            dxin.fill(T::ZERO);
+            channel_scatter(isa, g, &wt, &layout.g, dxin);
+            for (ch, plane) in dx.chunks_exact_mut(h * w).enumerate() {
+                let xs = relu_xs.map(|xs| &xs[(b * c + ch) * h * w..(b * c + ch + 1) * h * w]);
+                for r in layout.rows.clone() {
+                    for q in layout.cols.clone() {
+                        let i = (r - padding.top) * w + q - padding.left;
+                        let v = dxin[(r * wp + q) * cp + ch];
+                        // Candle's ReLU rule: the gradient passes where `x >= 0`.
+                        plane[i] = match xs {
+                            Some(xs) if xs[i] >= T::ZERO => v,
+                            Some(_) => T::ZERO,
+                            None => v,
+                        };
+                    }
+                }
+            }
+        },
+    );
+    grad_xs
+}
+
+/// `acc[t·cp + ch] += Σ over output positions of g[(y·wo + x)·cp + ch] · xin[((y·s + ky·d)·wp
+/// + x·s + kx·d)·cp + ch]`: the weight gradient with channels innermost, one tap and up to
+/// `BLOCK` channel registers at a time, summed over the positions in registers.
+#[inline(always)]
+fn channel_tap_dots_body<T: Float, const FMA: bool>(xin: &[T], g: &[T], geom: &ChannelGeom, acc: &mut [T]) {
+    let &ChannelGeom { ho, wo, kh, kw, stride: s, dilation: d, wp, cp } = geom;
+    let chunks = cp / LANES;
+    for ky in 0..kh {
+        for kx in 0..kw {
+            let t = (ky * kw + kx) * cp;
+            for c0 in (0..chunks).step_by(BLOCK) {
+                let live = (chunks - c0).min(BLOCK);
+                let mut sums = [[T::ZERO; LANES]; BLOCK];
+                for y in 0..ho {
+                    for x in 0..wo {
+                        let at = ((y * s + ky * d) * wp + x * s + kx * d) * cp + c0 * LANES;
+                        let gat = (y * wo + x) * cp + c0 * LANES;
+                        for (i, sums) in sums.iter_mut().enumerate().take(live) {
+                            let v: &[T; LANES] =
+                                xin[at + i * LANES..at + (i + 1) * LANES].try_into().expect("LANES elements");
+                            let gv: &[T; LANES] =
+                                g[gat + i * LANES..gat + (i + 1) * LANES].try_into().expect("LANES elements");
+                            for ((a, &v), &gv) in sums.iter_mut().zip(v).zip(gv) {
+                                *a = T::madd::<FMA>(gv, v, *a);
+                            }
+                        }
+                    }
+                }
+                for (i, sums) in sums.iter().enumerate().take(live) {
+                    let at = t + (c0 + i) * LANES;
+                    for (a, &v) in acc[at..at + LANES].iter_mut().zip(sums) {
+                        *a += v;
+                    }
+                }
             }
         }
-    });
-    out
+    }
+}
+
+multiversion!(fn channel_tap_dots(xin: &[T], g: &[T], geom: &ChannelGeom, acc: &mut [T]) => channel_tap_dots_body);
+
+/// [`grad_weight`] for narrow outputs, channels innermost: the batch is cut into at most
+/// `PARTS` runs of samples (fixed by the batch alone, so the sum is the same on every
+/// machine); each run is one task accumulating `(kh·kw, cp)` sums, added in order.
+fn grad_weight_channels<T: Float>(isa: Isa, geom: &DepthwiseGeometry, xs: &[T], grad: &[T], relu: bool) -> Vec<T> {
+    const PARTS: usize = 16;
+    let &DepthwiseGeometry { n, c, h, w, kh, kw, ho, wo, .. } = geom;
+    let layout = ChannelLayout::new(geom);
+    let (k2, cp) = (kh * kw, layout.g.cp);
+    let per_part = n.div_ceil(n.min(PARTS));
+    let parts: Vec<Vec<T>> = (0..n.div_ceil(per_part))
+        .into_par_iter()
+        .map(|part| {
+            let (mut xin, mut g, mut acc) = (layout.input_buffer(), layout.output_buffer(), vec![T::ZERO; k2 * cp]);
+            for b in part * per_part..((part + 1) * per_part).min(n) {
+                layout.fill_input(&xs[b * c * h * w..(b + 1) * c * h * w], relu, &mut xin);
+                layout.fill_output(&grad[b * c * ho * wo..(b + 1) * c * ho * wo], &mut g);
+                channel_tap_dots(isa, &xin, &g, &layout.g, &mut acc);
+            }
+            acc
+        })
+        .collect();
+    let mut grad_weight = vec![T::ZERO; c * k2];
+    for part in &parts {
+        for (ch, dk) in grad_weight.chunks_exact_mut(k2).enumerate() {
+            for (t, d) in dk.iter_mut().enumerate() {
+                *d += part[t * cp + ch];
+            }
+        }
+    }
+    grad_weight
 }
 
 /// One phase of the input gradient: the input positions `(iy0 + s·i, ix0 + s·j)` and the
@@ -597,6 +793,10 @@ pub(crate) fn grad_input<T: Float>(
     weight: &[T],
     relu_xs: Option<&[T]>,
 ) -> Vec<T> {
+    let &DepthwiseGeometry { n, c, h, w, wo, .. } = geom;
+    if wo <= CHANNELS_MAX_WO && n * c * h * w > 0 {
+        return grad_input_channels(isa, geom, grad, weight, relu_xs);
+    }
     transpose(isa, geom, grad, weight, None, relu_xs)
 }
 
@@ -655,6 +855,9 @@ pub(crate) fn grad_weight<T: Float>(isa: Isa, geom: &DepthwiseGeometry, xs: &[T]
     let mut grad_weight = vec![T::ZERO; c * kh * kw];
     if grad_weight.is_empty() || h * w == 0 || n == 0 {
         return grad_weight;
+    }
+    if wo <= CHANNELS_MAX_WO {
+        return grad_weight_channels(isa, geom, xs, grad, relu);
     }
     let layout = InputLayout::new(geom);
     let g_row = wo.next_multiple_of(LANES);
