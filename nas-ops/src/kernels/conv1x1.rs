@@ -7,8 +7,10 @@
 //! thread: 14 % of a `small` training step; and its input gradient copies `Wᵀ` once per
 //! sample. On the CPU, [`conv1x1`] is a custom op: the forward and the input gradient are one
 //! gemm per sample (in parallel over samples), and the weight gradient `Σ_b dY_b · X_bᵀ` is
-//! accumulated by gemm straight into a `(c_out, c_in)` buffer. On other
-//! devices [`conv1x1`] is the reference, whose ops run there already.
+//! accumulated by gemm straight into a `(c_out, c_in)` buffer, one task per band of output
+//! rows. [`conv1x1_relu`] reads its input through a ReLU, and [`conv1x1_affine`] folds an
+//! eval-mode batch norm (and a ReLU) into the conv. On other devices [`conv1x1`] is the
+//! reference, whose ops run there already.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, WithDType};

@@ -14,6 +14,12 @@
 //! at stride `s` splits into `s × s` phases (input rows and columns by their remainder mod
 //! `s`); each phase is a stride-1 correlation of the padded output gradient with the kernel
 //! taps of that remainder, and its results are scattered into every `s`-th input position.
+//!
+//! Two shapes take other routes: the depthwise weight gradient stacks the padded planes of
+//! several samples in one scratch (one call for all of them), and outputs at most
+//! `CHANNELS_MAX_WO` columns wide run the depthwise forward and both gradients channels-last
+//! (`forward_channels`, `grad_input_channels`, `grad_weight_channels`), where 16 channels
+//! fill a register that a row of 2 outputs would leave mostly empty.
 
 use rayon::prelude::*;
 
