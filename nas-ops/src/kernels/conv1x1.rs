@@ -145,6 +145,22 @@ pub fn conv1x1_reference(xs: &Tensor, weight: &Tensor) -> Result<Tensor> {
     ys.reshape((b, c_out, h, w))
 }
 
+/// Checks that an optional third input of a `cpu_fwd` has shape `dims` and dtype `dtype`.
+fn check_third(
+    name: &str,
+    what: &str,
+    third: Option<(&CpuStorage, &Layout)>,
+    dims: &[usize],
+    dtype: candle_core::DType,
+) -> Result<()> {
+    if let Some((s, l)) = third {
+        if l.dims() != dims || s.dtype() != dtype {
+            bail!("{name}: expected {what} of shape {dims:?} and dtype {dtype:?}, got {:?} {:?}", l.dims(), s.dtype())
+        }
+    }
+    Ok(())
+}
+
 /// The contiguous elements of an input.
 fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [T]> {
     match l.contiguous_offsets() {
@@ -238,16 +254,7 @@ impl Conv1x1 {
         if c_w != c {
             bail!("{NAME}: the weight has {c_w} input channels, the input {c}")
         }
-        if let Some((s3, l3)) = shift {
-            if l3.dims() != [c_out] || s3.dtype() != s1.dtype() {
-                bail!(
-                    "{NAME}: expected a shift of shape ({c_out}) and dtype {:?}, got {:?} {:?}",
-                    s1.dtype(),
-                    l3.dims(),
-                    s3.dtype()
-                )
-            }
-        }
+        check_third(NAME, "a shift", shift, &[c_out], s1.dtype())?;
         let dims = (b, c, p, c_out);
         let out = match (s1, s2) {
             (CpuStorage::F32(_), CpuStorage::F32(_)) => {
@@ -450,17 +457,7 @@ impl Conv1x1GradInput {
         if c_out_w != c_out {
             bail!("{name}: gradient {:?} and weight {:?} differ", l1.dims(), l2.dims())
         }
-        if let Some((s3, l3)) = xs {
-            if l3.dims() != [b, c, p] || s3.dtype() != s1.dtype() {
-                bail!(
-                    "{name}: expected xs of shape {:?} and dtype {:?}, got {:?} {:?}",
-                    [b, c, p],
-                    s1.dtype(),
-                    l3.dims(),
-                    s3.dtype()
-                )
-            }
-        }
+        check_third(name, "xs", xs, &[b, c, p], s1.dtype())?;
         let dims = (b, c, p, c_out);
         let out = match (s1, s2) {
             (CpuStorage::F32(_), CpuStorage::F32(_)) => {
