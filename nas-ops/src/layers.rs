@@ -168,17 +168,9 @@ impl BatchNorm {
 }
 
 impl BatchNorm {
-    /// `forward_t(xs, train)?.relu()` with the ReLU fused into the training-mode op (the
-    /// tensor before the ReLU is not kept for the backward pass).
-    ///
-    /// # Shapes
-    /// - `xs`: `(batch, c, h, w)`; returns the same shape
-    pub fn forward_relu_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        self.forward_with(xs, train, true)
-    }
-
     /// `conv` on `xs` (read through a ReLU with `relu_in`), then this batch norm (then a
-    /// ReLU with `relu_out`). In eval mode a 1×1 conv takes the batch norm inside
+    /// ReLU with `relu_out`, fused into the batch-norm op, so the tensor before it is not
+    /// kept for the backward pass). In eval mode a 1×1 conv takes the batch norm inside
     /// (`kernels::conv1x1::conv1x1_affine`), so the conv's output is written once.
     ///
     /// # Shapes

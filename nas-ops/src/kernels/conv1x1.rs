@@ -83,7 +83,7 @@ pub fn conv1x1_affine(
     let (b, c, h, w) = xs.dims4()?;
     let xs3 = xs.reshape((b, c, h * w))?.contiguous()?;
     let w2 = weight.reshape((c_out, c))?.broadcast_mul(&scale.reshape((c_out, 1))?)?.contiguous()?;
-    let op = Conv1x1 { relu_in, shift_relu: Some(relu_out) };
+    let op = Conv1x1 { relu_in, relu_out };
     xs3.apply_op3(&w2, &shift.contiguous()?, op)?.reshape((b, c_out, h, w))
 }
 
@@ -130,7 +130,7 @@ fn apply(xs: &Tensor, weight: &Tensor, relu_in: bool) -> Result<Tensor> {
     let (b, c, h, w) = xs.dims4()?;
     let xs3 = xs.reshape((b, c, h * w))?.contiguous()?;
     let w2 = weight.reshape((c_out, c))?.contiguous()?;
-    xs3.apply_op2(&w2, Conv1x1 { relu_in, shift_relu: None })?.reshape((b, c_out, h, w))
+    xs3.apply_op2(&w2, Conv1x1 { relu_in, relu_out: false })?.reshape((b, c_out, h, w))
 }
 
 /// [`conv1x1`] from plain tensor ops (a broadcast `matmul`), differentiable on any device.
@@ -221,12 +221,12 @@ fn threads() -> Parallelism {
 }
 
 /// `(xs (b, c, p), weight (c_out, c)) -> (b, c_out, p)`, of `xs.relu()` with `relu_in`. As
-/// a `CustomOp3` (with `shift_relu: Some(relu_out)`), a third argument `shift (c_out)` is
-/// added to every output row, then the ReLU applied with `relu_out`.
+/// a `CustomOp3`, a third argument `shift (c_out)` is added to every output row, then the
+/// ReLU applied with `relu_out` (which only the `CustomOp3` reads).
 #[derive(Debug, Clone, Copy)]
 struct Conv1x1 {
     relu_in: bool,
-    shift_relu: Option<bool>,
+    relu_out: bool,
 }
 
 impl Conv1x1 {
@@ -237,8 +237,8 @@ impl Conv1x1 {
         shift: Option<&[T]>,
         (b, c, p, c_out): (usize, usize, usize, usize),
     ) -> Vec<T> {
-        let epilogue = shift.map(|shift| Epilogue { shift, relu: self.shift_relu == Some(true) });
-        per_sample(b, (w, false), xs, (c_out, p, c), self.relu_in, Rows::from(epilogue))
+        let rows = shift.map_or(Rows::Keep, |shift| Rows::Shift { shift, relu: self.relu_out });
+        per_sample(b, (w, false), xs, (c_out, p, c), self.relu_in, rows)
     }
 
     /// Checks the shapes and runs the forward, with the shift when given.
@@ -291,20 +291,8 @@ enum Rows<'a, T> {
     Keep,
     /// Zero it where `mask` (shaped like the whole output) is negative.
     Mask(&'a [T]),
-    /// Add `shift[r]` to row `r`, then the ReLU if asked.
-    Shift(Epilogue<'a, T>),
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Epilogue<'a, T> {
-    shift: &'a [T],
-    relu: bool,
-}
-
-impl<'a, T> From<Option<Epilogue<'a, T>>> for Rows<'a, T> {
-    fn from(e: Option<Epilogue<'a, T>>) -> Self {
-        e.map_or(Rows::Keep, Rows::Shift)
-    }
+    /// Add `shift[r]` to row `r`, then the ReLU if `relu`.
+    Shift { shift: &'a [T], relu: bool },
 }
 
 /// `max(v, 0)` with candle's rule (`v >= 0 ? v : 0`).
@@ -356,7 +344,7 @@ fn per_sample<T: Float>(
                     *o = if x >= T::ZERO { *o } else { T::ZERO };
                 }
             }
-            Rows::Shift(Epilogue { shift, relu }) => {
+            Rows::Shift { shift, relu } => {
                 for (row, &s) in o.chunks_exact_mut(n).zip(shift) {
                     for v in row.iter_mut() {
                         let y = *v + s;
@@ -422,8 +410,7 @@ impl CustomOp3 for Conv1x1 {
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let grad =
-            if self.shift_relu == Some(true) { (grad * res.gt(0.0)?.to_dtype(grad.dtype())?)? } else { grad.clone() };
+        let grad = if self.relu_out { (grad * res.gt(0.0)?.to_dtype(grad.dtype())?)? } else { grad.clone() };
         let (grad_xs, grad_w) = self.input_and_weight_grads(xs, w, &grad)?;
         let grad_shift = grad.sum((0, 2))?;
         Ok((Some(grad_xs), Some(grad_w), Some(grad_shift)))

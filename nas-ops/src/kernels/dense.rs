@@ -11,11 +11,10 @@
 //! channels, lives on the CPU and carries no gradient; its backward computes the weight's
 //! gradient only. Any other input takes [`dense_conv2d_reference`], candle's own ops.
 
-use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
+use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
-use crate::kernels::depthwise::DepthwiseGeometry;
-use crate::kernels::simd::{Float, Isa};
+use crate::kernels::depthwise::{dispatch, DepthwiseGeometry};
+use crate::kernels::simd::Isa;
 use crate::kernels::window as cpu;
 use crate::kernels::Padding2d;
 
@@ -102,7 +101,7 @@ impl DenseGeometry {
         dilation: usize,
         padding: Padding2d,
     ) -> Result<Self> {
-        let &[_, c_in, h, w] = xs_dims else {
+        let &[_, c_in, _, _] = xs_dims else {
             bail!("{name}: expected an input of shape (n, c, h, w), got {xs_dims:?}")
         };
         let &[c_out, c_k, kh, kw] = weight_dims else {
@@ -115,18 +114,7 @@ impl DenseGeometry {
                 "{name}: expected a weight of shape (c_out, {c_in}, kh, kw) for input {xs_dims:?}, got {weight_dims:?}"
             )
         }
-        if stride == 0 || dilation == 0 {
-            bail!("{name}: stride ({stride}) and dilation ({dilation}) must be at least 1")
-        }
-        let (span_h, span_w) = ((kh - 1) * dilation + 1, (kw - 1) * dilation + 1);
-        let (padded_h, padded_w) = (h + padding.top + padding.bottom, w + padding.left + padding.right);
-        if padded_h < span_h || padded_w < span_w {
-            bail!(
-                "{name}: input {xs_dims:?} padded by {padding:?} is {padded_h}x{padded_w}, smaller than the \
-                 {span_h}x{span_w} span of weight {weight_dims:?} at dilation {dilation}"
-            )
-        }
-        let plane = DepthwiseGeometry::new(name, xs_dims, &[c_in, 1, kh, kw], stride, dilation, padding)?;
+        let plane = DepthwiseGeometry::window(name, xs_dims, weight_dims, (kh, kw), stride, dilation, padding)?;
         Ok(DenseGeometry { plane, c_out })
     }
 
@@ -141,55 +129,12 @@ impl DenseGeometry {
     }
 }
 
-/// The contiguous elements of one input of a custom op.
-fn contiguous<'a, T: WithDType>(name: &str, what: &str, storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [T]> {
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&storage.as_slice::<T>()?[start..end]),
-        None => bail!("{name}: {what} must be contiguous, got shape {:?} strides {:?}", layout.dims(), layout.stride()),
-    }
-}
-
-/// Runs `kernel` on two contiguous CPU storages of one dtype, f32 or f64.
-fn dispatch(
-    name: &str,
-    (s1, l1): (&CpuStorage, &Layout),
-    (s2, l2): (&CpuStorage, &Layout),
-    kernel: impl Kernel,
-) -> Result<CpuStorage> {
-    let (d1, d2) = (s1.dtype(), s2.dtype());
-    if d1 != d2 {
-        bail!("{name}: dtypes differ, {d1:?} and {d2:?}")
-    }
-    match s1 {
-        CpuStorage::F32(_) => {
-            Ok(CpuStorage::F32(kernel.run(contiguous(name, "arg 1", s1, l1)?, contiguous(name, "arg 2", s2, l2)?)))
-        }
-        CpuStorage::F64(_) => {
-            Ok(CpuStorage::F64(kernel.run(contiguous(name, "arg 1", s1, l1)?, contiguous(name, "arg 2", s2, l2)?)))
-        }
-        _ => bail!("{name}: unsupported dtype {d1:?}"),
-    }
-}
-
-/// A CPU kernel generic over the float type (a closure cannot be).
-trait Kernel {
-    fn run<T: Float>(&self, a: &[T], b: &[T]) -> Vec<T>;
-}
-
 /// The forward op on `(xs, weight)`.
 #[derive(Debug, Clone, Copy)]
 struct DenseConv2d {
     stride: usize,
     dilation: usize,
     padding: Padding2d,
-}
-
-struct Forward(DenseGeometry);
-
-impl Kernel for Forward {
-    fn run<T: Float>(&self, xs: &[T], weight: &[T]) -> Vec<T> {
-        cpu::dense_forward(Isa::detect(), &self.0.plane, self.0.c_out, xs, weight)
-    }
 }
 
 impl CustomOp2 for DenseConv2d {
@@ -199,7 +144,16 @@ impl CustomOp2 for DenseConv2d {
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let geom = DenseGeometry::new(FWD_NAME, l1.dims(), l2.dims(), self.stride, self.dilation, self.padding)?;
-        let out = dispatch(FWD_NAME, (s1, l1), (s2, l2), Forward(geom))?;
+        let (p, c_out) = (&geom.plane, geom.c_out);
+        let out = dispatch(
+            FWD_NAME,
+            s1,
+            l1,
+            s2,
+            l2,
+            |x, w| cpu::dense_forward(Isa::detect(), p, c_out, x, w),
+            |x, w| cpu::dense_forward(Isa::detect(), p, c_out, x, w),
+        )?;
         Ok((out, geom.output_dims().into()))
     }
 
@@ -223,14 +177,6 @@ struct DenseConv2dGradWeight {
     geom: DenseGeometry,
 }
 
-struct GradWeight(DenseGeometry);
-
-impl Kernel for GradWeight {
-    fn run<T: Float>(&self, xs: &[T], grad: &[T]) -> Vec<T> {
-        cpu::dense_grad_weight(Isa::detect(), &self.0.plane, self.0.c_out, xs, grad)
-    }
-}
-
 impl CustomOp2 for DenseConv2dGradWeight {
     fn name(&self) -> &'static str {
         GRAD_WEIGHT_NAME
@@ -249,7 +195,16 @@ impl CustomOp2 for DenseConv2dGradWeight {
                 l2.dims()
             )
         }
-        let out = dispatch(GRAD_WEIGHT_NAME, (s1, l1), (s2, l2), GradWeight(geom))?;
+        let c_out = geom.c_out;
+        let out = dispatch(
+            GRAD_WEIGHT_NAME,
+            s1,
+            l1,
+            s2,
+            l2,
+            |x, g| cpu::dense_grad_weight(Isa::detect(), p, c_out, x, g),
+            |x, g| cpu::dense_grad_weight(Isa::detect(), p, c_out, x, g),
+        )?;
         Ok((out, geom.weight_dims().into()))
     }
 }
@@ -259,6 +214,7 @@ mod tests {
     use candle_core::{DType, Device, Tensor, Var};
 
     use super::*;
+    use crate::kernels::simd::Float;
     use crate::kernels::testutil::{analytic_grads, assert_close, check_finite_differences, TestRng};
 
     #[derive(Debug, Clone, Copy)]

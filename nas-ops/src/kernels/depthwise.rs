@@ -119,13 +119,29 @@ impl DepthwiseGeometry {
         dilation: usize,
         padding: Padding2d,
     ) -> Result<Self> {
-        let &[n, c, h, w] = xs_dims else { bail!("{name}: expected an input of shape (n, c, h, w), got {xs_dims:?}") };
+        let &[_, c, _, _] = xs_dims else { bail!("{name}: expected an input of shape (n, c, h, w), got {xs_dims:?}") };
         let &[c_k, 1, kh, kw] = weight_dims else {
             bail!("{name}: expected a weight of shape (c, 1, kh, kw) with c = {c} for input {xs_dims:?}, got {weight_dims:?}")
         };
         if c_k != c || kh == 0 || kw == 0 {
             bail!("{name}: expected a weight of shape (c, 1, kh, kw) with c = {c} for input {xs_dims:?}, got {weight_dims:?}")
         }
+        Self::window(name, xs_dims, weight_dims, (kh, kw), stride, dilation, padding)
+    }
+
+    /// The geometry of a `kh × kw` window over the planes of `xs_dims` `(n, c, h, w)`, after
+    /// checking the stride, the dilation and that the padded input holds the window's span
+    /// (`weight_dims` is quoted in the error). The caller has checked the weight's shape.
+    pub(crate) fn window(
+        name: &str,
+        xs_dims: &[usize],
+        weight_dims: &[usize],
+        (kh, kw): (usize, usize),
+        stride: usize,
+        dilation: usize,
+        padding: Padding2d,
+    ) -> Result<Self> {
+        let &[n, c, h, w] = xs_dims else { bail!("{name}: expected an input of shape (n, c, h, w), got {xs_dims:?}") };
         if stride == 0 || dilation == 0 {
             bail!("{name}: stride ({stride}) and dilation ({dilation}) must be at least 1")
         }
@@ -173,7 +189,7 @@ fn check_dims(name: &str, what: &str, layout: &Layout, expected: (usize, usize, 
 }
 
 /// Runs the f32 or f64 kernel on two contiguous storages of that dtype and wraps its output.
-fn dispatch(
+pub(crate) fn dispatch(
     name: &str,
     s1: &CpuStorage,
     l1: &Layout,
