@@ -13,7 +13,7 @@ use crate::kernels::batch_norm::{
 use crate::kernels::conv1x1::conv1x1_affine;
 use crate::kernels::dense::dense_conv2d;
 use crate::kernels::depthwise::{depthwise_conv2d, depthwise_conv2d_relu};
-use crate::kernels::pool::avg_pool2d;
+pub use crate::kernels::subsample::subsample2;
 use crate::kernels::Padding2d;
 
 /// A dense convolution without bias, TF SAME padding (or VALID), any kernel shape.
@@ -223,22 +223,6 @@ impl ModuleT for BatchNorm {
     fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
         self.forward_with(xs, train, false)
     }
-}
-
-/// `x[:, :, offset::2, offset::2]` with zeros beyond the edge, as the two paths of TF-Slim's
-/// `factorized_reduction` read it (path 2 uses offset 1).
-///
-/// # Shapes
-/// - `xs`: `(batch, c, h, w)`
-/// - returns: `(batch, c, ceil(h / 2), ceil(w / 2))`
-pub fn subsample2(xs: &Tensor, offset: usize) -> Result<Tensor> {
-    let (_, _, h, w) = xs.dims4()?;
-    let xs = if offset == 0 {
-        xs.clone()
-    } else {
-        xs.pad_with_zeros(2, 0, offset)?.pad_with_zeros(3, 0, offset)?.narrow(2, offset, h)?.narrow(3, offset, w)?
-    };
-    avg_pool2d(&xs, 1, 2, Padding2d::default())
 }
 
 /// Global average pool over height and width: `(batch, c, h, w)` → `(batch, c)`.

@@ -15,6 +15,7 @@ pub mod dense;
 pub mod depthwise;
 pub mod pool;
 pub(crate) mod simd;
+pub mod subsample;
 pub(crate) mod window;
 
 #[cfg(test)]

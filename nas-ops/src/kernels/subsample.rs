@@ -1,0 +1,261 @@
+//! Stride-2 subsampling with an offset, `x[:, :, offset::2, offset::2]` with zeros past the
+//! edge: how the two paths of TF-Slim's `factorized_reduction` read their input (path 1 at
+//! offset 0; path 2 pads one row and column of zeros after, drops the first ones and
+//! subsamples, i.e. offset 1).
+//!
+//! The reference builds it from plain candle ops (pad, narrow, a 1×1 stride-2 pool): on the
+//! CPU that was three full copies of the input plus the strided read, 6 % of a mobile
+//! inference pass (profile). The custom op `subsample2` reads the input once, in parallel
+//! over planes, and its gradient writes each input element once. Off the CPU the reference
+//! runs (there is no CUDA twin yet: on the GPU these are cheap copies).
+
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, WithDType};
+use rayon::prelude::*;
+
+use super::output_buffer;
+use super::pool::avg_pool2d;
+use super::Padding2d;
+
+const NAME: &str = "subsample2";
+
+/// `x[:, :, offset::2, offset::2]`, zero where `offset` pushes a row or column past the edge.
+///
+/// # Shapes
+/// - `xs`: `(batch, c, h, w)`, f32 or f64; `offset` 0 or 1
+/// - returns: `(batch, c, ceil(h / 2), ceil(w / 2))`
+pub fn subsample2(xs: &Tensor, offset: usize) -> Result<Tensor> {
+    Geom::new(xs.dims(), offset)?;
+    if !xs.device().is_cpu() {
+        return subsample2_reference(xs, offset);
+    }
+    xs.contiguous()?.apply_op1(Subsample2 { offset })
+}
+
+/// Reference for [`subsample2`] from differentiable candle ops (any device): pad `offset`
+/// zeros after, drop the first `offset` rows and columns, subsample by a 1×1 stride-2 pool.
+///
+/// # Shapes
+/// As [`subsample2`].
+pub fn subsample2_reference(xs: &Tensor, offset: usize) -> Result<Tensor> {
+    let g = Geom::new(xs.dims(), offset)?;
+    let xs = if offset == 0 {
+        xs.clone()
+    } else {
+        xs.pad_with_zeros(2, 0, offset)?.pad_with_zeros(3, 0, offset)?.narrow(2, offset, g.h)?.narrow(3, offset, g.w)?
+    };
+    avg_pool2d(&xs, 1, 2, Padding2d::default())
+}
+
+/// Shapes of one call: input planes `h × w`, output planes `ho × wo`.
+#[derive(Debug, Clone, Copy)]
+struct Geom {
+    planes: usize,
+    h: usize,
+    w: usize,
+    ho: usize,
+    wo: usize,
+    offset: usize,
+}
+
+impl Geom {
+    fn new(dims: &[usize], offset: usize) -> Result<Geom> {
+        let &[n, c, h, w] = dims else { bail!("{NAME}: expected an (N, C, H, W) input, got shape {dims:?}") };
+        if offset > 1 {
+            bail!("{NAME}: offset must be 0 or 1, got {offset}")
+        }
+        Ok(Geom { planes: n * c, h, w, ho: h.div_ceil(2), wo: w.div_ceil(2), offset })
+    }
+
+    /// How many output columns read a real input column: those with `2j + offset < w`.
+    fn real_cols(&self) -> usize {
+        (self.w + 1).saturating_sub(self.offset) / 2
+    }
+
+    fn input_shape(&self, dims: &[usize]) -> Shape {
+        Shape::from((dims[0], dims[1], self.h, self.w))
+    }
+
+    fn output_shape(&self, dims: &[usize]) -> Shape {
+        Shape::from((dims[0], dims[1], self.ho, self.wo))
+    }
+}
+
+fn contiguous<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((start, end)) => Ok(&s.as_slice::<T>()?[start..end]),
+        None => bail!("{NAME}: expected a contiguous input, got strides {:?}", l.stride()),
+    }
+}
+
+/// Runs `kernel` on an f32 or f64 storage and wraps its output.
+fn by_dtype(
+    s: &CpuStorage,
+    l: &Layout,
+    f32_kernel: impl FnOnce(&[f32]) -> Vec<f32>,
+    f64_kernel: impl FnOnce(&[f64]) -> Vec<f64>,
+) -> Result<CpuStorage> {
+    Ok(match s {
+        CpuStorage::F32(_) => CpuStorage::F32(f32_kernel(contiguous(s, l)?)),
+        CpuStorage::F64(_) => CpuStorage::F64(f64_kernel(contiguous(s, l)?)),
+        _ => bail!("{NAME}: unsupported dtype {:?}, expected f32 or f64", s.dtype()),
+    })
+}
+
+/// The forward: every output element is written (a real input element or zero).
+fn forward_cpu<T: WithDType>(xs: &[T], g: Geom) -> Vec<T> {
+    let (plane_in, plane_out) = (g.h * g.w, g.ho * g.wo);
+    if g.planes * plane_out == 0 {
+        return Vec::new();
+    }
+    let real = g.real_cols();
+    // SAFETY: every row of every output plane is written below, in full.
+    let mut out = unsafe { output_buffer::<T>(g.planes * plane_out) };
+    out.par_chunks_mut(plane_out).zip(xs.par_chunks(plane_in)).for_each(|(o, x)| {
+        for (i, orow) in o.chunks_exact_mut(g.wo).enumerate() {
+            let r = 2 * i + g.offset;
+            if r >= g.h {
+                orow.fill(T::zero());
+                continue;
+            }
+            let xrow = &x[r * g.w + g.offset..(r + 1) * g.w];
+            for (v, &x) in orow[..real].iter_mut().zip(xrow.iter().step_by(2)) {
+                *v = x;
+            }
+            orow[real..].fill(T::zero());
+        }
+    });
+    out
+}
+
+/// The input gradient: each sampled element takes its output's gradient, every other is zero.
+fn backward_cpu<T: WithDType>(gy: &[T], g: Geom) -> Vec<T> {
+    let (plane_in, plane_out) = (g.h * g.w, g.ho * g.wo);
+    let mut gx = vec![T::zero(); g.planes * plane_in];
+    if gx.is_empty() || plane_out == 0 {
+        return gx;
+    }
+    let real = g.real_cols();
+    gx.par_chunks_mut(plane_in).zip(gy.par_chunks(plane_out)).for_each(|(gx, gy)| {
+        for (i, grow) in gy.chunks_exact(g.wo).enumerate() {
+            let r = 2 * i + g.offset;
+            if r >= g.h {
+                break;
+            }
+            let xrow = &mut gx[r * g.w + g.offset..(r + 1) * g.w];
+            for (x, &v) in xrow.iter_mut().step_by(2).zip(&grow[..real]) {
+                *x = v;
+            }
+        }
+    });
+    gx
+}
+
+/// `subsample2`: the forward of [`subsample2`] on the CPU.
+#[derive(Debug, Clone, Copy)]
+struct Subsample2 {
+    offset: usize,
+}
+
+impl CustomOp1 for Subsample2 {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = Geom::new(l.dims(), self.offset)?;
+        let out = by_dtype(s, l, |xs| forward_cpu(xs, g), |xs| forward_cpu(xs, g))?;
+        Ok((out, g.output_shape(l.dims())))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let (_, _, h, w) = arg.dims4()?;
+        Ok(Some(grad_res.contiguous()?.apply_op1_no_bwd(&Subsample2Bwd { offset: self.offset, h, w })?))
+    }
+}
+
+/// `subsample2-bwd`: `grad_out -> grad_in` of [`subsample2`] on the CPU.
+#[derive(Debug, Clone, Copy)]
+struct Subsample2Bwd {
+    offset: usize,
+    h: usize,
+    w: usize,
+}
+
+impl CustomOp1 for Subsample2Bwd {
+    fn name(&self) -> &'static str {
+        "subsample2-bwd"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let dims = l.dims();
+        let &[n, c, ..] = dims else { bail!("{}: expected an (N, C, Ho, Wo) gradient, got {dims:?}", self.name()) };
+        let g = Geom::new(&[n, c, self.h, self.w], self.offset)?;
+        if l.shape() != &g.output_shape(dims) {
+            bail!("{}: expected a gradient of shape {:?}, got {dims:?}", self.name(), g.output_shape(dims))
+        }
+        let out = by_dtype(s, l, |gy| backward_cpu(gy, g), |gy| backward_cpu(gy, g))?;
+        Ok((out, g.input_shape(dims)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::testutil::*;
+    use candle_core::{DType, Device};
+
+    const SIZES: [(usize, usize); 9] = [(1, 1), (1, 2), (2, 1), (3, 3), (4, 5), (5, 4), (7, 7), (8, 8), (11, 6)];
+
+    #[test]
+    fn forward_and_gradient_match_the_reference() {
+        let mut rng = TestRng::new(31);
+        for dtype in [DType::F32, DType::F64] {
+            for (h, w) in SIZES {
+                for offset in [0, 1] {
+                    let what = format!("{dtype:?} {h}x{w} offset {offset}");
+                    let xs = rng.tensor(&[2, 3, h, w], dtype).unwrap();
+                    let got = subsample2(&xs, offset).unwrap();
+                    let want = subsample2_reference(&xs, offset).unwrap();
+                    assert_eq!(got.dims(), &[2, 3, h.div_ceil(2), w.div_ceil(2)], "{what}");
+                    assert_close(&got, &want, 0.0, &what);
+                    let probe = rng.tensor(got.dims(), dtype).unwrap();
+                    let fast = analytic_grads(&|t| subsample2(&t[0], offset), std::slice::from_ref(&xs), &probe);
+                    let reference =
+                        analytic_grads(&|t| subsample2_reference(&t[0], offset), std::slice::from_ref(&xs), &probe);
+                    assert_close(&fast.unwrap()[0], &reference.unwrap()[0], 0.0, &format!("{what} gradient"));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn reads_the_right_elements_by_hand() {
+        let xs = Tensor::arange(0f32, 20., &Device::Cpu).unwrap().reshape((1, 1, 4, 5)).unwrap();
+        let at = |offset| subsample2(&xs, offset).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(at(0), [0., 2., 4., 10., 12., 14.]);
+        assert_eq!(at(1), [6., 8., 0., 16., 18., 0.]);
+    }
+
+    #[test]
+    fn strided_inputs_are_read_as_their_values() {
+        let mut rng = TestRng::new(32);
+        let xs = rng.tensor(&[2, 3, 6, 5], DType::F32).unwrap().transpose(2, 3).unwrap();
+        for offset in [0, 1] {
+            let want = subsample2_reference(&xs.contiguous().unwrap(), offset).unwrap();
+            assert_close(&subsample2(&xs, offset).unwrap(), &want, 0.0, "transposed input");
+        }
+    }
+
+    #[test]
+    fn errors_name_the_op_and_the_value() {
+        let xs = Tensor::zeros((2, 3, 4), DType::F32, &Device::Cpu).unwrap();
+        let err = subsample2(&xs, 0).unwrap_err().to_string();
+        assert!(err.contains("subsample2") && err.contains("[2, 3, 4]"), "{err}");
+        let xs = Tensor::zeros((1, 1, 4, 4), DType::F32, &Device::Cpu).unwrap();
+        let err = subsample2(&xs, 2).unwrap_err().to_string();
+        assert!(err.contains("offset must be 0 or 1, got 2"), "{err}");
+        let err = subsample2(&xs.to_dtype(DType::U8).unwrap(), 0).unwrap_err().to_string();
+        assert!(err.contains("subsample2") && err.contains("U8"), "{err}");
+    }
+}
