@@ -35,11 +35,133 @@ pub use error::TrainError;
 /// Side by side on `nas bench` (release, alternating, 3 rounds): mobile training 15.2–15.4 →
 /// 17.5–17.8 images/s, inference 78–79 → 83–84; small training 715–735 → 787–803, inference
 /// 2,441–2,458 → 2,622–2,696; memory unchanged (the `nas` binary uses one malloc arena).
+///
+/// While `f` runs, the pool's other threads are kept awake ([`KeepWarm`]): an idle rayon
+/// thread sleeps on a futex after a few dozen yields, and each parallel op then paid a wake-up,
+/// which on virtual machines is a system call and an inter-processor interrupt (10 % of a
+/// `small` training step's CPU time was in the kernel's task switching).
 pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     if rayon::current_thread_index().is_some() {
         return f();
     }
     let mut out = None;
-    rayon::scope(|s| s.spawn(|_| out = Some(f())));
-    out.expect("the spawned closure ran to completion")
+    let warm = KeepWarm::new(rayon::current_num_threads().saturating_sub(1));
+    rayon::scope(|s| {
+        for _ in 0..warm.helpers {
+            s.spawn(|_| warm.help());
+        }
+        warm.wait_for_helpers();
+        out = Some(f());
+        warm.finish();
+    });
+    out.expect("the closure ran to completion")
+}
+
+/// Keeps the other threads of rayon's pool running jobs, or spinning, until
+/// [`finish`](Self::finish), instead of sleeping between the parallel ops of one step.
+///
+/// Each helper is a rayon job that loops on `rayon::yield_now` (which runs any pending job of
+/// the pool, stolen or injected) until the step is done. A job stays on its thread's stack
+/// until it returns, so a helper must never sit above a frame that the step waits for: the
+/// owner therefore starts the step only after the helpers have started (or have been
+/// cancelled, after [`START_WAIT`]), when no job of the step exists yet. A helper started
+/// inside some unrelated job only delays that job's return until the step ends; a cancelled
+/// helper returns at once wherever it runs.
+struct KeepWarm {
+    helpers: usize,
+    /// Helpers that took a place; at or above `helpers` once the owner cancelled the rest.
+    claimed: std::sync::atomic::AtomicUsize,
+    done: std::sync::atomic::AtomicBool,
+}
+
+/// How long the owner waits for the helpers to start before it cancels the rest.
+const START_WAIT: std::time::Duration = std::time::Duration::from_millis(2);
+
+impl KeepWarm {
+    fn new(helpers: usize) -> KeepWarm {
+        KeepWarm { helpers, claimed: 0.into(), done: false.into() }
+    }
+
+    fn help(&self) {
+        use std::sync::atomic::Ordering::{AcqRel, Acquire};
+        if self.claimed.fetch_add(1, AcqRel) >= self.helpers {
+            return;
+        }
+        while !self.done.load(Acquire) {
+            if rayon::yield_now() != Some(rayon::Yield::Executed) {
+                std::hint::spin_loop();
+            }
+        }
+    }
+
+    fn wait_for_helpers(&self) {
+        use std::sync::atomic::Ordering::{AcqRel, Acquire};
+        let start = std::time::Instant::now();
+        while self.claimed.load(Acquire) < self.helpers {
+            if start.elapsed() > START_WAIT {
+                self.claimed.fetch_add(self.helpers, AcqRel);
+                return;
+            }
+            std::hint::spin_loop();
+        }
+    }
+
+    fn finish(&self) {
+        self.done.store(true, std::sync::atomic::Ordering::Release);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rayon::prelude::*;
+
+    /// Nested parallel work inside `on_pool`, with the helpers running.
+    fn work(seed: u64) -> u64 {
+        (0..20_000u64)
+            .into_par_iter()
+            .map(|i| (0..50u64).into_par_iter().map(|j| (i ^ j ^ seed) % 7).sum::<u64>())
+            .sum()
+    }
+
+    fn expected(seed: u64) -> u64 {
+        (0..20_000u64).map(|i| (0..50u64).map(|j| (i ^ j ^ seed) % 7).sum::<u64>()).sum()
+    }
+
+    #[test]
+    fn on_pool_returns_what_the_closure_computes() {
+        for seed in 0..20 {
+            assert_eq!(on_pool(|| work(seed)), expected(seed));
+        }
+        // Inline on a pool thread: no helpers, same result.
+        assert_eq!(rayon::scope(|_| on_pool(|| work(3))), expected(3));
+    }
+
+    /// Several threads outside the pool (the search's thread executor) each run steps on the
+    /// shared pool at once; helpers of one step run jobs of the others. None may hang.
+    #[test]
+    fn concurrent_callers_all_finish() {
+        let handles: Vec<_> = (0..4u64)
+            .map(|t| {
+                std::thread::spawn(move || {
+                    for k in 0..15 {
+                        let seed = t * 100 + k;
+                        assert_eq!(on_pool(|| work(seed)), expected(seed), "thread {t} step {k}");
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().expect("a caller thread panicked");
+        }
+    }
+
+    #[test]
+    fn cancelled_helpers_return_at_once() {
+        let warm = KeepWarm::new(2);
+        warm.wait_for_helpers(); // nobody helps: the owner cancels both places after START_WAIT
+        warm.help(); // a late helper: must not spin (done is still false)
+        warm.help();
+        assert!(!warm.done.load(std::sync::atomic::Ordering::Acquire));
+    }
 }
