@@ -98,11 +98,13 @@ pub fn run(
     device.synchronize()?;
     let train_s = start.elapsed().as_secs_f64() / steps as f64;
 
-    model.forward_t(&xs, false)?;
+    // Inference as `nas infer` and evaluation run it: without gradients.
+    let infer = || nas_ops::no_grad(|| model.forward_t(&xs, false));
+    infer()?;
     device.synchronize()?;
     let start = Instant::now();
     for _ in 0..steps {
-        model.forward_t(&xs, false)?;
+        infer()?;
     }
     device.synchronize()?;
     let infer_s = start.elapsed().as_secs_f64() / steps as f64;

@@ -103,7 +103,7 @@ pub fn run(spec: &CellSpec, args: &InferArgs, out: &mut String) -> Result<()> {
     let net = NasNet::new(spec, &config, 0, vb)?;
     let report = load_safetensors(&varmap, &args.weights)
         .with_context(|| format!("while loading weights from {}", args.weights.display()))?;
-    let logits = net.forward_t(&xs, false)?.logits;
+    let logits = nas_ops::no_grad(|| net.forward_t(&xs, false))?.logits;
     if let Some(path) = &args.logits_out {
         logits.write_npy(path).with_context(|| format!("while writing {}", path.display()))?;
         writeln!(out, "wrote logits {:?} to {} ({} tensors loaded)", logits.dims(), path.display(), report.loaded)?;

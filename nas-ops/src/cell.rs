@@ -12,6 +12,7 @@ use nas_space::network::{CellLayout, PrevAdjust};
 use nas_space::{Cell, Combine};
 
 use crate::drop_path::{drop_path_add, scale_examples, DropPath};
+use crate::kernels::concat::{cat_channels, Part};
 use crate::layers::Conv2dConfig;
 use crate::ops::{ActConvBn, BnConfig, CellOp, FactorizedReduction};
 
@@ -43,6 +44,9 @@ pub struct CellModule {
     blocks: Vec<BlockModule>,
     /// `(state, projection)` in concat order.
     concat: Vec<(usize, Option<FactorizedReduction>)>,
+    /// Per block: its output only enters the concat, unprojected, so an added block's two
+    /// branches go to `cat_channels` as they are and their sum is never stored alone.
+    concat_only: Vec<bool>,
     drop_path: Option<DropPath>,
 }
 
@@ -68,7 +72,7 @@ impl CellModule {
                 Adjust::Reduce(FactorizedReduction::new(c_in, f, 2, bn, vb.clone())?)
             }
         };
-        let blocks = cell
+        let blocks: Vec<BlockModule> = cell
             .blocks
             .iter()
             .zip(&layout.ops)
@@ -79,7 +83,7 @@ impl CellModule {
                 Ok(BlockModule { inputs: block.inputs, ops: [left, right], combine: block.combine })
             })
             .collect::<Result<_>>()?;
-        let concat = layout
+        let concat: Vec<(usize, Option<FactorizedReduction>)> = layout
             .concat
             .iter()
             .map(|entry| {
@@ -96,7 +100,14 @@ impl CellModule {
                 Ok((entry.state, projection))
             })
             .collect::<Result<_>>()?;
-        Ok(CellModule { preamble, adjust, blocks, concat, drop_path })
+        let concat_only = (0..blocks.len())
+            .map(|b| {
+                let state = 2 + b;
+                !blocks.iter().any(|blk| blk.inputs.contains(&state))
+                    && concat.iter().any(|(s, p)| *s == state && p.is_none())
+            })
+            .collect();
+        Ok(CellModule { preamble, adjust, blocks, concat, concat_only, drop_path })
     }
 
     /// Runs the cell on the newest input `x` and the previous one `prev`.
@@ -113,12 +124,12 @@ impl CellModule {
             (_, None) => candle_core::bail!("this cell was built for a previous input, but none was given"),
         };
         let state0 = self.preamble.forward_t(x, train)?;
-        let mut states = vec![state0, state1];
+        let mut states = vec![Part::Copy(state0), Part::Copy(state1)];
         // The outputs of weightless ops, computed once per (state, op): NASNet-A's normal
         // cell averages the previous input twice in one block (TF's graph optimiser
         // merges the two as well). Drop path is applied after, per branch.
         let mut pure = Vec::new();
-        for block in &self.blocks {
+        for (block, &concat_only) in self.blocks.iter().zip(&self.concat_only) {
             let mut sides = Vec::with_capacity(2);
             let mut scales = Vec::with_capacity(2);
             for (op, &input) in block.ops.iter().zip(&block.inputs) {
@@ -126,12 +137,12 @@ impl CellModule {
                     Some(key) => match pure.iter().find(|(k, _)| *k == key) {
                         Some((_, ys)) => Tensor::clone(ys),
                         None => {
-                            let ys = op.forward_t(&states[input], train)?;
+                            let ys = op.forward_t(&states[input].value()?, train)?;
                             pure.push((key, ys.clone()));
                             ys
                         }
                     },
-                    None => op.forward_t(&states[input], train)?,
+                    None => op.forward_t(&states[input].value()?, train)?,
                 };
                 let scale = match &self.drop_path {
                     Some(dp) if train && op.takes_drop_path() => dp.scales(ys.dim(0)?),
@@ -142,14 +153,20 @@ impl CellModule {
             }
             let out = match block.combine {
                 // Drop path folded into the add (one pass; the dropped branches are not stored).
-                Combine::Add => drop_path_add(&sides[0], scales[0].as_deref(), &sides[1], scales[1].as_deref())?,
+                Combine::Add if concat_only && scales.iter().all(Option::is_none) => {
+                    let [a, b] = <[Tensor; 2]>::try_from(sides).expect("two branches");
+                    Part::Sum(a, b)
+                }
+                Combine::Add => {
+                    Part::Copy(drop_path_add(&sides[0], scales[0].as_deref(), &sides[1], scales[1].as_deref())?)
+                }
                 Combine::Concat => {
                     let scaled = sides
                         .iter()
                         .zip(&scales)
                         .map(|(ys, s)| s.as_deref().map_or_else(|| Ok(ys.clone()), |s| scale_examples(ys, s)))
                         .collect::<Result<Vec<_>>>()?;
-                    Tensor::cat(&[&scaled[0], &scaled[1]], 1)?
+                    Part::Copy(Tensor::cat(&[&scaled[0], &scaled[1]], 1)?)
                 }
             };
             states.push(out);
@@ -158,10 +175,11 @@ impl CellModule {
             .concat
             .iter()
             .map(|(state, projection)| match projection {
-                Some(p) => p.forward_t(&states[*state], train),
+                Some(p) => Ok(Part::Copy(p.forward_t(&states[*state].value()?, train)?)),
                 None => Ok(states[*state].clone()),
             })
             .collect::<Result<Vec<_>>>()?;
-        Tensor::cat(&parts, 1)
+        let out = cat_channels(&parts)?;
+        Ok(if crate::grad_enabled() { out } else { out.detach() })
     }
 }

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
 use nas_space::SpaceRng;
+use rayon::prelude::*;
 
 /// The training progress and the mask generator, shared by every cell of a network.
 #[derive(Debug, Clone)]
@@ -130,7 +131,7 @@ pub fn drop_path_add(a: &Tensor, sa: Option<&[f64]>, b: &Tensor, sb: Option<&[f6
             candle_core::bail!("drop-path-add: {} factors for a batch of {batch}", s.len())
         }
     }
-    if sa.is_none() && sb.is_none() {
+    if sa.is_none() && sb.is_none() && !a.device().is_cpu() {
         return a + b;
     }
     let op = ScaledAdd { sa: sa.map(<[f64]>::to_vec), sb: sb.map(<[f64]>::to_vec) };
@@ -145,20 +146,29 @@ struct ScaledAdd {
 }
 
 impl ScaledAdd {
+    /// In parallel, one task per example, or per chunk without factors (candle's own add
+    /// runs on the calling thread).
     fn run<T: WithDType>(&self, a: &[T], b: &[T]) -> Vec<T> {
-        let batch = self.sa.as_ref().or(self.sb.as_ref()).map_or(1, Vec::len).max(1);
-        let per = a.len() / batch;
-        let factor = |s: &Option<Vec<f64>>, e: usize| s.as_ref().map(|s| T::from_f64(s[e] as f32 as f64));
-        let mut out = Vec::with_capacity(a.len());
-        for e in 0..batch {
-            let (fa, fb) = (factor(&self.sa, e), factor(&self.sb, e));
-            let range = e * per..(e + 1) * per;
-            for (&x, &y) in a[range.clone()].iter().zip(&b[range]) {
-                let x = fa.map_or(x, |f| x * f);
-                let y = fb.map_or(y, |f| y * f);
-                out.push(x + y);
-            }
+        let per = match self.sa.as_ref().or(self.sb.as_ref()) {
+            Some(factors) => a.len() / factors.len().max(1),
+            None => 1 << 14,
+        };
+        if per == 0 {
+            return Vec::new();
         }
+        let factor = |s: &Option<Vec<f64>>, e: usize| s.as_ref().map(|s| T::from_f64(s[e] as f32 as f64));
+        // SAFETY: every element is written below.
+        let mut out = unsafe { crate::kernels::output_buffer::<T>(a.len()) };
+        out.par_chunks_mut(per).zip(a.par_chunks(per).zip(b.par_chunks(per))).enumerate().for_each(
+            |(e, (out, (a, b)))| {
+                let (fa, fb) = (factor(&self.sa, e), factor(&self.sb, e));
+                for ((o, &x), &y) in out.iter_mut().zip(a).zip(b) {
+                    let x = fa.map_or(x, |f| x * f);
+                    let y = fb.map_or(y, |f| y * f);
+                    *o = x + y;
+                }
+            },
+        );
         out
     }
 }

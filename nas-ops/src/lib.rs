@@ -4,8 +4,8 @@
 //! semantics ([`ops`]), the cell module built from any `nas_space::Cell`
 //! ([`cell::CellModule`]), the CIFAR and ImageNet networks built from a
 //! (`CellSpec`, `NetworkConfig`) ([`network::NasNet`]), ScheduledDropPath, TF-Slim's
-//! initialisation, and the custom CPU kernels ([`kernels`]; CUDA twins come with the
-//! `cuda` issue).
+//! initialisation, inference without gradients ([`no_grad`]) and the custom CPU kernels
+//! ([`kernels`]; CUDA twins come with the `cuda` issue).
 //! It does not own the grammar or the wiring (that is `nas-space`: `NetworkPlan` and
 //! `CellLayout` decide every shape and projection) nor training (`nas-train`).
 //!
@@ -14,12 +14,14 @@
 pub mod cell;
 pub mod checkpoint;
 pub mod drop_path;
+pub mod grad;
 pub mod init;
 pub mod kernels;
 pub mod layers;
 pub mod network;
 pub mod ops;
 
+pub use grad::{grad_enabled, no_grad};
 pub use network::{NasNet, NetOutput};
 
 #[cfg(test)]

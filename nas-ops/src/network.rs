@@ -140,6 +140,7 @@ impl NasNet {
     /// - `xs`: `(batch, in_channels, image_size, image_size)`
     pub fn forward_outputs(&self, xs: &Tensor, train: bool) -> Result<Vec<Tensor>> {
         let stem = self.stem_bn.forward_t(&self.stem_conv.forward(xs)?, train)?;
+        let stem = if crate::grad_enabled() { stem } else { stem.detach() };
         let mut outputs = vec![stem];
         for (cell, plan) in self.cells.iter().zip(&self.plan.cells) {
             let prev = plan.prev.map(|p| &outputs[p]);

@@ -11,7 +11,7 @@ use nas_space::{CellSpec, NetworkConfig, SearchSpace, SpaceRng};
 
 use crate::drop_path::{DropPath, DropPathSchedule};
 use crate::init::init_weights;
-use crate::kernels::testutil::TestRng;
+use crate::kernels::testutil::{assert_close, TestRng};
 use crate::NasNet;
 
 fn build(spec: &CellSpec, config: &NetworkConfig) -> (VarMap, NasNet) {
@@ -102,6 +102,20 @@ fn random_cells_build_with_the_cost_models_count_and_run() {
         for (t, shape) in outputs.iter().zip(&net.plan().outputs) {
             assert_eq!(t.dims(), &[2, shape.channels, shape.size, shape.size], "{spec}");
         }
+        // Without gradients (the cells' one-pass concatenation, detached outputs): the same
+        // logits, and no gradient reaches a cell's weights through them.
+        let eval = net.forward_t(&xs, false).unwrap().logits;
+        let fast = crate::no_grad(|| net.forward_t(&xs, false)).unwrap().logits;
+        assert_close(&fast, &eval, 0.0, &format!("no_grad logits of {spec}"));
+        let grads = fast.sum_all().unwrap().backward().unwrap();
+        let mut checked = 0;
+        for (name, var) in varmap.data().lock().unwrap().iter() {
+            if name.contains("cell_") {
+                assert!(grads.get(var.as_tensor()).is_none(), "{name} of {spec} got a gradient through no_grad");
+                checked += 1;
+            }
+        }
+        assert!(checked > 50, "only {checked} cell weights checked");
     }
 }
 

@@ -32,7 +32,7 @@ pub fn evaluate(
     for batch in batches {
         let batch = batch?;
         skipped += batch.skipped;
-        let logits = crate::on_pool(|| net.forward_t(&batch.images, false))?.logits;
+        let logits = crate::on_pool(|| nas_ops::no_grad(|| net.forward_t(&batch.images, false)))?.logits;
         let n = batch.labels.dim(0)?;
         let loss = candle_nn::loss::cross_entropy(&logits, &batch.labels)?.to_scalar::<f32>()? as f64;
         loss_sum += loss * n as f64;

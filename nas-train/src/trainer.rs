@@ -240,7 +240,7 @@ impl Trainer {
     /// average.
     pub fn predict(&mut self, xs: &candle_core::Tensor) -> Result<candle_core::Tensor, TrainError> {
         let net = &self.net;
-        let forward = || Ok(net.forward_t(xs, false)?.logits);
+        let forward = || Ok(nas_ops::no_grad(|| net.forward_t(xs, false))?.logits);
         match &mut self.ema {
             Some(ema) => ema.with_averaged(forward),
             None => forward(),

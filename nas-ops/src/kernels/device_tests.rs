@@ -173,13 +173,15 @@ fn batch_norms_on_every_device() {
 fn drop_path_adds_on_every_device() {
     let mut rng = TestRng::new(10);
     for device in devices() {
-        for dtype in [DType::F32, DType::F64] {
-            let a = rng.tensor(&[4, 3, 5, 5], dtype).unwrap();
-            let b = rng.tensor(&[4, 3, 5, 5], dtype).unwrap();
+        // The larger shape spans several of the CPU kernel's chunks when nothing is dropped.
+        for (dtype, hw) in [(DType::F32, 5), (DType::F64, 5), (DType::F32, 70)] {
+            let a = rng.tensor(&[4, 3, hw, hw], dtype).unwrap();
+            let b = rng.tensor(&[4, 3, hw, hw], dtype).unwrap();
             let sa = [0.0, 1.25, 1.25, 0.0];
             let sb = [1.25, 0.0, 1.25, 1.25];
             let inputs = [a, b];
-            for (name, left, right) in [("both", true, true), ("left", true, false), ("right", false, true)] {
+            let cases = [("both", true, true), ("left", true, false), ("right", false, true), ("none", false, false)];
+            for (name, left, right) in cases {
                 let (l, r) = (left.then_some(&sa[..]), right.then_some(&sb[..]));
                 let fused = |t: &[Tensor]| drop_path_add(&t[0], l, &t[1], r);
                 let unfused = |t: &[Tensor]| {
