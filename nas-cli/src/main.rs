@@ -169,22 +169,23 @@ fn tune_allocator() {
     }
 }
 
-/// Runs candle's elementwise ops on the calling thread, and makes its pool park soon after
-/// its work where a user asks for one.
+/// Makes candle's own thread pool park soon after its work.
 ///
-/// candle 0.11 runs large elementwise ops on a pool of `cores − 1` threads of its own, beside
-/// rayon's (which runs this crate's kernels and gemm): on two cores that is four busy threads,
-/// and every op pays a wake-up and a barrier. Without the pool (`CANDLE_NUM_THREADS=1`), side
-/// by side on `nas bench`: small training +2–7 %, mobile training +4–9 %, mobile inference
-/// +8 %. Where a user sets `CANDLE_NUM_THREADS` above 1, its threads spin 25,000 times before
-/// parking after each op; between the small ops of a child network the spinning thread took a
-/// core from the other search worker (a child's CPU time fell from 14.3 s to 9.5 s, same wall
-/// time, with a limit of 1,000). A user's own settings win.
+/// candle 0.11 runs large elementwise ops (above 64K elements) on a pool of `cores − 1`
+/// threads of its own, beside rayon's (which runs this crate's kernels and gemm). Earlier
+/// sessions ran them on the calling thread (`CANDLE_NUM_THREADS=1`): with rayon's threads
+/// asleep between kernels that was faster. Now a step keeps rayon's other threads awake
+/// (`nas_train::on_pool`), and they yield their core when idle, so candle's pool gets it for
+/// the backward pass's gradient sums, which candle runs one per edge (`zeros_like` + `add`).
+/// Side by side on `nas bench` (release, alternating, medians of 2 rounds): mobile training
+/// 11.89 → 13.29 images/s with candle's pool (+11 %); small training 684 → 657 (−4 %,
+/// median of 5), inference unchanged. Its threads spin 25,000 times before parking after
+/// each op; between the small ops of a child network a spinning thread took a core from the
+/// other search worker (a child's CPU time fell from 14.3 s to 9.5 s, same wall time, with a
+/// limit of 1,000), so the limit is 1,000 here (with 100,000, mobile training fell to 9.1 images/s).
+/// A user's own settings win.
 fn tune_candle_pool() {
     // Called first thing in main, before any other thread exists.
-    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
-        std::env::set_var("CANDLE_NUM_THREADS", "1");
-    }
     const VAR: &str = "CANDLE_BARRIER_POOL_SPIN_LIMIT";
     if std::env::var_os(VAR).is_none() {
         std::env::set_var(VAR, "1000");

@@ -61,7 +61,9 @@ pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
 /// [`finish`](Self::finish), instead of sleeping between the parallel ops of one step.
 ///
 /// Each helper is a rayon job that loops on `rayon::yield_now` (which runs any pending job of
-/// the pool, stolen or injected) until the step is done. A job stays on its thread's stack
+/// the pool, stolen or injected) until the step is done; every 64 rounds without work it
+/// yields its core to the OS, which lets candle's own pool (its large elementwise ops and the
+/// backward pass's gradient sums) run there. A job stays on its thread's stack
 /// until it returns, so a helper must never sit above a frame that the step waits for: the
 /// owner therefore starts the step only after the helpers have started (or have been
 /// cancelled, after [`START_WAIT`]), when no job of the step exists yet. A helper started
@@ -87,9 +89,17 @@ impl KeepWarm {
         if self.claimed.fetch_add(1, AcqRel) >= self.helpers {
             return;
         }
+        let mut idle = 0u32;
         while !self.done.load(Acquire) {
-            if rayon::yield_now() != Some(rayon::Yield::Executed) {
-                std::hint::spin_loop();
+            if rayon::yield_now() == Some(rayon::Yield::Executed) {
+                idle = 0;
+            } else {
+                idle += 1;
+                if idle % 64 == 0 {
+                    std::thread::yield_now();
+                } else {
+                    std::hint::spin_loop();
+                }
             }
         }
     }
