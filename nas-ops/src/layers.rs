@@ -91,6 +91,11 @@ impl Conv2d {
         }
     }
 
+    /// The weight, `(c_out, c_in, kh, kw)`.
+    pub(crate) fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
     /// A 1×1 stride-1 conv, which runs as `kernels::conv1x1`.
     fn is_pointwise(&self) -> bool {
         self.kh == 1 && self.kw == 1 && self.stride == 1
@@ -116,6 +121,11 @@ impl DepthwiseConv2d {
     pub fn new(channels: usize, k: usize, stride: usize, dilation: usize, vb: VarBuilder) -> Result<DepthwiseConv2d> {
         let weight = vb.get_with_hints((channels, 1, k, k), "weight", Init::Const(0.0))?;
         Ok(DepthwiseConv2d { weight, k, stride, dilation })
+    }
+
+    /// The weight `(channels, 1, k, k)`, the stride and the dilation.
+    pub(crate) fn parts(&self) -> (&Tensor, usize, usize) {
+        (&self.weight, self.stride, self.dilation)
     }
 
     /// `forward(&xs.relu())` with the ReLU read inside the op (`xs.relu()` is not stored).
@@ -184,11 +194,17 @@ impl BatchNorm {
         train: bool,
     ) -> Result<Tensor> {
         if !train && conv.is_pointwise() {
-            let (rm, rv) = (self.running_mean.as_tensor(), self.running_var.as_tensor());
-            let affine = batch_norm_eval_affine(&self.weight, &self.bias, rm, rv, self.eps)?;
+            let affine = self.eval_affine()?;
             return conv1x1_affine(xs, &conv.weight, (&affine.0, &affine.1), relu_in, relu_out);
         }
         self.forward_with(&conv.forward_relu_if(xs, relu_in)?, train, relu_out)
+    }
+
+    /// Evaluation mode as a per-channel `(scale, shift)`: `γ / sqrt(var + ε)` and
+    /// `β − mean · scale`, from the moving statistics.
+    pub(crate) fn eval_affine(&self) -> Result<(Tensor, Tensor)> {
+        let (rm, rv) = (self.running_mean.as_tensor(), self.running_var.as_tensor());
+        batch_norm_eval_affine(&self.weight, &self.bias, rm, rv, self.eps)
     }
 
     fn forward_with(&self, xs: &Tensor, train: bool, relu: bool) -> Result<Tensor> {

@@ -12,6 +12,7 @@ use nas_space::network::OpLayout;
 use nas_space::{Op, OpKind, PoolKind};
 
 use crate::kernels::pool::{avg_pool2d, max_pool2d};
+use crate::kernels::separable::{separable_stack, SeparableHalf};
 use crate::kernels::Padding2d;
 use crate::layers::{subsample2, BatchNorm, Conv2d, Conv2dConfig, DepthwiseConv2d};
 
@@ -66,6 +67,14 @@ impl SeparableConv {
         })
     }
 
+    /// This conv and the eval-mode `bn` after it, for `kernels::separable`.
+    fn half(&self, bn: &BatchNorm, relu_in: bool, relu_out: bool) -> Result<SeparableHalf> {
+        let (depthwise, stride, dilation) = self.depthwise.parts();
+        let (scale, shift) = bn.eval_affine()?;
+        let pointwise = self.pointwise.weight().clone();
+        Ok(SeparableHalf { depthwise: depthwise.clone(), stride, dilation, pointwise, scale, shift, relu_in, relu_out })
+    }
+
     /// The depthwise conv (reading `xs` through a ReLU with `relu_in`), the pointwise one,
     /// then `bn` (then a ReLU with `relu_out`; see `BatchNorm::after_conv_t`).
     fn forward_bn_t(&self, xs: &Tensor, relu_in: bool, bn: &BatchNorm, relu_out: bool, train: bool) -> Result<Tensor> {
@@ -99,6 +108,15 @@ impl SepConv {
 
 impl ModuleT for SepConv {
     fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        // Inference without gradients: both halves one sample at a time, each intermediate
+        // kept in cache (`kernels::separable`).
+        if !train && !crate::grad_enabled() && xs.device().is_cpu() {
+            let halves = [
+                self.separable_1.half(&self.bn_sep_1, true, true)?,
+                self.separable_2.half(&self.bn_sep_2, false, false)?,
+            ];
+            return separable_stack(xs, &halves);
+        }
         // Both ReLUs are fused: the first into the depthwise conv's input read, the second
         // into the batch norm before it; neither's output is stored.
         let xs = self.separable_1.forward_bn_t(xs, true, &self.bn_sep_1, true, train)?;

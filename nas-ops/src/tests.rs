@@ -289,6 +289,10 @@ fn timm_checkpoint_loads_and_matches_timm_logits() {
     assert_eq!(report.loaded, tensors.len());
     let logits = net.forward_t(&input, false).unwrap().logits;
     crate::kernels::testutil::assert_close(&logits, &expected, 1e-4, "logits vs timm");
+    // Without gradients, as `nas infer` runs it (one-pass concatenation, separable convs one
+    // sample at a time).
+    let logits = crate::no_grad(|| net.forward_t(&input, false)).unwrap().logits;
+    crate::kernels::testutil::assert_close(&logits, &expected, 1e-4, "no_grad logits vs timm");
 
     // A checkpoint for another width names every problem.
     tensors.remove("last_linear.bias");

@@ -305,6 +305,23 @@ fn relu<T: Float>(v: T) -> T {
     }
 }
 
+/// Adds `shift[r]` to row `r` of `out` (rows of `n` values), then the ReLU if `relu`.
+pub(crate) fn shift_rows<T: Float>(out: &mut [T], n: usize, shift: &[T], relu: bool) {
+    for (row, &s) in out.chunks_exact_mut(n).zip(shift) {
+        for v in row.iter_mut() {
+            let y = *v + s;
+            *v = if !relu || y >= T::ZERO { y } else { T::ZERO };
+        }
+    }
+}
+
+/// `dst = lhs · rhs` for row-major `m × k` and `k × n` matrices, on the calling thread.
+pub(crate) fn gemm_rows<T: WithDType>(dst: &mut [T], lhs: &[T], rhs: &[T], (m, n, k): (usize, usize, usize)) {
+    assert!(dst.len() == m * n && lhs.len() == m * k && rhs.len() == k * n, "gemm_rows: slice lengths");
+    // SAFETY: the lengths match the shapes (asserted above).
+    unsafe { matmul(dst, (lhs, false), (rhs, false), (m, n, k), false, Parallelism::None) }
+}
+
 /// `rhs`, or its ReLU copied into `scratch`.
 fn relu_into<'a, T: Float>(rhs: &'a [T], relu_rhs: bool, scratch: &'a mut Vec<T>) -> &'a [T] {
     if !relu_rhs {
@@ -344,14 +361,7 @@ fn per_sample<T: Float>(
                     *o = if x >= T::ZERO { *o } else { T::ZERO };
                 }
             }
-            Rows::Shift { shift, relu } => {
-                for (row, &s) in o.chunks_exact_mut(n).zip(shift) {
-                    for v in row.iter_mut() {
-                        let y = *v + s;
-                        *v = if !relu || y >= T::ZERO { y } else { T::ZERO };
-                    }
-                }
-            }
+            Rows::Shift { shift, relu } => shift_rows(o, n, shift, relu),
         }
     };
     if b >= rayon::current_num_threads() {

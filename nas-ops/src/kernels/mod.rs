@@ -15,6 +15,7 @@ pub(crate) mod cuda;
 pub mod dense;
 pub mod depthwise;
 pub mod pool;
+pub mod separable;
 pub(crate) mod simd;
 pub mod subsample;
 pub(crate) mod window;
