@@ -131,7 +131,10 @@ pub fn drop_path_add(a: &Tensor, sa: Option<&[f64]>, b: &Tensor, sb: Option<&[f6
             candle_core::bail!("drop-path-add: {} factors for a batch of {batch}", s.len())
         }
     }
-    if sa.is_none() && sb.is_none() && !a.device().is_cpu() {
+    // Without factors the op is a plain add, which candle does on any device and dtype; on
+    // the CPU in f32 or f64 the op runs it in parallel.
+    let parallel_add = a.device().is_cpu() && matches!(a.dtype(), candle_core::DType::F32 | candle_core::DType::F64);
+    if sa.is_none() && sb.is_none() && !parallel_add {
         return a + b;
     }
     let op = ScaledAdd { sa: sa.map(<[f64]>::to_vec), sb: sb.map(<[f64]>::to_vec) };

@@ -51,8 +51,10 @@ pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
             s.spawn(|_| warm.help());
         }
         warm.wait_for_helpers();
+        // Released on unwinding too: a panicking step must not leave the helpers spinning
+        // (the scope would wait for them forever).
+        let _finish = Finish(&warm);
         out = Some(f());
-        warm.finish();
     });
     out.expect("the closure ran to completion")
 }
@@ -121,6 +123,15 @@ impl KeepWarm {
     }
 }
 
+/// Calls [`KeepWarm::finish`] when dropped.
+struct Finish<'a>(&'a KeepWarm);
+
+impl Drop for Finish<'_> {
+    fn drop(&mut self) {
+        self.0.finish();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -164,6 +175,14 @@ mod tests {
         for h in handles {
             h.join().expect("a caller thread panicked");
         }
+    }
+
+    #[test]
+    fn a_panicking_step_panics_instead_of_hanging() {
+        let caught = std::panic::catch_unwind(|| on_pool(|| -> u64 { panic!("step failed") }));
+        assert!(caught.is_err());
+        // The pool still works afterwards.
+        assert_eq!(on_pool(|| work(9)), expected(9));
     }
 
     #[test]
