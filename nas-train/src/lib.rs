@@ -34,7 +34,7 @@ pub use error::TrainError;
 /// batch producer, whose decoding is itself a rayon job, would deadlock a one-thread pool.
 /// Side by side on `nas bench` (release, alternating, 3 rounds): mobile training 15.2–15.4 →
 /// 17.5–17.8 images/s, inference 78–79 → 83–84; small training 715–735 → 787–803, inference
-/// 2,441–2,458 → 2,622–2,696; memory unchanged (the `nas` binary uses one malloc arena).
+/// 2,441–2,458 → 2,622–2,696; memory unchanged (the `nas` binary then used one malloc arena).
 ///
 /// While `f` runs, the pool's other threads are kept awake ([`KeepWarm`]): an idle rayon
 /// thread sleeps on a futex after a few dozen yields, and each parallel op then paid a wake-up,
@@ -96,7 +96,7 @@ impl KeepWarm {
             if rayon::yield_now() == Some(rayon::Yield::Executed) {
                 idle = 0;
             } else {
-                idle += 1;
+                idle = idle.wrapping_add(1);
                 if idle % 64 == 0 {
                     std::thread::yield_now();
                 } else {

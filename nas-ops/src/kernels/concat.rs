@@ -62,7 +62,8 @@ pub fn cat_channels(parts: &[Part]) -> Result<Tensor> {
     }
     let all: Vec<&Tensor> = parts.iter().flat_map(Part::tensors).collect();
     let tracked = crate::grad_enabled() && all.iter().any(|t| t.track_op());
-    if !matches!(first.tensors()[0].device(), Device::Cpu) || tracked {
+    let fast_dtype = matches!(first.tensors()[0].dtype(), candle_core::DType::F32 | candle_core::DType::F64);
+    if !matches!(first.tensors()[0].device(), Device::Cpu) || !fast_dtype || tracked {
         return cat_channels_reference(parts);
     }
     let all: Vec<Tensor> = all.into_iter().map(Tensor::contiguous).collect::<Result<_>>()?;

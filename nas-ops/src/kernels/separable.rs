@@ -90,8 +90,7 @@ pub fn separable_stack_reference(xs: &Tensor, halves: &[SeparableHalf]) -> Resul
     Ok(xs)
 }
 
-/// One half, checked and laid out for the CPU kernels (weights in the input's dtype, kept
-/// as f64 until `run` picks the type).
+/// One half, checked and laid out for the CPU kernels (weights in the input's dtype).
 struct Plan {
     geom: DepthwiseGeometry,
     c_in: usize,
@@ -131,15 +130,21 @@ fn plan(dtype: DType, (mut c, mut h, mut w): (usize, usize, usize), halves: &[Se
                     bail!("{NAME}: half {i}: expected a {what} of shape ({c_out}), got {:?}", t.dims())
                 }
             }
+            let named = [("depthwise", &half.depthwise), ("pointwise", &half.pointwise), ("scale", &half.scale)];
+            for (what, t) in named.into_iter().chain([("shift", &half.shift)]) {
+                if t.dtype() != dtype {
+                    bail!("{NAME}: half {i}: the {what} weight is {:?}, the input {dtype:?}", t.dtype())
+                }
+            }
             let folded = half.pointwise.reshape((c_out, c_in))?.broadcast_mul(&half.scale.reshape((c_out, 1))?)?;
             let plan = Plan {
                 c_in,
                 c_out,
                 relu_in: half.relu_in,
                 relu_out: half.relu_out,
-                depthwise: half.depthwise.to_dtype(dtype)?.contiguous()?,
-                folded: folded.to_dtype(dtype)?.contiguous()?,
-                shift: half.shift.to_dtype(dtype)?.contiguous()?,
+                depthwise: half.depthwise.contiguous()?,
+                folded: folded.contiguous()?,
+                shift: half.shift.contiguous()?,
                 geom,
             };
             (c, h, w) = (c_out, plan.geom.ho, plan.geom.wo);
@@ -274,5 +279,8 @@ mod tests {
         halves[0].shift = rng.tensor(&[3], DType::F32).unwrap();
         let err = crate::no_grad(|| separable_stack(&xs, &halves)).unwrap_err().to_string();
         assert!(err.contains("half 0") && err.contains("shift"), "{err}");
+        halves[0].shift = rng.tensor(&[4], DType::F64).unwrap();
+        let err = crate::no_grad(|| separable_stack(&xs, &halves)).unwrap_err().to_string();
+        assert!(err.contains("half 0: the shift weight is F64, the input F32"), "{err}");
     }
 }
