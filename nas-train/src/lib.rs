@@ -36,7 +36,7 @@ pub use error::TrainError;
 /// 17.5–17.8 images/s, inference 78–79 → 83–84; small training 715–735 → 787–803, inference
 /// 2,441–2,458 → 2,622–2,696; memory unchanged (the `nas` binary then used one malloc arena).
 ///
-/// While `f` runs, the pool's other threads are kept awake ([`KeepWarm`]): an idle rayon
+/// While `f` runs, the pool's other threads are kept awake (`KeepWarm`): an idle rayon
 /// thread sleeps on a futex after a few dozen yields, and each parallel op then paid a wake-up,
 /// which on virtual machines is a system call and an inter-processor interrupt (10 % of a
 /// `small` training step's CPU time was in the kernel's task switching).
