@@ -149,8 +149,7 @@ struct ScaledAdd {
 }
 
 impl ScaledAdd {
-    /// In parallel, one task per example, or per chunk without factors (candle's own add
-    /// runs on the calling thread).
+    /// In parallel on rayon's pool, one task per example, or per chunk without factors.
     fn run<T: WithDType>(&self, a: &[T], b: &[T]) -> Vec<T> {
         let per = match self.sa.as_ref().or(self.sb.as_ref()) {
             Some(factors) => a.len() / factors.len().max(1),

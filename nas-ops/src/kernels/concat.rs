@@ -1,9 +1,8 @@
 //! A cell's output: its states concatenated along channels, with the blocks whose sum only
 //! feeds the concatenation added straight into it.
 //!
-//! Candle's `cat` and `+` run on the calling thread (the `nas` binary keeps candle's own
-//! pool at one thread), and a block's sum was stored only to be copied into the
-//! concatenation. On the CPU with no gradient to track (inside `nas_ops::no_grad`, or no
+//! Candle's `cat` copies on the calling thread, and a block's sum was stored only to be
+//! copied into the concatenation. On the CPU with no gradient to track (inside `nas_ops::no_grad`, or no
 //! input tracks one), [`cat_channels`] writes every channel plane of the output once, in
 //! parallel: a copy, or the sum of a block's two branches. Otherwise it is the plain candle
 //! ops (its reference).
