@@ -172,7 +172,12 @@ impl DepthwiseGeometry {
 }
 
 /// The contiguous data of one input of a custom op.
-fn contiguous<'a, T: WithDType>(name: &str, what: &str, storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [T]> {
+pub(crate) fn contiguous<'a, T: WithDType>(
+    name: &str,
+    what: &str,
+    storage: &'a CpuStorage,
+    layout: &Layout,
+) -> Result<&'a [T]> {
     match layout.contiguous_offsets() {
         Some((start, end)) => Ok(&storage.as_slice::<T>()?[start..end]),
         None => bail!("{name}: {what} must be contiguous, got shape {:?} strides {:?}", layout.dims(), layout.stride()),

@@ -13,6 +13,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
+use super::depthwise::contiguous;
 use super::output_buffer;
 use super::pool::avg_pool2d;
 use super::Padding2d;
@@ -81,13 +82,6 @@ impl Geom {
     }
 }
 
-fn contiguous<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((start, end)) => Ok(&s.as_slice::<T>()?[start..end]),
-        None => bail!("{NAME}: expected a contiguous input, got strides {:?}", l.stride()),
-    }
-}
-
 /// Runs `kernel` on an f32 or f64 storage and wraps its output.
 fn by_dtype(
     s: &CpuStorage,
@@ -96,8 +90,8 @@ fn by_dtype(
     f64_kernel: impl FnOnce(&[f64]) -> Vec<f64>,
 ) -> Result<CpuStorage> {
     Ok(match s {
-        CpuStorage::F32(_) => CpuStorage::F32(f32_kernel(contiguous(s, l)?)),
-        CpuStorage::F64(_) => CpuStorage::F64(f64_kernel(contiguous(s, l)?)),
+        CpuStorage::F32(_) => CpuStorage::F32(f32_kernel(contiguous(NAME, "input", s, l)?)),
+        CpuStorage::F64(_) => CpuStorage::F64(f64_kernel(contiguous(NAME, "input", s, l)?)),
         _ => bail!("{NAME}: unsupported dtype {:?}, expected f32 or f64", s.dtype()),
     })
 }
