@@ -23,6 +23,8 @@ pub mod trainer;
 
 pub use error::TrainError;
 
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
 /// Runs `f` on a thread of rayon's global pool and waits for it (inline when called from a
 /// pool thread).
 ///
@@ -74,8 +76,8 @@ pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
 struct KeepWarm {
     helpers: usize,
     /// Helpers that took a place; at or above `helpers` once the owner cancelled the rest.
-    claimed: std::sync::atomic::AtomicUsize,
-    done: std::sync::atomic::AtomicBool,
+    claimed: AtomicUsize,
+    done: AtomicBool,
 }
 
 /// How long the owner waits for the helpers to start before it cancels the rest.
@@ -87,12 +89,11 @@ impl KeepWarm {
     }
 
     fn help(&self) {
-        use std::sync::atomic::Ordering::{AcqRel, Acquire};
-        if self.claimed.fetch_add(1, AcqRel) >= self.helpers {
+        if self.claimed.fetch_add(1, Ordering::AcqRel) >= self.helpers {
             return;
         }
         let mut idle = 0u32;
-        while !self.done.load(Acquire) {
+        while !self.done.load(Ordering::Acquire) {
             if rayon::yield_now() == Some(rayon::Yield::Executed) {
                 idle = 0;
             } else {
@@ -107,11 +108,10 @@ impl KeepWarm {
     }
 
     fn wait_for_helpers(&self) {
-        use std::sync::atomic::Ordering::{AcqRel, Acquire};
         let start = std::time::Instant::now();
-        while self.claimed.load(Acquire) < self.helpers {
+        while self.claimed.load(Ordering::Acquire) < self.helpers {
             if start.elapsed() > START_WAIT {
-                self.claimed.fetch_add(self.helpers, AcqRel);
+                self.claimed.fetch_add(self.helpers, Ordering::AcqRel);
                 return;
             }
             std::hint::spin_loop();
@@ -119,7 +119,7 @@ impl KeepWarm {
     }
 
     fn finish(&self) {
-        self.done.store(true, std::sync::atomic::Ordering::Release);
+        self.done.store(true, Ordering::Release);
     }
 }
 
@@ -191,6 +191,6 @@ mod tests {
         warm.wait_for_helpers(); // nobody helps: the owner cancels both places after START_WAIT
         warm.help(); // a late helper: must not spin (done is still false)
         warm.help();
-        assert!(!warm.done.load(std::sync::atomic::Ordering::Acquire));
+        assert!(!warm.done.load(Ordering::Acquire));
     }
 }

@@ -2,10 +2,10 @@
 //! feeds the concatenation added straight into it.
 //!
 //! Candle's `cat` copies on the calling thread, and a block's sum was stored only to be
-//! copied into the concatenation. On the CPU with no gradient to track (inside `nas_ops::no_grad`, or no
-//! input tracks one), [`cat_channels`] writes every channel plane of the output once, in
-//! parallel: a copy, or the sum of a block's two branches. Otherwise it is the plain candle
-//! ops (its reference).
+//! copied into the concatenation. On the CPU with no gradient to track (inside
+//! `nas_ops::no_grad`, or no input tracks one), [`cat_channels`] writes every channel plane
+//! of the output once, in parallel: a copy, or the sum of a block's two branches. Otherwise
+//! it is the plain candle ops (its reference).
 
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, Device, Result, Storage, Tensor, WithDType};

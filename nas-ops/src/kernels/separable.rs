@@ -130,8 +130,13 @@ fn plan(dtype: DType, (mut c, mut h, mut w): (usize, usize, usize), halves: &[Se
                     bail!("{NAME}: half {i}: expected a {what} of shape ({c_out}), got {:?}", t.dims())
                 }
             }
-            let named = [("depthwise", &half.depthwise), ("pointwise", &half.pointwise), ("scale", &half.scale)];
-            for (what, t) in named.into_iter().chain([("shift", &half.shift)]) {
+            let weights = [
+                ("depthwise", &half.depthwise),
+                ("pointwise", &half.pointwise),
+                ("scale", &half.scale),
+                ("shift", &half.shift),
+            ];
+            for (what, t) in weights {
                 if t.dtype() != dtype {
                     bail!("{NAME}: half {i}: the {what} weight is {:?}, the input {dtype:?}", t.dtype())
                 }
