@@ -7,6 +7,12 @@
 //! gradient: a cell's output is detached (the pass keeps one cell's activations at a time),
 //! and the cell's concatenation writes its output in one parallel pass. A `backward`
 //! through a result of a `no_grad` pass reaches no weight.
+//!
+//! The mode is per thread, and a rayon worker that waits inside a parallel op runs other
+//! pending jobs meanwhile (work stealing), including another caller's whole step: that job
+//! would see the worker's mode, not its own caller's. Code that hands a computation to a pool
+//! runs it under [`with_grad_enabled`] with the mode of the thread that asked for it
+//! (`nas_train::on_pool` does).
 
 use std::cell::Cell;
 
@@ -24,6 +30,19 @@ pub fn no_grad<R>(f: impl FnOnce() -> R) -> R {
     }
     DEPTH.with(|d| d.set(d.get() + 1));
     let _restore = Restore;
+    f()
+}
+
+/// Runs `f` with gradients enabled or disabled on this thread as `enabled` says, whatever the
+/// thread's mode before, and restores that mode afterwards (also when `f` panics).
+pub fn with_grad_enabled<R>(enabled: bool, f: impl FnOnce() -> R) -> R {
+    struct Restore(usize);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            DEPTH.with(|d| d.set(self.0));
+        }
+    }
+    let _restore = Restore(DEPTH.with(|d| d.replace(usize::from(!enabled))));
     f()
 }
 
@@ -51,5 +70,24 @@ mod tests {
         assert!(grad_enabled(), "the guard restores the state when the closure panics");
         // Per thread: another thread is unaffected.
         no_grad(|| assert!(std::thread::spawn(grad_enabled).join().unwrap()));
+    }
+
+    #[test]
+    fn with_grad_enabled_sets_the_mode_either_way_and_restores_it() {
+        no_grad(|| {
+            no_grad(|| {
+                assert!(with_grad_enabled(true, grad_enabled));
+                assert!(!with_grad_enabled(false, grad_enabled));
+                // Inside, no_grad nests as usual.
+                with_grad_enabled(true, || no_grad(|| assert!(!grad_enabled())));
+                assert!(!grad_enabled());
+            });
+            assert!(!grad_enabled(), "the outer no_grad still holds");
+        });
+        assert!(grad_enabled());
+        assert!(!with_grad_enabled(false, grad_enabled));
+        let caught = std::panic::catch_unwind(|| with_grad_enabled(false, || panic!("inside")));
+        assert!(caught.is_err());
+        assert!(grad_enabled(), "restored when the closure panics");
     }
 }

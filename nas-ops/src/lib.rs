@@ -21,7 +21,7 @@ pub mod layers;
 pub mod network;
 pub mod ops;
 
-pub use grad::{grad_enabled, no_grad};
+pub use grad::{grad_enabled, no_grad, with_grad_enabled};
 pub use network::{NasNet, NetOutput};
 
 #[cfg(test)]

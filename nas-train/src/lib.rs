@@ -42,10 +42,16 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 /// thread sleeps on a futex after a few dozen yields, and each parallel op then paid a wake-up,
 /// which on virtual machines is a system call and an inter-processor interrupt (10 % of a
 /// `small` training step's CPU time was in the kernel's task switching).
+///
+/// `f` runs with the caller's gradient mode ([`nas_ops::no_grad`]), whichever pool thread takes
+/// it: a thread that waits inside another caller's evaluation, under `no_grad`, may steal this
+/// step, and before this the step then computed detached cell outputs (wrong gradients)
+/// when several runs shared the pool.
 pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     if rayon::current_thread_index().is_some() {
         return f();
     }
+    let grad_enabled = nas_ops::grad_enabled();
     let mut out = None;
     let warm = KeepWarm::new(rayon::current_num_threads().saturating_sub(1));
     rayon::scope(|s| {
@@ -56,7 +62,7 @@ pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
         // Released on unwinding too: a panicking step must not leave the helpers spinning
         // (the scope would wait for them forever).
         let _finish = Finish(&warm);
-        out = Some(f());
+        out = Some(nas_ops::with_grad_enabled(grad_enabled, f));
     });
     out.expect("the closure ran to completion")
 }
@@ -183,6 +189,39 @@ mod tests {
         assert!(caught.is_err());
         // The pool still works afterwards.
         assert_eq!(on_pool(|| work(9)), expected(9));
+    }
+
+    /// Every pool thread waits, under `no_grad`, in work that yields to other jobs; a step
+    /// submitted meanwhile can only run inside one of them, and must still see its caller's
+    /// mode (enabled), and a caller's `no_grad` must reach its step.
+    #[test]
+    fn the_step_runs_under_the_callers_grad_mode_whichever_thread_takes_it() {
+        use std::time::{Duration, Instant};
+        assert!(!nas_ops::no_grad(|| on_pool(nas_ops::grad_enabled)));
+        let threads = rayon::current_num_threads();
+        let waiting = AtomicUsize::new(0);
+        let done = AtomicBool::new(false);
+        let seen = std::thread::scope(|s| {
+            let stealer = s.spawn(|| {
+                rayon::broadcast(|_| {
+                    nas_ops::no_grad(|| {
+                        waiting.fetch_add(1, Ordering::SeqCst);
+                        let deadline = Instant::now() + Duration::from_secs(30);
+                        while !done.load(Ordering::SeqCst) && Instant::now() < deadline {
+                            rayon::yield_now();
+                        }
+                    })
+                })
+            });
+            while waiting.load(Ordering::SeqCst) < threads {
+                std::thread::yield_now();
+            }
+            let seen = on_pool(nas_ops::grad_enabled);
+            done.store(true, Ordering::SeqCst);
+            stealer.join().expect("the waiting threads finished");
+            seen
+        });
+        assert!(seen, "the step ran with the stealing thread's no_grad");
     }
 
     #[test]
