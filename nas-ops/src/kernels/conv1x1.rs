@@ -80,11 +80,8 @@ pub fn conv1x1_affine(
     if !xs.device().is_cpu() {
         return conv1x1_affine_reference(xs, weight, (scale, shift), relu_in, relu_out);
     }
-    let (b, c, h, w) = xs.dims4()?;
-    let xs3 = xs.reshape((b, c, h * w))?.contiguous()?;
-    let w2 = weight.reshape((c_out, c))?.broadcast_mul(&scale.reshape((c_out, 1))?)?.contiguous()?;
-    let op = Conv1x1 { relu_in, relu_out };
-    xs3.apply_op3(&w2, &shift.contiguous()?, op)?.reshape((b, c_out, h, w))
+    let scaled = weight.broadcast_mul(&scale.reshape((c_out, 1, 1, 1))?)?.contiguous()?;
+    xs.contiguous()?.apply_op3(&scaled, &shift.contiguous()?, Conv1x1 { relu_in, relu_out })
 }
 
 /// [`conv1x1_affine`] from the unfused ops.
@@ -124,13 +121,12 @@ fn check_weight(xs: &Tensor, weight: &Tensor) -> Result<usize> {
     Ok(c_out)
 }
 
-/// The CPU custom op on `xs` (through a ReLU with `relu_in`).
+/// The CPU custom op on `xs` (through a ReLU with `relu_in`). It takes and returns the 4-d
+/// tensors themselves: a reshape to `(b, c, h·w)` and back would be two more nodes of
+/// candle's graph, each costing the backward a zeroed buffer and an add of the gradient's size.
 fn apply(xs: &Tensor, weight: &Tensor, relu_in: bool) -> Result<Tensor> {
-    let c_out = check_weight(xs, weight)?;
-    let (b, c, h, w) = xs.dims4()?;
-    let xs3 = xs.reshape((b, c, h * w))?.contiguous()?;
-    let w2 = weight.reshape((c_out, c))?.contiguous()?;
-    xs3.apply_op2(&w2, Conv1x1 { relu_in, relu_out: false })?.reshape((b, c_out, h, w))
+    check_weight(xs, weight)?;
+    xs.contiguous()?.apply_op2(&weight.contiguous()?, Conv1x1 { relu_in, relu_out: false })
 }
 
 /// [`conv1x1`] from plain tensor ops (a broadcast `matmul`), differentiable on any device.
@@ -220,9 +216,10 @@ fn threads() -> Parallelism {
     }
 }
 
-/// `(xs (b, c, p), weight (c_out, c)) -> (b, c_out, p)`, of `xs.relu()` with `relu_in`. As
-/// a `CustomOp3`, a third argument `shift (c_out)` is added to every output row, then the
-/// ReLU applied with `relu_out` (which only the `CustomOp3` reads).
+/// `(xs (b, c, h, w), weight (c_out, c, 1, 1)) -> (b, c_out, h, w)`, of `xs.relu()` with
+/// `relu_in`, each sample a `(c_out, c) × (c, h·w)` gemm. As a `CustomOp3`, a third argument
+/// `shift (c_out)` is added to every output row, then the ReLU applied with `relu_out` (which
+/// only the `CustomOp3` reads).
 #[derive(Debug, Clone, Copy)]
 struct Conv1x1 {
     relu_in: bool,
@@ -248,12 +245,13 @@ impl Conv1x1 {
         (s2, l2): (&CpuStorage, &Layout),
         shift: Option<(&CpuStorage, &Layout)>,
     ) -> Result<(CpuStorage, Shape)> {
-        let (&[b, c, p], &[c_out, c_w]) = (l1.dims(), l2.dims()) else {
-            bail!("{NAME}: expected (b, c, p) and (c_out, c), got {:?} and {:?}", l1.dims(), l2.dims())
+        let (&[b, c, h, w], &[c_out, c_w, 1, 1]) = (l1.dims(), l2.dims()) else {
+            bail!("{NAME}: expected (b, c, h, w) and (c_out, c, 1, 1), got {:?} and {:?}", l1.dims(), l2.dims())
         };
         if c_w != c {
             bail!("{NAME}: the weight has {c_w} input channels, the input {c}")
         }
+        let p = h * w;
         check_third(NAME, "a shift", shift, &[c_out], s1.dtype())?;
         let dims = (b, c, p, c_out);
         let out = match (s1, s2) {
@@ -267,7 +265,7 @@ impl Conv1x1 {
             }
             _ => bail!("{NAME}: expected both f32 or both f64, got {:?} and {:?}", s1.dtype(), s2.dtype()),
         };
-        Ok((out, Shape::from((b, c_out, p))))
+        Ok((out, Shape::from((b, c_out, h, w))))
     }
 
     /// The gradients of the input and the weight from `grad`, the gradient of the output
@@ -422,13 +420,13 @@ impl CustomOp3 for Conv1x1 {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let grad = if self.relu_out { (grad * res.gt(0.0)?.to_dtype(grad.dtype())?)? } else { grad.clone() };
         let (grad_xs, grad_w) = self.input_and_weight_grads(xs, w, &grad)?;
-        let grad_shift = grad.sum((0, 2))?;
+        let grad_shift = grad.sum((0, 2, 3))?;
         Ok((Some(grad_xs), Some(grad_w), Some(grad_shift)))
     }
 }
 
-/// `(grad (b, c_out, p), weight (c_out, c)) -> weightᵀ · grad_b (b, c, p)`. As a
-/// `CustomOp3`, a third argument `xs (b, c, p)` zeroes it where `xs < 0` (the input gradient
+/// `(grad (b, c_out, h, w), weight (c_out, c, 1, 1)) -> weightᵀ · grad_b (b, c, h, w)`. As a
+/// `CustomOp3`, a third argument `xs (b, c, h, w)` zeroes it where `xs < 0` (the input gradient
 /// of [`conv1x1_relu`]).
 #[derive(Debug, Clone, Copy)]
 struct Conv1x1GradInput;
@@ -448,13 +446,14 @@ impl Conv1x1GradInput {
         xs: Option<(&CpuStorage, &Layout)>,
     ) -> Result<(CpuStorage, Shape)> {
         let name = GRAD_INPUT_NAME;
-        let (&[b, c_out, p], &[c_out_w, c]) = (l1.dims(), l2.dims()) else {
-            bail!("{name}: expected (b, c_out, p) and (c_out, c), got {:?} and {:?}", l1.dims(), l2.dims())
+        let (&[b, c_out, h, w], &[c_out_w, c, 1, 1]) = (l1.dims(), l2.dims()) else {
+            bail!("{name}: expected (b, c_out, h, w) and (c_out, c, 1, 1), got {:?} and {:?}", l1.dims(), l2.dims())
         };
         if c_out_w != c_out {
             bail!("{name}: gradient {:?} and weight {:?} differ", l1.dims(), l2.dims())
         }
-        check_third(name, "xs", xs, &[b, c, p], s1.dtype())?;
+        check_third(name, "xs", xs, &[b, c, h, w], s1.dtype())?;
+        let p = h * w;
         let dims = (b, c, p, c_out);
         let out = match (s1, s2) {
             (CpuStorage::F32(_), CpuStorage::F32(_)) => {
@@ -467,7 +466,7 @@ impl Conv1x1GradInput {
             }
             _ => bail!("{name}: expected both f32 or both f64, got {:?} and {:?}", s1.dtype(), s2.dtype()),
         };
-        Ok((out, Shape::from((b, c, p))))
+        Ok((out, Shape::from((b, c, h, w))))
     }
 }
 
@@ -499,8 +498,8 @@ impl CustomOp3 for Conv1x1GradInput {
     }
 }
 
-/// `(xs (b, c, p), grad (b, c_out, p)) -> Σ_b grad_b · xs_bᵀ (c_out, c)`, of `xs.relu()`
-/// with `relu_in`.
+/// `(xs (b, c, h, w), grad (b, c_out, h, w)) -> Σ_b grad_b · xs_bᵀ (c_out, c, 1, 1)`, of
+/// `xs.relu()` with `relu_in`.
 #[derive(Debug, Clone, Copy)]
 struct Conv1x1GradWeight {
     relu_in: bool,
@@ -537,12 +536,17 @@ impl CustomOp2 for Conv1x1GradWeight {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (&[b, c, p], &[b_g, c_out, p_g]) = (l1.dims(), l2.dims()) else {
-            bail!("{GRAD_WEIGHT_NAME}: expected (b, c, p) and (b, c_out, p), got {:?} and {:?}", l1.dims(), l2.dims())
+        let (&[b, c, h, w], &[b_g, c_out, h_g, w_g]) = (l1.dims(), l2.dims()) else {
+            bail!(
+                "{GRAD_WEIGHT_NAME}: expected (b, c, h, w) and (b, c_out, h, w), got {:?} and {:?}",
+                l1.dims(),
+                l2.dims()
+            )
         };
-        if (b_g, p_g) != (b, p) {
+        if (b_g, h_g, w_g) != (b, h, w) {
             bail!("{GRAD_WEIGHT_NAME}: input {:?} and gradient {:?} differ", l1.dims(), l2.dims())
         }
+        let p = h * w;
         let dims = (b, c, p, c_out);
         let out = match (s1, s2) {
             (CpuStorage::F32(_), CpuStorage::F32(_)) => {
@@ -553,6 +557,6 @@ impl CustomOp2 for Conv1x1GradWeight {
             }
             _ => bail!("{GRAD_WEIGHT_NAME}: expected both f32 or both f64, got {:?} and {:?}", s1.dtype(), s2.dtype()),
         };
-        Ok((out, Shape::from((c_out, c))))
+        Ok((out, Shape::from((c_out, c, 1, 1))))
     }
 }
