@@ -222,14 +222,25 @@ impl BatchNorm {
             batch_norm_train(xs, &self.weight, &self.bias, self.eps)?
         };
         let (b, _, h, w) = xs.dims4()?;
-        let m = (b * h * w) as f64;
-        let unbiased = if m > 1.0 { (out.var * (m / (m - 1.0)))? } else { out.var };
+        self.update_moving(&out.mean, &out.var, b * h * w)?;
+        Ok(out.ys)
+    }
+
+    /// Moves the moving statistics towards a batch's `mean` and biased `var` over `count`
+    /// elements per channel (the variance made unbiased first).
+    pub(crate) fn update_moving(&self, mean: &Tensor, var: &Tensor, count: usize) -> Result<()> {
+        let m = count as f64;
+        let unbiased = if m > 1.0 { (var * (m / (m - 1.0)))? } else { var.clone() };
         let d = self.decay;
-        let mean = ((self.running_mean.as_tensor() * d)? + (out.mean * (1.0 - d))?)?;
+        let mean = ((self.running_mean.as_tensor() * d)? + (mean * (1.0 - d))?)?;
         let var = ((self.running_var.as_tensor() * d)? + (unbiased * (1.0 - d))?)?;
         self.running_mean.set(&mean.detach())?;
-        self.running_var.set(&var.detach())?;
-        Ok(out.ys)
+        self.running_var.set(&var.detach())
+    }
+
+    /// γ, β and ε, for ops that run the training-mode batch norm inside them.
+    pub(crate) fn train_parts(&self) -> (&Tensor, &Tensor, f64) {
+        (&self.weight, &self.bias, self.eps)
     }
 }
 

@@ -13,6 +13,7 @@ use nas_space::{Op, OpKind, PoolKind};
 
 use crate::kernels::pool::{avg_pool2d, max_pool2d};
 use crate::kernels::separable::{separable_stack, SeparableHalf};
+use crate::kernels::separable_train::{separable_train, TrainHalf};
 use crate::kernels::Padding2d;
 use crate::layers::{subsample2, BatchNorm, Conv2d, Conv2dConfig, DepthwiseConv2d};
 
@@ -75,6 +76,23 @@ impl SeparableConv {
         Ok(SeparableHalf { depthwise: depthwise.clone(), stride, dilation, pointwise, scale, shift, relu_in, relu_out })
     }
 
+    /// This conv and the training-mode `bn` after it, for `kernels::separable_train`.
+    fn train_half(&self, bn: &BatchNorm, relu_in: bool, relu_out: bool) -> TrainHalf {
+        let (depthwise, stride, dilation) = self.depthwise.parts();
+        let (gamma, beta, eps) = bn.train_parts();
+        TrainHalf {
+            depthwise: depthwise.clone(),
+            stride,
+            dilation,
+            pointwise: self.pointwise.weight().clone(),
+            gamma: gamma.clone(),
+            beta: beta.clone(),
+            eps,
+            relu_in,
+            relu_out,
+        }
+    }
+
     /// The depthwise conv (reading `xs` through a ReLU with `relu_in`), the pointwise one,
     /// then `bn` (then a ReLU with `relu_out`; see `BatchNorm::after_conv_t`).
     fn forward_bn_t(&self, xs: &Tensor, relu_in: bool, bn: &BatchNorm, relu_out: bool, train: bool) -> Result<Tensor> {
@@ -116,6 +134,19 @@ impl ModuleT for SepConv {
                 self.separable_2.half(&self.bn_sep_2, false, false)?,
             ];
             return separable_stack(xs, &halves);
+        }
+        // Training with gradients: both halves as one node of candle's graph
+        // (`kernels::separable_train`), the moving statistics updated from its batch ones.
+        if train && crate::grad_enabled() {
+            let halves = [
+                self.separable_1.train_half(&self.bn_sep_1, true, true),
+                self.separable_2.train_half(&self.bn_sep_2, false, false),
+            ];
+            let out = separable_train(xs, &halves)?;
+            for (bn, stats) in [&self.bn_sep_1, &self.bn_sep_2].into_iter().zip(&out.stats) {
+                bn.update_moving(&stats.mean, &stats.var, stats.count)?;
+            }
+            return Ok(out.ys);
         }
         // Both ReLUs are fused: the first into the depthwise conv's input read, the second
         // into the batch norm before it; neither's output is stored.

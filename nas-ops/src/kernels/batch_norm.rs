@@ -101,6 +101,33 @@ pub fn batch_norm_train_relu(xs: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f6
 }
 
 fn batch_norm_train_with(xs: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64, relu: bool) -> Result<BatchNormTrain> {
+    let step = batch_norm_train_step(xs, gamma, beta, eps, relu)?;
+    let ys = xs.contiguous()?.apply_op3(&gamma.contiguous()?, &beta.contiguous()?, step.op)?;
+    Ok(BatchNormTrain { ys, mean: step.mean, var: step.var })
+}
+
+/// A training-mode batch norm's statistics of one batch and the op that normalises with
+/// them, for ops that run the batch norm inside them (their forward calls
+/// [`cpu_forward`](Self::cpu_forward) or [`forward_no_bwd`](Self::forward_no_bwd), their
+/// backward [`grads`](Self::grads)).
+#[derive(Debug, Clone)]
+pub(crate) struct BatchNormTrainStep {
+    op: BatchNormTrainOp,
+    /// The batch mean per channel, `(channels)`, in the input's dtype.
+    pub(crate) mean: Tensor,
+    /// The biased batch variance per channel, `(channels)`, in the input's dtype.
+    pub(crate) var: Tensor,
+}
+
+/// The statistics of `xs` (with a ReLU after the batch norm when `relu`), after the checks
+/// of [`batch_norm_train`].
+pub(crate) fn batch_norm_train_step(
+    xs: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+    relu: bool,
+) -> Result<BatchNormTrainStep> {
     const OP: &str = "batch-norm-train";
     check_args(OP, xs, &[("gamma", gamma), ("beta", beta)])?;
     check_nonempty(OP, xs)?;
@@ -108,19 +135,46 @@ fn batch_norm_train_with(xs: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64, r
     if !matches!(dtype, DType::F32 | DType::F64) {
         bail!("{OP}: unsupported dtype {dtype:?}, expected f32 or f64")
     }
-    let xs = xs.contiguous()?;
-    let gamma = gamma.contiguous()?;
-    let beta = beta.contiguous()?;
     // (2, C) in f64, detached: row 0 holds the means, row 1 the variances.
-    let stats = xs.apply_op1_no_bwd(&BatchNormStats)?;
+    let stats = xs.contiguous()?.apply_op1_no_bwd(&BatchNormStats)?;
     let mut rows = stats.to_vec2::<f64>()?.into_iter();
     let (mean, var) = match (rows.next(), rows.next()) {
         (Some(mean), Some(var)) => (mean, var),
         _ => bail!("{OP}: statistics must have two rows, got {:?}", stats.shape()),
     };
     let invstd = var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
-    let ys = xs.apply_op3(&gamma, &beta, BatchNormTrainOp { mean, invstd, relu })?;
-    Ok(BatchNormTrain { ys, mean: stats.get(0)?.to_dtype(dtype)?, var: stats.get(1)?.to_dtype(dtype)? })
+    Ok(BatchNormTrainStep {
+        op: BatchNormTrainOp { mean, invstd, relu },
+        mean: stats.get(0)?.to_dtype(dtype)?,
+        var: stats.get(1)?.to_dtype(dtype)?,
+    })
+}
+
+impl BatchNormTrainStep {
+    /// The normalised `xs` (contiguous, as are `gamma` and `beta`); records no backward.
+    pub(crate) fn forward_no_bwd(&self, xs: &Tensor, gamma: &Tensor, beta: &Tensor) -> Result<Tensor> {
+        xs.apply_op3_no_bwd(gamma, beta, &self.op)
+    }
+
+    /// The normalised `xs` on the CPU, from the storages of `xs`, `gamma` and `beta`.
+    pub(crate) fn cpu_forward(
+        &self,
+        (s1, l1): (&CpuStorage, &Layout),
+        (s2, l2): (&CpuStorage, &Layout),
+        (s3, l3): (&CpuStorage, &Layout),
+    ) -> Result<(CpuStorage, Shape)> {
+        self.op.cpu_fwd(s1, l1, s2, l2, s3, l3)
+    }
+
+    /// The gradients of `xs`, `gamma` and `beta` from the gradient of the output `ys`.
+    pub(crate) fn grads(
+        &self,
+        (xs, gamma, beta): (&Tensor, &Tensor, &Tensor),
+        ys: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        self.op.grads(xs, gamma, beta, ys, grad)
+    }
 }
 
 /// The same as [`batch_norm_train`] from plain candle tensor ops (differentiable on any
@@ -416,6 +470,21 @@ impl CustomOp3 for BatchNormTrainOp {
         ys: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dgamma, dbeta) = self.grads(xs, gamma, beta, ys, grad)?;
+        Ok((Some(dx), Some(dgamma), Some(dbeta)))
+    }
+}
+
+impl BatchNormTrainOp {
+    /// The gradients of `xs`, `gamma` and `beta` from the gradient of the output `ys`.
+    fn grads(
+        &self,
+        xs: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        ys: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         let (n, c, h, w) = xs.dims4()?;
         let numel = n * c * h * w;
         // On the CPU the ReLU's mask is recomputed inside the backward kernel from xs, γ and
@@ -431,7 +500,7 @@ impl CustomOp3 for BatchNormTrainOp {
         let dx = packed.narrow(0, 0, numel)?.reshape((n, c, h, w))?;
         let dgamma = packed.narrow(0, numel, c)?;
         let dbeta = packed.narrow(0, numel + c, c)?;
-        Ok((Some(dx), Some(dgamma), Some(dbeta)))
+        Ok((dx, dgamma, dbeta))
     }
 }
 

@@ -282,6 +282,12 @@ impl Conv1x1 {
     }
 }
 
+/// The gradients of `xs` and `weight` of [`conv1x1`] (of [`conv1x1_relu`] with `relu_in`)
+/// from the output's `grad`, for ops that run the conv inside them (CPU).
+pub(crate) fn conv1x1_grads(xs: &Tensor, weight: &Tensor, grad: &Tensor, relu_in: bool) -> Result<(Tensor, Tensor)> {
+    Conv1x1 { relu_in, relu_out: false }.input_and_weight_grads(xs, weight, grad)
+}
+
 /// What [`per_sample`] does to each sample's output block after its gemm.
 #[derive(Debug, Clone, Copy)]
 enum Rows<'a, T> {

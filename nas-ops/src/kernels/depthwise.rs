@@ -297,6 +297,14 @@ impl CustomOp2 for DepthwiseConv2d {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (grad_xs, grad_weight) = self.grads(xs, weight, grad)?;
+        Ok((Some(grad_xs), Some(grad_weight)))
+    }
+}
+
+impl DepthwiseConv2d {
+    /// The gradients of the input and the weight from the output's `grad`.
+    fn grads(&self, xs: &Tensor, weight: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor)> {
         let geom =
             DepthwiseGeometry::new(FWD_NAME, xs.dims(), weight.dims(), self.stride, self.dilation, self.padding)?;
         let (xs, weight, grad) = (xs.contiguous()?, weight.contiguous()?, grad.contiguous()?);
@@ -310,8 +318,20 @@ impl CustomOp2 for DepthwiseConv2d {
             (false, _) => grad.apply_op2_no_bwd(&weight, &DepthwiseConv2dGradInput { geom })?,
         };
         let grad_weight = xs.apply_op2_no_bwd(&grad, &DepthwiseConv2dGradWeight { geom, relu_in: self.relu_in })?;
-        Ok((Some(grad_xs), Some(grad_weight)))
+        Ok((grad_xs, grad_weight))
     }
+}
+
+/// The gradients of `xs` and `weight` of [`depthwise_conv2d`] (of [`depthwise_conv2d_relu`]
+/// with `relu_in`) from the output's `grad`, for ops that run the conv inside them.
+pub(crate) fn depthwise_conv2d_grads(
+    (xs, weight, grad): (&Tensor, &Tensor, &Tensor),
+    stride: usize,
+    dilation: usize,
+    padding: Padding2d,
+    relu_in: bool,
+) -> Result<(Tensor, Tensor)> {
+    DepthwiseConv2d { stride, dilation, padding, relu_in }.grads(xs, weight, grad)
 }
 
 /// The input gradient, on `(grad_out, weight)`: a transposed depthwise convolution.

@@ -16,6 +16,7 @@ pub mod dense;
 pub mod depthwise;
 pub mod pool;
 pub mod separable;
+pub mod separable_train;
 pub(crate) mod simd;
 pub mod subsample;
 pub(crate) mod window;

@@ -1,0 +1,360 @@
+//! Training of stacked separable convolutions (`sep_conv_kxk`: ReLU → depthwise → pointwise
+//! → BN, twice) as one node of candle's graph.
+//!
+//! Unfused, each half is three ops (depthwise conv, 1×1 conv, batch norm), and for every
+//! op's output candle's backward first allocates a zeroed gradient buffer and adds the
+//! incoming gradient into it (`GradStore::or_insert`, then `add`): two passes of the
+//! activation's size per op before the op's own backward runs, six per separable conv.
+//! [`separable_train`] runs the same forward kernels on detached tensors, keeps the
+//! intermediates candle would have kept, and records one op on `(xs, packed weights)` whose
+//! backward runs the same gradient kernels in reverse. The weights enter as one flat tensor
+//! (a `cat` of the eight, whose backward hands each its slice): a custom op takes at most
+//! three inputs. On other devices, or for dtypes other than f32/f64, or where no gradient is
+//! needed, [`separable_train_reference`] (the unfused ops) runs.
+
+use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor};
+
+use super::batch_norm::{batch_norm_train, batch_norm_train_relu, batch_norm_train_step, BatchNormTrainStep};
+use super::conv1x1::{conv1x1, conv1x1_grads};
+use super::depthwise::{depthwise_conv2d, depthwise_conv2d_grads, depthwise_conv2d_relu};
+use super::Padding2d;
+
+const NAME: &str = "separable-train";
+
+/// One half of a separable conv in training: ReLU (with `relu_in`) → depthwise `k × k`
+/// (SAME, `stride`, `dilation`) → pointwise → batch norm with the batch's statistics → ReLU
+/// (with `relu_out`).
+#[derive(Debug, Clone)]
+pub struct TrainHalf {
+    /// `(c_in, 1, k, k)`.
+    pub depthwise: Tensor,
+    /// Stride of the depthwise conv.
+    pub stride: usize,
+    /// Dilation of the depthwise conv.
+    pub dilation: usize,
+    /// `(c_out, c_in, 1, 1)`.
+    pub pointwise: Tensor,
+    /// `(c_out)`: the batch norm's γ.
+    pub gamma: Tensor,
+    /// `(c_out)`: the batch norm's β.
+    pub beta: Tensor,
+    /// The batch norm's ε.
+    pub eps: f64,
+    /// ReLU on the half's input.
+    pub relu_in: bool,
+    /// ReLU on the half's output.
+    pub relu_out: bool,
+}
+
+/// A batch norm's statistics of one batch.
+#[derive(Debug, Clone)]
+pub struct BatchStats {
+    /// The mean per channel, `(c_out)`.
+    pub mean: Tensor,
+    /// The biased variance per channel, `(c_out)`.
+    pub var: Tensor,
+    /// The elements each statistic is over (`batch · h · w`).
+    pub count: usize,
+}
+
+/// What [`separable_train`] returns: the output and each half's batch statistics (for the
+/// moving averages).
+#[derive(Debug, Clone)]
+pub struct SeparableTrain {
+    /// `(batch, c_out, h', w')`.
+    pub ys: Tensor,
+    /// One per half, in order.
+    pub stats: Vec<BatchStats>,
+}
+
+impl TrainHalf {
+    fn padding(&self, xs: &Tensor) -> Result<Padding2d> {
+        let (_, _, h, w) = xs.dims4()?;
+        let (_, _, kh, kw) = self.depthwise.dims4()?;
+        Ok(Padding2d::same(h, w, kh, kw, self.stride, self.dilation))
+    }
+
+    /// The depthwise then the pointwise conv, unfused (tracked when their inputs are).
+    fn convs(&self, xs: &Tensor) -> Result<(Tensor, Tensor)> {
+        let depthwise = if self.relu_in { depthwise_conv2d_relu } else { depthwise_conv2d };
+        let mid = depthwise(xs, &self.depthwise, self.stride, self.dilation, self.padding(xs)?)?;
+        let out = conv1x1(&mid, &self.pointwise)?;
+        Ok((mid, out))
+    }
+
+    /// The four weights, in the order they are packed.
+    fn weights(&self) -> [&Tensor; 4] {
+        [&self.depthwise, &self.pointwise, &self.gamma, &self.beta]
+    }
+}
+
+/// The halves applied in order to `xs`, in training mode.
+///
+/// # Shapes
+/// - `xs`: `(batch, c_in, h, w)`; each half's `c_in` is the previous half's `c_out`
+/// - returns: `ys` `(batch, c_out, h', w')` with `h' = ceil(h / Π stride)` (SAME), and each
+///   half's statistics `(c_out)`
+pub fn separable_train(xs: &Tensor, halves: &[TrainHalf]) -> Result<SeparableTrain> {
+    let fused = !halves.is_empty()
+        && xs.device().is_cpu()
+        && matches!(xs.dtype(), DType::F32 | DType::F64)
+        && halves.iter().flat_map(TrainHalf::weights).all(|t| t.dtype() == xs.dtype())
+        && crate::grad_enabled();
+    if !fused {
+        return separable_train_reference(xs, halves);
+    }
+    let mut saved = Vec::with_capacity(halves.len());
+    let mut stats = Vec::with_capacity(halves.len());
+    let mut input = xs.detach();
+    for (i, half) in halves.iter().enumerate() {
+        let in_half = |e: candle_core::Error| candle_core::Error::Msg(format!("{NAME}: half {i}: {e}"));
+        let [depthwise, pointwise, gamma, beta] = half.weights().map(Tensor::detach);
+        let (gamma, beta) = (gamma.contiguous()?, beta.contiguous()?);
+        let detached = TrainHalf { depthwise, pointwise, gamma, beta, ..half.clone() };
+        let (mid, pre) = detached.convs(&input).map_err(in_half)?;
+        let step =
+            batch_norm_train_step(&pre, &detached.gamma, &detached.beta, half.eps, half.relu_out).map_err(in_half)?;
+        let (n, _, h, w) = pre.dims4()?;
+        stats.push(BatchStats { mean: step.mean.clone(), var: step.var.clone(), count: n * h * w });
+        // The last half's batch norm runs inside the op's forward, which owns its output.
+        let output = match i + 1 < halves.len() {
+            true => Some(step.forward_no_bwd(&pre, &detached.gamma, &detached.beta)?),
+            false => None,
+        };
+        let next = output.clone();
+        saved.push(Saved { half: detached, input: input.clone(), mid, pre, step, output });
+        if let Some(next) = next {
+            input = next;
+        }
+    }
+    let packed = halves.iter().flat_map(TrainHalf::weights).map(Tensor::flatten_all).collect::<Result<Vec<_>>>()?;
+    let packed = Tensor::cat(&packed, 0)?;
+    let ys = xs.contiguous()?.apply_op2(&packed, SeparableTrainOp { saved })?;
+    Ok(SeparableTrain { ys, stats })
+}
+
+/// Reference for [`separable_train`]: each half as the unfused ops (`depthwise_conv2d`,
+/// `conv1x1`, `batch_norm_train`), differentiable, any device.
+pub fn separable_train_reference(xs: &Tensor, halves: &[TrainHalf]) -> Result<SeparableTrain> {
+    let mut xs = xs.clone();
+    let mut stats = Vec::with_capacity(halves.len());
+    for half in halves {
+        let (_, pre) = half.convs(&xs)?;
+        let batch_norm = if half.relu_out { batch_norm_train_relu } else { batch_norm_train };
+        let out = batch_norm(&pre, &half.gamma, &half.beta, half.eps)?;
+        let (n, _, h, w) = pre.dims4()?;
+        stats.push(BatchStats { mean: out.mean, var: out.var, count: n * h * w });
+        xs = out.ys;
+    }
+    Ok(SeparableTrain { ys: xs, stats })
+}
+
+/// What one half's backward needs: its detached weights, its input, the depthwise conv's
+/// output, the pointwise conv's output (the batch norm's input), the batch norm's
+/// statistics, and its output (the next half's input; the op's own output for the last).
+struct Saved {
+    half: TrainHalf,
+    input: Tensor,
+    mid: Tensor,
+    pre: Tensor,
+    step: BatchNormTrainStep,
+    output: Option<Tensor>,
+}
+
+/// The recorded op on `(xs, packed weights)`; the forward has run but the last batch norm.
+struct SeparableTrainOp {
+    saved: Vec<Saved>,
+}
+
+impl CustomOp2 for SeparableTrainOp {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    /// The last half's batch norm, from its saved input and γ, β read from the packed
+    /// weights (the last `2 · c_out` elements).
+    fn cpu_fwd(&self, _s1: &CpuStorage, _l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let last = self.saved.last().expect("at least one half");
+        let c = last.half.gamma.elem_count();
+        let end = match l2.contiguous_offsets() {
+            Some((_, end)) => end,
+            None => bail!("{NAME}: the packed weights must be contiguous"),
+        };
+        let gamma = Layout::contiguous_with_offset(c, end - 2 * c);
+        let beta = Layout::contiguous_with_offset(c, end - c);
+        let (pre, layout) = last.pre.storage_and_layout();
+        let Storage::Cpu(pre) = &*pre else { bail!("{NAME}: expected tensors on the CPU") };
+        last.step.cpu_forward((pre, layout), (s2, &gamma), (s2, &beta))
+    }
+
+    fn bwd(
+        &self,
+        _xs: &Tensor,
+        _packed: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let mut grad = grad.contiguous()?;
+        let mut packed = Vec::with_capacity(4 * self.saved.len());
+        for saved in self.saved.iter().rev() {
+            let half = &saved.half;
+            let output = saved.output.as_ref().unwrap_or(res);
+            let (grad_pre, grad_gamma, grad_beta) =
+                saved.step.grads((&saved.pre, &half.gamma, &half.beta), output, &grad)?;
+            let (grad_mid, grad_pointwise) = conv1x1_grads(&saved.mid, &half.pointwise, &grad_pre, false)?;
+            let padding = half.padding(&saved.input)?;
+            let (grad_input, grad_depthwise) = depthwise_conv2d_grads(
+                (&saved.input, &half.depthwise, &grad_mid),
+                half.stride,
+                half.dilation,
+                padding,
+                half.relu_in,
+            )?;
+            // Reversed at the end, with the halves.
+            for g in [grad_beta, grad_gamma, grad_pointwise, grad_depthwise] {
+                packed.push(g.flatten_all()?);
+            }
+            grad = grad_input;
+        }
+        packed.reverse();
+        Ok((Some(grad), Some(Tensor::cat(&packed, 0)?)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::testutil::*;
+    use candle_core::Var;
+
+    fn half(
+        rng: &mut TestRng,
+        (c_in, c_out, k, stride, dilation): (usize, usize, usize, usize, usize),
+        relu: (bool, bool),
+        dtype: DType,
+    ) -> TrainHalf {
+        TrainHalf {
+            depthwise: rng.tensor(&[c_in, 1, k, k], dtype).unwrap(),
+            stride,
+            dilation,
+            pointwise: rng.tensor(&[c_out, c_in, 1, 1], dtype).unwrap(),
+            gamma: (rng.tensor(&[c_out], dtype).unwrap() + 1.5).unwrap(),
+            beta: rng.tensor(&[c_out], dtype).unwrap(),
+            eps: 1e-3,
+            relu_in: relu.0,
+            relu_out: relu.1,
+        }
+    }
+
+    /// The output, the statistics and the gradients of `sum(ys · probe)` with respect to the
+    /// input and every weight, through `f`.
+    fn run(
+        f: fn(&Tensor, &[TrainHalf]) -> Result<SeparableTrain>,
+        xs: &Tensor,
+        halves: &[TrainHalf],
+        probe: &Tensor,
+    ) -> (SeparableTrain, Vec<Tensor>) {
+        let x = Var::from_tensor(xs).unwrap();
+        let vars: Vec<[Var; 4]> = halves.iter().map(|h| h.weights().map(|t| Var::from_tensor(t).unwrap())).collect();
+        let tracked: Vec<TrainHalf> = halves
+            .iter()
+            .zip(&vars)
+            .map(|(h, [d, p, g, b])| TrainHalf {
+                depthwise: d.as_tensor().clone(),
+                pointwise: p.as_tensor().clone(),
+                gamma: g.as_tensor().clone(),
+                beta: b.as_tensor().clone(),
+                ..h.clone()
+            })
+            .collect();
+        let out = f(x.as_tensor(), &tracked).unwrap();
+        let grads = (&out.ys * probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let mut all = vec![grads.get(x.as_tensor()).expect("a gradient for the input").clone()];
+        for v in vars.iter().flatten() {
+            all.push(grads.get(v.as_tensor()).expect("a gradient for every weight").clone());
+        }
+        (out, all)
+    }
+
+    #[test]
+    fn matches_the_unfused_ops_forward_statistics_and_gradients() {
+        let mut rng = TestRng::new(61);
+        // (n, c, h, w), then the halves: sep 3x3, 5x5 stride 2 on odd sizes, 7x7 stride 2,
+        // one half (dilated), three halves, one sample.
+        type Case = ((usize, usize, usize, usize), Vec<(usize, usize, usize, usize, usize)>);
+        let cases: [Case; 6] = [
+            ((2, 3, 9, 9), vec![(3, 4, 3, 1, 1), (4, 4, 3, 1, 1)]),
+            ((3, 5, 13, 14), vec![(5, 6, 5, 2, 1), (6, 6, 5, 1, 1)]),
+            ((2, 4, 11, 17), vec![(4, 3, 7, 2, 1), (3, 3, 7, 1, 1)]),
+            ((2, 3, 10, 10), vec![(3, 3, 3, 1, 2)]),
+            ((3, 4, 8, 8), vec![(4, 4, 3, 1, 1), (4, 5, 3, 2, 1), (5, 2, 5, 1, 1)]),
+            ((1, 2, 12, 10), vec![(2, 5, 5, 1, 1), (5, 5, 5, 1, 1)]),
+        ];
+        for ((n, c, h, w), shapes) in cases {
+            for relus in [[(true, true), (false, false), (true, false)], [(false, true), (true, false), (false, true)]]
+            {
+                for (dtype, tol) in [(DType::F64, 1e-10), (DType::F32, 2e-4)] {
+                    let halves: Vec<_> = shapes.iter().zip(relus).map(|(&s, r)| half(&mut rng, s, r, dtype)).collect();
+                    let xs = rng.tensor(&[n, c, h, w], dtype).unwrap();
+                    let what = format!("{n}x{c}x{h}x{w} {shapes:?} {relus:?} {dtype:?}");
+                    let want = separable_train_reference(&xs, &halves).unwrap();
+                    let probe = rng.tensor(want.ys.dims(), dtype).unwrap();
+                    let (got, got_grads) = run(separable_train, &xs, &halves, &probe);
+                    let (want, want_grads) = run(separable_train_reference, &xs, &halves, &probe);
+                    assert_eq!(got.ys.dims(), want.ys.dims(), "{what}");
+                    assert_close(&got.ys, &want.ys, tol, &what);
+                    assert_eq!(got.stats.len(), halves.len());
+                    for (i, (g, w)) in got.stats.iter().zip(&want.stats).enumerate() {
+                        assert_eq!(g.count, w.count, "{what}: half {i}");
+                        assert_close(&g.mean, &w.mean, tol, &format!("{what}: mean of half {i}"));
+                        assert_close(&g.var, &w.var, tol, &format!("{what}: variance of half {i}"));
+                    }
+                    let names = ["depthwise", "pointwise", "gamma", "beta"];
+                    for (j, (g, w)) in got_grads.iter().zip(&want_grads).enumerate() {
+                        let which = if j == 0 {
+                            "input".to_string()
+                        } else {
+                            format!("half {} {}", (j - 1) / 4, names[(j - 1) % 4])
+                        };
+                        assert_eq!(g.dims(), w.dims(), "{what}: gradient of the {which}");
+                        assert_close(g, w, tol, &format!("{what}: gradient of the {which}"));
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn weights_of_another_dtype_are_refused() {
+        let mut rng = TestRng::new(62);
+        let mut halves = [half(&mut rng, (3, 4, 3, 1, 1), (true, true), DType::F32)];
+        let xs = Var::from_tensor(&rng.tensor(&[2, 3, 6, 6], DType::F32).unwrap()).unwrap();
+        halves[0].gamma = halves[0].gamma.to_dtype(DType::F64).unwrap();
+        let err = separable_train(xs.as_tensor(), &halves).unwrap_err().to_string();
+        assert!(err.contains("batch-norm-train") && err.contains("F64"), "{err}");
+    }
+
+    #[test]
+    fn a_malformed_weight_names_the_half() {
+        let mut rng = TestRng::new(63);
+        let xs = rng.tensor(&[2, 3, 6, 6], DType::F32).unwrap();
+        let halves = [
+            half(&mut rng, (3, 4, 3, 1, 1), (true, true), DType::F32),
+            half(&mut rng, (5, 4, 3, 1, 1), (false, false), DType::F32),
+        ];
+        let vars: Vec<Var> = halves.iter().flat_map(|h| h.weights().map(|t| Var::from_tensor(t).unwrap())).collect();
+        let tracked: Vec<TrainHalf> = halves
+            .iter()
+            .zip(vars.chunks(4))
+            .map(|(h, v)| TrainHalf {
+                depthwise: v[0].as_tensor().clone(),
+                pointwise: v[1].as_tensor().clone(),
+                gamma: v[2].as_tensor().clone(),
+                beta: v[3].as_tensor().clone(),
+                ..h.clone()
+            })
+            .collect();
+        let err = separable_train(&xs, &tracked).unwrap_err().to_string();
+        assert!(err.contains("separable-train: half 1"), "{err}");
+    }
+}
