@@ -335,26 +335,34 @@ fn fill_input_body<T: Float, const FMA: bool>(layout: &InputLayout, plane: &[T],
             }
             continue;
         }
+        if s == 2 {
+            // One pass over the row: input column x is padded column left + x, which phase
+            // (left + x) % 2 holds at (left + x) / 2. Each pair of input columns goes to both
+            // phases at once (the loop vectorises with shuffles); before, each phase read the
+            // whole row for its half.
+            let stored = end.saturating_sub(padding.left);
+            let (lo, hi) = dst[..layout.row_len].split_at_mut(layout.wq);
+            let (first, second) = if padding.left % 2 == 0 { (lo, hi) } else { (hi, lo) };
+            let (q_first, q_second) = (padding.left / 2, padding.left.div_ceil(2));
+            let pairs = src[..stored].chunks_exact(2);
+            let (last, n) = (pairs.remainder().first().copied(), pairs.len());
+            let dsts = first[q_first..q_first + n].iter_mut().zip(&mut second[q_second..q_second + n]);
+            for ((a, b), pair) in dsts.zip(pairs) {
+                *a = act(pair[0]);
+                *b = act(pair[1]);
+            }
+            if let Some(v) = last {
+                first[q_first + n] = act(v);
+            }
+            continue;
+        }
         for (span, dst) in layout.phases.iter().zip(dst.chunks_exact_mut(layout.wq)) {
             if span.q_lo >= span.q_hi {
                 continue;
             }
             let (dst, src) = (&mut dst[span.q_lo..span.q_hi], &src[span.first..]);
-            if s == 2 {
-                // A constant stride, so the loop vectorises (with shuffles).
-                let pairs = src.chunks_exact(2);
-                let last = pairs.remainder().first().copied();
-                let n = pairs.len();
-                for (d, pair) in dst.iter_mut().zip(pairs) {
-                    *d = act(pair[0]);
-                }
-                if let (Some(d), Some(v)) = (dst.get_mut(n), last) {
-                    *d = act(v);
-                }
-            } else {
-                for (d, &v) in dst.iter_mut().zip(src.iter().step_by(s)) {
-                    *d = act(v);
-                }
+            for (d, &v) in dst.iter_mut().zip(src.iter().step_by(s)) {
+                *d = act(v);
             }
         }
     }
