@@ -163,6 +163,103 @@ impl<T: Float, const FMA: bool> Block<T> for Correlation<'_, T, FMA> {
 
 multiversion!(fn correlate(src: &[T], taps: &[(usize, T)], grid: &Grid, out: &mut [T]) => correlate_body);
 
+/// Output rows a [`correlate_rows`] block computes at once.
+const ROWS: usize = 8;
+
+/// [`correlate_body`] for a square `k × k` kernel at stride 1, dilation 1 (`weight`
+/// row-major, `grid.src_row` the scratch's row length): blocks of [`ROWS`] output rows × one
+/// chunk, each input row's chunk loaded once for every kernel row it meets (`ROWS + k − 1`
+/// loads per kernel column instead of `ROWS · k`), with `ROWS` independent sums in flight.
+/// Rows past the last whole block take [`correlate_body`]. Kernels other than 3, 5 and 7
+/// wide take it entirely.
+#[inline(always)]
+fn correlate_rows_body<T: Float, const FMA: bool>(
+    src: &[T],
+    weight: &[T],
+    taps: &[(usize, T)],
+    grid: &Grid,
+    out: &mut [T],
+) {
+    // Blocks of ROWS rows, then at most one of ROWS / 2 (a 7-row plane would otherwise
+    // take the slower path entirely, a 14-row one for 6 of its rows). Inlined, like every
+    // function a multiversioned body calls, so that it is compiled with the body's features.
+    #[inline(always)]
+    fn blocks<T: Float, const FMA: bool, const R: usize>(src: &[T], weight: &[T], grid: &Grid, out: &mut [T]) -> usize {
+        match weight.len() {
+            9 => row_blocks::<T, FMA, 3, R>(src, weight, grid, out),
+            25 => row_blocks::<T, FMA, 5, R>(src, weight, grid, out),
+            49 => row_blocks::<T, FMA, 7, R>(src, weight, grid, out),
+            _ => 0,
+        }
+    }
+    let mut done = blocks::<T, FMA, ROWS>(src, weight, grid, out);
+    if done < grid.rows {
+        let rest = Grid { rows: grid.rows - done, ..*grid };
+        let (src, out) = (&src[done * grid.src_row..], &mut out[done * grid.out_row..]);
+        done += blocks::<T, FMA, { ROWS / 2 }>(src, weight, &rest, out);
+    }
+    if done < grid.rows {
+        let rest = Grid { rows: grid.rows - done, ..*grid };
+        correlate_body::<T, FMA>(&src[done * grid.src_row..], taps, &rest, &mut out[done * grid.out_row..]);
+    }
+}
+
+multiversion!(
+    fn correlate_rows(src: &[T], weight: &[T], taps: &[(usize, T)], grid: &Grid, out: &mut [T]) => correlate_rows_body
+);
+
+/// The whole `ROWS`-row blocks of [`correlate_rows_body`]; returns the rows done.
+#[inline(always)]
+fn row_blocks<T: Float, const FMA: bool, const K: usize, const ROWS: usize>(
+    src: &[T],
+    weight: &[T],
+    grid: &Grid,
+    out: &mut [T],
+) -> usize {
+    let Grid { rows, cols, src_row, out_row, .. } = *grid;
+    let full = rows / ROWS * ROWS;
+    let chunks = cols.div_ceil(LANES);
+    if full == 0 || chunks == 0 {
+        return 0;
+    }
+    // The furthest read: the last block's last input row, its last chunk, shifted by k − 1.
+    let top = (full - ROWS + ROWS + K - 2) * src_row + (chunks - 1) * LANES + (K - 1) + LANES;
+    assert!(top <= src.len(), "window kernel reads up to {top}, past the source's {} elements", src.len());
+    assert!(weight.len() == K * K && out.len() >= (full - 1) * out_row + cols, "row_blocks: bad weight or output");
+    for y0 in (0..full).step_by(ROWS) {
+        for c in 0..chunks {
+            let x0 = c * LANES;
+            let mut acc = [[T::ZERO; LANES]; ROWS];
+            for kx in 0..K {
+                let w: [T; K] = std::array::from_fn(|ky| weight[ky * K + kx]);
+                for (j, acc) in acc.iter_mut().enumerate() {
+                    for (ky, &w) in w.iter().enumerate() {
+                        // SAFETY: `(y0 + j + ky) · src_row + x0 + kx + LANES <= top`, checked
+                        // above. Rows j and ky with the same sum load the same vector once.
+                        let v = unsafe { lanes(src, (y0 + j + ky) * src_row + x0 + kx) };
+                        for (a, &v) in acc.iter_mut().zip(v) {
+                            *a = T::madd::<FMA>(w, v, *a);
+                        }
+                    }
+                }
+            }
+            let len = LANES.min(cols - x0);
+            for (j, acc) in acc.iter().enumerate() {
+                let start = (y0 + j) * out_row + x0;
+                if len == LANES {
+                    let dst: &mut [T; LANES] = (&mut out[start..start + LANES]).try_into().expect("LANES elements");
+                    *dst = *acc;
+                } else {
+                    for (d, &a) in out[start..start + len].iter_mut().zip(acc) {
+                        *d = a;
+                    }
+                }
+            }
+        }
+    }
+    full
+}
+
 /// `out[y * out_row + x * out_col] = max over offsets of src[y * src_row + x + offset]`, laid
 /// out as in [`correlate_body`] (a NaN never wins, as in the other max-pool paths).
 #[inline(always)]
@@ -384,6 +481,7 @@ pub(crate) fn forward<T: Float>(isa: Isa, geom: &DepthwiseGeometry, xs: &[T], we
     // SAFETY: every plane is written in full by `correlate` (one task per plane).
     let mut out = unsafe { output_buffer(n * c * ho * wo) };
     let layout = InputLayout::new(geom);
+    let row_blocked = geom.stride == 1 && geom.dilation == 1 && kh == kw && matches!(kh, 3 | 5 | 7);
     out.par_chunks_mut(ho * wo).enumerate().for_each_init(
         || (layout.scratch(T::ZERO), Vec::with_capacity(kh * kw)),
         |(scratch, taps), (plane, out)| {
@@ -391,7 +489,11 @@ pub(crate) fn forward<T: Float>(isa: Isa, geom: &DepthwiseGeometry, xs: &[T], we
             let k = &weight[(plane % c) * kh * kw..(plane % c + 1) * kh * kw];
             taps.clear();
             taps.extend(layout.offsets.iter().copied().zip(k.iter().copied()));
-            correlate(isa, scratch, taps, &layout.grid, out);
+            if row_blocked {
+                correlate_rows(isa, scratch, k, taps, &layout.grid, out);
+            } else {
+                correlate(isa, scratch, taps, &layout.grid, out);
+            }
         },
     );
     out
@@ -831,15 +933,26 @@ fn transpose<T: Float>(
         return grad_xs;
     }
     let layout = GradLayout::new(geom);
+    // At stride 1 and dilation 1 the one phase is a correlation with the kernel flipped
+    // (tap (ky, kx) sits at offset (k − 1 − ky) · row + k − 1 − kx), so a square kernel
+    // takes the row-blocked loop with the weights reversed.
+    let row_blocked = geom.stride == 1 && geom.dilation == 1 && kh == kw && matches!(kh, 3 | 5 | 7);
     grad_xs.par_chunks_mut(h * w).enumerate().for_each_init(
-        || (layout.scratch(), Vec::with_capacity(kh * kw)),
-        |(scratch, taps), (plane, dx)| {
+        || (layout.scratch(), Vec::with_capacity(kh * kw), Vec::with_capacity(kh * kw)),
+        |(scratch, taps, flipped), (plane, dx)| {
             layout.fill(geom, &grad[plane * ho * wo..(plane + 1) * ho * wo], divisor, scratch);
             let k = &weight[(plane % c) * kh * kw..(plane % c + 1) * kh * kw];
             for phase in &layout.phases {
                 taps.clear();
                 taps.extend(phase.taps.iter().map(|&(offset, tap)| (offset, k[tap])));
-                correlate(isa, &scratch[phase.src_start..], taps, &phase.grid, &mut dx[phase.out_start..]);
+                let (src, dx) = (&scratch[phase.src_start..], &mut dx[phase.out_start..]);
+                if row_blocked {
+                    flipped.clear();
+                    flipped.extend(k.iter().rev().copied());
+                    correlate_rows(isa, src, flipped, taps, &phase.grid, dx);
+                } else {
+                    correlate(isa, src, taps, &phase.grid, dx);
+                }
             }
             if let Some(xs) = relu_xs {
                 // Candle's ReLU rule: the gradient passes where `x >= 0` (not where x is NaN).
