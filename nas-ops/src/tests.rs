@@ -240,6 +240,35 @@ fn bn_statistics_move_in_training_only() {
     assert!(after.iter().any(|v| v.abs() > 1e-4));
 }
 
+/// A training step's forward through the fused separable convs (gradients on:
+/// `kernels::separable_train`) and through the unfused ops (under `no_grad`) gives the same
+/// logits and moves every moving statistic, the separable convs' included, the same way.
+#[test]
+fn fused_separable_training_matches_the_unfused_ops_and_statistics() {
+    let spec = CellSpec::nasnet_a();
+    let (fused_map, fused) = build(&spec, &tiny_cifar());
+    let (plain_map, plain) = build(&spec, &tiny_cifar());
+    let xs = TestRng::new(5).tensor(&[3, 3, 32, 32], DType::F32).unwrap();
+    let a = fused.forward_t(&xs, true).unwrap().logits;
+    let b = crate::no_grad(|| plain.forward_t(&xs, true)).unwrap().logits;
+    assert_close(&a, &b, 1e-4, "logits");
+    let stats = |map: &VarMap| -> Vec<(String, Tensor)> {
+        let data = map.data().lock().unwrap();
+        let mut v: Vec<_> = data
+            .iter()
+            .filter(|(k, _)| k.contains("running_"))
+            .map(|(k, t)| (k.clone(), t.as_tensor().clone()))
+            .collect();
+        v.sort_by(|x, y| x.0.cmp(&y.0));
+        v
+    };
+    let (fused_stats, plain_stats) = (stats(&fused_map), stats(&plain_map));
+    assert!(fused_stats.iter().any(|(k, _)| k.contains("bn_sep_2.running_var")));
+    for ((name, x), (_, y)) in fused_stats.iter().zip(&plain_stats) {
+        assert_close(x, y, 1e-4, name);
+    }
+}
+
 #[test]
 fn initialisation_is_deterministic_and_fan_out_scaled() {
     let spec = CellSpec::nasnet_a();

@@ -117,10 +117,8 @@ pub fn separable_train(xs: &Tensor, halves: &[TrainHalf]) -> Result<SeparableTra
         let (n, _, h, w) = pre.dims4()?;
         stats.push(BatchStats { mean: step.mean.clone(), var: step.var.clone(), count: n * h * w });
         // The last half's batch norm runs inside the op's forward, which owns its output.
-        let output = match i + 1 < halves.len() {
-            true => Some(step.forward_no_bwd(&pre, &detached.gamma, &detached.beta)?),
-            false => None,
-        };
+        let output =
+            if i + 1 < halves.len() { Some(step.forward_no_bwd(&pre, &detached.gamma, &detached.beta)?) } else { None };
         let next = output.clone();
         saved.push(Saved { half: detached, input: input.clone(), mid, pre, step, output });
         if let Some(next) = next {

@@ -167,11 +167,11 @@ multiversion!(fn correlate(src: &[T], taps: &[(usize, T)], grid: &Grid, out: &mu
 const ROWS: usize = 8;
 
 /// [`correlate_body`] for a square `k × k` kernel at stride 1, dilation 1 (`weight`
-/// row-major, `grid.src_row` the scratch's row length): blocks of [`ROWS`] output rows × one
-/// chunk, each input row's chunk loaded once for every kernel row it meets (`ROWS + k − 1`
-/// loads per kernel column instead of `ROWS · k`), with `ROWS` independent sums in flight.
-/// Rows past the last whole block take [`correlate_body`]. Kernels other than 3, 5 and 7
-/// wide take it entirely.
+/// row-major, `grid.src_row` the scratch's row length, `grid.out_col` 1): blocks of [`ROWS`]
+/// output rows × one chunk, then at most one block of `ROWS / 2`, each input row's chunk
+/// loaded once for every kernel row it meets (`ROWS + k − 1` loads per kernel column instead
+/// of `ROWS · k`), with `ROWS` independent sums in flight. The rows left take
+/// [`correlate_body`], as do kernels other than 3, 5 and 7 wide and other grids.
 #[inline(always)]
 fn correlate_rows_body<T: Float, const FMA: bool>(
     src: &[T],
@@ -185,6 +185,9 @@ fn correlate_rows_body<T: Float, const FMA: bool>(
     // function a multiversioned body calls, so that it is compiled with the body's features.
     #[inline(always)]
     fn blocks<T: Float, const FMA: bool, const R: usize>(src: &[T], weight: &[T], grid: &Grid, out: &mut [T]) -> usize {
+        if grid.out_col != 1 {
+            return 0;
+        }
         match weight.len() {
             9 => row_blocks::<T, FMA, 3, R>(src, weight, grid, out),
             25 => row_blocks::<T, FMA, 5, R>(src, weight, grid, out),
@@ -223,7 +226,7 @@ fn row_blocks<T: Float, const FMA: bool, const K: usize, const ROWS: usize>(
         return 0;
     }
     // The furthest read: the last block's last input row, its last chunk, shifted by k − 1.
-    let top = (full - ROWS + ROWS + K - 2) * src_row + (chunks - 1) * LANES + (K - 1) + LANES;
+    let top = (full + K - 2) * src_row + (chunks - 1) * LANES + (K - 1) + LANES;
     assert!(top <= src.len(), "window kernel reads up to {top}, past the source's {} elements", src.len());
     assert!(weight.len() == K * K && out.len() >= (full - 1) * out_row + cols, "row_blocks: bad weight or output");
     for y0 in (0..full).step_by(ROWS) {
