@@ -101,8 +101,9 @@ pub fn batch_norm_train_relu(xs: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f6
 }
 
 fn batch_norm_train_with(xs: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64, relu: bool) -> Result<BatchNormTrain> {
-    let step = batch_norm_train_step(xs, gamma, beta, eps, relu)?;
-    let ys = xs.contiguous()?.apply_op3(&gamma.contiguous()?, &beta.contiguous()?, step.op)?;
+    let xs = xs.contiguous()?;
+    let step = batch_norm_train_step(&xs, gamma, beta, eps, relu)?;
+    let ys = xs.apply_op3(&gamma.contiguous()?, &beta.contiguous()?, step.op)?;
     Ok(BatchNormTrain { ys, mean: step.mean, var: step.var })
 }
 

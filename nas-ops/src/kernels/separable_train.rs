@@ -104,7 +104,6 @@ pub fn separable_train(xs: &Tensor, halves: &[TrainHalf]) -> Result<SeparableTra
         return separable_train_reference(xs, halves);
     }
     let mut saved = Vec::with_capacity(halves.len());
-    let mut stats = Vec::with_capacity(halves.len());
     let mut input = xs.detach();
     for (i, half) in halves.iter().enumerate() {
         let in_half = |e: candle_core::Error| candle_core::Error::Msg(format!("{NAME}: half {i}: {e}"));
@@ -114,8 +113,6 @@ pub fn separable_train(xs: &Tensor, halves: &[TrainHalf]) -> Result<SeparableTra
         let (mid, pre) = detached.convs(&input).map_err(in_half)?;
         let step =
             batch_norm_train_step(&pre, &detached.gamma, &detached.beta, half.eps, half.relu_out).map_err(in_half)?;
-        let (n, _, h, w) = pre.dims4()?;
-        stats.push(BatchStats { mean: step.mean.clone(), var: step.var.clone(), count: n * h * w });
         // The last half's batch norm runs inside the op's forward, which owns its output.
         let output =
             if i + 1 < halves.len() { Some(step.forward_no_bwd(&pre, &detached.gamma, &detached.beta)?) } else { None };
@@ -125,6 +122,7 @@ pub fn separable_train(xs: &Tensor, halves: &[TrainHalf]) -> Result<SeparableTra
             input = next;
         }
     }
+    let stats = saved.iter().map(Saved::stats).collect::<Result<Vec<_>>>()?;
     let packed = halves.iter().flat_map(TrainHalf::weights).map(Tensor::flatten_all).collect::<Result<Vec<_>>>()?;
     let packed = Tensor::cat(&packed, 0)?;
     let ys = xs.contiguous()?.apply_op2(&packed, SeparableTrainOp { saved })?;
@@ -157,6 +155,14 @@ struct Saved {
     pre: Tensor,
     step: BatchNormTrainStep,
     output: Option<Tensor>,
+}
+
+impl Saved {
+    /// The batch statistics of this half's batch norm.
+    fn stats(&self) -> Result<BatchStats> {
+        let (n, _, h, w) = self.pre.dims4()?;
+        Ok(BatchStats { mean: self.step.mean.clone(), var: self.step.var.clone(), count: n * h * w })
+    }
 }
 
 /// The recorded op on `(xs, packed weights)`; the forward has run but the last batch norm.

@@ -163,6 +163,12 @@ impl<T: Float, const FMA: bool> Block<T> for Correlation<'_, T, FMA> {
 
 multiversion!(fn correlate(src: &[T], taps: &[(usize, T)], grid: &Grid, out: &mut [T]) => correlate_body);
 
+/// Whether a depthwise geometry's correlations take [`correlate_rows`]: square 3, 5 or 7
+/// kernels at stride 1, dilation 1.
+fn takes_row_blocks(geom: &DepthwiseGeometry) -> bool {
+    geom.stride == 1 && geom.dilation == 1 && geom.kh == geom.kw && matches!(geom.kh, 3 | 5 | 7)
+}
+
 /// Output rows a [`correlate_rows`] block computes at once.
 const ROWS: usize = 8;
 
@@ -367,7 +373,8 @@ struct InputLayout {
     grid: Grid,
     /// Per phase `p` (one at stride 1), the image columns it holds: phase columns
     /// `q_lo..q_hi`, read from input column `first` on, every `stride`-th (the same for every
-    /// row, so `fill` divides nothing).
+    /// row, so `fill` divides nothing). `fill` reads them at strides above 2; stride 2 fills
+    /// both phases in one pass.
     phases: Vec<PhaseSpan>,
 }
 
@@ -484,7 +491,7 @@ pub(crate) fn forward<T: Float>(isa: Isa, geom: &DepthwiseGeometry, xs: &[T], we
     // SAFETY: every plane is written in full by `correlate` (one task per plane).
     let mut out = unsafe { output_buffer(n * c * ho * wo) };
     let layout = InputLayout::new(geom);
-    let row_blocked = geom.stride == 1 && geom.dilation == 1 && kh == kw && matches!(kh, 3 | 5 | 7);
+    let row_blocked = takes_row_blocks(geom);
     out.par_chunks_mut(ho * wo).enumerate().for_each_init(
         || (layout.scratch(T::ZERO), Vec::with_capacity(kh * kw)),
         |(scratch, taps), (plane, out)| {
@@ -939,7 +946,7 @@ fn transpose<T: Float>(
     // At stride 1 and dilation 1 the one phase is a correlation with the kernel flipped
     // (tap (ky, kx) sits at offset (k − 1 − ky) · row + k − 1 − kx), so a square kernel
     // takes the row-blocked loop with the weights reversed.
-    let row_blocked = geom.stride == 1 && geom.dilation == 1 && kh == kw && matches!(kh, 3 | 5 | 7);
+    let row_blocked = takes_row_blocks(geom);
     grad_xs.par_chunks_mut(h * w).enumerate().for_each_init(
         || (layout.scratch(), Vec::with_capacity(kh * kw), Vec::with_capacity(kh * kw)),
         |(scratch, taps, flipped), (plane, dx)| {
