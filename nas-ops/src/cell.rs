@@ -5,16 +5,21 @@
 //! after timm `nasnet.py` (`conv_1x1`, `conv_prev_1x1`, `path_1`/`path_2`/`final_path_bn`,
 //! `comb_iter_{b}_{left,right}`). Every shape and projection comes from
 //! `nas_space::network::CellLayout`.
+//!
+//! Training with gradients on the CPU runs the whole cell as one node of candle's graph
+//! (`forward_taped`, on a `crate::tape::Tape`); every other mode runs the ops as candle
+//! nodes (`forward_ops`). Both compute the same values, gradients and statistics.
 
-use candle_core::{ModuleT, Result, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, ModuleT, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 use nas_space::network::{CellLayout, PrevAdjust};
 use nas_space::{Cell, Combine};
 
 use crate::drop_path::{drop_path_add, scale_examples, DropPath};
-use crate::kernels::concat::{cat_channels, Part};
+use crate::kernels::concat::{cat_channels, cat_channels_cpu, split_channels, Part};
 use crate::layers::Conv2dConfig;
 use crate::ops::{ActConvBn, BnConfig, CellOp, FactorizedReduction};
+use crate::tape::{Grads, Tape, TapeGrads, Traced, Value};
 
 /// How state 1 is made from the previous input.
 #[derive(Debug, Clone)]
@@ -116,6 +121,21 @@ impl CellModule {
     /// - `x`, `prev`: as the cell's `CellLayout` records them
     /// - returns: `(batch, layout.output.channels, layout.output.size, layout.output.size)`
     pub fn forward_t(&self, x: &Tensor, prev: Option<&Tensor>, train: bool) -> Result<Tensor> {
+        let dtypes = std::iter::once(x).chain(prev).map(Tensor::dtype).collect::<Vec<_>>();
+        let taped = train
+            && crate::grad_enabled()
+            && !unfused()
+            && x.device().is_cpu()
+            && prev.is_none_or(|p| p.device().is_cpu())
+            && dtypes.iter().all(|&d| d == dtypes[0] && matches!(d, DType::F32 | DType::F64));
+        if taped {
+            return self.forward_taped(x, prev);
+        }
+        self.forward_ops(x, prev, train)
+    }
+
+    /// [`forward_t`](Self::forward_t) as candle ops, each a node of candle's graph.
+    fn forward_ops(&self, x: &Tensor, prev: Option<&Tensor>, train: bool) -> Result<Tensor> {
         let state1 = match (&self.adjust, prev) {
             (Adjust::UseX, _) => x.clone(),
             (Adjust::Unchanged, Some(p)) => p.clone(),
@@ -181,5 +201,240 @@ impl CellModule {
             .collect::<Result<Vec<_>>>()?;
         let out = cat_channels(&parts)?;
         Ok(if crate::grad_enabled() { out } else { out.detach() })
+    }
+}
+
+#[cfg(test)]
+thread_local! {
+    static UNFUSED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Tests compare the taped training path with the candle ops: inside `f`, cells on this
+/// thread train as candle ops.
+#[cfg(test)]
+pub(crate) fn with_unfused_cells<R>(f: impl FnOnce() -> R) -> R {
+    UNFUSED.with(|u| u.set(true));
+    let out = f();
+    UNFUSED.with(|u| u.set(false));
+    out
+}
+
+#[cfg(test)]
+fn unfused() -> bool {
+    UNFUSED.with(std::cell::Cell::get)
+}
+
+#[cfg(not(test))]
+fn unfused() -> bool {
+    false
+}
+
+/// A state on the tape: a value, or a block's two branches whose sum only enters the
+/// concatenation (never stored on its own).
+#[derive(Debug, Clone)]
+enum TapedState {
+    One(Traced),
+    Sum(Traced, Traced),
+}
+
+impl TapedState {
+    fn one(&self, state: usize) -> Result<&Traced> {
+        match self {
+            TapedState::One(t) => Ok(t),
+            TapedState::Sum(..) => candle_core::bail!("cell: state {state} is read but was kept as an unsummed pair"),
+        }
+    }
+
+    fn part(&self) -> Part {
+        match self {
+            TapedState::One(t) => Part::Copy(t.tensor.clone()),
+            TapedState::Sum(a, b) => Part::Sum(a.tensor.clone(), b.tensor.clone()),
+        }
+    }
+}
+
+impl CellModule {
+    /// Training with gradients on the CPU: the whole cell as one node of candle's graph.
+    /// Every op runs its training forward on detached tensors, recorded on a [`Tape`]; one
+    /// custom op on `(x, prev, packed weights)` concatenates the states in its forward and
+    /// runs the tape in reverse in its backward (see `crate::tape` for what this saves).
+    /// The same values, moving statistics and drop-path draws as [`forward_ops`](Self::forward_ops).
+    fn forward_taped(&self, x: &Tensor, prev: Option<&Tensor>) -> Result<Tensor> {
+        let mut tape = Tape::new();
+        let xs = tape.input(x);
+        let prev_in = prev.map(|p| tape.input(p));
+        let state1 = match (&self.adjust, &prev_in) {
+            (Adjust::UseX, _) => xs.clone(),
+            (Adjust::Unchanged, Some(p)) => p.clone(),
+            (Adjust::Conv(conv), Some(p)) => conv.trace(&mut tape, p)?,
+            (Adjust::Reduce(reduce), Some(p)) => reduce.trace(&mut tape, p, true)?,
+            (_, None) => candle_core::bail!("this cell was built for a previous input, but none was given"),
+        };
+        let state0 = self.preamble.trace(&mut tape, &xs)?;
+        let mut states = vec![TapedState::One(state0), TapedState::One(state1)];
+        let mut pure: Vec<(_, Traced)> = Vec::new();
+        for (block, &concat_only) in self.blocks.iter().zip(&self.concat_only) {
+            let mut sides = Vec::with_capacity(2);
+            let mut scales = Vec::with_capacity(2);
+            for (op, &input) in block.ops.iter().zip(&block.inputs) {
+                let xs = states[input].one(input)?;
+                let ys = match op.pure_key().map(|key| (input, key)) {
+                    Some(key) => match pure.iter().find(|(k, _)| *k == key) {
+                        Some((_, ys)) => ys.clone(),
+                        None => {
+                            let ys = op.trace(&mut tape, xs)?;
+                            pure.push((key, ys.clone()));
+                            ys
+                        }
+                    },
+                    None => op.trace(&mut tape, xs)?,
+                };
+                let scale = match &self.drop_path {
+                    Some(dp) if op.takes_drop_path() => dp.scales(ys.tensor.dim(0)?),
+                    _ => None,
+                };
+                sides.push(ys);
+                scales.push(scale);
+            }
+            let [a, b] = <[Traced; 2]>::try_from(sides).expect("two branches");
+            let [sa, sb] = <[Option<Vec<f64>>; 2]>::try_from(scales).expect("two branches");
+            let scaled = |grad: &Tensor, s: &Option<Vec<f64>>| match s {
+                Some(s) => scale_examples(grad, s).map(Some),
+                None => Ok(Some(grad.clone())),
+            };
+            let out = match block.combine {
+                Combine::Add if concat_only && sa.is_none() && sb.is_none() => TapedState::Sum(a, b),
+                Combine::Add => {
+                    let ys = drop_path_add(&a.tensor, sa.as_deref(), &b.tensor, sb.as_deref())?;
+                    TapedState::One(tape.record(&[&a, &b], &[], ys, move |grad| {
+                        Ok(Grads { inputs: vec![scaled(grad, &sa)?, scaled(grad, &sb)?], weights: vec![] })
+                    }))
+                }
+                Combine::Concat => {
+                    let scale = |t: &Tensor, s: &Option<Vec<f64>>| {
+                        s.as_deref().map_or_else(|| Ok(t.clone()), |s| scale_examples(t, s))
+                    };
+                    let ys = cat_channels(&[Part::Copy(scale(&a.tensor, &sa)?), Part::Copy(scale(&b.tensor, &sb)?)])?;
+                    let widths = [a.tensor.dim(1)?, b.tensor.dim(1)?];
+                    TapedState::One(tape.record(&[&a, &b], &[], ys, move |grad| {
+                        let [ga, gb] = <[Tensor; 2]>::try_from(split_channels(grad, &widths)?).expect("two parts");
+                        Ok(Grads { inputs: vec![scaled(&ga, &sa)?, scaled(&gb, &sb)?], weights: vec![] })
+                    }))
+                }
+            };
+            states.push(out);
+        }
+        let parts = self
+            .concat
+            .iter()
+            .map(|(state, projection)| match projection {
+                Some(p) => Ok(TapedState::One(p.trace(&mut tape, states[*state].one(*state)?, false)?)),
+                None => Ok(states[*state].clone()),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let inputs = std::iter::once(&xs).chain(&prev_in).map(|t| t.value).collect();
+        let packed = tape.weights().iter().map(Tensor::flatten_all).collect::<Result<Vec<_>>>()?;
+        let packed = Tensor::cat(&packed, 0)?;
+        let op = CellTrainOp { tape, parts, inputs };
+        match prev {
+            Some(p) => x.apply_op3(p, &packed, op),
+            None => x.apply_op2(&packed, op),
+        }
+    }
+}
+
+const NAME: &str = "cell-train";
+
+/// The recorded cell: its tape, the parts of its concatenation, and the tape values of its
+/// inputs (`x`, then `prev` when given).
+struct CellTrainOp {
+    tape: Tape,
+    parts: Vec<TapedState>,
+    inputs: Vec<Value>,
+}
+
+impl CellTrainOp {
+    fn forward(&self) -> Result<(CpuStorage, Shape)> {
+        cat_channels_cpu(&self.parts.iter().map(TapedState::part).collect::<Vec<_>>())
+    }
+
+    /// The gradients of the `inputs` (`x`, then `prev` when given) and of the packed weights
+    /// from the output's `grad`. An input or weight that no gradient reaches (a cell whose
+    /// ops and concatenation leave state 0 unused) gets zeros: candle's backward expects a
+    /// gradient for every tracked argument.
+    fn grads(&self, grad: &Tensor, inputs: &[&Tensor]) -> Result<(Vec<Tensor>, Tensor)> {
+        let widths = self
+            .parts
+            .iter()
+            .map(|p| match p {
+                TapedState::One(t) | TapedState::Sum(t, _) => t.tensor.dim(1),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut seeds = Vec::with_capacity(self.parts.len() + 5);
+        for (part, g) in self.parts.iter().zip(split_channels(grad, &widths)?) {
+            match part {
+                TapedState::One(t) => seeds.push((t.value, g)),
+                TapedState::Sum(a, b) => seeds.extend([(a.value, g.clone()), (b.value, g)]),
+            }
+        }
+        let TapeGrads { values, weights } = self.tape.backward(seeds, &self.inputs)?;
+        let inputs = values
+            .into_iter()
+            .zip(inputs)
+            .map(|(g, input)| g.map_or_else(|| input.zeros_like(), Ok))
+            .collect::<Result<_>>()?;
+        let packed = weights
+            .into_iter()
+            .zip(self.tape.weights())
+            .map(|(g, w)| g.map_or_else(|| w.zeros_like(), Ok)?.flatten_all())
+            .collect::<Result<Vec<_>>>()?;
+        Ok((inputs, Tensor::cat(&packed, 0)?))
+    }
+}
+
+impl CustomOp2 for CellTrainOp {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.forward()
+    }
+
+    fn bwd(&self, x: &Tensor, _: &Tensor, _: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (inputs, packed) = self.grads(grad, &[x])?;
+        let [x] = <[Tensor; 1]>::try_from(inputs).expect("x");
+        Ok((Some(x), Some(packed)))
+    }
+}
+
+impl CustomOp3 for CellTrainOp {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.forward()
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        prev: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (inputs, packed) = self.grads(grad, &[x, prev])?;
+        let [x, prev] = <[Tensor; 2]>::try_from(inputs).expect("x and prev");
+        Ok((Some(x), Some(prev), Some(packed)))
     }
 }

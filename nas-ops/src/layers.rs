@@ -9,12 +9,14 @@ use candle_nn::{Init, VarBuilder};
 
 use crate::kernels::batch_norm::{
     batch_norm_eval, batch_norm_eval_affine, batch_norm_eval_relu, batch_norm_train, batch_norm_train_relu,
+    batch_norm_train_step, BatchNormTrainStep,
 };
-use crate::kernels::conv1x1::conv1x1_affine;
+use crate::kernels::conv1x1::{conv1x1_affine, conv1x1_grads};
 use crate::kernels::dense::dense_conv2d;
 use crate::kernels::depthwise::{depthwise_conv2d, depthwise_conv2d_relu};
 pub use crate::kernels::subsample::subsample2;
 use crate::kernels::Padding2d;
+use crate::tape::{Grads, Tape, Traced, Weight};
 
 /// A dense convolution without bias, TF SAME padding (or VALID), any kernel shape.
 #[derive(Debug, Clone)]
@@ -97,7 +99,7 @@ impl Conv2d {
     }
 
     /// A 1×1 stride-1 conv, which runs as `kernels::conv1x1`.
-    fn is_pointwise(&self) -> bool {
+    pub(crate) fn is_pointwise(&self) -> bool {
         self.kh == 1 && self.kw == 1 && self.stride == 1
     }
 }
@@ -241,6 +243,68 @@ impl BatchNorm {
     /// γ, β and ε, for ops that run the training-mode batch norm inside them.
     pub(crate) fn train_parts(&self) -> (&Tensor, &Tensor, f64) {
         (&self.weight, &self.bias, self.eps)
+    }
+}
+
+/// A training-mode batch norm that ran on a tape: its statistics, its registered γ and β,
+/// and its output.
+pub(crate) struct TracedBatchNorm {
+    step: BatchNormTrainStep,
+    pub(crate) gamma: Weight,
+    pub(crate) beta: Weight,
+    pub(crate) ys: Tensor,
+}
+
+impl TracedBatchNorm {
+    /// The gradients of the input `xs`, of γ and of β from the output's `grad`.
+    pub(crate) fn grads(&self, xs: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        self.step.grads((xs, &self.gamma.tensor, &self.beta.tensor), &self.ys, grad)
+    }
+}
+
+impl BatchNorm {
+    /// The training forward of `xs` (detached) with γ and β registered on `tape`, the moving
+    /// statistics updated; the caller records the op that ends with it.
+    pub(crate) fn train_on(&self, tape: &mut Tape, xs: &Tensor) -> Result<TracedBatchNorm> {
+        let (gamma, beta) = (tape.weight(&self.weight)?, tape.weight(&self.bias)?);
+        let step = batch_norm_train_step(xs, &gamma.tensor, &beta.tensor, self.eps, false)?;
+        let ys = step.forward_no_bwd(xs, &gamma.tensor, &beta.tensor)?;
+        let (b, _, h, w) = xs.dims4()?;
+        self.update_moving(&step.mean, &step.var, b * h * w)?;
+        Ok(TracedBatchNorm { step, gamma, beta, ys })
+    }
+
+    /// `after_conv_t(conv, xs, relu_in, false, true)` recorded on `tape` as one op, for a
+    /// 1×1 stride-1 `conv` ([`Conv2d::is_pointwise`]).
+    pub(crate) fn trace_after_pointwise(
+        &self,
+        tape: &mut Tape,
+        conv: &Conv2d,
+        xs: &Traced,
+        relu_in: bool,
+    ) -> Result<Traced> {
+        if !conv.is_pointwise() {
+            candle_core::bail!("trace_after_pointwise: the conv is not 1x1 with stride 1")
+        }
+        let weight = tape.weight(&conv.weight)?;
+        let pre = pointwise(&xs.tensor, &weight.tensor, relu_in)?;
+        let bn = self.train_on(tape, &pre)?;
+        let (input, w) = (xs.tensor.clone(), weight.tensor.clone());
+        let (gamma, beta, ys) = (bn.gamma.clone(), bn.beta.clone(), bn.ys.clone());
+        Ok(tape.record(&[xs], &[&weight, &gamma, &beta], ys, move |grad| {
+            let (grad_pre, grad_gamma, grad_beta) = bn.grads(&pre, grad)?;
+            let (grad_xs, grad_w) = conv1x1_grads(&input, &w, &grad_pre, relu_in)?;
+            Ok(Grads { inputs: vec![Some(grad_xs)], weights: vec![grad_w, grad_gamma, grad_beta] })
+        }))
+    }
+}
+
+/// A 1×1 stride-1 conv of `xs` (read through a ReLU with `relu_in`).
+pub(crate) fn pointwise(xs: &Tensor, weight: &Tensor, relu_in: bool) -> Result<Tensor> {
+    if relu_in {
+        crate::kernels::conv1x1::conv1x1_relu(xs, weight)
+    } else {
+        conv1x1(xs, weight)
     }
 }
 

@@ -20,6 +20,7 @@ pub mod kernels;
 pub mod layers;
 pub mod network;
 pub mod ops;
+mod tape;
 
 pub use grad::{grad_enabled, no_grad, with_grad_enabled};
 pub use network::{NasNet, NetOutput};

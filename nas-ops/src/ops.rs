@@ -11,11 +11,15 @@ use candle_nn::VarBuilder;
 use nas_space::network::OpLayout;
 use nas_space::{Op, OpKind, PoolKind};
 
-use crate::kernels::pool::{avg_pool2d, max_pool2d};
+use crate::kernels::concat::{cat_channels, split_channels, Part};
+use crate::kernels::conv1x1::conv1x1_grads;
+use crate::kernels::pool::{avg_pool2d, max_pool2d, pool2d_grad};
 use crate::kernels::separable::{separable_stack, SeparableHalf};
-use crate::kernels::separable_train::{separable_train, TrainHalf};
+use crate::kernels::separable_train::{separable_train, separable_train_traced, TrainHalf};
+use crate::kernels::subsample::{subsample2_grad, subsample2_pair_grad};
 use crate::kernels::Padding2d;
-use crate::layers::{subsample2, BatchNorm, Conv2d, Conv2dConfig, DepthwiseConv2d};
+use crate::layers::{pointwise, subsample2, BatchNorm, Conv2d, Conv2dConfig, DepthwiseConv2d};
+use crate::tape::{Grads, Tape, Traced};
 
 /// BN settings shared by every layer of a network.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -365,6 +369,117 @@ impl ModuleT for CellOp {
             CellOp::SepConv(op) => op.forward_t(xs, train),
             CellOp::Conv(op) => op.forward_t(xs, train),
             CellOp::Pool(op) => op.forward_t(xs, train),
+        }
+    }
+}
+
+// Training on a tape (`cell::CellModule`'s fused path): each op's training forward on
+// detached tensors, recorded with its backward. Dense convs have no traced form: they run
+// by candle's autograd on a graph of their own (`Tape::record_candle`).
+
+impl ActConvBn {
+    /// `forward_t(xs, true)` recorded on `tape`.
+    pub(crate) fn trace(&self, tape: &mut Tape, xs: &Traced) -> Result<Traced> {
+        if self.conv.is_pointwise() {
+            return self.bn.trace_after_pointwise(tape, &self.conv, xs, self.relu);
+        }
+        let (gamma, beta, _) = self.bn.train_parts();
+        tape.record_candle(xs, &[self.conv.weight(), gamma, beta], |xs| self.forward_t(xs, true))
+    }
+}
+
+impl ConvChain {
+    /// By candle's autograd (`Tape::record_candle`): dense convs have no traced form.
+    fn trace(&self, tape: &mut Tape, xs: &Traced) -> Result<Traced> {
+        let (gamma, beta, _) = self.bn.train_parts();
+        let weights: Vec<&Tensor> = self.convs.iter().map(Conv2d::weight).chain([gamma, beta]).collect();
+        tape.record_candle(xs, &weights, |xs| self.forward_t(xs, true))
+    }
+}
+
+impl SepConv {
+    fn trace(&self, tape: &mut Tape, xs: &Traced) -> Result<Traced> {
+        let halves = [
+            self.separable_1.train_half(&self.bn_sep_1, true, true),
+            self.separable_2.train_half(&self.bn_sep_2, false, false),
+        ];
+        let (ys, stats) = separable_train_traced(tape, xs, &halves)?;
+        for (bn, stats) in [&self.bn_sep_1, &self.bn_sep_2].into_iter().zip(&stats) {
+            bn.update_moving(&stats.mean, &stats.var, stats.count)?;
+        }
+        Ok(ys)
+    }
+}
+
+impl Pool {
+    fn trace(&self, tape: &mut Tape, xs: &Traced) -> Result<Traced> {
+        let (_, _, h, w) = xs.tensor.dims4()?;
+        let (kernel, stride) = (self.kernel, self.stride);
+        let pad = Padding2d::same(h, w, kernel, kernel, stride, 1);
+        let max = self.kind == PoolKind::Max;
+        let ys = if max {
+            max_pool2d(&xs.tensor, kernel, stride, pad)?
+        } else {
+            avg_pool2d(&xs.tensor, kernel, stride, pad)?
+        };
+        let input = xs.tensor.clone();
+        let pooled = tape.record(&[xs], &[], ys, move |grad| {
+            Ok(Grads { inputs: vec![Some(pool2d_grad(max, &input, grad, kernel, stride, pad)?)], weights: vec![] })
+        });
+        match &self.projection {
+            Some(p) => p.trace(tape, &pooled),
+            None => Ok(pooled),
+        }
+    }
+}
+
+impl FactorizedReduction {
+    /// `forward_relu_t(xs, true)` (with `relu`) or `forward_t(xs, true)` recorded on `tape`.
+    pub(crate) fn trace(&self, tape: &mut Tape, xs: &Traced, relu: bool) -> Result<Traced> {
+        let Some(path_2) = &self.path_2 else { return self.bn.trace_after_pointwise(tape, &self.path_1, xs, relu) };
+        let (w1, w2) = (tape.weight(self.path_1.weight())?, tape.weight(path_2.weight())?);
+        let (_, _, h, w) = xs.tensor.dims4()?;
+        let (even, odd) = (subsample2(&xs.tensor, 0)?, subsample2(&xs.tensor, 1)?);
+        let a = pointwise(&even, &w1.tensor, relu)?;
+        let b = pointwise(&odd, &w2.tensor, relu)?;
+        let widths = [a.dim(1)?, b.dim(1)?];
+        let pre = cat_channels(&[Part::Copy(a), Part::Copy(b)])?;
+        let bn = self.bn.train_on(tape, &pre)?;
+        let (weight_1, weight_2) = (w1.tensor.clone(), w2.tensor.clone());
+        let (gamma, beta, ys) = (bn.gamma.clone(), bn.beta.clone(), bn.ys.clone());
+        Ok(tape.record(&[xs], &[&w1, &w2, &gamma, &beta], ys, move |grad| {
+            let (grad_pre, grad_gamma, grad_beta) = bn.grads(&pre, grad)?;
+            let [grad_a, grad_b] = <[Tensor; 2]>::try_from(split_channels(&grad_pre, &widths)?).expect("two parts");
+            let (grad_even, grad_w1) = conv1x1_grads(&even, &weight_1, &grad_a, relu)?;
+            let (grad_odd, grad_w2) = conv1x1_grads(&odd, &weight_2, &grad_b, relu)?;
+            let grad_xs = subsample2_pair_grad(&grad_even, &grad_odd, (h, w))?;
+            Ok(Grads { inputs: vec![Some(grad_xs)], weights: vec![grad_w1, grad_w2, grad_gamma, grad_beta] })
+        }))
+    }
+}
+
+impl CellOp {
+    /// `forward_t(xs, true)` recorded on `tape`.
+    pub(crate) fn trace(&self, tape: &mut Tape, xs: &Traced) -> Result<Traced> {
+        match self {
+            CellOp::Identity => Ok(xs.clone()),
+            CellOp::IdentityProjection { projection, stride: 1 } => projection.trace(tape, xs),
+            CellOp::IdentityProjection { projection, stride: 2 } => {
+                let (_, _, h, w) = xs.tensor.dims4()?;
+                let ys = subsample2(&xs.tensor, 0)?;
+                let sub = tape.record(&[xs], &[], ys, move |grad| {
+                    Ok(Grads { inputs: vec![Some(subsample2_grad(grad, 0, (h, w))?)], weights: vec![] })
+                });
+                projection.trace(tape, &sub)
+            }
+            CellOp::IdentityProjection { projection, .. } => {
+                let (gamma, beta, _) = projection.bn.train_parts();
+                let weights = [projection.conv.weight(), gamma, beta];
+                tape.record_candle(xs, &weights, |xs| self.forward_t(xs, true))
+            }
+            CellOp::SepConv(op) => op.trace(tape, xs),
+            CellOp::Conv(op) => op.trace(tape, xs),
+            CellOp::Pool(op) => op.trace(tape, xs),
         }
     }
 }

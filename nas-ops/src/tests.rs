@@ -547,3 +547,90 @@ fn classifiers_rescale_to_fan_in() {
         }
     }
 }
+
+/// A search proposal whose normal cell leaves state 0 (the newest input after the preamble)
+/// unused by its ops and out of its concatenation: the last cell's `x` gets no gradient
+/// through the cell, which a taped cell must still answer (with zeros) for candle's backward.
+const STATE_0_UNUSED: &str = r#"{"format": "nas-space/cellspec", "version": 1,
+  "normal": {"blocks": [
+    {"inputs": [1, 1], "ops": ["sep_conv_3x3", "conv_1x3_3x1"], "combine": "add"},
+    {"inputs": [2, 2], "ops": ["max_pool_5x5", "avg_pool_3x3"], "combine": "concat"},
+    {"inputs": [2, 3], "ops": ["identity", "max_pool_3x3"], "combine": "concat"},
+    {"inputs": [3, 2], "ops": ["dil_conv_3x3", "conv_3x3"], "combine": "concat"},
+    {"inputs": [4, 1], "ops": ["sep_conv_3x3", "max_pool_7x7"], "combine": "concat"}], "output": "unused"},
+  "reduction": {"blocks": [
+    {"inputs": [0, 1], "ops": ["conv_3x3", "conv_1x1"], "combine": "concat"},
+    {"inputs": [1, 1], "ops": ["conv_1x1", "conv_1x7_7x1"], "combine": "add"},
+    {"inputs": [3, 2], "ops": ["sep_conv_3x3", "conv_1x7_7x1"], "combine": "concat"},
+    {"inputs": [2, 4], "ops": ["max_pool_3x3", "conv_1x1"], "combine": "concat"},
+    {"inputs": [4, 2], "ops": ["conv_1x3_3x1", "conv_3x3"], "combine": "concat"}], "output": "unused"}}"#;
+
+/// Training through the taped cells (`cell::CellModule`'s one-node path) against the same
+/// network as candle ops (`with_unfused_cells`), in f64 with drop path active: the logits, the
+/// gradient of every weight and of the input, and every moving statistic agree. Covers
+/// NASNet-A and random cells (dense convs through `Tape::record_candle`, pools with
+/// projections, strided identities, concatenating blocks), on the CIFAR skeleton (with the aux
+/// head) and the ImageNet one (odd sizes).
+#[test]
+fn taped_cells_train_like_the_candle_ops() {
+    let space = SearchSpace::nasnet();
+    let mut rng = SpaceRng::new(11);
+    let mut specs = vec![CellSpec::nasnet_a(), CellSpec::from_json(STATE_0_UNUSED).unwrap()];
+    specs.extend((0..5).map(|_| space.sample(&mut rng)));
+    let mut imagenet = small_imagenet();
+    (imagenet.image_size, imagenet.num_conv_filters, imagenet.n) = (19, 8, 1);
+    let mut cifar = tiny_cifar();
+    cifar.image_size = 12;
+    for (name, mut config) in [("cifar", cifar), ("imagenet", imagenet)] {
+        config.drop_path_keep_prob = 0.6;
+        config.dense_dropout_keep_prob = 1.0;
+        for spec in &specs {
+            let varmap = VarMap::new();
+            let vb = VarBuilder::from_varmap(&varmap, DType::F64, &Device::Cpu);
+            let net = NasNet::new(spec, &config, 3, vb).unwrap();
+            init_weights(&varmap, 2).unwrap();
+            net.drop_path().set_progress(0.8);
+            let xs = candle_core::Var::from_tensor(
+                &TestRng::new(9).tensor(&[3, 3, config.image_size, config.image_size], DType::F64).unwrap(),
+            )
+            .unwrap();
+            let vars: Vec<(String, candle_core::Var)> = {
+                let data = varmap.data().lock().unwrap();
+                let mut v: Vec<_> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+                v.sort_by(|a, b| a.0.cmp(&b.0));
+                v
+            };
+            let start: Vec<Tensor> = vars.iter().map(|(_, v)| v.as_tensor().copy().unwrap()).collect();
+            let rng_state = net.drop_path().rng_state();
+            let run = |unfused: bool| {
+                for ((_, var), value) in vars.iter().zip(&start) {
+                    var.set(value).unwrap();
+                }
+                net.drop_path().set_rng_state(rng_state);
+                let forward = || net.forward_t(xs.as_tensor(), true).unwrap();
+                let out = if unfused { crate::cell::with_unfused_cells(forward) } else { forward() };
+                let target = TestRng::new(10).tensor(out.logits.dims(), DType::F64).unwrap();
+                let mut loss = (&out.logits * &target).unwrap().sum_all().unwrap();
+                if let Some(aux) = &out.aux_logits {
+                    loss = (loss + (aux * 0.4).unwrap().sum_all().unwrap()).unwrap();
+                }
+                let grads = loss.backward().unwrap();
+                let mut results = vec![("logits".to_string(), out.logits.clone())];
+                results.push(("d input".to_string(), grads.get(xs.as_tensor()).unwrap().clone()));
+                for (name, var) in &vars {
+                    let value = match name.contains("running_") {
+                        true => var.as_tensor().copy().unwrap(),
+                        false => grads.get(var.as_tensor()).map_or_else(|| var.zeros_like().unwrap(), |g| g.clone()),
+                    };
+                    results.push((name.clone(), value));
+                }
+                results
+            };
+            let (taped, plain) = (run(false), run(true));
+            assert_ne!(rng_state, net.drop_path().rng_state(), "drop path drew masks");
+            for ((what, a), (_, b)) in taped.iter().zip(&plain) {
+                assert_close(a, b, 1e-9, &format!("{name} {spec}: {what}"));
+            }
+        }
+    }
+}

@@ -8,7 +8,7 @@
 //! it is the plain candle ops (its reference).
 
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, Device, Result, Storage, Tensor, WithDType};
+use candle_core::{bail, CpuStorage, Device, Result, Shape, Storage, Tensor, WithDType};
 use rayon::prelude::*;
 
 use super::output_buffer;
@@ -47,8 +47,23 @@ impl Part {
 /// - every part: `(batch, c_i, h, w)`, the same batch, height and width
 /// - returns: `(batch, Σ c_i, h, w)`
 pub fn cat_channels(parts: &[Part]) -> Result<Tensor> {
+    let (first, _) = widths(parts)?;
+    let all: Vec<&Tensor> = parts.iter().flat_map(Part::tensors).collect();
+    let tracked = crate::grad_enabled() && all.iter().any(|t| t.track_op());
+    let fast_dtype = matches!(first.dtype(), candle_core::DType::F32 | candle_core::DType::F64);
+    if !matches!(first.device(), Device::Cpu) || !fast_dtype || tracked {
+        return cat_channels_reference(parts);
+    }
+    let (storage, shape) = cat_channels_cpu(parts)?;
+    Ok(Tensor::from_storage(Storage::Cpu(storage), shape, candle_core::op::BackpropOp::none(), false))
+}
+
+/// The first part's first tensor and every part's width, after checking that the parts
+/// share batch, height and width.
+fn widths(parts: &[Part]) -> Result<(Tensor, Vec<usize>)> {
     let Some(first) = parts.first() else { bail!("{NAME}: nothing to concatenate") };
-    let (n, _, h, w) = first.tensors()[0].dims4()?;
+    let first = first.tensors()[0].clone();
+    let (n, _, h, w) = first.dims4()?;
     let mut channels = Vec::with_capacity(parts.len());
     for (i, part) in parts.iter().enumerate() {
         let ts = part.tensors();
@@ -59,13 +74,16 @@ pub fn cat_channels(parts: &[Part]) -> Result<Tensor> {
         }
         channels.push(c);
     }
-    let all: Vec<&Tensor> = parts.iter().flat_map(Part::tensors).collect();
-    let tracked = crate::grad_enabled() && all.iter().any(|t| t.track_op());
-    let fast_dtype = matches!(first.tensors()[0].dtype(), candle_core::DType::F32 | candle_core::DType::F64);
-    if !matches!(first.tensors()[0].device(), Device::Cpu) || !fast_dtype || tracked {
-        return cat_channels_reference(parts);
-    }
-    let all: Vec<Tensor> = all.into_iter().map(Tensor::contiguous).collect::<Result<_>>()?;
+    Ok((first, channels))
+}
+
+/// [`cat_channels`] on the CPU (f32 or f64) as a storage, for ops that concatenate inside
+/// them; nothing recorded.
+pub(crate) fn cat_channels_cpu(parts: &[Part]) -> Result<(CpuStorage, Shape)> {
+    let (first, channels) = widths(parts)?;
+    let (n, _, h, w) = first.dims4()?;
+    let channels = &channels[..];
+    let all: Vec<Tensor> = parts.iter().flat_map(Part::tensors).map(Tensor::contiguous).collect::<Result<_>>()?;
     let guards: Vec<_> = all.iter().map(|t| t.storage_and_layout()).collect();
     let storages = guards
         .iter()
@@ -75,19 +93,73 @@ pub fn cat_channels(parts: &[Part]) -> Result<Tensor> {
         })
         .collect::<Result<Vec<&CpuStorage>>>()?;
     let offsets: Vec<usize> = guards.iter().map(|(_, l)| l.start_offset()).collect();
-    let geometry = Geometry { n, plane: h * w, channels: &channels, parts };
-    let shape = (n, channels.iter().sum::<usize>(), h, w);
-    match storages[0] {
-        CpuStorage::F32(_) => Tensor::from_vec(geometry.run::<f32>(&storages, &offsets)?, shape, &Device::Cpu),
-        CpuStorage::F64(_) => Tensor::from_vec(geometry.run::<f64>(&storages, &offsets)?, shape, &Device::Cpu),
+    let geometry = Geometry { n, plane: h * w, channels, parts };
+    let shape = Shape::from((n, channels.iter().sum::<usize>(), h, w));
+    let storage = match storages[0] {
+        CpuStorage::F32(_) => CpuStorage::F32(geometry.run::<f32>(&storages, &offsets)?),
+        CpuStorage::F64(_) => CpuStorage::F64(geometry.run::<f64>(&storages, &offsets)?),
         s => bail!("{NAME}: unsupported dtype {:?}, expected f32 or f64", s.dtype()),
-    }
+    };
+    Ok((storage, shape))
 }
 
 /// Reference for [`cat_channels`] from plain candle ops (differentiable, any device).
 pub fn cat_channels_reference(parts: &[Part]) -> Result<Tensor> {
     let values = parts.iter().map(Part::value).collect::<Result<Vec<_>>>()?;
     Tensor::cat(&values, 1)
+}
+
+/// The gradient of a [`cat_channels`] output split into each part's channels: `widths[i]`
+/// channels each, contiguous, in one parallel pass (CPU, f32 or f64).
+///
+/// # Shapes
+/// - `grad`: `(batch, Σ widths, h, w)`
+/// - returns: `(batch, widths[i], h, w)` for every `i`
+pub(crate) fn split_channels(grad: &Tensor, widths: &[usize]) -> Result<Vec<Tensor>> {
+    let (n, c, h, w) = grad.dims4()?;
+    if widths.iter().sum::<usize>() != c {
+        bail!("{NAME}: cannot split {c} channels into {widths:?}")
+    }
+    let grad = grad.contiguous()?;
+    let (storage, layout) = grad.storage_and_layout();
+    let Storage::Cpu(storage) = &*storage else { bail!("{NAME}: expected a gradient on the CPU") };
+    fn split<T: WithDType>(data: &[T], (n, c, plane): (usize, usize, usize), widths: &[usize]) -> Vec<Vec<T>> {
+        let mut first = 0;
+        widths
+            .iter()
+            .map(|&width| {
+                // SAFETY: every plane of `out` is copied into below.
+                let mut out = unsafe { output_buffer::<T>(n * width * plane) };
+                if plane > 0 {
+                    out.par_chunks_mut(plane).with_min_len(4096usize.div_ceil(plane)).enumerate().for_each(
+                        |(p, out)| {
+                            let (sample, ch) = (p / width, p % width);
+                            let at = (sample * c + first + ch) * plane;
+                            out.copy_from_slice(&data[at..at + plane]);
+                        },
+                    );
+                }
+                first += width;
+                out
+            })
+            .collect()
+    }
+    let start = layout.start_offset();
+    let shape = |width: usize| (n, width, h, w);
+    let dims = (n, c, h * w);
+    match storage {
+        CpuStorage::F32(data) => split(&data[start..], dims, widths)
+            .into_iter()
+            .zip(widths)
+            .map(|(v, &width)| Tensor::from_vec(v, shape(width), &Device::Cpu))
+            .collect(),
+        CpuStorage::F64(data) => split(&data[start..], dims, widths)
+            .into_iter()
+            .zip(widths)
+            .map(|(v, &width)| Tensor::from_vec(v, shape(width), &Device::Cpu))
+            .collect(),
+        s => bail!("{NAME}: unsupported dtype {:?}, expected f32 or f64", s.dtype()),
+    }
 }
 
 struct Geometry<'a> {
@@ -179,6 +251,27 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn split_channels_gives_each_parts_slice() {
+        let mut rng = TestRng::new(45);
+        for dtype in [DType::F32, DType::F64] {
+            for (n, h, w) in [(2, 3, 5), (1, 1, 1), (3, 40, 33)] {
+                let widths = [3, 1, 4];
+                let grad = rng.tensor(&[n, 8, h, w], dtype).unwrap();
+                let parts = split_channels(&grad, &widths).unwrap();
+                let mut first = 0;
+                for (part, &c) in parts.iter().zip(&widths) {
+                    assert!(part.is_contiguous());
+                    assert_close(part, &grad.narrow(1, first, c).unwrap(), 0.0, &format!("{dtype:?} {n}x{h}x{w}"));
+                    first += c;
+                }
+            }
+        }
+        let grad = rng.tensor(&[2, 5, 3, 3], DType::F32).unwrap();
+        let err = split_channels(&grad, &[2, 2]).unwrap_err().to_string();
+        assert!(err.contains("cannot split 5 channels into [2, 2]"), "{err}");
     }
 
     #[test]

@@ -56,6 +56,26 @@ pub fn avg_pool2d(xs: &Tensor, kernel: usize, stride: usize, padding: Padding2d)
     xs.contiguous()?.apply_op1(AvgPool2dTf(params))
 }
 
+/// The gradient of [`max_pool2d`] (with `max`) or [`avg_pool2d`] of `xs` from the output's
+/// `grad`, for ops that run the pooling inside them.
+pub(crate) fn pool2d_grad(
+    max: bool,
+    xs: &Tensor,
+    grad: &Tensor,
+    kernel: usize,
+    stride: usize,
+    padding: Padding2d,
+) -> Result<Tensor> {
+    let params = PoolParams { kernel, stride, padding };
+    let grad = if max {
+        xs.contiguous()?.apply_op2_no_bwd(&grad.contiguous()?, &MaxPool2dTfBwd(params))?
+    } else {
+        let (_, _, h, w) = xs.dims4()?;
+        grad.contiguous()?.apply_op1_no_bwd(&AvgPool2dTfBwd { params, h, w })?
+    };
+    Ok(grad)
+}
+
 /// [`max_pool2d`] with TF "SAME" padding computed from the input size.
 ///
 /// # Shapes
@@ -348,8 +368,8 @@ impl CustomOp1 for MaxPool2dTf {
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        let grad = arg.apply_op2_no_bwd(&grad_res.contiguous()?, &MaxPool2dTfBwd(self.0))?;
-        Ok(Some(grad))
+        let PoolParams { kernel, stride, padding } = self.0;
+        Ok(Some(pool2d_grad(true, arg, grad_res, kernel, stride, padding)?))
     }
 }
 
@@ -431,9 +451,8 @@ impl CustomOp1 for AvgPool2dTf {
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        let (_, _, h, w) = arg.dims4()?;
-        let grad = grad_res.contiguous()?.apply_op1_no_bwd(&AvgPool2dTfBwd { params: self.0, h, w })?;
-        Ok(Some(grad))
+        let PoolParams { kernel, stride, padding } = self.0;
+        Ok(Some(pool2d_grad(false, arg, grad_res, kernel, stride, padding)?))
     }
 }
 

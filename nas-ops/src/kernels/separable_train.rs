@@ -18,6 +18,7 @@ use super::batch_norm::{batch_norm_train, batch_norm_train_relu, batch_norm_trai
 use super::conv1x1::{conv1x1, conv1x1_grads};
 use super::depthwise::{depthwise_conv2d, depthwise_conv2d_grads, depthwise_conv2d_relu};
 use super::Padding2d;
+use crate::tape::{Grads, Tape, Traced};
 
 const NAME: &str = "separable-train";
 
@@ -103,7 +104,38 @@ pub fn separable_train(xs: &Tensor, halves: &[TrainHalf]) -> Result<SeparableTra
     if !fused {
         return separable_train_reference(xs, halves);
     }
-    let mut saved = Vec::with_capacity(halves.len());
+    let (saved, _) = forward_saved(xs, halves, false)?;
+    let stats = saved.iter().map(Saved::stats).collect::<Result<Vec<_>>>()?;
+    let packed = halves.iter().flat_map(TrainHalf::weights).map(Tensor::flatten_all).collect::<Result<Vec<_>>>()?;
+    let packed = Tensor::cat(&packed, 0)?;
+    let ys = xs.contiguous()?.apply_op2(&packed, SeparableTrainOp { saved })?;
+    Ok(SeparableTrain { ys, stats })
+}
+
+/// [`separable_train`] recorded on `tape` (CPU, f32 or f64, `halves` not empty): the
+/// weights registered in the order `depthwise, pointwise, γ, β` per half.
+pub(crate) fn separable_train_traced(
+    tape: &mut Tape,
+    xs: &Traced,
+    halves: &[TrainHalf],
+) -> Result<(Traced, Vec<BatchStats>)> {
+    let weights = halves.iter().flat_map(TrainHalf::weights).map(|w| tape.weight(w)).collect::<Result<Vec<_>>>()?;
+    let (saved, ys) = forward_saved(&xs.tensor, halves, true)?;
+    let ys = ys.expect("the last half's output");
+    let stats = saved.iter().map(Saved::stats).collect::<Result<Vec<_>>>()?;
+    let res = ys.clone();
+    let traced = tape.record(&[xs], &weights.iter().collect::<Vec<_>>(), ys, move |grad| {
+        let (grad_xs, weights) = backward_saved(&saved, &res, grad)?;
+        Ok(Grads { inputs: vec![Some(grad_xs)], weights })
+    });
+    Ok((traced, stats))
+}
+
+/// The halves' forward on `xs` and the weights detached, every intermediate saved. The last
+/// half's batch norm runs only with `last_bn` (its output returned): otherwise the caller
+/// runs it (`SeparableTrainOp::cpu_fwd`).
+fn forward_saved(xs: &Tensor, halves: &[TrainHalf], last_bn: bool) -> Result<(Vec<Saved>, Option<Tensor>)> {
+    let mut saved: Vec<Saved> = Vec::with_capacity(halves.len());
     let mut input = xs.detach();
     for (i, half) in halves.iter().enumerate() {
         let in_half = |e: candle_core::Error| candle_core::Error::Msg(format!("{NAME}: half {i}: {e}"));
@@ -113,20 +145,46 @@ pub fn separable_train(xs: &Tensor, halves: &[TrainHalf]) -> Result<SeparableTra
         let (mid, pre) = detached.convs(&input).map_err(in_half)?;
         let step =
             batch_norm_train_step(&pre, &detached.gamma, &detached.beta, half.eps, half.relu_out).map_err(in_half)?;
-        // The last half's batch norm runs inside the op's forward, which owns its output.
-        let output =
-            if i + 1 < halves.len() { Some(step.forward_no_bwd(&pre, &detached.gamma, &detached.beta)?) } else { None };
+        let output = if i + 1 < halves.len() || last_bn {
+            Some(step.forward_no_bwd(&pre, &detached.gamma, &detached.beta)?)
+        } else {
+            None
+        };
         let next = output.clone();
         saved.push(Saved { half: detached, input: input.clone(), mid, pre, step, output });
         if let Some(next) = next {
             input = next;
         }
     }
-    let stats = saved.iter().map(Saved::stats).collect::<Result<Vec<_>>>()?;
-    let packed = halves.iter().flat_map(TrainHalf::weights).map(Tensor::flatten_all).collect::<Result<Vec<_>>>()?;
-    let packed = Tensor::cat(&packed, 0)?;
-    let ys = xs.contiguous()?.apply_op2(&packed, SeparableTrainOp { saved })?;
-    Ok(SeparableTrain { ys, stats })
+    let last = saved.last().and_then(|s| s.output.clone());
+    Ok((saved, last))
+}
+
+/// The gradients of the input and of every weight (`depthwise, pointwise, γ, β` per half,
+/// in order) from the gradient of the output `res`.
+fn backward_saved(saved: &[Saved], res: &Tensor, grad: &Tensor) -> Result<(Tensor, Vec<Tensor>)> {
+    let mut grad = grad.contiguous()?;
+    let mut weights = Vec::with_capacity(4 * saved.len());
+    for saved in saved.iter().rev() {
+        let half = &saved.half;
+        let output = saved.output.as_ref().unwrap_or(res);
+        let (grad_pre, grad_gamma, grad_beta) =
+            saved.step.grads((&saved.pre, &half.gamma, &half.beta), output, &grad)?;
+        let (grad_mid, grad_pointwise) = conv1x1_grads(&saved.mid, &half.pointwise, &grad_pre, false)?;
+        let padding = half.padding(&saved.input)?;
+        let (grad_input, grad_depthwise) = depthwise_conv2d_grads(
+            (&saved.input, &half.depthwise, &grad_mid),
+            half.stride,
+            half.dilation,
+            padding,
+            half.relu_in,
+        )?;
+        // Reversed at the end, with the halves.
+        weights.extend([grad_beta, grad_gamma, grad_pointwise, grad_depthwise]);
+        grad = grad_input;
+    }
+    weights.reverse();
+    Ok((grad, weights))
 }
 
 /// Reference for [`separable_train`]: each half as the unfused ops (`depthwise_conv2d`,
@@ -198,30 +256,9 @@ impl CustomOp2 for SeparableTrainOp {
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let mut grad = grad.contiguous()?;
-        let mut packed = Vec::with_capacity(4 * self.saved.len());
-        for saved in self.saved.iter().rev() {
-            let half = &saved.half;
-            let output = saved.output.as_ref().unwrap_or(res);
-            let (grad_pre, grad_gamma, grad_beta) =
-                saved.step.grads((&saved.pre, &half.gamma, &half.beta), output, &grad)?;
-            let (grad_mid, grad_pointwise) = conv1x1_grads(&saved.mid, &half.pointwise, &grad_pre, false)?;
-            let padding = half.padding(&saved.input)?;
-            let (grad_input, grad_depthwise) = depthwise_conv2d_grads(
-                (&saved.input, &half.depthwise, &grad_mid),
-                half.stride,
-                half.dilation,
-                padding,
-                half.relu_in,
-            )?;
-            // Reversed at the end, with the halves.
-            for g in [grad_beta, grad_gamma, grad_pointwise, grad_depthwise] {
-                packed.push(g.flatten_all()?);
-            }
-            grad = grad_input;
-        }
-        packed.reverse();
-        Ok((Some(grad), Some(Tensor::cat(&packed, 0)?)))
+        let (grad_xs, weights) = backward_saved(&self.saved, res, grad)?;
+        let packed = weights.iter().map(Tensor::flatten_all).collect::<Result<Vec<_>>>()?;
+        Ok((Some(grad_xs), Some(Tensor::cat(&packed, 0)?)))
     }
 }
 

@@ -10,7 +10,7 @@
 //! runs (there is no CUDA twin yet: on the GPU these are cheap copies).
 
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, WithDType};
+use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Storage, Tensor, WithDType};
 use rayon::prelude::*;
 
 use super::depthwise::contiguous;
@@ -31,6 +31,40 @@ pub fn subsample2(xs: &Tensor, offset: usize) -> Result<Tensor> {
         return subsample2_reference(xs, offset);
     }
     xs.contiguous()?.apply_op1(Subsample2 { offset })
+}
+
+/// The gradient of [`subsample2`] of an input with planes `h × w` from the output's `grad`,
+/// for ops that run the subsampling inside them (CPU).
+pub(crate) fn subsample2_grad(grad: &Tensor, offset: usize, (h, w): (usize, usize)) -> Result<Tensor> {
+    grad.contiguous()?.apply_op1_no_bwd(&Subsample2Bwd { offset, h, w })
+}
+
+/// `subsample2_grad(grad_even, 0, (h, w)) + subsample2_grad(grad_odd, 1, (h, w))` in one pass
+/// (the two paths of a factorized reduction; CPU, f32 or f64).
+pub(crate) fn subsample2_pair_grad(grad_even: &Tensor, grad_odd: &Tensor, (h, w): (usize, usize)) -> Result<Tensor> {
+    let (n, c, ..) = grad_even.dims4()?;
+    let (even, odd) = (Geom::new(&[n, c, h, w], 0)?, Geom::new(&[n, c, h, w], 1)?);
+    for (grad, g) in [(grad_even, even), (grad_odd, odd)] {
+        if grad.shape() != &g.output_shape(&[n, c, h, w]) {
+            bail!("{NAME}: expected a gradient of shape {:?}, got {:?}", g.output_shape(&[n, c, h, w]), grad.shape())
+        }
+    }
+    let (ge, go) = (grad_even.contiguous()?, grad_odd.contiguous()?);
+    let (se, le) = ge.storage_and_layout();
+    let (so, lo) = go.storage_and_layout();
+    let (Storage::Cpu(se), Storage::Cpu(so)) = (&*se, &*so) else { bail!("{NAME}: expected gradients on the CPU") };
+    let storage = match (se, so) {
+        (CpuStorage::F32(a), CpuStorage::F32(b)) => {
+            let (a, b) = (&a[le.start_offset()..], &b[lo.start_offset()..]);
+            CpuStorage::F32(scatter_cpu(&[(a, even), (b, odd)], even))
+        }
+        (CpuStorage::F64(a), CpuStorage::F64(b)) => {
+            let (a, b) = (&a[le.start_offset()..], &b[lo.start_offset()..]);
+            CpuStorage::F64(scatter_cpu(&[(a, even), (b, odd)], even))
+        }
+        _ => bail!("{NAME}: expected both gradients f32 or both f64, got {:?} and {:?}", se.dtype(), so.dtype()),
+    };
+    Ok(Tensor::from_storage(Storage::Cpu(storage), (n, c, h, w), candle_core::op::BackpropOp::none(), false))
 }
 
 /// Reference for [`subsample2`] from differentiable candle ops (any device): pad `offset`
@@ -124,21 +158,36 @@ fn forward_cpu<T: WithDType>(xs: &[T], g: Geom) -> Vec<T> {
 
 /// The input gradient: each sampled element takes its output's gradient, every other is zero.
 fn backward_cpu<T: WithDType>(gy: &[T], g: Geom) -> Vec<T> {
+    scatter_cpu(&[(gy, g)], g)
+}
+
+/// The input gradient of several subsamplings of one input (`(grad, geometry)` pairs, the same
+/// planes, different offsets): every element is zero or the sum of the gradients of the
+/// outputs that sampled it. Planes are zeroed on the threads (a zeroed allocation is one
+/// serial pass).
+fn scatter_cpu<T: WithDType>(grads: &[(&[T], Geom)], g: Geom) -> Vec<T> {
     let (plane_in, plane_out) = (g.h * g.w, g.ho * g.wo);
-    let mut gx = vec![T::zero(); g.planes * plane_in];
-    if gx.is_empty() || plane_out == 0 {
-        return gx;
+    if g.planes * plane_in == 0 {
+        return Vec::new();
     }
-    let real = g.real_cols();
-    gx.par_chunks_mut(plane_in).zip(gy.par_chunks(plane_out)).for_each(|(gx, gy)| {
-        for (i, grow) in gy.chunks_exact(g.wo).enumerate() {
-            let r = 2 * i + g.offset;
-            if r >= g.h {
-                break;
-            }
-            let xrow = &mut gx[r * g.w + g.offset..(r + 1) * g.w];
-            for (x, &v) in xrow.iter_mut().step_by(2).zip(&grow[..real]) {
-                *x = v;
+    // SAFETY: every plane is zeroed first thing below.
+    let mut gx = unsafe { output_buffer::<T>(g.planes * plane_in) };
+    gx.par_chunks_mut(plane_in).enumerate().for_each(|(p, gx)| {
+        gx.fill(T::zero());
+        if plane_out == 0 {
+            return;
+        }
+        for &(gy, g) in grads {
+            let real = g.real_cols();
+            for (i, grow) in gy[p * plane_out..(p + 1) * plane_out].chunks_exact(g.wo).enumerate() {
+                let r = 2 * i + g.offset;
+                if r >= g.h {
+                    break;
+                }
+                let xrow = &mut gx[r * g.w + g.offset..(r + 1) * g.w];
+                for (x, &v) in xrow.iter_mut().step_by(2).zip(&grow[..real]) {
+                    *x += v;
+                }
             }
         }
     });
@@ -164,7 +213,7 @@ impl CustomOp1 for Subsample2 {
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
         let (_, _, h, w) = arg.dims4()?;
-        Ok(Some(grad_res.contiguous()?.apply_op1_no_bwd(&Subsample2Bwd { offset: self.offset, h, w })?))
+        Ok(Some(subsample2_grad(grad_res, self.offset, (h, w))?))
     }
 }
 
@@ -200,6 +249,26 @@ mod tests {
     use candle_core::{DType, Device};
 
     const SIZES: [(usize, usize); 9] = [(1, 1), (1, 2), (2, 1), (3, 3), (4, 5), (5, 4), (7, 7), (8, 8), (11, 6)];
+
+    /// The two paths' gradients scattered in one pass equal the two scatters summed.
+    #[test]
+    fn pair_gradient_is_the_sum_of_both_offsets() {
+        let mut rng = TestRng::new(61);
+        for dtype in [DType::F32, DType::F64] {
+            for (h, w) in SIZES {
+                let shape = |offset| Geom::new(&[2, 3, h, w], offset).unwrap().output_shape(&[2, 3, h, w]);
+                let even = rng.tensor(shape(0).dims(), dtype).unwrap();
+                let odd = rng.tensor(shape(1).dims(), dtype).unwrap();
+                let got = subsample2_pair_grad(&even, &odd, (h, w)).unwrap();
+                let want =
+                    (subsample2_grad(&even, 0, (h, w)).unwrap() + subsample2_grad(&odd, 1, (h, w)).unwrap()).unwrap();
+                assert_close(&got, &want, 0.0, &format!("{dtype:?} {h}x{w}"));
+            }
+        }
+        let even = rng.tensor(&[2, 3, 2, 2], DType::F32).unwrap();
+        let err = subsample2_pair_grad(&even, &even, (5, 5)).unwrap_err().to_string();
+        assert!(err.contains("subsample2: expected a gradient of shape"), "{err}");
+    }
 
     #[test]
     fn forward_and_gradient_match_the_reference() {

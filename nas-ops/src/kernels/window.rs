@@ -716,12 +716,15 @@ fn grad_input_channels<T: Float>(
     let layout = ChannelLayout::new(geom);
     let wt = layout.weight(weight);
     let (wp, cp) = (layout.g.wp, layout.g.cp);
-    // Input positions outside the padded window get no gradient.
-    let mut grad_xs = vec![T::ZERO; geom.n * c * h * w];
+    // Input positions outside the padded window get no gradient. Zeroed sample by sample on
+    // the threads (a zeroed allocation is one serial pass).
+    // SAFETY: every sample's block is zeroed first thing below.
+    let mut grad_xs = unsafe { output_buffer::<T>(geom.n * c * h * w) };
     let buffers = || (layout.output_buffer(), layout.input_buffer());
     grad_xs.par_chunks_mut(c * h * w).zip(grad.par_chunks(c * ho * wo)).enumerate().for_each_init(
         buffers,
         |(g, dxin), (b, (dx, grad))| {
+            dx.fill(T::ZERO);
             layout.fill_output(grad, g);
             dxin.fill(T::ZERO);
             channel_scatter(isa, g, &wt, &layout.g, dxin);
@@ -938,10 +941,12 @@ fn transpose<T: Float>(
     relu_xs: Option<&[T]>,
 ) -> Vec<T> {
     let &DepthwiseGeometry { n, c, h, w, kh, kw, ho, wo, .. } = geom;
-    let mut grad_xs = vec![T::ZERO; n * c * h * w];
-    if grad_xs.is_empty() {
-        return grad_xs;
+    if n * c * h * w == 0 {
+        return Vec::new();
     }
+    // Zeroed plane by plane on the threads (a zeroed allocation is one serial pass).
+    // SAFETY: every plane is zeroed first thing below.
+    let mut grad_xs = unsafe { output_buffer::<T>(n * c * h * w) };
     let layout = GradLayout::new(geom);
     // At stride 1 and dilation 1 the one phase is a correlation with the kernel flipped
     // (tap (ky, kx) sits at offset (k − 1 − ky) · row + k − 1 − kx), so a square kernel
@@ -950,6 +955,7 @@ fn transpose<T: Float>(
     grad_xs.par_chunks_mut(h * w).enumerate().for_each_init(
         || (layout.scratch(), Vec::with_capacity(kh * kw), Vec::with_capacity(kh * kw)),
         |(scratch, taps, flipped), (plane, dx)| {
+            dx.fill(T::ZERO);
             layout.fill(geom, &grad[plane * ho * wo..(plane + 1) * ho * wo], divisor, scratch);
             let k = &weight[(plane % c) * kh * kw..(plane % c + 1) * kh * kw];
             for phase in &layout.phases {
