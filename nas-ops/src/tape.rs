@@ -10,7 +10,10 @@
 //! candle custom op (`cell::CellModule`'s training path), whose weights enter packed (one
 //! `cat`: a custom op takes at most three inputs), in the order [`Tape::weights`] lists them.
 
-use candle_core::{bail, Result, Tensor, Var};
+use candle_core::{bail, CpuStorage, DType, Result, Storage, Tensor, Var, WithDType};
+use rayon::prelude::*;
+
+use crate::kernels::output_buffer;
 
 /// A value on a [`Tape`]: an input or an op's output.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -169,11 +172,54 @@ impl Tape {
     }
 }
 
-/// The sum of `grads`, `None` when there are none (one is passed on as it is).
+/// The sum of `grads`, `None` when there are none (one is passed on as it is). On the CPU
+/// (f32 or f64, one shape) in one parallel pass on rayon's pool; candle's adds otherwise.
 fn sum(grads: Vec<Tensor>) -> Result<Option<Tensor>> {
-    let mut grads = grads.into_iter();
-    let Some(first) = grads.next() else { return Ok(None) };
-    grads.try_fold(first, |acc, g| acc + g).map(Some)
+    match grads.len() {
+        0 => return Ok(None),
+        1 => return Ok(grads.into_iter().next()),
+        _ => {}
+    }
+    let first = &grads[0];
+    let same = grads.iter().all(|g| g.shape() == first.shape() && g.dtype() == first.dtype());
+    if !(same && first.device().is_cpu() && matches!(first.dtype(), DType::F32 | DType::F64)) {
+        let mut rest = grads.iter();
+        let first = rest.next().expect("two or more").clone();
+        return rest.try_fold(first, |acc, g| acc + g).map(Some);
+    }
+    let grads = grads.iter().map(Tensor::contiguous).collect::<Result<Vec<_>>>()?;
+    let guards: Vec<_> = grads.iter().map(|g| g.storage_and_layout()).collect();
+    let mut f32s = Vec::new();
+    let mut f64s = Vec::new();
+    for (storage, layout) in &guards {
+        let start = layout.start_offset();
+        match &**storage {
+            Storage::Cpu(CpuStorage::F32(v)) => f32s.push(&v[start..start + layout.shape().elem_count()]),
+            Storage::Cpu(CpuStorage::F64(v)) => f64s.push(&v[start..start + layout.shape().elem_count()]),
+            _ => bail!("tape: a gradient to sum is not an f32 or f64 CPU tensor"),
+        }
+    }
+    let storage = if f64s.is_empty() { CpuStorage::F32(sum_slices(&f32s)) } else { CpuStorage::F64(sum_slices(&f64s)) };
+    let shape = first.shape().clone();
+    Ok(Some(Tensor::from_storage(Storage::Cpu(storage), shape, candle_core::op::BackpropOp::none(), false)))
+}
+
+/// `Σ parts[k][i]` for every `i` (the parts of one length), in parallel chunks.
+fn sum_slices<T: WithDType>(parts: &[&[T]]) -> Vec<T> {
+    const CHUNK: usize = 1 << 14;
+    let len = parts[0].len();
+    // SAFETY: every chunk is written in full below.
+    let mut out = unsafe { output_buffer::<T>(len) };
+    out.par_chunks_mut(CHUNK).enumerate().for_each(|(i, out)| {
+        let at = i * CHUNK;
+        out.copy_from_slice(&parts[0][at..at + out.len()]);
+        for part in &parts[1..] {
+            for (o, &v) in out.iter_mut().zip(&part[at..]) {
+                *o += v;
+            }
+        }
+    });
+    out
 }
 
 #[cfg(test)]
@@ -215,6 +261,24 @@ mod tests {
         let got_w = (weights[0].as_ref().unwrap() + weights[1].as_ref().unwrap()).unwrap();
         let want_w = grads.get(w.as_tensor()).unwrap().to_vec1::<f64>().unwrap();
         assert_eq!(got_w.to_vec1::<f64>().unwrap(), want_w);
+    }
+
+    #[test]
+    fn sums_of_several_gradients_match_candles_adds() {
+        let mut rng = crate::kernels::testutil::TestRng::new(3);
+        for dtype in [candle_core::DType::F32, candle_core::DType::F64] {
+            for (k, len) in [(2, 7), (3, 40_000), (4, 1)] {
+                let parts: Vec<Tensor> = (0..k).map(|_| rng.tensor(&[len], dtype).unwrap()).collect();
+                let want = parts[1..].iter().fold(parts[0].clone(), |acc, p| (acc + p).unwrap());
+                let got = sum(parts).unwrap().unwrap();
+                crate::kernels::testutil::assert_close(&got, &want, 0.0, &format!("{dtype:?} {k} x {len}"));
+            }
+        }
+        // Strided gradients are read as their values.
+        let t = rng.tensor(&[3, 5], candle_core::DType::F32).unwrap();
+        let got = sum(vec![t.t().unwrap(), t.t().unwrap()]).unwrap().unwrap();
+        crate::kernels::testutil::assert_close(&got, &(t.t().unwrap() * 2.0).unwrap(), 0.0, "transposed");
+        assert!(sum(Vec::new()).unwrap().is_none());
     }
 
     #[test]
