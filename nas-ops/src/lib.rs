@@ -4,8 +4,9 @@
 //! semantics ([`ops`]), the cell module built from any `nas_space::Cell`
 //! ([`cell::CellModule`]), the CIFAR and ImageNet networks built from a
 //! (`CellSpec`, `NetworkConfig`) ([`network::NasNet`]), ScheduledDropPath, TF-Slim's
-//! initialisation, inference without gradients ([`no_grad`]) and the custom CPU kernels
-//! ([`kernels`]; CUDA twins come with the `cuda` issue).
+//! initialisation, inference without gradients ([`no_grad`]), a cell's training on the CPU
+//! as one node of candle's graph (recorded on a crate-private tape) and the custom CPU
+//! kernels ([`kernels`]; CUDA twins come with the `cuda` issue).
 //! It does not own the grammar or the wiring (that is `nas-space`: `NetworkPlan` and
 //! `CellLayout` decide every shape and projection) nor training (`nas-train`).
 //!
