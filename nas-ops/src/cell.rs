@@ -121,13 +121,12 @@ impl CellModule {
     /// - `x`, `prev`: as the cell's `CellLayout` records them
     /// - returns: `(batch, layout.output.channels, layout.output.size, layout.output.size)`
     pub fn forward_t(&self, x: &Tensor, prev: Option<&Tensor>, train: bool) -> Result<Tensor> {
-        let dtypes = std::iter::once(x).chain(prev).map(Tensor::dtype).collect::<Vec<_>>();
         let taped = train
             && crate::grad_enabled()
             && !unfused()
             && x.device().is_cpu()
-            && prev.is_none_or(|p| p.device().is_cpu())
-            && dtypes.iter().all(|&d| d == dtypes[0] && matches!(d, DType::F32 | DType::F64));
+            && matches!(x.dtype(), DType::F32 | DType::F64)
+            && prev.is_none_or(|p| p.device().is_cpu() && p.dtype() == x.dtype());
         if taped {
             return self.forward_taped(x, prev);
         }

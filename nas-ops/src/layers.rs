@@ -88,7 +88,7 @@ impl Conv2d {
     pub fn forward_relu_if(&self, xs: &Tensor, relu: bool) -> Result<Tensor> {
         match (relu, self.is_pointwise()) {
             (false, _) => self.forward(xs),
-            (true, true) => crate::kernels::conv1x1::conv1x1_relu(xs, &self.weight),
+            (true, true) => pointwise(xs, &self.weight, true),
             (true, false) => self.forward(&xs.relu()?),
         }
     }

@@ -47,14 +47,14 @@ impl Part {
 /// - every part: `(batch, c_i, h, w)`, the same batch, height and width
 /// - returns: `(batch, Σ c_i, h, w)`
 pub fn cat_channels(parts: &[Part]) -> Result<Tensor> {
-    let (first, _) = widths(parts)?;
+    let (first, channels) = widths(parts)?;
     let all: Vec<&Tensor> = parts.iter().flat_map(Part::tensors).collect();
     let tracked = crate::grad_enabled() && all.iter().any(|t| t.track_op());
     let fast_dtype = matches!(first.dtype(), candle_core::DType::F32 | candle_core::DType::F64);
     if !matches!(first.device(), Device::Cpu) || !fast_dtype || tracked {
         return cat_channels_reference(parts);
     }
-    let (storage, shape) = cat_channels_cpu(parts)?;
+    let (storage, shape) = concat_cpu(parts, &first, &channels)?;
     Ok(Tensor::from_storage(Storage::Cpu(storage), shape, candle_core::op::BackpropOp::none(), false))
 }
 
@@ -81,8 +81,12 @@ fn widths(parts: &[Part]) -> Result<(Tensor, Vec<usize>)> {
 /// them; nothing recorded.
 pub(crate) fn cat_channels_cpu(parts: &[Part]) -> Result<(CpuStorage, Shape)> {
     let (first, channels) = widths(parts)?;
+    concat_cpu(parts, &first, &channels)
+}
+
+/// [`cat_channels_cpu`] once [`widths`] has checked the parts.
+fn concat_cpu(parts: &[Part], first: &Tensor, channels: &[usize]) -> Result<(CpuStorage, Shape)> {
     let (n, _, h, w) = first.dims4()?;
-    let channels = &channels[..];
     let all: Vec<Tensor> = parts.iter().flat_map(Part::tensors).map(Tensor::contiguous).collect::<Result<_>>()?;
     let guards: Vec<_> = all.iter().map(|t| t.storage_and_layout()).collect();
     let storages = guards
@@ -144,20 +148,18 @@ pub(crate) fn split_channels(grad: &Tensor, widths: &[usize]) -> Result<Vec<Tens
             })
             .collect()
     }
+    fn tensors<T: WithDType>(
+        data: &[T],
+        (n, c, h, w): (usize, usize, usize, usize),
+        widths: &[usize],
+    ) -> Result<Vec<Tensor>> {
+        let parts = split(data, (n, c, h * w), widths);
+        parts.into_iter().zip(widths).map(|(v, &width)| Tensor::from_vec(v, (n, width, h, w), &Device::Cpu)).collect()
+    }
     let start = layout.start_offset();
-    let shape = |width: usize| (n, width, h, w);
-    let dims = (n, c, h * w);
     match storage {
-        CpuStorage::F32(data) => split(&data[start..], dims, widths)
-            .into_iter()
-            .zip(widths)
-            .map(|(v, &width)| Tensor::from_vec(v, shape(width), &Device::Cpu))
-            .collect(),
-        CpuStorage::F64(data) => split(&data[start..], dims, widths)
-            .into_iter()
-            .zip(widths)
-            .map(|(v, &width)| Tensor::from_vec(v, shape(width), &Device::Cpu))
-            .collect(),
+        CpuStorage::F32(data) => tensors(&data[start..], (n, c, h, w), widths),
+        CpuStorage::F64(data) => tensors(&data[start..], (n, c, h, w), widths),
         s => bail!("{NAME}: unsupported dtype {:?}, expected f32 or f64", s.dtype()),
     }
 }
