@@ -7,8 +7,10 @@
 //! `nas_space::network::CellLayout`.
 //!
 //! Training with gradients on the CPU runs the whole cell as one node of candle's graph
-//! (`forward_taped`, on a `crate::tape::Tape`); every other mode runs the ops as candle
-//! nodes (`forward_ops`). Both compute the same values, gradients and statistics.
+//! (`forward_taped`, on a `crate::tape::Tape`); inference without gradients on the CPU runs
+//! it one sample at a time, each sample's states kept in cache (`eval_program`, a
+//! `kernels::cell_eval::Program`); every other mode runs the ops as candle nodes
+//! (`forward_ops`). All compute the same values, gradients and statistics.
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, ModuleT, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
@@ -16,6 +18,7 @@ use nas_space::network::{CellLayout, PrevAdjust};
 use nas_space::{Cell, Combine};
 
 use crate::drop_path::{drop_path_add, scale_examples, DropPath};
+use crate::kernels::cell_eval::{Program, Step, Val};
 use crate::kernels::concat::{cat_channels, cat_channels_cpu, split_channels, Part};
 use crate::layers::Conv2dConfig;
 use crate::ops::{ActConvBn, BnConfig, CellOp, FactorizedReduction};
@@ -121,16 +124,148 @@ impl CellModule {
     /// - `x`, `prev`: as the cell's `CellLayout` records them
     /// - returns: `(batch, layout.output.channels, layout.output.size, layout.output.size)`
     pub fn forward_t(&self, x: &Tensor, prev: Option<&Tensor>, train: bool) -> Result<Tensor> {
-        let taped = train
-            && crate::grad_enabled()
-            && !unfused()
+        // The fused paths: CPU, f32 or f64, both inputs alike.
+        let fusable = !unfused()
             && x.device().is_cpu()
             && matches!(x.dtype(), DType::F32 | DType::F64)
             && prev.is_none_or(|p| p.device().is_cpu() && p.dtype() == x.dtype());
-        if taped {
+        if fusable && train && crate::grad_enabled() {
             return self.forward_taped(x, prev);
         }
+        // One sample per thread at least: the program runs in parallel over samples.
+        if fusable && !train && !crate::grad_enabled() && x.dim(0)? >= rayon::current_num_threads() {
+            if let Some(program) = self.eval_program(x, prev)? {
+                return program.run(x, prev);
+            }
+        }
         self.forward_ops(x, prev, train)
+    }
+
+    /// The cell in inference as a per-sample program (`kernels::cell_eval`), or `None`
+    /// when one of its ops has no per-sample steps (dense convs other than 1×1).
+    ///
+    /// Each state has a home: the concatenation's channel range when the state enters it
+    /// unprojected, the input itself for an unadjusted state 1, else a temporary buffer.
+    /// An added block's first op writes its home and the second adds to it (an identity
+    /// goes second, so that a copy is never the one that writes).
+    pub(crate) fn eval_program(&self, x: &Tensor, prev: Option<&Tensor>) -> Result<Option<Program>> {
+        if !self.blocks.iter().all(|b| b.ops.iter().all(CellOp::has_eval_steps)) {
+            return Ok(None);
+        }
+        let sample = |t: &Tensor| t.dims4().map(|(_, c, h, w)| (c, h, w));
+        let x_shape = sample(x)?;
+        let prev_shape = prev.map(sample).transpose()?;
+        // Every state's shape, then the output's.
+        let (_, h, w) = x_shape;
+        let mut shapes = vec![(self.preamble_channels(), h, w)];
+        shapes.push(match (&self.adjust, prev_shape) {
+            (Adjust::UseX, _) => x_shape,
+            (Adjust::Unchanged, Some(p)) => p,
+            (Adjust::Conv(conv), Some((_, hp, wp))) => (conv.eval_c_out(), hp, wp),
+            (Adjust::Reduce(reduce), Some(p)) => reduce.eval_shape(p),
+            (_, None) => candle_core::bail!("this cell was built for a previous input, but none was given"),
+        });
+        for block in &self.blocks {
+            let [a, b] = [0, 1].map(|i| block.ops[i].eval_shape(shapes[block.inputs[i]]));
+            shapes.push(match block.combine {
+                Combine::Add if a == b => a,
+                Combine::Concat if (a.1, a.2) == (b.1, b.2) => (a.0 + b.0, a.1, a.2),
+                _ => candle_core::bail!("block {}: its ops make {a:?} and {b:?}", shapes.len() - 2),
+            });
+        }
+        let parts: Vec<(usize, usize, usize)> = self
+            .concat
+            .iter()
+            .map(|(state, projection)| projection.as_ref().map_or(shapes[*state], |p| p.eval_shape(shapes[*state])))
+            .collect();
+        let (ho, wo) = (parts[0].1, parts[0].2);
+        if parts.iter().any(|p| (p.1, p.2) != (ho, wo)) {
+            candle_core::bail!("the concatenated states have different sizes: {parts:?}")
+        }
+        let mut program = Program::new(x_shape, prev_shape, (parts.iter().map(|p| p.0).sum(), ho, wo));
+        // Homes.
+        let mut offsets = Vec::with_capacity(parts.len());
+        let mut channel = 0;
+        for part in &parts {
+            offsets.push(channel);
+            channel += part.0;
+        }
+        let out = program.out();
+        let mut homes: Vec<Option<Val>> = vec![None; shapes.len()];
+        for ((state, projection), (&offset, part)) in self.concat.iter().zip(offsets.iter().zip(&parts)) {
+            if projection.is_none() && homes[*state].is_none() {
+                homes[*state] = Some(out.channels(offset, part.0));
+            }
+        }
+        match (&self.adjust, prev_shape) {
+            (Adjust::UseX, _) if homes[1].is_none() => homes[1] = Some(program.x()),
+            (Adjust::Unchanged, Some(_)) if homes[1].is_none() => homes[1] = program.prev(),
+            _ => {}
+        }
+        for (home, &shape) in homes.iter_mut().zip(&shapes) {
+            if home.is_none() {
+                *home = Some(program.tmp(shape));
+            }
+        }
+        let homes: Vec<Val> = homes.into_iter().map(|h| h.expect("every state has a home")).collect();
+        // State 0 and 1.
+        let x_val = program.x();
+        self.preamble.eval_steps(&mut program, x_val, homes[0], false)?;
+        let source = match self.adjust {
+            Adjust::UseX => Some(program.x()),
+            Adjust::Unchanged => program.prev(),
+            _ => None,
+        };
+        match (&self.adjust, program.prev()) {
+            (Adjust::Conv(conv), Some(p)) => conv.eval_steps(&mut program, p, homes[1], false)?,
+            (Adjust::Reduce(reduce), Some(p)) => reduce.eval_steps(&mut program, p, homes[1], true)?,
+            _ => {}
+        }
+        if let Some(source) = source {
+            if source != homes[1] {
+                program.push(Step::Copy { src: source, dst: homes[1], add: false });
+            }
+        }
+        // The blocks.
+        for (b, block) in self.blocks.iter().enumerate() {
+            let dst = homes[2 + b];
+            let srcs = block.inputs.map(|i| homes[i]);
+            match block.combine {
+                Combine::Add => {
+                    let same_pure = block.ops[0].pure_key().is_some()
+                        && block.ops[0].pure_key() == block.ops[1].pure_key()
+                        && block.inputs[0] == block.inputs[1];
+                    if same_pure {
+                        block.ops[0].eval_steps(&mut program, srcs[0], dst, false)?;
+                        program.push(Step::Double { dst });
+                        continue;
+                    }
+                    let order = if matches!(block.ops[0], CellOp::Identity) { [1, 0] } else { [0, 1] };
+                    for (k, i) in order.into_iter().enumerate() {
+                        block.ops[i].eval_steps(&mut program, srcs[i], dst, k == 1)?;
+                    }
+                }
+                Combine::Concat => {
+                    let c0 = block.ops[0].eval_shape(shapes[block.inputs[0]]).0;
+                    block.ops[0].eval_steps(&mut program, srcs[0], dst.channels(0, c0), false)?;
+                    block.ops[1].eval_steps(&mut program, srcs[1], dst.channels(c0, dst.c - c0), false)?;
+                }
+            }
+        }
+        // The concatenation's parts that are not already in place.
+        for ((state, projection), (&offset, part)) in self.concat.iter().zip(offsets.iter().zip(&parts)) {
+            let dst = out.channels(offset, part.0);
+            match projection {
+                Some(p) => p.eval_steps(&mut program, homes[*state], dst, false)?,
+                None if homes[*state] != dst => program.push(Step::Copy { src: homes[*state], dst, add: false }),
+                None => {}
+            }
+        }
+        Ok(Some(program))
+    }
+
+    fn preamble_channels(&self) -> usize {
+        self.preamble.eval_c_out()
     }
 
     /// [`forward_t`](Self::forward_t) as candle ops, each a node of candle's graph.
@@ -208,8 +343,8 @@ thread_local! {
     static UNFUSED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// Tests compare the taped training path with the candle ops: inside `f`, cells on this
-/// thread train as candle ops.
+/// Tests compare the fused paths (taped training, per-sample inference) with the candle
+/// ops: inside `f`, cells on this thread run as candle ops.
 #[cfg(test)]
 pub(crate) fn with_unfused_cells<R>(f: impl FnOnce() -> R) -> R {
     UNFUSED.with(|u| u.set(true));

@@ -98,6 +98,11 @@ impl Conv2d {
         &self.weight
     }
 
+    /// The stride.
+    pub(crate) fn stride(&self) -> usize {
+        self.stride
+    }
+
     /// A 1×1 stride-1 conv, which runs as `kernels::conv1x1`.
     pub(crate) fn is_pointwise(&self) -> bool {
         self.kh == 1 && self.kw == 1 && self.stride == 1

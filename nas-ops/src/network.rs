@@ -125,6 +125,12 @@ impl NasNet {
     }
 
     /// The wiring this network was built from.
+    /// The cells, in the plan's order (tests compare their inference paths).
+    #[cfg(test)]
+    pub(crate) fn cells(&self) -> &[CellModule] {
+        &self.cells
+    }
+
     pub fn plan(&self) -> &NetworkPlan {
         &self.plan
     }

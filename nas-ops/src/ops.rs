@@ -11,6 +11,7 @@ use candle_nn::VarBuilder;
 use nas_space::network::OpLayout;
 use nas_space::{Op, OpKind, PoolKind};
 
+use crate::kernels::cell_eval::{Affine1x1, Half, Program, Step, Val};
 use crate::kernels::concat::{cat_channels, split_channels, Part};
 use crate::kernels::conv1x1::conv1x1_grads;
 use crate::kernels::pool::{avg_pool2d, max_pool2d, pool2d_grad};
@@ -481,5 +482,182 @@ impl CellOp {
             CellOp::Conv(op) => op.trace(tape, xs),
             CellOp::Pool(op) => op.trace(tape, xs),
         }
+    }
+}
+
+// Inference one sample at a time (`cell::CellModule`'s per-sample path): each op appends
+// its steps to a `kernels::cell_eval::Program`. Dense convs other than 1×1 have none.
+
+impl ActConvBn {
+    /// Appends `dst (+)= self(src)`. Only 1×1 convs, which every `ActConvBn` of a cell is.
+    pub(crate) fn eval_steps(&self, program: &mut Program, src: Val, dst: Val, add: bool) -> Result<()> {
+        if !self.conv.is_pointwise() {
+            candle_core::bail!("a {:?} conv has no per-sample steps", self.conv.weight().dims())
+        }
+        let (scale, shift) = self.bn.eval_affine()?;
+        let conv = Affine1x1 { weight: self.conv.weight().clone(), scale, shift };
+        program.push(Step::Pointwise { src, relu: self.relu, conv, dst, add });
+        Ok(())
+    }
+
+    /// Output channels.
+    pub(crate) fn eval_c_out(&self) -> usize {
+        self.conv.weight().dims()[0]
+    }
+}
+
+impl SepConv {
+    fn eval_half(&self, second: bool) -> Result<Half> {
+        let (conv, bn) = if second { (&self.separable_2, &self.bn_sep_2) } else { (&self.separable_1, &self.bn_sep_1) };
+        let (depthwise, stride, dilation) = conv.depthwise.parts();
+        let (scale, shift) = bn.eval_affine()?;
+        Ok(Half {
+            depthwise: depthwise.clone(),
+            stride,
+            dilation,
+            pointwise: Affine1x1 { weight: conv.pointwise.weight().clone(), scale, shift },
+            relu_in: !second,
+            relu_out: !second,
+        })
+    }
+}
+
+impl FactorizedReduction {
+    /// Appends `dst = self(relu?(src))`.
+    pub(crate) fn eval_steps(&self, program: &mut Program, src: Val, dst: Val, relu: bool) -> Result<()> {
+        let (scale, shift) = self.bn.eval_affine()?;
+        let Some(path_2) = &self.path_2 else {
+            let conv = Affine1x1 { weight: self.path_1.weight().clone(), scale, shift };
+            program.push(Step::Pointwise { src, relu, conv, dst, add: false });
+            return Ok(());
+        };
+        let half = self.path_1.weight().dims()[0];
+        let rest = dst.c - half;
+        let sub = program.tmp((src.c, src.h.div_ceil(2), src.w.div_ceil(2)));
+        for (offset, conv, (first, c)) in [(0, &self.path_1, (0, half)), (1, path_2, (half, rest))] {
+            program.push(Step::Subsample { src, offset, relu, dst: sub });
+            let conv = Affine1x1 {
+                weight: conv.weight().clone(),
+                scale: scale.narrow(0, first, c)?,
+                shift: shift.narrow(0, first, c)?,
+            };
+            program.push(Step::Pointwise { src: sub, relu: false, conv, dst: dst.channels(first, c), add: false });
+        }
+        Ok(())
+    }
+
+    /// Output channels and stride.
+    pub(crate) fn eval_shape(&self, (_, h, w): (usize, usize, usize)) -> (usize, usize, usize) {
+        let c = self.bn_channels();
+        match self.path_2 {
+            Some(_) => (c, h.div_ceil(2), w.div_ceil(2)),
+            None => (c, h, w),
+        }
+    }
+
+    fn bn_channels(&self) -> usize {
+        self.path_1.weight().dims()[0] + self.path_2.as_ref().map_or(0, |p| p.weight().dims()[0])
+    }
+}
+
+impl ConvChain {
+    fn stride(&self) -> usize {
+        self.convs[0].stride()
+    }
+
+    /// The stride of a chain that is one 1×1 conv.
+    fn pointwise_stride(&self) -> Option<usize> {
+        match &self.convs[..] {
+            [conv] if conv.weight().dims()[2..] == [1, 1] => Some(conv.stride()),
+            _ => None,
+        }
+    }
+}
+
+impl CellOp {
+    /// The op's output shape `(c, h, w)` for an input of shape `input` (one sample).
+    pub(crate) fn eval_shape(&self, input: (usize, usize, usize)) -> (usize, usize, usize) {
+        let (c, h, w) = input;
+        let strided = |c: usize, s: usize| (c, h.div_ceil(s), w.div_ceil(s));
+        match self {
+            CellOp::Identity => input,
+            CellOp::IdentityProjection { projection, stride } => strided(projection.eval_c_out(), *stride),
+            CellOp::SepConv(op) => {
+                let (_, stride, _) = op.separable_1.depthwise.parts();
+                strided(op.separable_2.pointwise.weight().dims()[0], stride)
+            }
+            CellOp::Conv(op) => strided(op.convs[op.convs.len() - 1].weight().dims()[0], op.stride()),
+            CellOp::Pool(op) => strided(op.projection.as_ref().map_or(c, ActConvBn::eval_c_out), op.stride),
+        }
+    }
+
+    /// Whether [`eval_steps`](Self::eval_steps) has steps for this op.
+    pub(crate) fn has_eval_steps(&self) -> bool {
+        match self {
+            CellOp::Identity | CellOp::SepConv(_) => true,
+            CellOp::IdentityProjection { stride, .. } => *stride <= 2,
+            CellOp::Conv(op) => op.pointwise_stride().is_some_and(|s| s <= 2),
+            CellOp::Pool(op) => op.projection.as_ref().is_none_or(|p| p.conv.is_pointwise()),
+        }
+    }
+
+    /// Appends `dst (+)= self(src)` (see [`has_eval_steps`](Self::has_eval_steps)).
+    pub(crate) fn eval_steps(&self, program: &mut Program, src: Val, dst: Val, add: bool) -> Result<()> {
+        let done = match self {
+            CellOp::Identity => {
+                program.push(Step::Copy { src, dst, add });
+                true
+            }
+            CellOp::IdentityProjection { projection, stride: 1 } => {
+                projection.eval_steps(program, src, dst, add)?;
+                true
+            }
+            CellOp::IdentityProjection { projection, stride: 2 } => {
+                let sub = program.tmp((src.c, dst.h, dst.w));
+                program.push(Step::Subsample { src, offset: 0, relu: false, dst: sub });
+                projection.eval_steps(program, sub, dst, add)?;
+                true
+            }
+            CellOp::IdentityProjection { .. } => false,
+            CellOp::SepConv(op) => {
+                let halves = vec![op.eval_half(false)?, op.eval_half(true)?];
+                program.push(Step::Separable { src, halves, dst, add });
+                true
+            }
+            CellOp::Conv(op) if op.pointwise_stride().is_some_and(|s| s <= 2) => {
+                let (scale, shift) = op.bn.eval_affine()?;
+                let conv = Affine1x1 { weight: op.convs[0].weight().clone(), scale, shift };
+                // A strided 1×1 conv reads the top-left of every window: subsample, then convolve.
+                let (src, relu) = if op.stride() == 2 {
+                    let sub = program.tmp((src.c, dst.h, dst.w));
+                    program.push(Step::Subsample { src, offset: 0, relu: true, dst: sub });
+                    (sub, false)
+                } else {
+                    (src, true)
+                };
+                program.push(Step::Pointwise { src, relu, conv, dst, add });
+                true
+            }
+            CellOp::Conv(_) => false,
+            CellOp::Pool(op) => {
+                let (max, kernel, stride) = (op.kind == PoolKind::Max, op.kernel, op.stride);
+                match &op.projection {
+                    None => {
+                        program.push(Step::Pool { src, max, kernel, stride, dst, add });
+                        true
+                    }
+                    Some(projection) => {
+                        let pooled = program.tmp((src.c, dst.h, dst.w));
+                        program.push(Step::Pool { src, max, kernel, stride, dst: pooled, add: false });
+                        projection.eval_steps(program, pooled, dst, add)?;
+                        true
+                    }
+                }
+            }
+        };
+        if !done {
+            candle_core::bail!("this op has no per-sample steps (see CellOp::has_eval_steps)")
+        }
+        Ok(())
     }
 }

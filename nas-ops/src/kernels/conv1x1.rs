@@ -301,7 +301,7 @@ enum Rows<'a, T> {
 
 /// `max(v, 0)` with candle's rule (`v >= 0 ? v : 0`).
 #[inline]
-fn relu<T: Float>(v: T) -> T {
+pub(crate) fn relu<T: Float>(v: T) -> T {
     if v >= T::ZERO {
         v
     } else {
@@ -319,11 +319,18 @@ pub(crate) fn shift_rows<T: Float>(out: &mut [T], n: usize, shift: &[T], relu: b
     }
 }
 
-/// `dst = lhs · rhs` for row-major `m × k` and `k × n` matrices, on the calling thread.
-pub(crate) fn gemm_rows<T: WithDType>(dst: &mut [T], lhs: &[T], rhs: &[T], (m, n, k): (usize, usize, usize)) {
+/// `dst = lhs · rhs` (`dst += lhs · rhs` with `accumulate`) for row-major `m × k` and
+/// `k × n` matrices, on the calling thread.
+pub(crate) fn gemm_rows<T: WithDType>(
+    dst: &mut [T],
+    lhs: &[T],
+    rhs: &[T],
+    (m, n, k): (usize, usize, usize),
+    accumulate: bool,
+) {
     assert!(dst.len() == m * n && lhs.len() == m * k && rhs.len() == k * n, "gemm_rows: slice lengths");
     // SAFETY: the lengths match the shapes (asserted above).
-    unsafe { matmul(dst, (lhs, false), (rhs, false), (m, n, k), false, Parallelism::None) }
+    unsafe { matmul(dst, (lhs, false), (rhs, false), (m, n, k), accumulate, Parallelism::None) }
 }
 
 /// `rhs`, or its ReLU copied into `scratch`.

@@ -8,6 +8,7 @@
 //! gradients against finite differences in f64.
 
 pub mod batch_norm;
+pub(crate) mod cell_eval;
 pub mod concat;
 pub mod conv1x1;
 #[cfg(feature = "cuda")]

@@ -289,6 +289,24 @@ impl PoolGeom {
     }
 }
 
+/// A SAME `kernel × kernel` pooling at `stride` of one `(c, h, w)` sample, prepared for
+/// `window::SampleWindow`: average (with its divisors) or max.
+pub(crate) fn same_sample_window<T: Float>(
+    max: bool,
+    (c, h, w): (usize, usize, usize),
+    kernel: usize,
+    stride: usize,
+) -> Result<window::SampleWindow<T>> {
+    let padding = Padding2d::same(h, w, kernel.max(1), kernel.max(1), stride.max(1), 1);
+    let name = if max { MAX_NAME } else { AVG_NAME };
+    let g = PoolGeom::new(name, &[1, c, h, w], PoolParams { kernel, stride, padding })?;
+    Ok(if max {
+        window::SampleWindow::max_pool(&g.window())
+    } else {
+        window::SampleWindow::avg_pool(&g.window(), g.counts())
+    })
+}
+
 /// The real part `[start, end)` of window `o` along an axis of `n` elements with `before`
 /// padding.
 fn clip(o: usize, kernel: usize, stride: usize, before: usize, n: usize) -> (usize, usize) {

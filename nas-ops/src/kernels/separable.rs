@@ -6,19 +6,18 @@
 //! back from memory by the next op (NASNet-A Mobile's 28×28 stage: 4.4 MB per intermediate
 //! at batch 32, beyond the 2 MiB L2). [`separable_stack`] runs every half of one sample in a
 //! row on one thread, in parallel over samples, so each intermediate (one sample's planes)
-//! stays in cache. The depthwise and gemm kernels are the same as unfused
-//! (`window::forward`, `conv1x1`'s gemm and epilogue), with the batch norm folded into the
-//! pointwise weights as `conv1x1_affine` does. It records no backward, so it runs only where
-//! no gradient is needed (inside `nas_ops::no_grad`, or no input tracks one) on the CPU;
-//! elsewhere [`separable_stack_reference`], the unfused ops, runs.
+//! stays in cache: it is a per-sample program of one step (`kernels::cell_eval`, which runs
+//! whole cells the same way), with the batch norm folded into the pointwise weights as
+//! `conv1x1_affine` does. It records no backward, so it runs only where no gradient is
+//! needed (inside `nas_ops::no_grad`, or no input tracks one) on the CPU, with at least one
+//! sample per thread; elsewhere [`separable_stack_reference`], the unfused ops, runs.
 
-use candle_core::{bail, DType, Device, Result, Storage, Tensor, WithDType};
-use rayon::prelude::*;
+use candle_core::{Device, Result, Tensor};
 
-use super::conv1x1::{conv1x1_affine, gemm_rows, shift_rows};
-use super::depthwise::{depthwise_conv2d, depthwise_conv2d_relu, DepthwiseGeometry};
-use super::simd::{Float, Isa};
-use super::{output_buffer, window, Padding2d};
+use super::cell_eval::{Affine1x1, Half, Program, Step};
+use super::conv1x1::conv1x1_affine;
+use super::depthwise::{depthwise_conv2d, depthwise_conv2d_relu};
+use super::Padding2d;
 
 const NAME: &str = "separable-stack";
 
@@ -53,25 +52,32 @@ pub struct SeparableHalf {
 pub fn separable_stack(xs: &Tensor, halves: &[SeparableHalf]) -> Result<Tensor> {
     let tensors = halves.iter().flat_map(|h| [&h.depthwise, &h.pointwise, &h.scale, &h.shift]);
     let tracked = crate::grad_enabled() && std::iter::once(xs).chain(tensors).any(Tensor::track_op);
-    if halves.is_empty() || !matches!(xs.device(), Device::Cpu) || tracked {
+    let (n, c, mut h, mut w) = xs.dims4()?;
+    if halves.is_empty() || !matches!(xs.device(), Device::Cpu) || tracked || n < rayon::current_num_threads() {
         return separable_stack_reference(xs, halves);
     }
-    let (n, c, h, w) = xs.dims4()?;
-    let plans = plan(xs.dtype(), (c, h, w), halves)?;
-    let xs = xs.contiguous()?;
-    let (storage, layout) = xs.storage_and_layout();
-    let Storage::Cpu(storage) = &*storage else { bail!("{NAME}: expected a tensor on the CPU") };
-    let last = plans.last().expect("at least one half");
-    let shape = (n, last.c_out, last.geom.ho, last.geom.wo);
-    match xs.dtype() {
-        DType::F32 => {
-            Tensor::from_vec(run::<f32>(&storage.as_slice()?[layout.start_offset()..], n, &plans)?, shape, &Device::Cpu)
-        }
-        DType::F64 => {
-            Tensor::from_vec(run::<f64>(&storage.as_slice()?[layout.start_offset()..], n, &plans)?, shape, &Device::Cpu)
-        }
-        dtype => bail!("{NAME}: unsupported dtype {dtype:?}, expected f32 or f64"),
+    let mut program_halves = Vec::with_capacity(halves.len());
+    for half in halves {
+        let stride = half.stride.max(1);
+        (h, w) = (h.div_ceil(stride), w.div_ceil(stride));
+        program_halves.push(Half {
+            depthwise: half.depthwise.clone(),
+            stride: half.stride,
+            dilation: half.dilation,
+            pointwise: Affine1x1 {
+                weight: half.pointwise.clone(),
+                scale: half.scale.clone(),
+                shift: half.shift.clone(),
+            },
+            relu_in: half.relu_in,
+            relu_out: half.relu_out,
+        });
     }
+    let c_out = halves[halves.len() - 1].pointwise.dims().first().copied().unwrap_or(0);
+    let mut program = Program::new((c, xs.dim(2)?, xs.dim(3)?), None, (c_out, h, w));
+    let (src, dst) = (program.x(), program.out());
+    program.push(Step::Separable { src, halves: program_halves, dst, add: false });
+    program.run(xs, None).map_err(|e| candle_core::Error::Msg(format!("{NAME}: {e}")))
 }
 
 /// Reference for [`separable_stack`]: each half as the unfused ops (`depthwise_conv2d`,
@@ -90,119 +96,11 @@ pub fn separable_stack_reference(xs: &Tensor, halves: &[SeparableHalf]) -> Resul
     Ok(xs)
 }
 
-/// One half, checked and laid out for the CPU kernels (weights in the input's dtype).
-struct Plan {
-    geom: DepthwiseGeometry,
-    c_in: usize,
-    c_out: usize,
-    relu_in: bool,
-    relu_out: bool,
-    depthwise: Tensor,
-    /// `(c_out, c_in)`: the pointwise weight with each row scaled by the batch norm.
-    folded: Tensor,
-    shift: Tensor,
-}
-
-fn plan(dtype: DType, (mut c, mut h, mut w): (usize, usize, usize), halves: &[SeparableHalf]) -> Result<Vec<Plan>> {
-    halves
-        .iter()
-        .enumerate()
-        .map(|(i, half)| {
-            let k = half.depthwise.dims();
-            let (kh, kw) = (k.get(2).copied().unwrap_or(0), k.get(3).copied().unwrap_or(0));
-            let pad = Padding2d::same(h, w, kh.max(1), kw.max(1), half.stride.max(1), half.dilation.max(1));
-            let geom = DepthwiseGeometry::new(NAME, &[1, c, h, w], k, half.stride, half.dilation, pad)
-                .map_err(|e| candle_core::Error::Msg(format!("half {i}: {e}")))?;
-            let &[c_out, c_in, 1, 1] = half.pointwise.dims() else {
-                bail!(
-                    "{NAME}: half {i}: expected a pointwise weight of shape (c_out, {c}, 1, 1), got {:?}",
-                    half.pointwise.dims()
-                )
-            };
-            if c_in != c {
-                bail!(
-                    "{NAME}: half {i}: expected a pointwise weight of shape (c_out, {c}, 1, 1), got {:?}",
-                    half.pointwise.dims()
-                )
-            }
-            for (what, t) in [("scale", &half.scale), ("shift", &half.shift)] {
-                if t.dims() != [c_out] {
-                    bail!("{NAME}: half {i}: expected a {what} of shape ({c_out}), got {:?}", t.dims())
-                }
-            }
-            let weights = [
-                ("depthwise", &half.depthwise),
-                ("pointwise", &half.pointwise),
-                ("scale", &half.scale),
-                ("shift", &half.shift),
-            ];
-            for (what, t) in weights {
-                if t.dtype() != dtype {
-                    bail!("{NAME}: half {i}: the {what} weight is {:?}, the input {dtype:?}", t.dtype())
-                }
-            }
-            let folded = half.pointwise.reshape((c_out, c_in))?.broadcast_mul(&half.scale.reshape((c_out, 1))?)?;
-            let plan = Plan {
-                c_in,
-                c_out,
-                relu_in: half.relu_in,
-                relu_out: half.relu_out,
-                depthwise: half.depthwise.contiguous()?,
-                folded: folded.contiguous()?,
-                shift: half.shift.contiguous()?,
-                geom,
-            };
-            (c, h, w) = (c_out, plan.geom.ho, plan.geom.wo);
-            Ok(plan)
-        })
-        .collect()
-}
-
-fn values<T: WithDType>(t: &Tensor) -> Result<Vec<T>> {
-    t.flatten_all()?.to_vec1::<T>()
-}
-
-/// Every sample through every half, in parallel over samples.
-fn run<T: Float>(xs: &[T], n: usize, plans: &[Plan]) -> Result<Vec<T>> {
-    struct Weights<T> {
-        depthwise: Vec<T>,
-        folded: Vec<T>,
-        shift: Vec<T>,
-    }
-    let weights = plans
-        .iter()
-        .map(|p| Ok(Weights { depthwise: values(&p.depthwise)?, folded: values(&p.folded)?, shift: values(&p.shift)? }))
-        .collect::<Result<Vec<_>>>()?;
-    let first = &plans[0].geom;
-    let last = plans.last().expect("at least one half");
-    let (per_in, per_out) = (first.c * first.h * first.w, last.c_out * last.geom.ho * last.geom.wo);
-    if n * per_out == 0 || per_in == 0 {
-        return Ok(vec![T::zero(); n * per_out]);
-    }
-    let isa = Isa::detect();
-    // SAFETY: each sample's block is written in full by its last gemm (`accumulate` false).
-    let mut out = unsafe { output_buffer::<T>(n * per_out) };
-    out.par_chunks_mut(per_out).zip(xs[..n * per_in].par_chunks(per_in)).for_each(|(out, xs)| {
-        let mut held: Vec<T> = Vec::new();
-        for (i, (plan, wts)) in plans.iter().zip(&weights).enumerate() {
-            let input: &[T] = if i == 0 { xs } else { &held };
-            let ys = window::forward(isa, &plan.geom, input, &wts.depthwise, plan.relu_in);
-            let hw = plan.geom.ho * plan.geom.wo;
-            let mut next =
-                if i + 1 == plans.len() { Vec::new() } else { unsafe { output_buffer::<T>(plan.c_out * hw) } };
-            let dst: &mut [T] = if i + 1 == plans.len() { &mut *out } else { &mut next };
-            gemm_rows(dst, &wts.folded, &ys, (plan.c_out, hw, plan.c_in));
-            shift_rows(dst, hw, &wts.shift, plan.relu_out);
-            held = next;
-        }
-    });
-    Ok(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::kernels::testutil::*;
+    use candle_core::DType;
 
     fn half(
         rng: &mut TestRng,

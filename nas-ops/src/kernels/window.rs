@@ -495,18 +495,34 @@ pub(crate) fn forward<T: Float>(isa: Isa, geom: &DepthwiseGeometry, xs: &[T], we
     out.par_chunks_mut(ho * wo).enumerate().for_each_init(
         || (layout.scratch(T::ZERO), Vec::with_capacity(kh * kw)),
         |(scratch, taps), (plane, out)| {
-            layout.fill(isa, &xs[plane * h * w..(plane + 1) * h * w], relu, scratch);
             let k = &weight[(plane % c) * kh * kw..(plane % c + 1) * kh * kw];
             taps.clear();
             taps.extend(layout.offsets.iter().copied().zip(k.iter().copied()));
-            if row_blocked {
-                correlate_rows(isa, scratch, k, taps, &layout.grid, out);
-            } else {
-                correlate(isa, scratch, taps, &layout.grid, out);
-            }
+            let xs = &xs[plane * h * w..(plane + 1) * h * w];
+            depthwise_plane(isa, &layout, row_blocked, (xs, relu), (k, taps), scratch, out);
         },
     );
     out
+}
+
+/// One plane of the depthwise forward: `xs` (through a ReLU with `relu`) into `scratch`
+/// (a `layout.scratch`), then correlated with the channel's kernel `k` (`taps` its
+/// `(offset, weight)` pairs) into `out`.
+fn depthwise_plane<T: Float>(
+    isa: Isa,
+    layout: &InputLayout,
+    row_blocked: bool,
+    (xs, relu): (&[T], bool),
+    (k, taps): (&[T], &[(usize, T)]),
+    scratch: &mut [T],
+    out: &mut [T],
+) {
+    layout.fill(isa, xs, relu, scratch);
+    if row_blocked {
+        correlate_rows(isa, scratch, k, taps, &layout.grid, out);
+    } else {
+        correlate(isa, scratch, taps, &layout.grid, out);
+    }
 }
 
 /// Output widths up to this take [`forward_channels`] (measured against the row path:
@@ -656,6 +672,23 @@ impl ChannelLayout {
             }
         }
     }
+
+    /// The depthwise forward of one sample `(c, h, w)` (through a ReLU with `relu`) into
+    /// `out` `(c, ho, wo)`, with `wt` from [`weight`](Self::weight) and the buffers from
+    /// [`input_buffer`](Self::input_buffer) (its padding zero) and
+    /// [`output_buffer`](Self::output_buffer).
+    fn forward<T: Float>(
+        &self,
+        isa: Isa,
+        (xs, relu): (&[T], bool),
+        wt: &[T],
+        (xin, yout): (&mut [T], &mut [T]),
+        out: &mut [T],
+    ) {
+        self.fill_input(xs, relu, xin);
+        channel_correlate(isa, xin, wt, &self.g, yout);
+        self.unfill_output(yout, out);
+    }
 }
 
 /// [`forward`] for narrow outputs (at most `CHANNELS_MAX_WO` columns), vectorised over
@@ -671,11 +704,9 @@ fn forward_channels<T: Float>(isa: Isa, geom: &DepthwiseGeometry, xs: &[T], weig
     // SAFETY: each sample's planes are written in full by `unfill_output`.
     let mut out = unsafe { output_buffer(n * c * ho * wo) };
     let buffers = || (layout.input_buffer(), layout.output_buffer());
-    out.par_chunks_mut(c * ho * wo).zip(xs.par_chunks(c * h * w)).for_each_init(buffers, |(xin, yout), (out, xs)| {
-        layout.fill_input(xs, relu, xin);
-        channel_correlate(isa, xin, &wt, &layout.g, yout);
-        layout.unfill_output(yout, out);
-    });
+    out.par_chunks_mut(c * ho * wo)
+        .zip(xs.par_chunks(c * h * w))
+        .for_each_init(buffers, |(xin, yout), (out, xs)| layout.forward(isa, (xs, relu), &wt, (xin, yout), out));
     out
 }
 
@@ -1045,14 +1076,27 @@ pub(crate) fn avg_pool<T: Float>(isa: Isa, geom: &DepthwiseGeometry, xs: &[T], c
     out.par_chunks_mut(ho * wo).enumerate().for_each_init(
         || layout.scratch(T::ZERO),
         |scratch, (plane, out)| {
-            layout.fill(isa, &xs[plane * h * w..(plane + 1) * h * w], false, scratch);
-            correlate(isa, scratch, &taps, &layout.grid, out);
-            for (v, &count) in out.iter_mut().zip(counts) {
-                *v /= count;
-            }
+            avg_plane(isa, &layout, &taps, counts, &xs[plane * h * w..(plane + 1) * h * w], scratch, out)
         },
     );
     out
+}
+
+/// One plane of [`avg_pool`] (`taps` the kernel's offsets, each weight one).
+fn avg_plane<T: Float>(
+    isa: Isa,
+    layout: &InputLayout,
+    taps: &[(usize, T)],
+    counts: &[T],
+    xs: &[T],
+    scratch: &mut [T],
+    out: &mut [T],
+) {
+    layout.fill(isa, xs, false, scratch);
+    correlate(isa, scratch, taps, &layout.grid, out);
+    for (v, &count) in out.iter_mut().zip(counts) {
+        *v /= count;
+    }
 }
 
 /// The input gradient of [`avg_pool`]: `grad / count` goes to every real element of each
@@ -1074,12 +1118,141 @@ pub(crate) fn max_pool<T: Float>(isa: Isa, geom: &DepthwiseGeometry, xs: &[T]) -
     let layout = InputLayout::new(geom);
     out.par_chunks_mut(ho * wo).enumerate().for_each_init(
         || layout.scratch(T::NEG_INFINITY),
-        |scratch, (plane, out)| {
-            layout.fill(isa, &xs[plane * h * w..(plane + 1) * h * w], false, scratch);
-            window_max(isa, scratch, &layout.offsets, &layout.grid, out);
-        },
+        |scratch, (plane, out)| max_plane(isa, &layout, &xs[plane * h * w..(plane + 1) * h * w], scratch, out),
     );
     out
+}
+
+/// One plane of [`max_pool`] (`scratch` padded with `-inf`).
+fn max_plane<T: Float>(isa: Isa, layout: &InputLayout, xs: &[T], scratch: &mut [T], out: &mut [T]) {
+    layout.fill(isa, xs, false, scratch);
+    window_max(isa, scratch, &layout.offsets, &layout.grid, out);
+}
+
+/// A windowed op prepared to run on one sample at a time, on the calling thread (the
+/// per-sample cell inference of `kernels::cell_eval`): a depthwise forward or a SAME pool,
+/// through the kernels of [`forward`], [`avg_pool`] and [`max_pool`]. Each instance needs
+/// its own [`scratch`](Self::scratch): the padding written there once stays valid for
+/// every sample of its geometry.
+#[derive(Debug)]
+pub(crate) struct SampleWindow<T> {
+    /// Input `(c, h, w)` and output `(c, ho, wo)` of one sample.
+    geom: DepthwiseGeometry,
+    kind: SampleKind<T>,
+}
+
+#[derive(Debug)]
+enum SampleKind<T> {
+    /// Row path: the weight `(c, kh·kw)` and every channel's taps `(offset, weight)`.
+    Depthwise {
+        layout: InputLayout,
+        weight: Vec<T>,
+        taps: Vec<(usize, T)>,
+        row_blocked: bool,
+    },
+    /// Channels-last path (narrow outputs), with the transposed weight.
+    Channels {
+        layout: ChannelLayout,
+        wt: Vec<T>,
+    },
+    Avg {
+        layout: InputLayout,
+        taps: Vec<(usize, T)>,
+        counts: Vec<T>,
+    },
+    Max {
+        layout: InputLayout,
+    },
+}
+
+impl<T: Float> SampleWindow<T> {
+    /// The depthwise forward of `geom` (its `n` ignored) with `weight` `(c, kh·kw)`.
+    pub(crate) fn depthwise(geom: &DepthwiseGeometry, weight: Vec<T>) -> Self {
+        let geom = DepthwiseGeometry { n: 1, ..*geom };
+        let kind = if geom.wo <= CHANNELS_MAX_WO {
+            let layout = ChannelLayout::new(&geom);
+            let wt = layout.weight(&weight);
+            SampleKind::Channels { layout, wt }
+        } else {
+            let layout = InputLayout::new(&geom);
+            let k2 = geom.kh * geom.kw;
+            let taps =
+                weight.chunks_exact(k2).flat_map(|k| layout.offsets.iter().copied().zip(k.iter().copied())).collect();
+            SampleKind::Depthwise { row_blocked: takes_row_blocks(&geom), layout, weight, taps }
+        };
+        SampleWindow { geom, kind }
+    }
+
+    /// SAME average pooling over `geom`'s window, `counts` from `pool::PoolGeom::counts`.
+    pub(crate) fn avg_pool(geom: &DepthwiseGeometry, counts: Vec<T>) -> Self {
+        let geom = DepthwiseGeometry { n: 1, ..*geom };
+        let layout = InputLayout::new(&geom);
+        let taps = layout.offsets.iter().map(|&offset| (offset, T::ONE)).collect();
+        SampleWindow { geom, kind: SampleKind::Avg { layout, taps, counts } }
+    }
+
+    /// SAME max pooling over `geom`'s window.
+    pub(crate) fn max_pool(geom: &DepthwiseGeometry) -> Self {
+        let geom = DepthwiseGeometry { n: 1, ..*geom };
+        SampleWindow { geom, kind: SampleKind::Max { layout: InputLayout::new(&geom) } }
+    }
+
+    /// The working memory of [`run`](Self::run), padding written.
+    pub(crate) fn scratch(&self) -> Vec<T> {
+        match &self.kind {
+            SampleKind::Depthwise { layout, .. } | SampleKind::Avg { layout, .. } => layout.scratch(T::ZERO),
+            SampleKind::Max { layout } => layout.scratch(T::NEG_INFINITY),
+            SampleKind::Channels { layout, .. } => {
+                let mut buffer = layout.input_buffer();
+                buffer.extend(layout.output_buffer::<T>());
+                buffer
+            }
+        }
+    }
+
+    /// Input elements of one sample.
+    pub(crate) fn in_len(&self) -> usize {
+        self.geom.c * self.geom.h * self.geom.w
+    }
+
+    /// Output elements of one sample.
+    pub(crate) fn out_len(&self) -> usize {
+        self.geom.c * self.geom.ho * self.geom.wo
+    }
+
+    /// The op on one sample `xs` `(c, h, w)`, read through a ReLU with `relu` (depthwise
+    /// only), into `out` `(c, ho, wo)`; `scratch` from this instance's
+    /// [`scratch`](Self::scratch).
+    pub(crate) fn run(&self, isa: Isa, xs: &[T], relu: bool, out: &mut [T], scratch: &mut [T]) {
+        let &DepthwiseGeometry { c, h, w, ho, wo, .. } = &self.geom;
+        let (plane, plane_out) = (h * w, ho * wo);
+        assert!(xs.len() == c * plane && out.len() == c * plane_out, "SampleWindow::run: slice lengths");
+        debug_assert!(!relu || matches!(self.kind, SampleKind::Depthwise { .. } | SampleKind::Channels { .. }));
+        let planes = xs.chunks_exact(plane).zip(out.chunks_exact_mut(plane_out));
+        match &self.kind {
+            SampleKind::Depthwise { layout, weight, taps, row_blocked } => {
+                let k2 = self.geom.kh * self.geom.kw;
+                for (ch, (xs, out)) in planes.enumerate() {
+                    let (k, taps) = (&weight[ch * k2..(ch + 1) * k2], &taps[ch * k2..(ch + 1) * k2]);
+                    depthwise_plane(isa, layout, *row_blocked, (xs, relu), (k, taps), scratch, out);
+                }
+            }
+            SampleKind::Channels { layout, wt } => {
+                let (xin, yout) = scratch.split_at_mut(layout.hp * layout.g.wp * layout.g.cp);
+                layout.forward(isa, (xs, relu), wt, (xin, yout), out);
+            }
+            SampleKind::Avg { layout, taps, counts } => {
+                for (xs, out) in planes {
+                    avg_plane(isa, layout, taps, counts, xs, scratch, out);
+                }
+            }
+            SampleKind::Max { layout } => {
+                for (xs, out) in planes {
+                    max_plane(isa, layout, xs, scratch, out);
+                }
+            }
+        }
+    }
 }
 
 /// The offsets of every tap of a dense kernel `(c_in, kh, kw)` in a scratch holding the

@@ -1,0 +1,633 @@
+//! Inference of a whole cell one sample at a time, on the CPU.
+//!
+//! Run op by op over the batch, every state of a cell is written to memory by one op and
+//! read back by the ops that take it (NASNet-A Mobile's 28×28 stage: 4.4 MB per state at
+//! batch 32, twice the 2 MiB L2 of a core), and the cell's output is assembled by one more
+//! pass, the concatenation. A [`Program`] runs every step of a cell on one sample on one
+//! thread, in parallel over the samples: a sample's states stay in that core's cache, and
+//! each part of the concatenation is written in place, in its channel range of the output.
+//!
+//! A program is a list of [`Step`]s over per-sample values ([`Val`]: where a value lives,
+//! its first channel there, its shape). Each step writes its destination or adds to it. The
+//! 1×1 convs carry their eval batch norm as `(scale, shift)`, folded into the weight rows
+//! when the program is run, as `conv1x1::conv1x1_affine` does; the depthwise convs and
+//! pools are `window::SampleWindow`s and the 1×1 convs `conv1x1::gemm_rows`, the kernels
+//! of the batch-wide ops. No step records a backward: `cell::CellModule` runs a program
+//! only in inference without gradients, and `separable::separable_stack` (a program of
+//! one step) likewise.
+
+use candle_core::{bail, DType, Device, Result, Storage, Tensor, WithDType};
+use rayon::prelude::*;
+
+use super::conv1x1::{gemm_rows, relu, shift_rows};
+use super::depthwise::DepthwiseGeometry;
+use super::pool::same_sample_window;
+use super::simd::{Float, Isa};
+use super::window::SampleWindow;
+use super::{output_buffer, Padding2d};
+
+const NAME: &str = "cell-eval";
+
+/// Where a per-sample value lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Loc {
+    /// The sample of the program's first input.
+    X,
+    /// The sample of the program's second input.
+    Prev,
+    /// The sample's output.
+    Out,
+    /// A per-thread buffer of the program ([`Program::tmp`]).
+    Tmp(usize),
+}
+
+/// A `(c, h, w)` value of one sample: channels `channel..channel + c` of the buffer at
+/// `loc`, whose planes are `h × w`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Val {
+    pub(crate) loc: Loc,
+    pub(crate) channel: usize,
+    pub(crate) c: usize,
+    pub(crate) h: usize,
+    pub(crate) w: usize,
+}
+
+impl Val {
+    /// The whole of a `(c, h, w)` buffer at `loc`.
+    pub(crate) fn at(loc: Loc, (c, h, w): (usize, usize, usize)) -> Val {
+        Val { loc, channel: 0, c, h, w }
+    }
+
+    /// Channels `channel..channel + c` of this value.
+    pub(crate) fn channels(self, channel: usize, c: usize) -> Val {
+        assert!(channel + c <= self.c, "{NAME}: channels {channel}..{} of a {}-channel value", channel + c, self.c);
+        Val { channel: self.channel + channel, c, ..self }
+    }
+
+    fn shape(&self) -> (usize, usize, usize) {
+        (self.c, self.h, self.w)
+    }
+
+    fn range(&self) -> std::ops::Range<usize> {
+        let plane = self.h * self.w;
+        self.channel * plane..(self.channel + self.c) * plane
+    }
+}
+
+/// A 1×1 conv followed by an eval batch norm: `scale · (weight · x) + shift` per output
+/// channel.
+#[derive(Debug, Clone)]
+pub(crate) struct Affine1x1 {
+    /// `(c_out, c_in, 1, 1)` or `(c_out, c_in)`.
+    pub(crate) weight: Tensor,
+    /// `(c_out)`.
+    pub(crate) scale: Tensor,
+    /// `(c_out)`.
+    pub(crate) shift: Tensor,
+}
+
+/// One half of a separable conv: ReLU (with `relu_in`) → depthwise `(c, 1, k, k)` (SAME,
+/// `stride`, `dilation`) → `pointwise` → ReLU (with `relu_out`).
+#[derive(Debug, Clone)]
+pub(crate) struct Half {
+    pub(crate) depthwise: Tensor,
+    pub(crate) stride: usize,
+    pub(crate) dilation: usize,
+    pub(crate) pointwise: Affine1x1,
+    pub(crate) relu_in: bool,
+    pub(crate) relu_out: bool,
+}
+
+/// One step of a [`Program`]: it writes `dst` (adds to it with `add`).
+#[derive(Debug, Clone)]
+pub(crate) enum Step {
+    /// `dst = conv(relu?(src))`: a 1×1 conv with its batch norm.
+    Pointwise { src: Val, relu: bool, conv: Affine1x1, dst: Val, add: bool },
+    /// The halves in order; only the last may add.
+    Separable { src: Val, halves: Vec<Half>, dst: Val, add: bool },
+    /// A SAME `kernel × kernel` pooling at `stride`.
+    Pool { src: Val, max: bool, kernel: usize, stride: usize, dst: Val, add: bool },
+    /// `dst = relu?(src[:, offset::2, offset::2])`, zero past the edge (`subsample::subsample2`).
+    Subsample { src: Val, offset: usize, relu: bool, dst: Val },
+    /// `dst = src`.
+    Copy { src: Val, dst: Val, add: bool },
+    /// `dst = dst + dst`.
+    Double { dst: Val },
+}
+
+/// The steps of a cell, with the per-sample shapes of its inputs, its output and its
+/// temporary buffers.
+#[derive(Debug, Clone)]
+pub(crate) struct Program {
+    x: (usize, usize, usize),
+    prev: Option<(usize, usize, usize)>,
+    out: (usize, usize, usize),
+    tmps: Vec<(usize, usize, usize)>,
+    steps: Vec<Step>,
+}
+
+impl Program {
+    /// An empty program from inputs of per-sample shapes `x` and `prev` to an output `out`.
+    pub(crate) fn new(
+        x: (usize, usize, usize),
+        prev: Option<(usize, usize, usize)>,
+        out: (usize, usize, usize),
+    ) -> Program {
+        Program { x, prev, out, tmps: Vec::new(), steps: Vec::new() }
+    }
+
+    /// The first input, whole.
+    pub(crate) fn x(&self) -> Val {
+        Val::at(Loc::X, self.x)
+    }
+
+    /// The second input, whole.
+    pub(crate) fn prev(&self) -> Option<Val> {
+        self.prev.map(|shape| Val::at(Loc::Prev, shape))
+    }
+
+    /// The output, whole.
+    pub(crate) fn out(&self) -> Val {
+        Val::at(Loc::Out, self.out)
+    }
+
+    /// A new temporary buffer of shape `(c, h, w)` per sample.
+    pub(crate) fn tmp(&mut self, shape: (usize, usize, usize)) -> Val {
+        self.tmps.push(shape);
+        Val::at(Loc::Tmp(self.tmps.len() - 1), shape)
+    }
+
+    pub(crate) fn push(&mut self, step: Step) {
+        self.steps.push(step);
+    }
+
+    /// Runs the program on every sample of `x` `(n, x…)` and `prev` `(n, prev…)`, in
+    /// parallel over samples.
+    ///
+    /// # Shapes
+    /// - returns: `(n, out…)`
+    pub(crate) fn run(&self, x: &Tensor, prev: Option<&Tensor>) -> Result<Tensor> {
+        let n = x.dim(0)?;
+        let dims = |shape: (usize, usize, usize)| [n, shape.0, shape.1, shape.2];
+        check_input("x", x, &dims(self.x), x.dtype())?;
+        match (prev, self.prev) {
+            (Some(p), Some(shape)) => check_input("prev", p, &dims(shape), x.dtype())?,
+            (None, None) => {}
+            (Some(_), None) => bail!("{NAME}: a previous input was given to a program without one"),
+            (None, Some(_)) => bail!("{NAME}: the program reads a previous input, but none was given"),
+        }
+        let x = x.contiguous()?;
+        let prev = prev.map(Tensor::contiguous).transpose()?;
+        let (xs, xl) = x.storage_and_layout();
+        let prev_storage = prev.as_ref().map(|p| p.storage_and_layout());
+        let Storage::Cpu(xs) = &*xs else { bail!("{NAME}: expected tensors on the CPU") };
+        let prev_cpu = match &prev_storage {
+            Some((s, l)) => match &**s {
+                Storage::Cpu(s) => Some((s, l.start_offset())),
+                _ => bail!("{NAME}: expected tensors on the CPU"),
+            },
+            None => None,
+        };
+        let out_dims = dims(self.out);
+        macro_rules! typed {
+            ($t:ty) => {{
+                let x = &xs.as_slice::<$t>()?[xl.start_offset()..];
+                let prev = match prev_cpu {
+                    Some((s, start)) => Some(&s.as_slice::<$t>()?[start..]),
+                    None => None,
+                };
+                let out = self.compile::<$t>()?.run(x, prev, n);
+                Tensor::from_vec(out, out_dims.to_vec(), &Device::Cpu)
+            }};
+        }
+        match x.dtype() {
+            DType::F32 => typed!(f32),
+            DType::F64 => typed!(f64),
+            dtype => bail!("{NAME}: unsupported dtype {dtype:?}, expected f32 or f64"),
+        }
+    }
+
+    /// The steps with their weights in `T`, checked against the values they read and
+    /// write.
+    fn compile<T: Float>(&self) -> Result<Compiled<T>> {
+        let mut scratches = 0;
+        let mut window = |w: SampleWindow<T>| {
+            scratches += 1;
+            (w, scratches - 1)
+        };
+        let mut mid = 0;
+        let steps = self
+            .steps
+            .iter()
+            .enumerate()
+            .map(|(i, step)| {
+                let at = |e: candle_core::Error| candle_core::Error::Msg(format!("{NAME}: step {i}: {e}"));
+                let exec = match *step {
+                    Step::Pointwise { src, relu, ref conv, dst, add } => {
+                        self.check_pair(src, dst, (src.c, dst.c), 1).map_err(at)?;
+                        if relu {
+                            mid = mid.max(src.c * src.h * src.w);
+                        }
+                        Exec::Pointwise { src, relu, conv: fold(conv, src.c, dst.c).map_err(at)?, dst, add }
+                    }
+                    Step::Separable { src, ref halves, dst, add } => {
+                        self.check_vals(src, dst).map_err(at)?;
+                        let mut shape = src.shape();
+                        let mut compiled = Vec::with_capacity(halves.len());
+                        for (j, half) in halves.iter().enumerate() {
+                            let at = |e: candle_core::Error| at(candle_core::Error::Msg(format!("half {j}: {e}")));
+                            let (c, h, w) = shape;
+                            let k = half.depthwise.dims();
+                            let (kh, kw) = (k.get(2).copied().unwrap_or(1), k.get(3).copied().unwrap_or(1));
+                            let pad = Padding2d::same(h, w, kh, kw, half.stride.max(1), half.dilation.max(1));
+                            let geom = DepthwiseGeometry::new(NAME, &[1, c, h, w], k, half.stride, half.dilation, pad)
+                                .map_err(at)?;
+                            check_dtype("depthwise", &half.depthwise, T::DTYPE).map_err(at)?;
+                            let c_out = half.pointwise.weight.dims().first().copied().unwrap_or(0);
+                            let conv = fold(&half.pointwise, c, c_out).map_err(at)?;
+                            if add && half.relu_out && j + 1 == halves.len() {
+                                return Err(at(candle_core::Error::Msg(
+                                    "a half that adds to its destination cannot end in a ReLU".into(),
+                                )));
+                            }
+                            let (depthwise, scratch) = window(SampleWindow::depthwise(&geom, values(&half.depthwise)?));
+                            mid = mid.max(depthwise.out_len()).max(c_out * geom.ho * geom.wo);
+                            compiled.push(ExecHalf {
+                                depthwise,
+                                scratch,
+                                relu_in: half.relu_in,
+                                conv,
+                                relu_out: half.relu_out,
+                            });
+                            shape = (c_out, geom.ho, geom.wo);
+                        }
+                        if halves.is_empty() || shape != dst.shape() {
+                            bail!(
+                                "{NAME}: step {i}: the halves make {shape:?} from {:?}, the destination is {:?}",
+                                src.shape(),
+                                dst.shape()
+                            )
+                        }
+                        Exec::Separable { src, halves: compiled, dst, add }
+                    }
+                    Step::Pool { src, max, kernel, stride, dst, add } => {
+                        let pool = same_sample_window::<T>(max, src.shape(), kernel, stride).map_err(at)?;
+                        self.check_pair(src, dst, (src.c, src.c), stride).map_err(at)?;
+                        if add {
+                            mid = mid.max(pool.out_len());
+                        }
+                        let (pool, scratch) = window(pool);
+                        Exec::Window { src, window: Box::new(pool), scratch, dst, add }
+                    }
+                    Step::Subsample { src, offset, relu, dst } => {
+                        if offset > 1 {
+                            bail!("{NAME}: step {i}: subsample offset {offset} is not 0 or 1")
+                        }
+                        self.check_pair(src, dst, (src.c, src.c), 2).map_err(at)?;
+                        Exec::Subsample { src, offset, relu, dst }
+                    }
+                    Step::Copy { src, dst, add } => {
+                        self.check_pair(src, dst, (src.c, src.c), 1).map_err(at)?;
+                        Exec::Copy { src, dst, add }
+                    }
+                    Step::Double { dst } => {
+                        self.check_vals(dst, dst.channels(0, 0)).map_err(at)?;
+                        Exec::Double { dst }
+                    }
+                };
+                Ok(exec)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let tmps = self.tmps.iter().map(|&(c, h, w)| c * h * w).collect();
+        Ok(Compiled { steps, tmps, scratches, mid, x: self.x, prev: self.prev, out: self.out })
+    }
+
+    fn buffer_shape(&self, loc: Loc) -> Option<(usize, usize, usize)> {
+        match loc {
+            Loc::X => Some(self.x),
+            Loc::Prev => self.prev,
+            Loc::Out => Some(self.out),
+            Loc::Tmp(i) => self.tmps.get(i).copied(),
+        }
+    }
+
+    /// `val` lies inside its buffer.
+    fn check_val(&self, val: Val) -> Result<()> {
+        match self.buffer_shape(val.loc) {
+            Some((c, h, w)) if (h, w) == (val.h, val.w) && val.channel + val.c <= c => Ok(()),
+            Some(shape) => bail!("{val:?} does not lie inside its buffer of shape {shape:?}"),
+            None => bail!("{val:?}: no such buffer"),
+        }
+    }
+
+    /// `src` and `dst` lie in their buffers, `dst` is writable and the two do not overlap.
+    fn check_vals(&self, src: Val, dst: Val) -> Result<()> {
+        self.check_val(src)?;
+        self.check_val(dst)?;
+        if !matches!(dst.loc, Loc::Out | Loc::Tmp(_)) {
+            bail!("cannot write an input")
+        }
+        let (s, d) = (src.range(), dst.range());
+        if src.loc == dst.loc && s.start < d.end && d.start < s.end {
+            bail!("{src:?} and {dst:?} overlap")
+        }
+        Ok(())
+    }
+
+    /// [`check_vals`](Self::check_vals), and `src` is `(c_in, h, w)` and `dst`
+    /// `(c_out, ceil(h / stride), ceil(w / stride))`.
+    fn check_pair(&self, src: Val, dst: Val, (c_in, c_out): (usize, usize), stride: usize) -> Result<()> {
+        self.check_vals(src, dst)?;
+        let expected = (c_out, src.h.div_ceil(stride), src.w.div_ceil(stride));
+        if src.c != c_in || dst.shape() != expected {
+            bail!("reads {:?} and writes {:?}; expected ({c_in}, …) to {expected:?}", src.shape(), dst.shape())
+        }
+        Ok(())
+    }
+}
+
+fn check_input(what: &str, t: &Tensor, dims: &[usize], dtype: DType) -> Result<()> {
+    if t.dims() != dims {
+        bail!("{NAME}: expected {what} of shape {dims:?}, got {:?}", t.dims())
+    }
+    if t.dtype() != dtype {
+        bail!("{NAME}: {what} is {:?}, the first input {dtype:?}", t.dtype())
+    }
+    if !t.device().is_cpu() {
+        bail!("{NAME}: expected {what} on the CPU")
+    }
+    Ok(())
+}
+
+fn check_dtype(what: &str, t: &Tensor, dtype: DType) -> Result<()> {
+    if t.dtype() != dtype {
+        bail!("the {what} weight is {:?}, the input {dtype:?}", t.dtype())
+    }
+    Ok(())
+}
+
+fn values<T: WithDType>(t: &Tensor) -> Result<Vec<T>> {
+    t.flatten_all()?.to_vec1::<T>()
+}
+
+/// The weight `(c_out, c_in)` with each row scaled, and the shift.
+fn fold<T: Float>(conv: &Affine1x1, c_in: usize, c_out: usize) -> Result<Folded<T>> {
+    let dims = conv.weight.dims();
+    if dims.len() < 2 || dims[..2] != [c_out, c_in] || dims[2..].iter().any(|&d| d != 1) {
+        bail!("expected a 1×1 weight of shape ({c_out}, {c_in}, 1, 1), got {dims:?}")
+    }
+    for (what, t) in [("scale", &conv.scale), ("shift", &conv.shift)] {
+        if t.dims() != [c_out] {
+            bail!("expected a {what} of shape ({c_out}), got {:?}", t.dims())
+        }
+    }
+    for (what, t) in [("pointwise", &conv.weight), ("scale", &conv.scale), ("shift", &conv.shift)] {
+        check_dtype(what, t, T::DTYPE)?;
+    }
+    let weight = conv.weight.reshape((c_out, c_in))?.broadcast_mul(&conv.scale.reshape((c_out, 1))?)?;
+    Ok(Folded { weight: values(&weight)?, shift: values(&conv.shift)?, c_in, c_out })
+}
+
+#[derive(Debug)]
+struct Folded<T> {
+    /// `(c_out, c_in)`, each row scaled.
+    weight: Vec<T>,
+    shift: Vec<T>,
+    c_in: usize,
+    c_out: usize,
+}
+
+impl<T: Float> Folded<T> {
+    /// `dst (+)= weight · src + shift`, then the ReLU with `relu` (never with `add`).
+    fn apply(&self, src: &[T], dst: &mut [T], add: bool, relu: bool) {
+        let hw = dst.len() / self.c_out;
+        gemm_rows(dst, &self.weight, src, (self.c_out, hw, self.c_in), add);
+        shift_rows(dst, hw, &self.shift, relu);
+    }
+}
+
+#[derive(Debug)]
+struct ExecHalf<T> {
+    depthwise: SampleWindow<T>,
+    scratch: usize,
+    relu_in: bool,
+    conv: Folded<T>,
+    relu_out: bool,
+}
+
+#[derive(Debug)]
+enum Exec<T> {
+    Pointwise { src: Val, relu: bool, conv: Folded<T>, dst: Val, add: bool },
+    Separable { src: Val, halves: Vec<ExecHalf<T>>, dst: Val, add: bool },
+    Window { src: Val, window: Box<SampleWindow<T>>, scratch: usize, dst: Val, add: bool },
+    Subsample { src: Val, offset: usize, relu: bool, dst: Val },
+    Copy { src: Val, dst: Val, add: bool },
+    Double { dst: Val },
+}
+
+/// A program with its weights in `T`.
+struct Compiled<T> {
+    steps: Vec<Exec<T>>,
+    /// Elements of each temporary buffer.
+    tmps: Vec<usize>,
+    /// Window scratches (one per `SampleWindow`).
+    scratches: usize,
+    /// Elements of each of the two intermediate buffers.
+    mid: usize,
+    x: (usize, usize, usize),
+    prev: Option<(usize, usize, usize)>,
+    out: (usize, usize, usize),
+}
+
+/// One thread's working memory.
+struct Arena<T> {
+    tmps: Vec<Vec<T>>,
+    scratches: Vec<Vec<T>>,
+    mid: [Vec<T>; 2],
+}
+
+/// The buffers of one sample.
+struct Buffers<'a, T> {
+    x: &'a [T],
+    prev: &'a [T],
+    out: &'a mut [T],
+    tmps: &'a mut [Vec<T>],
+}
+
+impl<T> Buffers<'_, T> {
+    /// `src` to read and `dst` to write (checked by `Program::compile` not to overlap).
+    fn src_dst(&mut self, src: Val, dst: Val) -> (&[T], &mut [T]) {
+        let (s, d) = (src.range(), dst.range());
+        let dst_buffer = |out: &mut [T], tmps: &mut [Vec<T>]| -> *mut [T] {
+            match dst.loc {
+                Loc::Out => &mut out[d.clone()],
+                Loc::Tmp(j) => &mut tmps[j][d.clone()],
+                Loc::X | Loc::Prev => unreachable!("compile checks that inputs are never written"),
+            }
+        };
+        let src_buffer: *const [T] = match src.loc {
+            Loc::X => &self.x[s],
+            Loc::Prev => &self.prev[s],
+            Loc::Out => &self.out[s],
+            Loc::Tmp(i) => &self.tmps[i][s],
+        };
+        let dst_buffer = dst_buffer(self.out, self.tmps);
+        // SAFETY: both point into live buffers borrowed by `self` for the returned
+        // lifetime; `dst` is in `out` or a temporary, never in an input, and when both lie
+        // in one buffer their ranges are disjoint (`Program::check_pair`), so the shared
+        // and the mutable slice never alias.
+        unsafe { (&*src_buffer, &mut *dst_buffer) }
+    }
+
+    fn get_mut(&mut self, val: Val) -> &mut [T] {
+        match val.loc {
+            Loc::Out => &mut self.out[val.range()],
+            Loc::Tmp(j) => &mut self.tmps[j][val.range()],
+            Loc::X | Loc::Prev => unreachable!("compile checks that inputs are never written"),
+        }
+    }
+}
+
+/// `dst = src` or `dst += src`.
+fn put<T: Float>(src: &[T], dst: &mut [T], add: bool) {
+    if add {
+        for (d, &s) in dst.iter_mut().zip(src) {
+            *d += s;
+        }
+    } else {
+        dst.copy_from_slice(src);
+    }
+}
+
+impl<T: Float> Compiled<T> {
+    fn run(&self, x: &[T], prev: Option<&[T]>, n: usize) -> Vec<T> {
+        let size = |(c, h, w): (usize, usize, usize)| c * h * w;
+        let (per_x, per_prev, per_out) = (size(self.x), self.prev.map_or(0, size), size(self.out));
+        if n * per_out == 0 {
+            return vec![T::ZERO; n * per_out];
+        }
+        let isa = Isa::detect();
+        // SAFETY: the steps write every channel of each sample's output (the cell's
+        // concatenation covers them; in debug builds the buffer starts as NaN, so a channel
+        // left unwritten shows in the tests' comparisons).
+        let mut out = unsafe { output_buffer::<T>(n * per_out) };
+        let arena = || Arena {
+            tmps: self.tmps.iter().map(|&len| vec![T::ZERO; len]).collect(),
+            scratches: self.scratch_buffers(),
+            mid: [vec![T::ZERO; self.mid], vec![T::ZERO; self.mid]],
+        };
+        out.par_chunks_mut(per_out).enumerate().for_each_init(arena, |arena, (i, out)| {
+            let prev = prev.map_or(&[][..], |p| &p[i * per_prev..(i + 1) * per_prev]);
+            let Arena { tmps, scratches, mid } = arena;
+            let mut bufs = Buffers { x: &x[i * per_x..(i + 1) * per_x], prev, out, tmps };
+            for step in &self.steps {
+                self.step(isa, step, &mut bufs, scratches, mid);
+            }
+        });
+        out
+    }
+
+    fn scratch_buffers(&self) -> Vec<Vec<T>> {
+        let mut scratches = Vec::with_capacity(self.scratches);
+        for step in &self.steps {
+            match step {
+                Exec::Separable { halves, .. } => scratches.extend(halves.iter().map(|h| h.depthwise.scratch())),
+                Exec::Window { window, .. } => scratches.push(window.scratch()),
+                _ => {}
+            }
+        }
+        scratches
+    }
+
+    fn step(
+        &self,
+        isa: Isa,
+        step: &Exec<T>,
+        bufs: &mut Buffers<'_, T>,
+        scratches: &mut [Vec<T>],
+        mid: &mut [Vec<T>; 2],
+    ) {
+        match step {
+            Exec::Pointwise { src, relu: relu_in, conv, dst, add } => {
+                let (s, d) = bufs.src_dst(*src, *dst);
+                let s = if *relu_in {
+                    let r = &mut mid[0][..s.len()];
+                    for (r, &v) in r.iter_mut().zip(s) {
+                        *r = relu(v);
+                    }
+                    &*r
+                } else {
+                    s
+                };
+                conv.apply(s, d, *add, false);
+            }
+            Exec::Separable { src, halves, dst, add } => {
+                let (s, d) = bufs.src_dst(*src, *dst);
+                let [a, b] = mid;
+                // The input of half `j` is `s` for the first, then `b`; each depthwise
+                // output goes to `a`.
+                for (j, half) in halves.iter().enumerate() {
+                    let ys = &mut a[..half.depthwise.out_len()];
+                    let input: &[T] = if j == 0 { s } else { &b[..half.depthwise.in_len()] };
+                    half.depthwise.run(isa, input, half.relu_in, ys, &mut scratches[half.scratch]);
+                    if j + 1 == halves.len() {
+                        half.conv.apply(ys, d, *add, half.relu_out);
+                    } else {
+                        let hw = ys.len() / half.conv.c_in;
+                        half.conv.apply(ys, &mut b[..half.conv.c_out * hw], false, half.relu_out);
+                    }
+                }
+            }
+            Exec::Window { src, window, scratch, dst, add } => {
+                let (s, d) = bufs.src_dst(*src, *dst);
+                if *add {
+                    let pooled = &mut mid[0][..d.len()];
+                    window.run(isa, s, false, pooled, &mut scratches[*scratch]);
+                    put(pooled, d, true);
+                } else {
+                    window.run(isa, s, false, d, &mut scratches[*scratch]);
+                }
+            }
+            Exec::Subsample { src, offset, relu: r, dst } => {
+                let (s, d) = bufs.src_dst(*src, *dst);
+                subsample_sample(s, d, (src.h, src.w), (dst.h, dst.w), *offset, *r);
+            }
+            Exec::Copy { src, dst, add } => {
+                let (s, d) = bufs.src_dst(*src, *dst);
+                put(s, d, *add);
+            }
+            Exec::Double { dst } => {
+                for v in bufs.get_mut(*dst) {
+                    *v = *v + *v;
+                }
+            }
+        }
+    }
+}
+
+/// `dst[ch, i, j] = relu?(src[ch, 2i + offset, 2j + offset])`, zero past the edge.
+fn subsample_sample<T: Float>(
+    src: &[T],
+    dst: &mut [T],
+    (h, w): (usize, usize),
+    (ho, wo): (usize, usize),
+    offset: usize,
+    relu_on: bool,
+) {
+    let act = |v: T| if relu_on { relu(v) } else { v };
+    let real = w.saturating_sub(offset).div_ceil(2).min(wo);
+    for (src, dst) in src.chunks_exact(h * w).zip(dst.chunks_exact_mut(ho * wo)) {
+        for (i, row) in dst.chunks_exact_mut(wo).enumerate() {
+            let r = 2 * i + offset;
+            if r >= h {
+                row.fill(T::ZERO);
+                continue;
+            }
+            let xrow = &src[r * w + offset.min(w)..(r + 1) * w];
+            for (v, &x) in row[..real].iter_mut().zip(xrow.iter().step_by(2)) {
+                *v = act(x);
+            }
+            row[real..].fill(T::ZERO);
+        }
+    }
+}
