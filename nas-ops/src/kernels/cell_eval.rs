@@ -511,10 +511,15 @@ impl<T: Float> Compiled<T> {
         // concatenation covers them; in debug builds the buffer starts as NaN, so a channel
         // left unwritten shows in the tests' comparisons).
         let mut out = unsafe { output_buffer::<T>(n * per_out) };
+        // SAFETY (the temporaries and intermediates): every step writes the part of a
+        // buffer it reads later in full first (a home is written by its block's first op,
+        // an intermediate by the kernel before the next reads it); in debug builds they
+        // start as NaN, so a read before a write shows in the tests' comparisons. The
+        // window scratches hold their padding, written here.
         let arena = || Arena {
-            tmps: self.tmps.iter().map(|&len| vec![T::ZERO; len]).collect(),
+            tmps: self.tmps.iter().map(|&len| unsafe { output_buffer(len) }).collect(),
             scratches: self.scratch_buffers(),
-            mid: [vec![T::ZERO; self.mid], vec![T::ZERO; self.mid]],
+            mid: [unsafe { output_buffer(self.mid) }, unsafe { output_buffer(self.mid) }],
         };
         out.par_chunks_mut(per_out).enumerate().for_each_init(arena, |arena, (i, out)| {
             let prev = prev.map_or(&[][..], |p| &p[i * per_prev..(i + 1) * per_prev]);
