@@ -5,8 +5,9 @@
 //! ([`cell::CellModule`]), the CIFAR and ImageNet networks built from a
 //! (`CellSpec`, `NetworkConfig`) ([`network::NasNet`]), ScheduledDropPath, TF-Slim's
 //! initialisation, inference without gradients ([`no_grad`]), a cell's training on the CPU
-//! as one node of candle's graph (recorded on a crate-private tape) and the custom CPU
-//! kernels ([`kernels`]; CUDA twins come with the `cuda` issue).
+//! as one node of candle's graph (recorded on a crate-private tape), a cell's inference on
+//! the CPU one sample at a time (a per-sample program of `kernels::cell_eval`) and the
+//! custom CPU kernels ([`kernels`]; CUDA twins come with the `cuda` issue).
 //! It does not own the grammar or the wiring (that is `nas-space`: `NetworkPlan` and
 //! `CellLayout` decide every shape and projection) nor training (`nas-train`).
 //!

@@ -636,3 +636,91 @@ fn subsample_sample<T: Float>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::testutil::*;
+
+    fn affine(rng: &mut TestRng, c_in: usize, c_out: usize) -> Affine1x1 {
+        Affine1x1 {
+            weight: rng.tensor(&[c_out, c_in, 1, 1], DType::F32).unwrap(),
+            scale: (rng.tensor(&[c_out], DType::F32).unwrap() + 1.5).unwrap(),
+            shift: rng.tensor(&[c_out], DType::F32).unwrap(),
+        }
+    }
+
+    /// A hand-written program against the same ops on the batch: a 1×1 conv into a
+    /// temporary, a max pool and a strided subsample added into the output's channel
+    /// ranges, a copy of the previous input, and a doubled value.
+    #[test]
+    fn steps_compute_what_the_batch_ops_compute() {
+        use crate::kernels::conv1x1::conv1x1_affine;
+        use crate::kernels::pool::max_pool2d_same;
+        use crate::kernels::subsample::subsample2;
+        let mut rng = TestRng::new(61);
+        let (n, c, h, w) = (3, 4, 7, 6);
+        let x = rng.tensor(&[n, c, h, w], DType::F32).unwrap();
+        let prev = rng.tensor(&[n, 2, 4, 3], DType::F32).unwrap();
+        let conv = affine(&mut rng, c, 2);
+        // Output: [conv(relu x) strided + subsample(prev)... ] laid out as 2 + 2 + 4 channels of 4×3.
+        let mut program = Program::new((c, h, w), Some((2, 4, 3)), (8, 4, 3));
+        let (xv, pv, out) = (program.x(), program.prev().unwrap(), program.out());
+        let full = program.tmp((2, h, w));
+        program.push(Step::Pointwise { src: xv, relu: true, conv: conv.clone(), dst: full, add: false });
+        program.push(Step::Subsample { src: full, offset: 1, relu: false, dst: out.channels(0, 2) });
+        program.push(Step::Copy { src: pv, dst: out.channels(0, 2), add: true });
+        program.push(Step::Copy { src: pv, dst: out.channels(2, 2), add: false });
+        program.push(Step::Double { dst: out.channels(2, 2) });
+        program.push(Step::Pool { src: xv, max: true, kernel: 3, stride: 2, dst: out.channels(4, 4), add: false });
+        let got = crate::no_grad(|| program.run(&x, Some(&prev))).unwrap();
+        let full = conv1x1_affine(&x, &conv.weight, (&conv.scale, &conv.shift), true, false).unwrap();
+        let want = Tensor::cat(
+            &[
+                &(subsample2(&full, 1).unwrap() + &prev).unwrap(),
+                &(&prev + &prev).unwrap(),
+                &max_pool2d_same(&x, 3, 2).unwrap(),
+            ],
+            1,
+        )
+        .unwrap();
+        assert_close(&got, &want, 1e-5, "program");
+    }
+
+    #[test]
+    fn bad_programs_and_inputs_are_named_errors() {
+        let mut rng = TestRng::new(62);
+        let x = rng.tensor(&[2, 4, 5, 5], DType::F32).unwrap();
+        let run = |program: &Program, x: &Tensor| program.run(x, None).unwrap_err().to_string();
+        // A 1×1 weight of the wrong width.
+        let mut program = Program::new((4, 5, 5), None, (3, 5, 5));
+        let (xv, out) = (program.x(), program.out());
+        program.push(Step::Pointwise { src: xv, relu: false, conv: affine(&mut rng, 5, 3), dst: out, add: false });
+        let err = run(&program, &x);
+        assert!(
+            err.contains("cell-eval: step 0") && err.contains("(3, 4, 1, 1)") && err.contains("[3, 5, 1, 1]"),
+            "{err}"
+        );
+        // A destination of the wrong size, an input written to, overlapping ranges.
+        let mut program = Program::new((4, 5, 5), None, (8, 5, 5));
+        let (xv, out) = (program.x(), program.out());
+        program.push(Step::Pool { src: xv, max: false, kernel: 3, stride: 2, dst: out.channels(0, 4), add: false });
+        assert!(run(&program, &x).contains("step 0: reads (4, 5, 5) and writes (4, 5, 5)"), "{}", run(&program, &x));
+        let mut program = Program::new((4, 5, 5), None, (8, 5, 5));
+        let (xv, out) = (program.x(), program.out());
+        program.push(Step::Copy { src: out.channels(0, 4), dst: xv, add: false });
+        assert!(run(&program, &x).contains("cannot write an input"), "{}", run(&program, &x));
+        let mut program = Program::new((4, 5, 5), None, (8, 5, 5));
+        let out = program.out();
+        program.push(Step::Copy { src: out.channels(0, 4), dst: out.channels(2, 4), add: false });
+        assert!(run(&program, &x).contains("overlap"), "{}", run(&program, &x));
+        // Inputs that do not match the program.
+        let program = Program::new((4, 5, 5), Some((4, 5, 5)), (8, 5, 5));
+        let err = program.run(&x, None).unwrap_err().to_string();
+        assert!(err.contains("reads a previous input, but none was given"), "{err}");
+        let err = program.run(&x, Some(&x.narrow(1, 0, 3).unwrap())).unwrap_err().to_string();
+        assert!(err.contains("expected prev of shape [2, 4, 5, 5], got [2, 3, 5, 5]"), "{err}");
+        let err = program.run(&x, Some(&x.to_dtype(DType::F64).unwrap())).unwrap_err().to_string();
+        assert!(err.contains("prev is F64, the first input F32"), "{err}");
+    }
+}
