@@ -146,8 +146,8 @@ impl CellModule {
     ///
     /// Each state has a home: the concatenation's channel range when the state enters it
     /// unprojected, the input itself for an unadjusted state 1, else a temporary buffer.
-    /// An added block's first op writes its home and the second adds to it (an identity
-    /// goes second, so that a copy is never the one that writes).
+    /// An added block's first op writes its home and the second adds to it (a 1×1 conv
+    /// or a separable conv by its gemm accumulating into it).
     pub(crate) fn eval_program(&self, x: &Tensor, prev: Option<&Tensor>) -> Result<Option<Program>> {
         if !self.blocks.iter().all(|b| b.ops.iter().all(CellOp::has_eval_steps)) {
             return Ok(None);
@@ -157,7 +157,7 @@ impl CellModule {
         let prev_shape = prev.map(sample).transpose()?;
         // Every state's shape, then the output's.
         let (_, h, w) = x_shape;
-        let mut shapes = vec![(self.preamble_channels(), h, w)];
+        let mut shapes = vec![(self.preamble.eval_c_out(), h, w)];
         shapes.push(match (&self.adjust, prev_shape) {
             (Adjust::UseX, _) => x_shape,
             (Adjust::Unchanged, Some(p)) => p,
@@ -240,10 +240,8 @@ impl CellModule {
                         program.push(Step::Double { dst });
                         continue;
                     }
-                    let order = if matches!(block.ops[0], CellOp::Identity) { [1, 0] } else { [0, 1] };
-                    for (k, i) in order.into_iter().enumerate() {
-                        block.ops[i].eval_steps(&mut program, srcs[i], dst, k == 1)?;
-                    }
+                    block.ops[0].eval_steps(&mut program, srcs[0], dst, false)?;
+                    block.ops[1].eval_steps(&mut program, srcs[1], dst, true)?;
                 }
                 Combine::Concat => {
                     let c0 = block.ops[0].eval_shape(shapes[block.inputs[0]]).0;
@@ -262,10 +260,6 @@ impl CellModule {
             }
         }
         Ok(Some(program))
-    }
-
-    fn preamble_channels(&self) -> usize {
-        self.preamble.eval_c_out()
     }
 
     /// [`forward_t`](Self::forward_t) as candle ops, each a node of candle's graph.

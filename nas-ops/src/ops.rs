@@ -546,7 +546,7 @@ impl FactorizedReduction {
         Ok(())
     }
 
-    /// Output channels and stride.
+    /// The output's shape `(c, h, w)` for an input of shape `(_, h, w)` (one sample).
     pub(crate) fn eval_shape(&self, (_, h, w): (usize, usize, usize)) -> (usize, usize, usize) {
         let c = self.bn_channels();
         match self.path_2 {

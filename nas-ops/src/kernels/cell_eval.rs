@@ -455,28 +455,35 @@ struct Buffers<'a, T> {
 }
 
 impl<T> Buffers<'_, T> {
-    /// `src` to read and `dst` to write (checked by `Program::compile` not to overlap).
+    /// `src` to read and `dst` to write (checked by `Program::compile`: `dst` is never an
+    /// input, and two values in one buffer do not overlap).
     fn src_dst(&mut self, src: Val, dst: Val) -> (&[T], &mut [T]) {
         let (s, d) = (src.range(), dst.range());
-        let dst_buffer = |out: &mut [T], tmps: &mut [Vec<T>]| -> *mut [T] {
-            match dst.loc {
-                Loc::Out => &mut out[d.clone()],
-                Loc::Tmp(j) => &mut tmps[j][d.clone()],
-                Loc::X | Loc::Prev => unreachable!("compile checks that inputs are never written"),
+        let Buffers { x, prev, out, tmps } = self;
+        match (src.loc, dst.loc) {
+            (_, Loc::X | Loc::Prev) => unreachable!("compile checks that inputs are never written"),
+            (Loc::X, _) | (Loc::Prev, _) => {
+                let read = if src.loc == Loc::X { &x[s] } else { &prev[s] };
+                let write = match dst.loc {
+                    Loc::Out => &mut out[d],
+                    Loc::Tmp(j) => &mut tmps[j][d],
+                    Loc::X | Loc::Prev => unreachable!(),
+                };
+                (read, write)
             }
-        };
-        let src_buffer: *const [T] = match src.loc {
-            Loc::X => &self.x[s],
-            Loc::Prev => &self.prev[s],
-            Loc::Out => &self.out[s],
-            Loc::Tmp(i) => &self.tmps[i][s],
-        };
-        let dst_buffer = dst_buffer(self.out, self.tmps);
-        // SAFETY: both point into live buffers borrowed by `self` for the returned
-        // lifetime; `dst` is in `out` or a temporary, never in an input, and when both lie
-        // in one buffer their ranges are disjoint (`Program::check_pair`), so the shared
-        // and the mutable slice never alias.
-        unsafe { (&*src_buffer, &mut *dst_buffer) }
+            (Loc::Out, Loc::Out) => disjoint(out, s, d),
+            (Loc::Out, Loc::Tmp(j)) => (&out[s], &mut tmps[j][d]),
+            (Loc::Tmp(i), Loc::Out) => (&tmps[i][s], &mut out[d]),
+            (Loc::Tmp(i), Loc::Tmp(j)) if i == j => disjoint(&mut tmps[i], s, d),
+            (Loc::Tmp(i), Loc::Tmp(j)) => {
+                let (low, high) = tmps.split_at_mut(i.max(j));
+                if i < j {
+                    (&low[i][s], &mut high[0][d])
+                } else {
+                    (&high[0][s], &mut low[j][d])
+                }
+            }
+        }
     }
 
     fn get_mut(&mut self, val: Val) -> &mut [T] {
@@ -485,6 +492,18 @@ impl<T> Buffers<'_, T> {
             Loc::Tmp(j) => &mut self.tmps[j][val.range()],
             Loc::X | Loc::Prev => unreachable!("compile checks that inputs are never written"),
         }
+    }
+}
+
+/// `buffer[s]` to read and `buffer[d]` to write, two disjoint ranges.
+fn disjoint<T>(buffer: &mut [T], s: std::ops::Range<usize>, d: std::ops::Range<usize>) -> (&[T], &mut [T]) {
+    if s.end <= d.start {
+        let (head, tail) = buffer.split_at_mut(d.start);
+        (&head[s], &mut tail[..d.len()])
+    } else {
+        assert!(d.end <= s.start, "{NAME}: ranges {s:?} and {d:?} overlap");
+        let (head, tail) = buffer.split_at_mut(s.start);
+        (&tail[..s.len()], &mut head[d])
     }
 }
 
