@@ -291,6 +291,7 @@ impl Program {
                         Exec::Copy { src, dst, add }
                     }
                     Step::Double { dst } => {
+                        // `dst` inside its buffer and writable (an empty source overlaps nothing).
                         self.check_vals(dst, dst.channels(0, 0)).map_err(at)?;
                         Exec::Double { dst }
                     }
