@@ -14,7 +14,7 @@
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, ModuleT, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
-use nas_space::network::{CellLayout, PrevAdjust};
+use nas_space::network::{CellLayout, FeatureShape, PrevAdjust};
 use nas_space::{Cell, Combine};
 
 use crate::drop_path::{drop_path_add, scale_examples, DropPath};
@@ -56,6 +56,8 @@ pub struct CellModule {
     /// branches go to `cat_channels` as they are and their sum is never stored alone.
     concat_only: Vec<bool>,
     drop_path: Option<DropPath>,
+    /// Every shape of the cell (the per-sample program takes them from here).
+    layout: CellLayout,
 }
 
 impl CellModule {
@@ -115,7 +117,7 @@ impl CellModule {
                     && concat.iter().any(|(s, p)| *s == state && p.is_none())
             })
             .collect();
-        Ok(CellModule { preamble, adjust, blocks, concat, concat_only, drop_path })
+        Ok(CellModule { preamble, adjust, blocks, concat, concat_only, drop_path, layout: layout.clone() })
     }
 
     /// Runs the cell on the newest input `x` and the previous one `prev`.
@@ -142,7 +144,8 @@ impl CellModule {
     }
 
     /// The cell in inference as a per-sample program (`kernels::cell_eval`), or `None`
-    /// when one of its ops has no per-sample steps (dense convs other than 1×1).
+    /// when one of its ops has no per-sample steps (dense convs other than 1×1) or `x`
+    /// is not the shape its `CellLayout` records.
     ///
     /// Each state has a home: the concatenation's channel range when the state enters it
     /// unprojected, the input itself for an unadjusted state 1, else a temporary buffer.
@@ -155,52 +158,37 @@ impl CellModule {
         let sample = |t: &Tensor| t.dims4().map(|(_, c, h, w)| (c, h, w));
         let x_shape = sample(x)?;
         let prev_shape = prev.map(sample).transpose()?;
-        // Every state's shape, then the output's.
-        let (_, h, w) = x_shape;
-        let mut shapes = vec![(self.preamble.eval_c_out(), h, w)];
-        shapes.push(match (&self.adjust, prev_shape) {
-            (Adjust::UseX, _) => x_shape,
-            (Adjust::Unchanged, Some(p)) => p,
-            (Adjust::Conv(conv), Some((_, hp, wp))) => (conv.eval_c_out(), hp, wp),
-            (Adjust::Reduce(reduce), Some(p)) => reduce.eval_shape(p),
-            (_, None) => candle_core::bail!("this cell was built for a previous input, but none was given"),
-        });
-        for block in &self.blocks {
-            let [a, b] = [0, 1].map(|i| block.ops[i].eval_shape(shapes[block.inputs[i]]));
-            shapes.push(match block.combine {
-                Combine::Add if a == b => a,
-                Combine::Concat if (a.1, a.2) == (b.1, b.2) => (a.0 + b.0, a.1, a.2),
-                _ => candle_core::bail!("block {}: its ops make {a:?} and {b:?}", shapes.len() - 2),
-            });
+        // Every shape is the layout's (`CellLayout::new` decides them); inputs of other
+        // sizes run as candle ops.
+        let layout = &self.layout;
+        let square = |f: FeatureShape| (f.channels, f.size, f.size);
+        if x_shape != square(layout.x) {
+            return Ok(None);
         }
-        let parts: Vec<(usize, usize, usize)> = self
-            .concat
-            .iter()
-            .map(|(state, projection)| projection.as_ref().map_or(shapes[*state], |p| p.eval_shape(shapes[*state])))
-            .collect();
-        let (ho, wo) = (parts[0].1, parts[0].2);
-        if parts.iter().any(|p| (p.1, p.2) != (ho, wo)) {
-            candle_core::bail!("the concatenated states have different sizes: {parts:?}")
-        }
-        let mut program = Program::new(x_shape, prev_shape, (parts.iter().map(|p| p.0).sum(), ho, wo));
-        // Homes.
-        let mut offsets = Vec::with_capacity(parts.len());
-        let mut channel = 0;
-        for part in &parts {
-            offsets.push(channel);
-            channel += part.0;
-        }
+        let shapes: Vec<(usize, usize, usize)> = layout.states.iter().copied().map(square).collect();
+        let mut program = Program::new(x_shape, prev_shape, square(layout.output));
         let out = program.out();
+        // Each concatenated part's place in the output.
+        let mut parts = Vec::with_capacity(layout.concat.len());
+        let mut channel = 0;
+        for entry in &layout.concat {
+            parts.push(out.channels(channel, entry.output.channels));
+            channel += entry.output.channels;
+        }
+        // Homes.
+        let input1 = match self.adjust {
+            Adjust::UseX => Some(program.x()),
+            Adjust::Unchanged => program.prev(),
+            Adjust::Conv(_) | Adjust::Reduce(_) => None,
+        };
         let mut homes: Vec<Option<Val>> = vec![None; shapes.len()];
-        for ((state, projection), (&offset, part)) in self.concat.iter().zip(offsets.iter().zip(&parts)) {
+        for ((state, projection), &part) in self.concat.iter().zip(&parts) {
             if projection.is_none() && homes[*state].is_none() {
-                homes[*state] = Some(out.channels(offset, part.0));
+                homes[*state] = Some(part);
             }
         }
-        match (&self.adjust, prev_shape) {
-            (Adjust::UseX, _) if homes[1].is_none() => homes[1] = Some(program.x()),
-            (Adjust::Unchanged, Some(_)) if homes[1].is_none() => homes[1] = program.prev(),
-            _ => {}
+        if homes[1].is_none() {
+            homes[1] = input1;
         }
         for (home, &shape) in homes.iter_mut().zip(&shapes) {
             if home.is_none() {
@@ -211,20 +199,16 @@ impl CellModule {
         // State 0 and 1.
         let x_val = program.x();
         self.preamble.eval_steps(&mut program, x_val, homes[0], false)?;
-        let source = match self.adjust {
-            Adjust::UseX => Some(program.x()),
-            Adjust::Unchanged => program.prev(),
-            _ => None,
-        };
-        match (&self.adjust, program.prev()) {
-            (Adjust::Conv(conv), Some(p)) => conv.eval_steps(&mut program, p, homes[1], false)?,
-            (Adjust::Reduce(reduce), Some(p)) => reduce.eval_steps(&mut program, p, homes[1], true)?,
-            _ => {}
-        }
-        if let Some(source) = source {
-            if source != homes[1] {
-                program.push(Step::Copy { src: source, dst: homes[1], add: false });
+        match (&self.adjust, program.prev(), input1) {
+            (Adjust::Conv(conv), Some(p), _) => conv.eval_steps(&mut program, p, homes[1], false)?,
+            (Adjust::Reduce(reduce), Some(p), _) => reduce.eval_steps(&mut program, p, homes[1], true)?,
+            (_, _, Some(input1)) if input1 != homes[1] => {
+                program.push(Step::Copy { src: input1, dst: homes[1], add: false })
             }
+            (Adjust::Conv(_) | Adjust::Reduce(_), None, _) => {
+                candle_core::bail!("this cell was built for a previous input, but none was given")
+            }
+            _ => {}
         }
         // The blocks.
         for (b, block) in self.blocks.iter().enumerate() {
@@ -244,15 +228,15 @@ impl CellModule {
                     block.ops[1].eval_steps(&mut program, srcs[1], dst, true)?;
                 }
                 Combine::Concat => {
-                    let c0 = block.ops[0].eval_shape(shapes[block.inputs[0]]).0;
-                    block.ops[0].eval_steps(&mut program, srcs[0], dst.channels(0, c0), false)?;
-                    block.ops[1].eval_steps(&mut program, srcs[1], dst.channels(c0, dst.c - c0), false)?;
+                    // Every op makes F channels (state 0's width).
+                    let f = shapes[0].0;
+                    block.ops[0].eval_steps(&mut program, srcs[0], dst.channels(0, f), false)?;
+                    block.ops[1].eval_steps(&mut program, srcs[1], dst.channels(f, dst.c - f), false)?;
                 }
             }
         }
         // The concatenation's parts that are not already in place.
-        for ((state, projection), (&offset, part)) in self.concat.iter().zip(offsets.iter().zip(&parts)) {
-            let dst = out.channels(offset, part.0);
+        for ((state, projection), &dst) in self.concat.iter().zip(&parts) {
             match projection {
                 Some(p) => p.eval_steps(&mut program, homes[*state], dst, false)?,
                 None if homes[*state] != dst => program.push(Step::Copy { src: homes[*state], dst, add: false }),

@@ -499,11 +499,6 @@ impl ActConvBn {
         program.push(Step::Pointwise { src, relu: self.relu, conv, dst, add });
         Ok(())
     }
-
-    /// Output channels.
-    pub(crate) fn eval_c_out(&self) -> usize {
-        self.conv.weight().dims()[0]
-    }
 }
 
 impl SepConv {
@@ -545,26 +540,9 @@ impl FactorizedReduction {
         }
         Ok(())
     }
-
-    /// The output's shape `(c, h, w)` for an input of shape `(_, h, w)` (one sample).
-    pub(crate) fn eval_shape(&self, (_, h, w): (usize, usize, usize)) -> (usize, usize, usize) {
-        let c = self.bn_channels();
-        match self.path_2 {
-            Some(_) => (c, h.div_ceil(2), w.div_ceil(2)),
-            None => (c, h, w),
-        }
-    }
-
-    fn bn_channels(&self) -> usize {
-        self.path_1.weight().dims()[0] + self.path_2.as_ref().map_or(0, |p| p.weight().dims()[0])
-    }
 }
 
 impl ConvChain {
-    fn stride(&self) -> usize {
-        self.convs[0].stride()
-    }
-
     /// The stride of a chain that is one 1×1 conv.
     fn pointwise_stride(&self) -> Option<usize> {
         match &self.convs[..] {
@@ -575,22 +553,6 @@ impl ConvChain {
 }
 
 impl CellOp {
-    /// The op's output shape `(c, h, w)` for an input of shape `input` (one sample).
-    pub(crate) fn eval_shape(&self, input: (usize, usize, usize)) -> (usize, usize, usize) {
-        let (c, h, w) = input;
-        let strided = |c: usize, s: usize| (c, h.div_ceil(s), w.div_ceil(s));
-        match self {
-            CellOp::Identity => input,
-            CellOp::IdentityProjection { projection, stride } => strided(projection.eval_c_out(), *stride),
-            CellOp::SepConv(op) => {
-                let (_, stride, _) = op.separable_1.depthwise.parts();
-                strided(op.separable_2.pointwise.weight().dims()[0], stride)
-            }
-            CellOp::Conv(op) => strided(op.convs[op.convs.len() - 1].weight().dims()[0], op.stride()),
-            CellOp::Pool(op) => strided(op.projection.as_ref().map_or(c, ActConvBn::eval_c_out), op.stride),
-        }
-    }
-
     /// Whether [`eval_steps`](Self::eval_steps) has steps for this op.
     pub(crate) fn has_eval_steps(&self) -> bool {
         match self {
@@ -628,7 +590,7 @@ impl CellOp {
                 let (scale, shift) = op.bn.eval_affine()?;
                 let conv = Affine1x1 { weight: op.convs[0].weight().clone(), scale, shift };
                 // A strided 1×1 conv reads the top-left of every window: subsample, then convolve.
-                let (src, relu) = if op.stride() == 2 {
+                let (src, relu) = if op.pointwise_stride() == Some(2) {
                     let sub = program.tmp((src.c, dst.h, dst.w));
                     program.push(Step::Subsample { src, offset: 0, relu: true, dst: sub });
                     (sub, false)

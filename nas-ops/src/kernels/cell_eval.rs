@@ -300,7 +300,7 @@ impl Program {
             })
             .collect::<Result<Vec<_>>>()?;
         let tmps = self.tmps.iter().map(|&(c, h, w)| c * h * w).collect();
-        Ok(Compiled { steps, tmps, scratches, mid, x: self.x, prev: self.prev, out: self.out })
+        Ok(Compiled { steps, tmps, mid, x: self.x, prev: self.prev, out: self.out })
     }
 
     fn buffer_shape(&self, loc: Loc) -> Option<(usize, usize, usize)> {
@@ -431,8 +431,6 @@ struct Compiled<T> {
     steps: Vec<Exec<T>>,
     /// Elements of each temporary buffer.
     tmps: Vec<usize>,
-    /// Window scratches (one per `SampleWindow`).
-    scratches: usize,
     /// Elements of each of the two intermediate buffers.
     mid: usize,
     x: (usize, usize, usize),
@@ -553,7 +551,7 @@ impl<T: Float> Compiled<T> {
     }
 
     fn scratch_buffers(&self) -> Vec<Vec<T>> {
-        let mut scratches = Vec::with_capacity(self.scratches);
+        let mut scratches = Vec::new();
         for step in &self.steps {
             match step {
                 Exec::Separable { halves, .. } => scratches.extend(halves.iter().map(|h| h.depthwise.scratch())),
