@@ -77,6 +77,41 @@ impl Padding2d {
     }
 }
 
+/// Stride, dilation and padding of a windowed convolution (depthwise or dense), and whether
+/// its input is read through a ReLU, in the manner of candle-nn's `Conv2dConfig`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ConvOptions {
+    /// Stride on both axes.
+    pub stride: usize,
+    /// Dilation on both axes.
+    pub dilation: usize,
+    /// Explicit zero padding.
+    pub padding: Padding2d,
+    /// Read the input through a ReLU. The depthwise conv does it inside the op (`xs.relu()`
+    /// is never stored; its gradient passes where `xs >= 0`, candle's rule).
+    pub relu_input: bool,
+}
+
+impl Default for ConvOptions {
+    /// Stride 1, dilation 1, no padding, no ReLU.
+    fn default() -> ConvOptions {
+        ConvOptions { stride: 1, dilation: 1, padding: Padding2d::default(), relu_input: false }
+    }
+}
+
+impl ConvOptions {
+    /// TF "SAME" padding ([`Padding2d::same`]) for a `kh × kw` kernel on an `h × w` input.
+    pub fn same((h, w): (usize, usize), (kh, kw): (usize, usize), stride: usize, dilation: usize) -> ConvOptions {
+        let padding = Padding2d::same(h, w, kh, kw, stride, dilation);
+        ConvOptions { stride, dilation, padding, relu_input: false }
+    }
+
+    /// These options with the input read through a ReLU when `relu`.
+    pub fn relu_input(self, relu: bool) -> ConvOptions {
+        ConvOptions { relu_input: relu, ..self }
+    }
+}
+
 /// TF SAME padding along one axis: `(before, after)`.
 pub fn same_1d(n: usize, k: usize, stride: usize, dilation: usize) -> (usize, usize) {
     let span = (k - 1) * dilation + 1;

@@ -15,7 +15,7 @@ use rayon::prelude::*;
 
 use super::depthwise::contiguous;
 use super::output_buffer;
-use super::pool::avg_pool2d;
+use super::pool::{pool2d, PoolOptions};
 use super::Padding2d;
 
 const NAME: &str = "subsample2";
@@ -79,7 +79,7 @@ pub fn subsample2_reference(xs: &Tensor, offset: usize) -> Result<Tensor> {
     } else {
         xs.pad_with_zeros(2, 0, offset)?.pad_with_zeros(3, 0, offset)?.narrow(2, offset, g.h)?.narrow(3, offset, g.w)?
     };
-    avg_pool2d(&xs, 1, 2, Padding2d::default())
+    pool2d(&xs, PoolOptions::avg(1, 2, Padding2d::default()))
 }
 
 /// Shapes of one call: input planes `h × w`, output planes `ho × wo`.

@@ -36,6 +36,12 @@ impl TestRng {
     }
 }
 
+/// The height and width of an `(n, c, h, w)` tensor.
+pub fn hw(t: &Tensor) -> (usize, usize) {
+    let (_, _, h, w) = t.dims4().expect("an (n, c, h, w) tensor");
+    (h, w)
+}
+
 /// Largest absolute difference between two tensors of the same shape.
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
     assert_eq!(a.dims(), b.dims(), "shapes differ");
