@@ -23,7 +23,6 @@ use crate::kernels::pool::{pool2d, pool2d_grad, PoolOptions};
 use crate::kernels::separable::{separable_stack, SeparableHalf};
 use crate::kernels::separable_train::{separable_train, separable_train_traced};
 use crate::kernels::subsample::{subsample2_grad, subsample2_pair_grad};
-use crate::kernels::Padding2d;
 use crate::layers::{subsample2, BatchNorm, Conv2d, Conv2dConfig, DepthwiseConv2d, Relus};
 use crate::tape::{Grads, Tape, Traced};
 
@@ -513,58 +512,39 @@ impl OpForms for Identity {
     }
 }
 
-/// An identity that must change the width or the size: ReLU → strided 1×1 conv → BN. A
-/// strided 1×1 conv reads the top-left of every window: subsample, then project.
+/// An identity that must change the width or the size: ReLU → 1×1 conv at stride 1 or 2 →
+/// BN. A strided 1×1 conv reads the top-left of every window: subsample, then project.
 #[derive(Debug, Clone)]
 pub struct ProjectedIdentity {
     projection: ActConvBn,
     stride: usize,
 }
 
-impl ProjectedIdentity {
-    fn subsample(&self, xs: &Tensor) -> Result<Tensor> {
-        match self.stride {
-            1 => Ok(xs.clone()),
-            2 => subsample2(xs, 0),
-            s => pool2d(xs, PoolOptions::avg(1, s, Padding2d::default())),
-        }
-    }
-}
-
 impl OpForms for ProjectedIdentity {
     fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        self.projection.forward_t(&self.subsample(xs)?, train)
+        let xs = if self.stride == 2 { subsample2(xs, 0)? } else { xs.clone() };
+        self.projection.forward_t(&xs, train)
     }
 
     fn trace(&self, tape: &mut Tape, xs: &Traced) -> Result<Traced> {
-        match self.stride {
-            1 => self.projection.trace(tape, xs),
-            2 => {
-                let (_, _, h, w) = xs.tensor.dims4()?;
-                let ys = subsample2(&xs.tensor, 0)?;
-                let sub = tape.record(&[xs], &[], ys, move |grad| {
-                    Ok(Grads { inputs: vec![Some(subsample2_grad(grad, 0, (h, w))?)], weights: vec![] })
-                });
-                self.projection.trace(tape, &sub)
-            }
-            _ => {
-                let params = self.projection.bn.params();
-                let weights = [self.projection.conv.weight(), &params.gamma, &params.beta];
-                tape.record_candle(xs, &weights, |xs| self.forward_t(xs, true))
-            }
+        if self.stride == 1 {
+            return self.projection.trace(tape, xs);
         }
+        let (_, _, h, w) = xs.tensor.dims4()?;
+        let ys = subsample2(&xs.tensor, 0)?;
+        let sub = tape.record(&[xs], &[], ys, move |grad| {
+            Ok(Grads { inputs: vec![Some(subsample2_grad(grad, 0, (h, w))?)], weights: vec![] })
+        });
+        self.projection.trace(tape, &sub)
     }
 
     fn eval_steps(&self, program: &mut Program, src: Val, dst: Val, put: Put) -> Result<bool> {
-        match self.stride {
-            1 => self.projection.eval_steps(program, src, dst, put),
-            2 => {
-                let sub = program.tmp((src.c, dst.h, dst.w));
-                program.push(Step::Subsample { src, offset: 0, relu: false, dst: sub });
-                self.projection.eval_steps(program, sub, dst, put)
-            }
-            _ => Ok(false),
+        if self.stride == 1 {
+            return self.projection.eval_steps(program, src, dst, put);
         }
+        let sub = program.tmp((src.c, dst.h, dst.w));
+        program.push(Step::Subsample { src, offset: 0, relu: false, dst: sub });
+        self.projection.eval_steps(program, sub, dst, put)
     }
 }
 
@@ -594,6 +574,9 @@ impl CellOp {
         };
         Ok(match op.kind() {
             OpKind::Identity if layout.projection => {
+                if stride > 2 {
+                    candle_core::bail!("a projected identity at stride {stride}: a cell's ops have stride 1 or 2")
+                }
                 CellOp::ProjectedIdentity(ProjectedIdentity { projection: projection(true, vb)?, stride })
             }
             OpKind::Identity => CellOp::Identity(Identity),

@@ -29,8 +29,8 @@ use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
-use crate::kernels::output_buffer;
 use crate::kernels::simd::{multiversion, Float, Isa};
+use crate::kernels::Output;
 
 /// Runs `$body` on the contiguous slices `$x`, `$y`, `$z` of a three-input op's storages,
 /// all f32 or all f64, and wraps the `Vec` it returns; other dtypes are an error naming the
@@ -315,8 +315,7 @@ struct ScaleShift {
 
 impl ScaleShift {
     fn run<T: WithDType>(&self, xs: &[T], scale: &[T], shift: &[T], (c, hw): (usize, usize)) -> Vec<T> {
-        // SAFETY: every plane of `ys` is written in full below.
-        let mut ys = unsafe { output_buffer(xs.len()) };
+        let mut ys = Output::new(xs.len());
         ys.par_chunks_mut(hw).zip(xs.par_chunks(hw)).enumerate().with_min_len(planes_per_task(hw)).for_each(
             |(plane_idx, (ys, xs))| {
                 let (s, b) = (scale[plane_idx % c], shift[plane_idx % c]);
@@ -326,7 +325,7 @@ impl ScaleShift {
                 }
             },
         );
-        ys
+        ys.into_vec()
     }
 }
 
@@ -778,14 +777,13 @@ fn normalize<T: Float>(
     relu: bool,
 ) -> Vec<T> {
     let affines = affines(gamma, beta, mean, invstd);
-    // SAFETY: every plane of `ys` is written in full below.
-    let mut ys = unsafe { output_buffer(xs.len()) };
+    let mut ys = Output::new(xs.len());
     ys.par_chunks_mut(hw)
         .zip(xs.par_chunks(hw))
         .enumerate()
         .with_min_len(planes_per_task(hw))
         .for_each(|(plane_idx, (ys, xs))| normalize_plane(isa, xs, &affines[plane_idx % c], relu, ys));
-    ys
+    ys.into_vec()
 }
 
 /// `dy` where the forward's output at `x` was positive (recomputed by `mask`, the forward's
@@ -908,10 +906,14 @@ fn backward<T: Float>(
         })
         .collect();
     let numel = xs.len();
-    // SAFETY: every plane of `dx` is written in full below, then every parameter gradient.
-    let mut packed = unsafe { output_buffer(numel + 2 * c) };
-    let (dx, params) = packed.split_at_mut(numel);
-    dx.par_chunks_mut(hw)
+    let mut packed = Output::new(numel + 2 * c);
+    let (dgamma_out, dbeta_out) = packed.tail(2 * c).split_at_mut(c);
+    for ci in 0..c {
+        dgamma_out[ci] = T::from_f64(dgamma[ci]);
+        dbeta_out[ci] = T::from_f64(dbeta[ci]);
+    }
+    packed
+        .par_chunks_mut(hw)
         .zip(xs.par_chunks(hw))
         .zip(dy.par_chunks(hw))
         .enumerate()
@@ -920,12 +922,7 @@ fn backward<T: Float>(
             let ci = plane_idx % c;
             grad_input_plane(isa, dy, xs, mask(ci), coeffs[ci], dx);
         });
-    let (dgamma_out, dbeta_out) = params.split_at_mut(c);
-    for ci in 0..c {
-        dgamma_out[ci] = T::from_f64(dgamma[ci]);
-        dbeta_out[ci] = T::from_f64(dbeta[ci]);
-    }
-    packed
+    packed.into_vec()
 }
 
 #[cfg(test)]

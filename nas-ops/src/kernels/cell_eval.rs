@@ -25,7 +25,7 @@ use super::pool::{same_sample_window, PoolKind};
 use super::separable::SeparableHalf;
 use super::simd::{Float, Isa};
 use super::window::SampleWindow;
-use super::{output_buffer, Padding2d};
+use super::{scratch_buffer, Output, Padding2d};
 
 const NAME: &str = "cell-eval";
 
@@ -530,19 +530,15 @@ impl<T: Float> Compiled<T> {
             return vec![T::ZERO; n * per_out];
         }
         let isa = Isa::detect();
-        // SAFETY: the steps write every channel of each sample's output (the cell's
-        // concatenation covers them; in debug builds the buffer starts as NaN, so a channel
-        // left unwritten shows in the tests' comparisons).
-        let mut out = unsafe { output_buffer::<T>(n * per_out) };
-        // SAFETY (the temporaries and intermediates): every step writes the part of a
-        // buffer it reads later in full first (a home is written by its block's first op,
-        // an intermediate by the kernel before the next reads it); in debug builds they
-        // start as NaN, so a read before a write shows in the tests' comparisons. The
-        // window scratches hold their padding, written here.
+        let mut out = Output::<T>::new(n * per_out);
+        // Every step writes the part of a buffer it reads later in full first (a home is
+        // written by its block's first op, an intermediate by the kernel before the next
+        // reads it); in debug builds the buffers start as NaN, so a read before a write shows
+        // in the tests' comparisons. The window scratches hold their padding, written here.
         let arena = || Arena {
-            tmps: self.tmps.iter().map(|&len| unsafe { output_buffer(len) }).collect(),
+            tmps: self.tmps.iter().map(|&len| scratch_buffer(len)).collect(),
             scratches: self.scratch_buffers(),
-            mid: [unsafe { output_buffer(self.mid) }, unsafe { output_buffer(self.mid) }],
+            mid: [scratch_buffer(self.mid), scratch_buffer(self.mid)],
         };
         out.par_chunks_mut(per_out).enumerate().for_each_init(arena, |arena, (i, out)| {
             let prev = prev.map_or(&[][..], |p| &p[i * per_prev..(i + 1) * per_prev]);
@@ -552,7 +548,7 @@ impl<T: Float> Compiled<T> {
                 self.step(isa, step, &mut bufs, scratches, mid);
             }
         });
-        out
+        out.into_vec()
     }
 
     fn scratch_buffers(&self) -> Vec<Vec<T>> {

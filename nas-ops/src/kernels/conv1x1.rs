@@ -15,8 +15,8 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, WithDType};
 
-use crate::kernels::output_buffer;
 use crate::kernels::simd::Float;
+use crate::kernels::Output;
 use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
@@ -345,9 +345,7 @@ fn per_sample<T: Float>(
     if b * m * n == 0 || k == 0 {
         return vec![T::zero(); b * m * n];
     }
-    // SAFETY: each sample's `m × n` block is written in full by its gemm (which does not
-    // read it: `accumulate` is false).
-    let mut out = unsafe { output_buffer(b * m * n) };
+    let mut out = Output::new(b * m * n);
     let run = |scratch: &mut Vec<T>, i: usize, o: &mut [T], r: &[T], parallelism: Parallelism| {
         let r = relu_into(r, relu_rhs, scratch);
         // SAFETY: o is m × n, lhs m × k, r k × n.
@@ -373,7 +371,7 @@ fn per_sample<T: Float>(
             run(&mut scratch, i, o, r, threads());
         }
     }
-    out
+    out.into_vec()
 }
 
 impl CustomOp2 for Conv1x1 {

@@ -34,10 +34,9 @@ use crate::kernels::{ConvOptions, Padding2d};
 ///   `ho = Padding2d::out_size(h, padding.top, padding.bottom, kh, stride, dilation)` and
 ///   `wo` likewise
 pub fn depthwise_conv2d(xs: &Tensor, weight: &Tensor, opts: ConvOptions) -> Result<Tensor> {
-    DepthwiseGeometry::new(FWD_NAME, xs.dims(), weight.dims(), opts.stride, opts.dilation, opts.padding)?;
-    let xs = xs.contiguous()?;
-    let weight = weight.contiguous()?;
-    xs.apply_op2(&weight, DepthwiseConv2d { opts })
+    let op = DepthwiseConv2d { opts };
+    op.geometry(xs.dims(), weight.dims())?;
+    xs.contiguous()?.apply_op2(&weight.contiguous()?, op)
 }
 
 /// Same contract as [`depthwise_conv2d`], composed from plain candle tensor ops (a ReLU
@@ -229,14 +228,7 @@ impl CustomOp2 for DepthwiseConv2d {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let geom = DepthwiseGeometry::new(
-            FWD_NAME,
-            l1.dims(),
-            l2.dims(),
-            self.opts.stride,
-            self.opts.dilation,
-            self.opts.padding,
-        )?;
+        let geom = self.geometry(l1.dims(), l2.dims())?;
         let relu = self.opts.relu_input;
         let out = dispatch(
             FWD_NAME,
@@ -258,14 +250,7 @@ impl CustomOp2 for DepthwiseConv2d {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let geom = DepthwiseGeometry::new(
-            FWD_NAME,
-            l1.dims(),
-            l2.dims(),
-            self.opts.stride,
-            self.opts.dilation,
-            self.opts.padding,
-        )?;
+        let geom = self.geometry(l1.dims(), l2.dims())?;
         let g = cuda_geom(FWD_NAME, &geom)?;
         let (x, w, dev) = (s1, s2, s1.device());
         let out = by_dtype!(same_dtype(FWD_NAME, &[x, w])?, T => wrap(
@@ -288,16 +273,14 @@ impl CustomOp2 for DepthwiseConv2d {
 }
 
 impl DepthwiseConv2d {
+    fn geometry(&self, xs_dims: &[usize], weight_dims: &[usize]) -> Result<DepthwiseGeometry> {
+        let ConvOptions { stride, dilation, padding, .. } = self.opts;
+        DepthwiseGeometry::new(FWD_NAME, xs_dims, weight_dims, stride, dilation, padding)
+    }
+
     /// The gradients of the input and the weight from the output's `grad`.
     fn grads(&self, xs: &Tensor, weight: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor)> {
-        let geom = DepthwiseGeometry::new(
-            FWD_NAME,
-            xs.dims(),
-            weight.dims(),
-            self.opts.stride,
-            self.opts.dilation,
-            self.opts.padding,
-        )?;
+        let geom = self.geometry(xs.dims(), weight.dims())?;
         let (xs, weight, grad) = (xs.contiguous()?, weight.contiguous()?, grad.contiguous()?);
         let grad_xs = match (self.opts.relu_input, xs.device().is_cpu()) {
             // On the CPU the ReLU's gradient mask is applied inside the kernel.

@@ -51,7 +51,7 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
 
 /// Asserts `|a - b| <= tol * (1 + max|b|)` elementwise-max.
 /// Also asserts that `a` has NaN exactly where `b` has (an output element a kernel never
-/// wrote is NaN in debug builds, see `kernels::output_buffer`).
+/// wrote is NaN in debug builds, see `kernels::Output`).
 pub fn assert_close(a: &Tensor, b: &Tensor, tol: f64, what: &str) {
     let nan_at = |t: &Tensor| -> Vec<bool> {
         let v: Vec<f64> = t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap();
