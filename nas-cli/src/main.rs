@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use nas_space::cost::{group, network_cost, CostReport};
 use nas_space::presets::{preset, PRESETS, UNAVAILABLE};
-use nas_space::{render, CellSpec, NetworkConfig, SearchSpace, SpaceRng, Stem};
+use nas_space::{reference, render, CellSpec, NetworkConfig, SearchSpace, SpaceRng, Stem};
 use serde_json::json;
 
 mod bench;
@@ -388,8 +388,8 @@ fn cost(
         s = config.image_size
     );
     print_cost(out, &report);
-    if let Some(note) = paper_figures(&spec, &config) {
-        outln!(out, "paper        {note}");
+    if let Some(published) = reference::published(&spec, &config) {
+        outln!(out, "paper        {published}");
     }
     if layers {
         outln!(out);
@@ -410,25 +410,6 @@ fn print_cost(out: &mut String, report: &CostReport) {
             short(aux.mult_adds)
         ),
         None => outln!(out, "aux head     none"),
-    }
-}
-
-/// The paper's figures for NASNet-A at the published sizes, to print beside ours.
-fn paper_figures(spec: &CellSpec, config: &NetworkConfig) -> Option<&'static str> {
-    if *spec != CellSpec::nasnet_a() || config.num_classes != 1000 && config.num_classes != 10 {
-        return None;
-    }
-    let mobile = NetworkConfig::mobile();
-    let large = NetworkConfig::large();
-    let cifar = NetworkConfig::cifar();
-    if *config == mobile {
-        Some("NASNet-A Mobile (4 @ 1056, 224): 5.3M parameters, 564M mult-adds (Table 3)")
-    } else if *config == large {
-        Some("NASNet-A Large (6 @ 4032, 331): 88.9M parameters with BN statistics, 23.8B mult-adds (Table 2)")
-    } else if *config == cifar {
-        Some("NASNet-A (6 @ 768) on CIFAR-10: 3.3M parameters (Table 1)")
-    } else {
-        None
     }
 }
 

@@ -11,6 +11,7 @@ use nas_data::{
     decode_image, write_imagenet_folder, CifarTransform, DataRng, Dataset as _, ImageNetTransform, Part, Transform,
 };
 use nas_space::cost::network_cost;
+use nas_space::reference::{self, Reference};
 use nas_space::{render, CellSpec, NetworkConfig, Stem};
 use nas_train::data::DataSource;
 use nas_train::recipe::Recipe;
@@ -60,11 +61,10 @@ pub struct TransferArgs {
     pub run: RunArgs,
 }
 
-/// The paper's NASNet-A ImageNet figures (Table 2 and 3): name, parameters, mult-adds, top-1.
-const PAPER: [(&str, &str, &str, &str); 2] = [
-    ("NASNet-A Mobile 4 @ 1056, 224", "5.3M", "564M", "74.0"),
-    ("NASNet-A Large 6 @ 4032, 331", "88.9M", "23.8B", "82.7"),
-];
+/// The paper's NASNet-A ImageNet models (Tables 2 and 3), to print beside a transfer.
+fn paper_imagenet() -> impl Iterator<Item = (&'static Reference, f64)> {
+    reference::NASNET_A.iter().filter_map(|r| r.top1().map(|top1| (r, top1)))
+}
 
 /// The most recent `best.json` under `root` (a strategy folder or a folder of them).
 fn latest_best(root: &Path) -> Option<PathBuf> {
@@ -190,8 +190,9 @@ pub fn transfer(args: &TransferArgs, load_cell: &dyn Fn(&str) -> Result<CellSpec
             cost.network.params_trainable as f64 / 1e6,
             cost.network.mult_adds as f64 / 1e6
         )?;
-        for (name, params, madds, top1) in PAPER {
-            writeln!(out, "| {name} (paper) | {params} | {madds} | {top1} % |")?;
+        for (r, top1) in paper_imagenet() {
+            let madds = r.mult_adds_text().unwrap_or_default();
+            writeln!(out, "| {} {} (paper) | {} | {madds} | {top1:.1} % |", r.name, r.skeleton(), r.params_text())?;
         }
         let dir = args.run.out.clone().unwrap_or_else(|| default_out("transfer"));
         let config = RunConfig {
@@ -215,9 +216,16 @@ pub fn transfer(args: &TransferArgs, load_cell: &dyn Fn(&str) -> Result<CellSpec
     let plot = plot_curves(&dir)?;
     let md = dir.join(run::files::REPORT_MD);
     let mut text = std::fs::read_to_string(&md).unwrap_or_default();
+    let paper: Vec<String> = paper_imagenet()
+        .map(|(r, top1)| {
+            let madds = r.mult_adds_text().unwrap_or_default();
+            format!("{} {} parameters, {madds} mult-adds, {top1:.1} % top-1", r.name, r.params_text())
+        })
+        .collect();
     text.push_str(&format!(
-        "\n![cell](cell.svg)\n\n![training curves]({})\n\nPaper, for scale: NASNet-A Mobile 5.3M parameters, 564M mult-adds, 74.0 % top-1; Large 88.9M, 23.8B, 82.7 %.\n",
-        plot.file_name().and_then(|n| n.to_str()).unwrap_or("curves.svg")
+        "\n![cell](cell.svg)\n\n![training curves]({})\n\nPaper, for scale: {}.\n",
+        plot.file_name().and_then(|n| n.to_str()).unwrap_or("curves.svg"),
+        paper.join("; ")
     ));
     std::fs::write(&md, text).with_context(|| format!("writing {}", md.display()))?;
     let m = &report.final_eval.metrics;

@@ -7,7 +7,8 @@
 //! ([`SearchSpace`]: actions, counting, seeded sampling, mutation, canonical
 //! form and stable hash), the network skeleton around the cells
 //! ([`NetworkConfig`]), an analytical cost model (parameters and mult-adds,
-//! no tensors), and Graphviz/SVG drawings of cells.
+//! no tensors), the paper's published figures to compare with ([`reference`](mod@reference)),
+//! and Graphviz/SVG drawings of cells.
 //!
 //! It does not own tensors: it never depends on candle, and builds in seconds,
 //! so other projects can import it to read, write and reason about NASNet cells.
@@ -47,6 +48,7 @@ mod error;
 pub mod network;
 mod op;
 pub mod presets;
+pub mod reference;
 pub mod render;
 mod rng;
 mod space;
