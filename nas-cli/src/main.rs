@@ -281,9 +281,7 @@ fn load_cell(arg: &str) -> Result<CellSpec> {
     if arg == "-" {
         let mut text = String::new();
         std::io::stdin().read_to_string(&mut text).context("while reading a cell spec from standard input")?;
-        let spec =
-            if text.trim_start().starts_with('{') { CellSpec::from_json(&text) } else { CellSpec::from_text(&text) };
-        return spec.context("in the cell spec on standard input");
+        return CellSpec::from_text_or_json(&text).context("in the cell spec on standard input");
     }
     let path = Path::new(arg);
     if !path.exists() {
@@ -294,11 +292,7 @@ fn load_cell(arg: &str) -> Result<CellSpec> {
         let presets: Vec<&str> = PRESETS.iter().map(|(name, _)| *name).collect();
         bail!("`{arg}` is neither a preset ({}) nor an existing file", presets.join(", "));
     }
-    let text = std::fs::read_to_string(path).with_context(|| format!("while reading {}", path.display()))?;
-    let is_json =
-        path.extension().is_some_and(|ext| ext.eq_ignore_ascii_case("json")) || text.trim_start().starts_with('{');
-    let spec = if is_json { CellSpec::from_json(&text) } else { CellSpec::from_text(&text) };
-    spec.with_context(|| format!("in cell spec {}", path.display()))
+    Ok(CellSpec::read_file(path)?)
 }
 
 fn show(out: &mut String, cell: &str, format: Format, file: Option<&Path>) -> Result<()> {

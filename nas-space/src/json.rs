@@ -25,6 +25,8 @@
 //! unknown fields are rejected so that typos surface, and the spec must pass
 //! [`CellSpec::validate`].
 
+use std::path::Path;
+
 use serde::de::Error as _;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -63,6 +65,31 @@ impl CellSpec {
         }
         serde_json::from_str(json).map_err(json_error)
     }
+
+    /// Reads either form: JSON when the text starts with `{` (after white space), the text
+    /// form otherwise.
+    pub fn from_text_or_json(text: &str) -> Result<CellSpec, SpecError> {
+        if looks_like_json(text) {
+            CellSpec::from_json(text)
+        } else {
+            CellSpec::from_text(text)
+        }
+    }
+
+    /// Reads a spec file: JSON when its name ends in `.json` (any case) or its text starts
+    /// with `{`, the text form otherwise. Errors name the file ([`SpecError::Io`],
+    /// [`SpecError::InFile`]).
+    pub fn read_file(path: &Path) -> Result<CellSpec, SpecError> {
+        let text = std::fs::read_to_string(path).map_err(|error| SpecError::Io { path: path.to_path_buf(), error })?;
+        let json_name = path.extension().is_some_and(|ext| ext.eq_ignore_ascii_case("json"));
+        let spec =
+            if json_name || looks_like_json(&text) { CellSpec::from_json(&text) } else { CellSpec::from_text(&text) };
+        spec.map_err(|error| SpecError::InFile { path: path.to_path_buf(), error: Box::new(error) })
+    }
+}
+
+fn looks_like_json(text: &str) -> bool {
+    text.trim_start().starts_with('{')
 }
 
 fn json_error(err: serde_json::Error) -> SpecError {
@@ -469,6 +496,44 @@ mod tests {
 
         let err = CellSpec::from_json("{").unwrap_err();
         assert!(err.to_string().starts_with("invalid cell spec JSON at line 1, column 1:"), "{err}");
+    }
+
+    #[test]
+    fn either_form_is_read_by_its_first_character() {
+        let spec = hand_built();
+        assert_eq!(CellSpec::from_text_or_json(&spec.to_json()).unwrap(), spec);
+        assert_eq!(CellSpec::from_text_or_json(&format!("\n  {}", spec.to_json())).unwrap(), spec);
+        assert_eq!(CellSpec::from_text_or_json(&spec.to_text()).unwrap(), spec);
+        assert!(matches!(CellSpec::from_text_or_json("{ normal:"), Err(SpecError::Json { .. })));
+        assert!(matches!(CellSpec::from_text_or_json("normal: {"), Err(SpecError::Syntax { .. })));
+    }
+
+    /// A spec file is JSON by its name or by its first character; every error names the file.
+    #[test]
+    fn read_file_picks_the_form_and_names_the_file() {
+        let dir = std::env::temp_dir().join(format!("nas-space-read-file-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let spec = hand_built();
+        for (name, text) in [("a.JSON", spec.to_json()), ("b.cell", spec.to_json()), ("c.cell", spec.to_text())] {
+            std::fs::write(dir.join(name), text).unwrap();
+            assert_eq!(CellSpec::read_file(&dir.join(name)).unwrap(), spec, "{name}");
+        }
+        std::fs::write(dir.join("d.json"), spec.to_text()).unwrap();
+        std::fs::write(dir.join("e.cell"), "normal:\n  h2 = add(identity(h0), identity(h9))\n").unwrap();
+        let err = CellSpec::read_file(&dir.join("d.json")).unwrap_err();
+        assert!(matches!(err.kind(), SpecError::Json { line: 1, column: 1, .. }), "{err:?}");
+        let err = CellSpec::read_file(&dir.join("e.cell")).unwrap_err();
+        assert!(matches!(err.kind(), SpecError::InputOutOfRange { index: 9, .. }), "{err:?}");
+        let message = err.to_string().replace(dir.to_str().unwrap(), "DIR");
+        expect!["in cell spec DIR/e.cell: line 2, column 35: normal cell, block 0: right input 9 is out of range (block 0 may read states 0..=1)"]
+            .assert_eq(&message);
+        let err = CellSpec::read_file(&dir.join("missing.cell")).unwrap_err();
+        assert!(matches!(&err, SpecError::Io { path, .. } if path.ends_with("missing.cell")), "{err:?}");
+        assert!(
+            err.to_string().starts_with(&format!("cannot read cell spec {}", dir.join("missing.cell").display())),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

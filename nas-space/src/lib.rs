@@ -3,7 +3,8 @@
 //! This crate owns the grammar every other crate of the workspace meets at:
 //! the 13 [`Op`]s and two [`Combine`]s of the paper, [`Block`], [`Cell`] and
 //! [`CellSpec`] with their validation, a human-readable text form and a versioned
-//! JSON form, the NASNet-A preset, the controller's action grammar
+//! JSON form (and reading either from a file, `CellSpec::read_file`), the NASNet-A
+//! preset, the controller's action grammar
 //! ([`SearchSpace`]: actions, counting, seeded sampling, mutation, canonical
 //! form and stable hash), the network skeleton around the cells
 //! ([`NetworkConfig`]), an analytical cost model (parameters and mult-adds,
