@@ -12,9 +12,9 @@ use clap::{Parser, Subcommand, ValueEnum};
 use nas_space::cost::{group, network_cost, CostReport};
 use nas_space::presets::{preset, PRESETS, UNAVAILABLE};
 use nas_space::{reference, render, CellSpec, NetworkConfig, SearchSpace, SpaceRng, Stem};
+use nas_train::bench::BenchOptions;
 use serde_json::json;
 
-mod bench;
 mod infer;
 mod search;
 mod train;
@@ -82,13 +82,13 @@ enum Command {
     Bench {
         /// `small` (Keras NASNet 2@384 at 32×32), `mobile` (NASNet-A Mobile at 224), or any
         /// network such as `large:6@1056` (timm's `nasnetalarge` at that width).
-        #[arg(long, default_value = "small")]
+        #[arg(long, default_value_t = BenchOptions::default().net)]
         net: String,
         /// Batch size (default 64 for small, 32 for mobile).
         #[arg(long)]
         batch: Option<usize>,
         /// Timed steps (after one warm-up step).
-        #[arg(long, default_value_t = 5)]
+        #[arg(long, default_value_t = BenchOptions::default().steps)]
         steps: usize,
         /// Print one JSON object.
         #[arg(long)]
@@ -249,19 +249,21 @@ fn run(cli: Cli) -> Result<String> {
             infer::run(&spec, &args, &mut out)?
         }
         Command::Bench { net, batch, steps, json, device, stem_size, image } => {
-            let device = bench::device(&device)?;
-            let result = nas_train::on_pool(|| bench::run(&net, batch, steps, &device, stem_size, image))?;
+            let device = nas_train::device::parse_device(&device)?;
+            let options = BenchOptions { net, batch, steps, stem_size, image_size: image };
+            let r = nas_train::bench::run(&options, &device)?;
             if json {
-                outln!(out, "{}", serde_json::to_string_pretty(&result)?);
+                outln!(out, "{}", r.to_json());
             } else {
                 outln!(
                     out,
-                    "{net}: batch {}, train {:.1} images/s ({:.3} s/step), inference {:.1} images/s, peak RSS {:.0} MiB",
-                    result["batch"],
-                    result["train_images_per_s"].as_f64().unwrap_or(0.0),
-                    result["train_step_s"].as_f64().unwrap_or(0.0),
-                    result["infer_images_per_s"].as_f64().unwrap_or(0.0),
-                    result["peak_rss_mib"].as_f64().unwrap_or(0.0)
+                    "{}: batch {}, train {:.1} images/s ({:.3} s/step), inference {:.1} images/s, peak RSS {:.0} MiB",
+                    r.net,
+                    r.batch,
+                    r.train_images_per_s,
+                    r.train_step_s,
+                    r.infer_images_per_s,
+                    r.peak_rss_mib.unwrap_or(0.0)
                 );
             }
         }

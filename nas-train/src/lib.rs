@@ -2,10 +2,12 @@
 //!
 //! This crate owns optimisers and weight decay ([`optim`]), learning-rate schedules
 //! ([`schedule`]), checkpoints ([`checkpoint`]), the paper's recipes ([`recipe`]), resumable
-//! training runs ([`run`]) and the outer search loop ([`search`]) with the executors that train
-//! its children on this machine ([`executor`]) or on a Slurm cluster ([`slurm`]).
+//! training runs ([`run`]), the outer search loop ([`search`]) with the executors that train
+//! its children on this machine ([`executor`]) or on a Slurm cluster ([`slurm`]), and the
+//! training/inference benchmark ([`bench`](mod@bench)).
 //! It does not own the network (`nas-ops`) nor the data pipeline (`nas-data`).
 
+pub mod bench;
 pub mod checkpoint;
 pub mod data;
 pub mod device;
