@@ -7,16 +7,14 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor, D};
 use clap::Args;
-use nas_data::{
-    decode_image, write_imagenet_folder, CifarTransform, DataRng, Dataset as _, ImageNetTransform, Part, Transform,
-};
+use nas_data::{decode_image, CifarTransform, DataRng, ImageNetTransform, Transform};
 use nas_space::cost::network_cost;
 use nas_space::reference::{self, Reference};
-use nas_space::{render, CellSpec, NetworkConfig, Stem};
-use nas_train::data::DataSource;
+use nas_space::{render, CellSpec, Stem};
 use nas_train::recipe::Recipe;
 use nas_train::run::{self, read_metrics, RunConfig};
 use nas_train::trainer::Trainer;
+use nas_train::transfer::{self, TransferData, TransferOptions};
 
 use crate::train::{default_out, reporter, RunArgs};
 
@@ -42,7 +40,7 @@ pub struct TransferArgs {
     #[arg(long)]
     pub data: Option<PathBuf>,
     /// Training images per class of the built-in data.
-    #[arg(long, default_value_t = 250)]
+    #[arg(long, default_value_t = transfer::BUILTIN_PER_CLASS)]
     pub synthetic_per_class: usize,
     /// `imagenet-mobile` or `imagenet-large` (the recipe; every field below overrides it).
     #[arg(long, default_value = "imagenet-mobile")]
@@ -100,25 +98,6 @@ fn resolve_cell(args: &TransferArgs, load_cell: &dyn Fn(&str) -> Result<CellSpec
     Ok((spec, format!("{} (child {}, reward {reward:.4})", best.display(), value["id"])))
 }
 
-/// Writes the built-in dataset as an ImageNet-style JPEG folder (once) and returns it.
-fn builtin_folder(size: u32, per_class: usize, seed: u64) -> Result<PathBuf> {
-    let classes = nas_data::SYNTHETIC_CLASSES.len();
-    let dir = PathBuf::from("runs").join(format!("transfer-data/synthetic-{size}px-{per_class}-seed{seed}"));
-    let done = dir.join(".complete");
-    if done.exists() {
-        return Ok(dir);
-    }
-    let config = nas_data::SyntheticConfig { size, seed };
-    let train = config.generate(Part::Train, per_class * classes);
-    let val = config.generate(Part::Test, (per_class / 5).max(2) * classes);
-    if dir.exists() {
-        std::fs::remove_dir_all(&dir).with_context(|| format!("clearing the incomplete {}", dir.display()))?;
-    }
-    write_imagenet_folder(&dir, &train, &val, size)?;
-    std::fs::write(&done, "").with_context(|| format!("writing {}", done.display()))?;
-    Ok(dir)
-}
-
 /// `nas transfer`.
 pub fn transfer(args: &TransferArgs, load_cell: &dyn Fn(&str) -> Result<CellSpec>, out: &mut String) -> Result<()> {
     use std::fmt::Write as _;
@@ -129,55 +108,35 @@ pub fn transfer(args: &TransferArgs, load_cell: &dyn Fn(&str) -> Result<CellSpec
         (run::read_run_config(dir)?, dir.clone())
     } else {
         let (spec, source) = resolve_cell(args, load_cell)?;
-        let builtin = args.data.is_none();
-        let mut recipe = Recipe::preset(&args.recipe)?;
-        let net = args.net.clone().unwrap_or_else(|| if builtin { "mobile:2@384".into() } else { "mobile".into() });
-        // The built-in default fixes N = 2 and F = 16 (NASNet-A's 2 @ 384) whatever the cell, so
-        // that a cell with fewer concatenated outputs does not get a wider, slower network.
-        let width_of = if builtin && args.net.is_none() { CellSpec::nasnet_a() } else { spec.clone() };
-        let mut network = NetworkConfig::parse_net(&net, &width_of).with_context(|| format!("--net {net}"))?;
-        if network.stem != Stem::ImageNet {
-            bail!("--net {net}: transfer builds the ImageNet skeleton (mobile, large or N@P)");
-        }
-        network.image_size = args.image.unwrap_or(if builtin { 64 } else { network.image_size });
-        if let Some(decay) = args.bn_decay.or(builtin.then_some(0.99)) {
-            network.bn_decay = decay;
-        }
-        if let Some(keep) = args.dropout_keep {
-            network.dense_dropout_keep_prob = keep;
-        }
-        let data_dir = match &args.data {
-            Some(dir) => dir.clone(),
+        let data = match &args.data {
+            Some(dir) => TransferData::Folder(dir.clone()),
             None => {
-                network.use_aux_head = false; // 64×64 leaves the aux head a 4×4 map; it needs 5×5
-                let dir = builtin_folder(network.image_size as u32, args.synthetic_per_class, args.run.seed)?;
-                writeln!(out, "built-in data as an ImageNet-style JPEG folder: {}", dir.display())?;
-                dir
+                TransferData::Builtin { root: PathBuf::from("runs/transfer-data"), per_class: args.synthetic_per_class }
             }
         };
-        let classes = nas_data::ImageFolder::open_imagenet(&data_dir)?.train.class_names().len();
-        network.num_classes = classes;
-        recipe.network = network.clone();
-        if builtin {
-            // About 4 minutes for NASNet-A (6.2M mult-adds per image): fewer epochs for
-            // costlier cells, at least 3.
-            let madds = network_cost(&spec, &recipe.network).map_or(6.2e6, |c| c.network.mult_adds as f64);
-            recipe.epochs = ((12.0 * 6.2e6 / madds).round() as u64).clamp(3, 12);
-            // The built-in images show one small pattern: Inception crops down to 5 % of the
-            // area often cut it away.
-            recipe.augment = nas_train::data::Augment::Light;
-            // Ten classes on a 2×2 final map: TF-Slim's fan-out classifier starts with logits
-            // of std near 10 and the run would not leave chance in its few hundred steps.
-            recipe.classifier_init = nas_train::recipe::ClassifierInit::FanIn;
+        let options = TransferOptions {
+            recipe: Recipe::preset(&args.recipe)?,
+            net: args.net.clone(),
+            image_size: args.image,
+            bn_decay: args.bn_decay,
+            dropout_keep: args.dropout_keep,
+            data,
+            seed: args.run.seed,
+        };
+        let prepared = transfer::prepare(&spec, &options)?;
+        if let Some(dir) = &prepared.builtin_dir {
+            writeln!(out, "built-in data as an ImageNet-style JPEG folder: {}", dir.display())?;
         }
+        let mut recipe = prepared.recipe;
         args.run.apply(&mut recipe);
         if args.no_ema {
             recipe.ema_decay = None;
         }
         recipe.validate()?;
         let network = recipe.network.clone();
+        let classes = network.num_classes;
         let cost =
-            network_cost(&spec, &network).with_context(|| format!("--net {net} at {} px", network.image_size))?;
+            network_cost(&spec, &network).with_context(|| format!("the network at {} px", network.image_size))?;
         writeln!(out, "cell: {source}")?;
         writeln!(out, "| network | parameters | mult-adds | ImageNet top-1 |")?;
         writeln!(out, "|---|---|---|---|")?;
@@ -198,7 +157,7 @@ pub fn transfer(args: &TransferArgs, load_cell: &dyn Fn(&str) -> Result<CellSpec
         let config = RunConfig {
             cell_spec: spec,
             recipe,
-            data: DataSource::ImageNet { dir: data_dir },
+            data: prepared.data,
             seed: args.run.seed,
             init: args.run.init.clone(),
         };

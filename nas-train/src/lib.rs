@@ -3,8 +3,9 @@
 //! This crate owns optimisers and weight decay ([`optim`]), learning-rate schedules
 //! ([`schedule`]), checkpoints ([`checkpoint`]), the paper's recipes ([`recipe`]), resumable
 //! training runs ([`run`]), the outer search loop ([`search`]) with the executors that train
-//! its children on this machine ([`executor`]) or on a Slurm cluster ([`slurm`]), and the
-//! training/inference benchmark ([`bench`](mod@bench)).
+//! its children on this machine ([`executor`]) or on a Slurm cluster ([`slurm`]), the transfer
+//! of a cell to the ImageNet skeleton ([`transfer`]) and the training/inference benchmark
+//! ([`bench`](mod@bench)).
 //! It does not own the network (`nas-ops`) nor the data pipeline (`nas-data`).
 
 pub mod bench;
@@ -22,6 +23,7 @@ pub mod schedule;
 pub mod search;
 pub mod slurm;
 pub mod trainer;
+pub mod transfer;
 
 pub use error::TrainError;
 
