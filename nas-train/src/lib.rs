@@ -7,6 +7,11 @@
 //! of a cell to the ImageNet skeleton ([`transfer`]) and the training/inference benchmark
 //! ([`bench`](mod@bench)).
 //! It does not own the network (`nas-ops`) nor the data pipeline (`nas-data`).
+//!
+//! The defaults the `nas` command line runs with are this crate's: a program importing it
+//! gets the same search ([`search::SearchConfig::default`], [`recipe::Recipe::small_search_child`]),
+//! the same built-in transfer ([`transfer::TransferOptions::builtin`], [`transfer::prepare`])
+//! and the same benchmark ([`bench::run`]).
 
 pub mod bench;
 pub mod checkpoint;
