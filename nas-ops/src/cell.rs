@@ -6,7 +6,7 @@
 //! `comb_iter_{b}_{left,right}`). Every shape and projection comes from
 //! `nas_space::network::CellLayout`.
 //!
-//! [`CellModule::new`] lowers the cell once into a [`Schedule`]: a list of nodes (the
+//! [`CellModule::new`] lowers the cell once into a `Schedule`: a list of nodes (the
 //! preamble, the adjustment of the previous input, each block's two branches, the
 //! concatenation's projections), each with the state it reads, where its result goes, its
 //! drop path, the earlier node it shares a result with, and each state's home in a
