@@ -3,29 +3,21 @@
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 
-/// A small deterministic generator (SplitMix64) for test data.
-pub struct TestRng(u64);
+/// Seeded test data from the workspace's one generator (`nas_space::SpaceRng`).
+pub struct TestRng(nas_space::SpaceRng);
 
 impl TestRng {
     pub fn new(seed: u64) -> TestRng {
-        TestRng(seed)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        TestRng(nas_space::SpaceRng::new(seed))
     }
 
     /// Uniform in [-1, 1).
     pub fn uniform(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 52) as f64 - 1.0
+        2.0 * self.0.unit_f64() - 1.0
     }
 
     pub fn below(&mut self, n: usize) -> usize {
-        (self.next_u64() % n as u64) as usize
+        self.0.below(n)
     }
 
     /// A tensor of uniform [-1, 1) values with the given shape and dtype.
