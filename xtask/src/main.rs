@@ -1,9 +1,10 @@
 //! Repository automation, run as `cargo xtask <task>`.
 //!
-//! It links none of the workspace crates: each task runs `cargo` (from `$CARGO`) as a
-//! user would, so it always builds what the user builds.
+//! It links none of the workspace crates: `search` and `transfer-imagenet` run `cargo`
+//! (from `$CARGO`) as a user would, so they always build what the user builds.
 //! Tasks: `search` (the main job: builds `nas` in release and runs `nas search` with the
-//! arguments given), `transfer-imagenet` (the same for `nas transfer`) and `ci`.
+//! arguments given), `transfer-imagenet` (the same for `nas transfer`) and `ci` (runs
+//! `.ci/run`, CI's entry point, so that CI and this task share one list of checks).
 
 use std::process::Command;
 
@@ -21,8 +22,11 @@ tasks:
                  latest search (or --cell) in the ImageNet skeleton, trained with the
                  ImageNet recipe on --data DIR, or on the built-in data written as 64×64
                  JPEGs (about ten minutes on 2 cores); see `--help`
-  ci    the checks CI runs: rustfmt, clippy (warnings are errors), rustdoc, the
-        dependency-light build of nas-space, and the whole test suite";
+  ci    run `.ci/run`, CI's own entry point, from the workspace root: rustfmt, clippy
+        (warnings are errors), rustdoc, nas-space without default features, the whole
+        test suite, the `cuda` feature's build without a GPU (installs the CUDA compiler
+        from PyPI under ~/.cache) and the Slurm tests on a single-node cluster (installs
+        Debian's Slurm packages with apt-get and starts its daemons: needs root)";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -40,7 +44,7 @@ fn main() -> Result<()> {
 
 /// Builds the `nas` binary in release and runs `nas VERB` with `args`.
 fn nas(verb: &str, args: &[String]) -> Result<()> {
-    cargo(&["build", "--release", "--package", "nas-cli", "--bin", "nas"], &[])?;
+    cargo(&["build", "--release", "--package", "nas-cli", "--bin", "nas"])?;
     let root = workspace_root()?;
     let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), std::path::PathBuf::from);
     let nas = target.join("release").join(format!("nas{}", std::env::consts::EXE_SUFFIX));
@@ -61,23 +65,26 @@ fn workspace_root() -> Result<std::path::PathBuf> {
     dir.parent().map(std::path::Path::to_path_buf).context("xtask has no parent directory")
 }
 
-/// The same steps as `.ci/run`, in the same order.
+/// Runs `.ci/run`, the script CI calls, from the workspace root: one list of checks, so
+/// this task cannot drift from CI.
 fn ci() -> Result<()> {
-    cargo(&["fmt", "--all", "--", "--check"], &[])?;
-    cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"], &[])?;
-    cargo(&["doc", "--workspace", "--no-deps"], &[("RUSTDOCFLAGS", "-D warnings")])?;
-    cargo(&["test", "-p", "nas-space", "--no-default-features"], &[])?;
-    cargo(&["test", "--workspace"], &[])
+    let root = workspace_root()?;
+    eprintln!("$ bash .ci/run");
+    let status = Command::new("bash")
+        .arg(root.join(".ci").join("run"))
+        .current_dir(&root)
+        .status()
+        .context("while starting `bash .ci/run`")?;
+    if !status.success() {
+        bail!("`.ci/run` failed ({status})");
+    }
+    Ok(())
 }
 
-fn cargo(args: &[&str], env: &[(&str, &str)]) -> Result<()> {
+fn cargo(args: &[&str]) -> Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
     eprintln!("$ cargo {}", args.join(" "));
-    let status = Command::new(&cargo)
-        .args(args)
-        .envs(env.iter().copied())
-        .status()
-        .with_context(|| format!("while starting `{cargo}`"))?;
+    let status = Command::new(&cargo).args(args).status().with_context(|| format!("while starting `{cargo}`"))?;
     if !status.success() {
         bail!("`cargo {}` failed ({status})", args.join(" "));
     }
