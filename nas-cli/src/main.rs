@@ -11,10 +11,10 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use nas_space::cost::{group, network_cost, CostReport};
 use nas_space::presets::{preset, PRESETS, UNAVAILABLE};
-use nas_space::{render, CellSpec, NetworkConfig, SearchSpace, SpaceRng, Stem};
+use nas_space::{reference, render, CellSpec, NetworkConfig, SearchSpace, SpaceRng, Stem};
+use nas_train::bench::BenchOptions;
 use serde_json::json;
 
-mod bench;
 mod infer;
 mod search;
 mod train;
@@ -82,13 +82,13 @@ enum Command {
     Bench {
         /// `small` (Keras NASNet 2@384 at 32×32), `mobile` (NASNet-A Mobile at 224), or any
         /// network such as `large:6@1056` (timm's `nasnetalarge` at that width).
-        #[arg(long, default_value = "small")]
+        #[arg(long, default_value_t = BenchOptions::default().net)]
         net: String,
         /// Batch size (default 64 for small, 32 for mobile).
         #[arg(long)]
         batch: Option<usize>,
         /// Timed steps (after one warm-up step).
-        #[arg(long, default_value_t = 5)]
+        #[arg(long, default_value_t = BenchOptions::default().steps)]
         steps: usize,
         /// Print one JSON object.
         #[arg(long)]
@@ -249,19 +249,21 @@ fn run(cli: Cli) -> Result<String> {
             infer::run(&spec, &args, &mut out)?
         }
         Command::Bench { net, batch, steps, json, device, stem_size, image } => {
-            let device = bench::device(&device)?;
-            let result = nas_train::on_pool(|| bench::run(&net, batch, steps, &device, stem_size, image))?;
+            let device = nas_train::device::parse_device(&device)?;
+            let options = BenchOptions { net, batch, steps, stem_size, image_size: image };
+            let r = nas_train::bench::run(&options, &device)?;
             if json {
-                outln!(out, "{}", serde_json::to_string_pretty(&result)?);
+                outln!(out, "{}", r.to_json());
             } else {
                 outln!(
                     out,
-                    "{net}: batch {}, train {:.1} images/s ({:.3} s/step), inference {:.1} images/s, peak RSS {:.0} MiB",
-                    result["batch"],
-                    result["train_images_per_s"].as_f64().unwrap_or(0.0),
-                    result["train_step_s"].as_f64().unwrap_or(0.0),
-                    result["infer_images_per_s"].as_f64().unwrap_or(0.0),
-                    result["peak_rss_mib"].as_f64().unwrap_or(0.0)
+                    "{}: batch {}, train {:.1} images/s ({:.3} s/step), inference {:.1} images/s, peak RSS {:.0} MiB",
+                    r.net,
+                    r.batch,
+                    r.train_images_per_s,
+                    r.train_step_s,
+                    r.infer_images_per_s,
+                    r.peak_rss_mib.unwrap_or(0.0)
                 );
             }
         }
@@ -281,9 +283,7 @@ fn load_cell(arg: &str) -> Result<CellSpec> {
     if arg == "-" {
         let mut text = String::new();
         std::io::stdin().read_to_string(&mut text).context("while reading a cell spec from standard input")?;
-        let spec =
-            if text.trim_start().starts_with('{') { CellSpec::from_json(&text) } else { CellSpec::from_text(&text) };
-        return spec.context("in the cell spec on standard input");
+        return CellSpec::from_text_or_json(&text).context("in the cell spec on standard input");
     }
     let path = Path::new(arg);
     if !path.exists() {
@@ -294,11 +294,7 @@ fn load_cell(arg: &str) -> Result<CellSpec> {
         let presets: Vec<&str> = PRESETS.iter().map(|(name, _)| *name).collect();
         bail!("`{arg}` is neither a preset ({}) nor an existing file", presets.join(", "));
     }
-    let text = std::fs::read_to_string(path).with_context(|| format!("while reading {}", path.display()))?;
-    let is_json =
-        path.extension().is_some_and(|ext| ext.eq_ignore_ascii_case("json")) || text.trim_start().starts_with('{');
-    let spec = if is_json { CellSpec::from_json(&text) } else { CellSpec::from_text(&text) };
-    spec.with_context(|| format!("in cell spec {}", path.display()))
+    Ok(CellSpec::read_file(path)?)
 }
 
 fn show(out: &mut String, cell: &str, format: Format, file: Option<&Path>) -> Result<()> {
@@ -388,8 +384,8 @@ fn cost(
         s = config.image_size
     );
     print_cost(out, &report);
-    if let Some(note) = paper_figures(&spec, &config) {
-        outln!(out, "paper        {note}");
+    if let Some(published) = reference::published(&spec, &config) {
+        outln!(out, "paper        {published}");
     }
     if layers {
         outln!(out);
@@ -410,25 +406,6 @@ fn print_cost(out: &mut String, report: &CostReport) {
             short(aux.mult_adds)
         ),
         None => outln!(out, "aux head     none"),
-    }
-}
-
-/// The paper's figures for NASNet-A at the published sizes, to print beside ours.
-fn paper_figures(spec: &CellSpec, config: &NetworkConfig) -> Option<&'static str> {
-    if *spec != CellSpec::nasnet_a() || config.num_classes != 1000 && config.num_classes != 10 {
-        return None;
-    }
-    let mobile = NetworkConfig::mobile();
-    let large = NetworkConfig::large();
-    let cifar = NetworkConfig::cifar();
-    if *config == mobile {
-        Some("NASNet-A Mobile (4 @ 1056, 224): 5.3M parameters, 564M mult-adds (Table 3)")
-    } else if *config == large {
-        Some("NASNet-A Large (6 @ 4032, 331): 88.9M parameters with BN statistics, 23.8B mult-adds (Table 2)")
-    } else if *config == cifar {
-        Some("NASNet-A (6 @ 768) on CIFAR-10: 3.3M parameters (Table 1)")
-    } else {
-        None
     }
 }
 

@@ -9,10 +9,10 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use nas_controller::{EvolutionConfig, StrategyConfig};
+use nas_controller::StrategyConfig;
 use nas_space::files::read_json;
-use nas_space::{render, NetworkConfig};
-use nas_train::data::{DataSource, EvalSplit};
+use nas_space::render;
+use nas_train::data::DataSource;
 use nas_train::executor;
 use nas_train::recipe::Recipe;
 use nas_train::search::{
@@ -23,21 +23,21 @@ use nas_train::slurm::{self, SlurmConfig, SlurmExecutor};
 
 use crate::train::{stop_on_ctrl_c, Progress};
 
-/// Arguments of `nas search`.
+/// Arguments of `nas search`; the defaults are `nas_train`'s ([`SearchConfig::default`]).
 #[derive(Debug, Args)]
 pub struct SearchArgs {
     /// `ppo` (the paper's controller), `reinforce`, `random` or `evolution`.
-    #[arg(long, default_value = "ppo")]
+    #[arg(long, default_value_t = SearchConfig::default().strategy.name().to_string())]
     pub strategy: String,
     /// Children to evaluate (the paper: 20,000).
-    #[arg(long, default_value_t = 40)]
+    #[arg(long, default_value_t = SearchConfig::default().children)]
     pub children: usize,
     /// Children trained at once (default: the number of cores; with Slurm, 20, the
     /// paper's controller batch).
     #[arg(long)]
     pub workers: Option<usize>,
     /// Proxy data: `synthetic[:N]` (built in), `cifar10:DIR` or `cifar100:DIR`.
-    #[arg(long, default_value = "synthetic:1200")]
+    #[arg(long, default_value_t = SearchConfig::default().data.to_string())]
     pub data: String,
     /// The search folder; each strategy searches in its own subfolder.
     #[arg(long, default_value = "runs/search")]
@@ -46,22 +46,22 @@ pub struct SearchArgs {
     #[arg(long)]
     pub resume: bool,
     /// Seed of the strategy and the children.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = SearchConfig::default().seed)]
     pub seed: u64,
     /// Normal cells per stack of a child (the paper: N = 2).
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = SearchConfig::default().child.network.n)]
     pub child_n: usize,
     /// Filters of a child's first cells, F (the paper's CIFAR children: 32).
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = SearchConfig::default().child.network.num_conv_filters)]
     pub child_filters: usize,
     /// Epochs per child (the paper: 20).
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = SearchConfig::default().child.epochs)]
     pub child_epochs: u64,
     /// Images per child step.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = SearchConfig::default().child.batch_size)]
     pub child_batch: usize,
     /// Child learning rate (cosine decay over the child's steps).
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = SearchConfig::default().child.lr)]
     pub child_lr: f64,
     /// Use the paper's child recipe (N = 2, F = 32, 20 epochs, batch 32, lr 0.025, 10 % held
     /// out, TF-Slim's initialisation throughout) instead of the small defaults above (which
@@ -78,14 +78,14 @@ pub struct SearchArgs {
     #[arg(long)]
     pub controller_lr: Option<f64>,
     /// Cells listed in top.json and drawn as SVG.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = SearchConfig::default().top_k)]
     pub top_k: usize,
     /// After the budget, train the best K distinct cells again, longer, and pick the best of
     /// those (the paper re-trains its top 250).
     #[arg(long, default_value_t = 0)]
     pub retrain_top: usize,
     /// Epochs of each re-training.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = Retrain::DEFAULT_EPOCHS)]
     pub retrain_epochs: u64,
     /// Train children in this process (threads) instead of one `nas worker` process each.
     #[arg(long, conflicts_with = "executor")]
@@ -98,7 +98,7 @@ pub struct SearchArgs {
     pub slurm: SlurmArgs,
     /// Where each child trains: `cpu`, or `cuda` / `cuda:N` (a build with the `cuda`
     /// feature; on Slurm with `--gres gpu:1`, `cuda` is the task's own GPU).
-    #[arg(long, default_value = "cpu")]
+    #[arg(long, default_value_t = SearchConfig::default().device)]
     pub device: String,
     /// How progress is shown.
     #[arg(long, value_enum, default_value_t = Progress::Auto)]
@@ -226,20 +226,9 @@ pub struct WorkerArgs {
 
 /// The search configuration of the arguments.
 pub fn search_config(args: &SearchArgs) -> Result<SearchConfig> {
-    let data: DataSource = args.data.parse()?;
-    if !data.is_small() {
-        bail!("--data {data}: the search trains children on 32×32 proxy data (synthetic, cifar10, cifar100)");
-    }
     let mut strategy: StrategyConfig = args.strategy.parse()?;
     match &mut strategy {
-        StrategyConfig::Evolution(c) => {
-            let population = args.population.unwrap_or((args.children / 4).clamp(4, 100));
-            *c = EvolutionConfig {
-                population_size: population,
-                sample_size: args.sample_size.unwrap_or((population / 4).max(2)).min(population),
-                ..c.clone()
-            };
-        }
+        StrategyConfig::Evolution(c) => *c = search::sized_evolution(args.children, args.population, args.sample_size),
         StrategyConfig::Ppo(c) | StrategyConfig::Reinforce(c) => {
             if let Some(lr) = args.controller_lr {
                 c.learning_rate = lr;
@@ -247,40 +236,32 @@ pub fn search_config(args: &SearchArgs) -> Result<SearchConfig> {
         }
         StrategyConfig::Random => {}
     }
-    let mut child = Recipe::search_child();
-    if !args.paper_children {
-        child.network = NetworkConfig {
-            n: args.child_n,
-            num_conv_filters: args.child_filters,
-            use_aux_head: false,
-            drop_path_keep_prob: 1.0,
-            ..NetworkConfig::cifar()
-        };
+    let child = if args.paper_children {
+        Recipe::search_child()
+    } else {
+        let mut child = Recipe::small_search_child(args.seed);
+        child.network.n = args.child_n;
+        child.network.num_conv_filters = args.child_filters;
         child.epochs = args.child_epochs;
         child.batch_size = args.child_batch;
         child.lr = args.child_lr;
-        child.eval = EvalSplit::Holdout { fraction: 0.2, seed: args.seed };
-        // Few classes on small children: TF-Slim's fan-out classifier starts with large logits
-        // and a 2-epoch child barely leaves chance (validation top-1 0.14 vs 0.23 with fan-in,
-        // measured on the built-in data).
-        child.classifier_init = nas_train::recipe::ClassifierInit::FanIn;
-        child.eval_batch_size = 100;
-    }
-    let workers = args.workers.unwrap_or_else(|| match args.executor {
-        ExecutorKind::Local => std::thread::available_parallelism().map_or(1, |n| n.get()),
-        ExecutorKind::Slurm => 20,
+        child
+    };
+    let workers = args.workers.unwrap_or(match args.executor {
+        ExecutorKind::Local => SearchConfig::local_workers(),
+        ExecutorKind::Slurm => SearchConfig::CLUSTER_WORKERS,
     });
     let config = SearchConfig {
         strategy,
-        num_blocks: 5,
         children: args.children,
         workers,
         child,
-        data,
+        data: args.data.parse::<DataSource>()?,
         seed: args.seed,
         top_k: args.top_k,
         retrain: (args.retrain_top > 0).then_some(Retrain { top: args.retrain_top, epochs: args.retrain_epochs }),
         device: args.device.clone(),
+        ..SearchConfig::default()
     };
     config.validate()?;
     Ok(config)

@@ -7,17 +7,16 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor, D};
 use clap::Args;
-use nas_data::{
-    decode_image, write_imagenet_folder, CifarTransform, DataRng, Dataset as _, ImageNetTransform, Part, Transform,
-};
+use nas_data::{decode_image, CifarTransform, DataRng, ImageNetTransform, Transform};
 use nas_space::cost::network_cost;
 use nas_space::files::read_json;
-use nas_space::{render, CellSpec, NetworkConfig, Stem};
-use nas_train::data::DataSource;
+use nas_space::reference::{self, Reference};
+use nas_space::{render, CellSpec, Stem};
 use nas_train::recipe::Recipe;
 use nas_train::run::{self, read_metrics, RunConfig};
 use nas_train::search::BestCell;
 use nas_train::trainer::Trainer;
+use nas_train::transfer::{self, TransferData, TransferOptions};
 
 use crate::train::{default_out, reporter, RunArgs};
 
@@ -43,7 +42,7 @@ pub struct TransferArgs {
     #[arg(long)]
     pub data: Option<PathBuf>,
     /// Training images per class of the built-in data.
-    #[arg(long, default_value_t = 250)]
+    #[arg(long, default_value_t = transfer::BUILTIN_PER_CLASS)]
     pub synthetic_per_class: usize,
     /// `imagenet-mobile` or `imagenet-large` (the recipe; every field below overrides it).
     #[arg(long, default_value = "imagenet-mobile")]
@@ -62,11 +61,10 @@ pub struct TransferArgs {
     pub run: RunArgs,
 }
 
-/// The paper's NASNet-A ImageNet figures (Table 2 and 3): name, parameters, mult-adds, top-1.
-const PAPER: [(&str, &str, &str, &str); 2] = [
-    ("NASNet-A Mobile 4 @ 1056, 224", "5.3M", "564M", "74.0"),
-    ("NASNet-A Large 6 @ 4032, 331", "88.9M", "23.8B", "82.7"),
-];
+/// The paper's NASNet-A ImageNet models (Tables 2 and 3), to print beside a transfer.
+fn paper_imagenet() -> impl Iterator<Item = (&'static Reference, f64)> {
+    reference::NASNET_A.iter().filter_map(|r| r.top1().map(|top1| (r, top1)))
+}
 
 /// The most recent `best.json` under `root` (a strategy folder or a folder of them).
 fn latest_best(root: &Path) -> Option<PathBuf> {
@@ -99,25 +97,6 @@ fn resolve_cell(args: &TransferArgs, load_cell: &dyn Fn(&str) -> Result<CellSpec
     Ok((cell.cell_spec, format!("{} (child {}, reward {reward:.4})", best.display(), cell.id)))
 }
 
-/// Writes the built-in dataset as an ImageNet-style JPEG folder (once) and returns it.
-fn builtin_folder(size: u32, per_class: usize, seed: u64) -> Result<PathBuf> {
-    let classes = nas_data::SYNTHETIC_CLASSES.len();
-    let dir = PathBuf::from("runs").join(format!("transfer-data/synthetic-{size}px-{per_class}-seed{seed}"));
-    let done = dir.join(".complete");
-    if done.exists() {
-        return Ok(dir);
-    }
-    let config = nas_data::SyntheticConfig { size, seed };
-    let train = config.generate(Part::Train, per_class * classes);
-    let val = config.generate(Part::Test, (per_class / 5).max(2) * classes);
-    if dir.exists() {
-        std::fs::remove_dir_all(&dir).with_context(|| format!("clearing the incomplete {}", dir.display()))?;
-    }
-    write_imagenet_folder(&dir, &train, &val, size)?;
-    std::fs::write(&done, "").with_context(|| format!("writing {}", done.display()))?;
-    Ok(dir)
-}
-
 /// `nas transfer`.
 pub fn transfer(args: &TransferArgs, load_cell: &dyn Fn(&str) -> Result<CellSpec>, out: &mut String) -> Result<()> {
     use std::fmt::Write as _;
@@ -128,55 +107,35 @@ pub fn transfer(args: &TransferArgs, load_cell: &dyn Fn(&str) -> Result<CellSpec
         (run::read_run_config(dir)?, dir.clone())
     } else {
         let (spec, source) = resolve_cell(args, load_cell)?;
-        let builtin = args.data.is_none();
-        let mut recipe = Recipe::preset(&args.recipe)?;
-        let net = args.net.clone().unwrap_or_else(|| if builtin { "mobile:2@384".into() } else { "mobile".into() });
-        // The built-in default fixes N = 2 and F = 16 (NASNet-A's 2 @ 384) whatever the cell, so
-        // that a cell with fewer concatenated outputs does not get a wider, slower network.
-        let width_of = if builtin && args.net.is_none() { CellSpec::nasnet_a() } else { spec.clone() };
-        let mut network = NetworkConfig::parse_net(&net, &width_of).with_context(|| format!("--net {net}"))?;
-        if network.stem != Stem::ImageNet {
-            bail!("--net {net}: transfer builds the ImageNet skeleton (mobile, large or N@P)");
-        }
-        network.image_size = args.image.unwrap_or(if builtin { 64 } else { network.image_size });
-        if let Some(decay) = args.bn_decay.or(builtin.then_some(0.99)) {
-            network.bn_decay = decay;
-        }
-        if let Some(keep) = args.dropout_keep {
-            network.dense_dropout_keep_prob = keep;
-        }
-        let data_dir = match &args.data {
-            Some(dir) => dir.clone(),
+        let data = match &args.data {
+            Some(dir) => TransferData::Folder(dir.clone()),
             None => {
-                network.use_aux_head = false; // 64×64 leaves the aux head a 4×4 map; it needs 5×5
-                let dir = builtin_folder(network.image_size as u32, args.synthetic_per_class, args.run.seed)?;
-                writeln!(out, "built-in data as an ImageNet-style JPEG folder: {}", dir.display())?;
-                dir
+                TransferData::Builtin { root: PathBuf::from("runs/transfer-data"), per_class: args.synthetic_per_class }
             }
         };
-        let classes = nas_data::ImageFolder::open_imagenet(&data_dir)?.train.class_names().len();
-        network.num_classes = classes;
-        recipe.network = network.clone();
-        if builtin {
-            // About 4 minutes for NASNet-A (6.2M mult-adds per image): fewer epochs for
-            // costlier cells, at least 3.
-            let madds = network_cost(&spec, &recipe.network).map_or(6.2e6, |c| c.network.mult_adds as f64);
-            recipe.epochs = ((12.0 * 6.2e6 / madds).round() as u64).clamp(3, 12);
-            // The built-in images show one small pattern: Inception crops down to 5 % of the
-            // area often cut it away.
-            recipe.augment = nas_train::data::Augment::Light;
-            // Ten classes on a 2×2 final map: TF-Slim's fan-out classifier starts with logits
-            // of std near 10 and the run would not leave chance in its few hundred steps.
-            recipe.classifier_init = nas_train::recipe::ClassifierInit::FanIn;
+        let options = TransferOptions {
+            recipe: Recipe::preset(&args.recipe)?,
+            net: args.net.clone(),
+            image_size: args.image,
+            bn_decay: args.bn_decay,
+            dropout_keep: args.dropout_keep,
+            data,
+            seed: args.run.seed,
+        };
+        let prepared = transfer::prepare(&spec, &options)?;
+        if let Some(dir) = &prepared.builtin_dir {
+            writeln!(out, "built-in data as an ImageNet-style JPEG folder: {}", dir.display())?;
         }
+        let mut recipe = prepared.recipe;
         args.run.apply(&mut recipe);
         if args.no_ema {
             recipe.ema_decay = None;
         }
         recipe.validate()?;
         let network = recipe.network.clone();
+        let classes = network.num_classes;
         let cost =
-            network_cost(&spec, &network).with_context(|| format!("--net {net} at {} px", network.image_size))?;
+            network_cost(&spec, &network).with_context(|| format!("the network at {} px", network.image_size))?;
         writeln!(out, "cell: {source}")?;
         writeln!(out, "| network | parameters | mult-adds | ImageNet top-1 |")?;
         writeln!(out, "|---|---|---|---|")?;
@@ -189,14 +148,15 @@ pub fn transfer(args: &TransferArgs, load_cell: &dyn Fn(&str) -> Result<CellSpec
             cost.network.params_trainable as f64 / 1e6,
             cost.network.mult_adds as f64 / 1e6
         )?;
-        for (name, params, madds, top1) in PAPER {
-            writeln!(out, "| {name} (paper) | {params} | {madds} | {top1} % |")?;
+        for (r, top1) in paper_imagenet() {
+            let madds = r.mult_adds_text().unwrap_or_default();
+            writeln!(out, "| {} {} (paper) | {} | {madds} | {top1:.1} % |", r.name, r.skeleton(), r.params_text())?;
         }
         let dir = args.run.out.clone().unwrap_or_else(|| default_out("transfer"));
         let config = RunConfig {
             cell_spec: spec,
             recipe,
-            data: DataSource::ImageNet { dir: data_dir },
+            data: prepared.data,
             seed: args.run.seed,
             init: args.run.init.clone(),
         };
@@ -214,9 +174,16 @@ pub fn transfer(args: &TransferArgs, load_cell: &dyn Fn(&str) -> Result<CellSpec
     let plot = plot_curves(&dir)?;
     let md = dir.join(run::files::REPORT_MD);
     let mut text = std::fs::read_to_string(&md).unwrap_or_default();
+    let paper: Vec<String> = paper_imagenet()
+        .map(|(r, top1)| {
+            let madds = r.mult_adds_text().unwrap_or_default();
+            format!("{} {} parameters, {madds} mult-adds, {top1:.1} % top-1", r.name, r.params_text())
+        })
+        .collect();
     text.push_str(&format!(
-        "\n![cell](cell.svg)\n\n![training curves]({})\n\nPaper, for scale: NASNet-A Mobile 5.3M parameters, 564M mult-adds, 74.0 % top-1; Large 88.9M, 23.8B, 82.7 %.\n",
-        plot.file_name().and_then(|n| n.to_str()).unwrap_or("curves.svg")
+        "\n![cell](cell.svg)\n\n![training curves]({})\n\nPaper, for scale: {}.\n",
+        plot.file_name().and_then(|n| n.to_str()).unwrap_or("curves.svg"),
+        paper.join("; ")
     ));
     std::fs::write(&md, text).with_context(|| format!("writing {}", md.display()))?;
     let m = &report.final_eval.metrics;

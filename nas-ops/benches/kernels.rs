@@ -23,11 +23,11 @@ use std::time::Duration;
 use candle_core::{Device, Result, Tensor, Var};
 use candle_nn::{BatchNormConfig, ModuleT, VarBuilder, VarMap};
 use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, SamplingMode};
-use nas_ops::kernels::batch_norm::{batch_norm_train, batch_norm_train_reference};
+use nas_ops::kernels::batch_norm::{batch_norm_train, batch_norm_train_reference, BatchNormOptions};
+use nas_ops::kernels::conv1x1::{conv1x1, Conv1x1Options};
 use nas_ops::kernels::depthwise::{depthwise_conv2d, depthwise_conv2d_reference};
-use nas_ops::kernels::pool::{avg_pool2d, avg_pool2d_reference, max_pool2d, max_pool2d_reference};
-use nas_ops::kernels::Padding2d;
-use nas_ops::layers::conv1x1;
+use nas_ops::kernels::pool::{pool2d, pool2d_reference, PoolKind, PoolOptions};
+use nas_ops::kernels::{ConvOptions, Padding2d};
 
 type Group<'a> = BenchmarkGroup<'a, criterion::measurement::WallTime>;
 
@@ -98,39 +98,37 @@ fn depthwise(c: &mut Criterion) {
         let [_, ch, h, w] = shape;
         let xs = filled(&shape, 2 * seed as u64);
         let weight = filled(&[ch, 1, k, k], 2 * seed as u64 + 1);
-        let pad = Padding2d::same(h, w, k, k, stride, 1);
+        let opts = ConvOptions::same((h, w), (k, k), stride, 1);
         let case = format!("{}_k{k}s{stride}", shape_name(shape));
 
         let mut g = group(c, &format!("depthwise/fwd/{case}"));
-        bench_fwd(&mut g, "custom", || depthwise_conv2d(&xs, &weight, stride, 1, pad));
-        bench_fwd(&mut g, "candle", || depthwise_conv2d_reference(&xs, &weight, stride, 1, pad));
+        bench_fwd(&mut g, "custom", || depthwise_conv2d(&xs, &weight, opts));
+        bench_fwd(&mut g, "candle", || depthwise_conv2d_reference(&xs, &weight, opts));
         g.finish();
 
         let (xs, weight) = (var(&xs), var(&weight));
         let mut g = group(c, &format!("depthwise/fwd_bwd/{case}"));
-        bench_fwd_bwd(&mut g, "custom", || depthwise_conv2d(&xs, &weight, stride, 1, pad));
-        bench_fwd_bwd(&mut g, "candle", || depthwise_conv2d_reference(&xs, &weight, stride, 1, pad));
+        bench_fwd_bwd(&mut g, "custom", || depthwise_conv2d(&xs, &weight, opts));
+        bench_fwd_bwd(&mut g, "candle", || depthwise_conv2d_reference(&xs, &weight, opts));
         g.finish();
     }
 }
 
-type PoolFn = fn(&Tensor, usize, usize, Padding2d) -> Result<Tensor>;
-
 fn pooling(c: &mut Criterion) {
-    let kinds: [(&str, PoolFn, PoolFn, bool); 2] =
-        [("max_pool", max_pool2d, max_pool2d_reference, true), ("avg_pool", avg_pool2d, avg_pool2d_reference, false)];
+    let kinds = [("max_pool", PoolKind::Max), ("avg_pool", PoolKind::Avg)];
     for (seed, (shape, k, stride)) in [([32, 64, 32, 32], 3, 1), ([32, 44, 56, 56], 3, 2)].into_iter().enumerate() {
         let [_, _, h, w] = shape;
         let xs = filled(&shape, 10 + seed as u64);
         let pad = Padding2d::same(h, w, k, k, stride, 1);
         let case = format!("{}_k{k}s{stride}", shape_name(shape));
-        for (name, custom, reference, is_max) in kinds {
+        for (name, kind) in kinds {
+            let opts = PoolOptions { kind, kernel: k, stride, padding: pad };
             let mut g = group(c, &format!("{name}/fwd/{case}"));
-            bench_fwd(&mut g, "custom", || custom(&xs, k, stride, pad));
-            bench_fwd(&mut g, "candle", || reference(&xs, k, stride, pad));
+            bench_fwd(&mut g, "custom", || pool2d(&xs, opts));
+            bench_fwd(&mut g, "candle", || pool2d_reference(&xs, opts));
             bench_fwd(&mut g, "candle_native", || {
                 let padded = xs.pad_with_zeros(2, pad.top, pad.bottom)?.pad_with_zeros(3, pad.left, pad.right)?;
-                if is_max {
+                if kind == PoolKind::Max {
                     padded.max_pool2d_with_stride(k, stride)
                 } else {
                     padded.avg_pool2d_with_stride(k, stride)
@@ -140,8 +138,8 @@ fn pooling(c: &mut Criterion) {
 
             let xs = var(&xs);
             let mut g = group(c, &format!("{name}/fwd_bwd/{case}"));
-            bench_fwd_bwd(&mut g, "custom", || custom(&xs, k, stride, pad));
-            bench_fwd_bwd(&mut g, "candle", || reference(&xs, k, stride, pad));
+            bench_fwd_bwd(&mut g, "custom", || pool2d(&xs, opts));
+            bench_fwd_bwd(&mut g, "candle", || pool2d_reference(&xs, opts));
             g.finish();
         }
     }
@@ -159,15 +157,19 @@ fn batch_norm(c: &mut Criterion) {
         let case = shape_name(shape);
 
         let mut g = group(c, &format!("batch_norm/fwd/{case}"));
-        bench_fwd(&mut g, "custom", || Ok(batch_norm_train(&xs, &gamma, &beta, BN_EPS)?.ys));
-        bench_fwd(&mut g, "candle", || Ok(batch_norm_train_reference(&xs, &gamma, &beta, BN_EPS)?.ys));
+        bench_fwd(&mut g, "custom", || Ok(batch_norm_train(&xs, &gamma, &beta, BatchNormOptions::new(BN_EPS))?.ys));
+        bench_fwd(&mut g, "candle", || {
+            Ok(batch_norm_train_reference(&xs, &gamma, &beta, BatchNormOptions::new(BN_EPS))?.ys)
+        });
         bench_fwd(&mut g, "candle_nn", || bn.forward_t(&xs, true));
         g.finish();
 
         let xs = var(&xs);
         let mut g = group(c, &format!("batch_norm/fwd_bwd/{case}"));
-        bench_fwd_bwd(&mut g, "custom", || Ok(batch_norm_train(&xs, &gamma, &beta, BN_EPS)?.ys));
-        bench_fwd_bwd(&mut g, "candle", || Ok(batch_norm_train_reference(&xs, &gamma, &beta, BN_EPS)?.ys));
+        bench_fwd_bwd(&mut g, "custom", || Ok(batch_norm_train(&xs, &gamma, &beta, BatchNormOptions::new(BN_EPS))?.ys));
+        bench_fwd_bwd(&mut g, "candle", || {
+            Ok(batch_norm_train_reference(&xs, &gamma, &beta, BatchNormOptions::new(BN_EPS))?.ys)
+        });
         bench_fwd_bwd(&mut g, "candle_nn", || bn.forward_t(&xs, true));
         g.finish();
     }
@@ -180,13 +182,13 @@ fn pointwise(c: &mut Criterion) {
         let case = format!("{}_to{c_out}", shape_name(shape));
 
         let mut g = group(c, &format!("conv1x1/fwd/{case}"));
-        bench_fwd(&mut g, "custom", || conv1x1(&xs, &weight));
+        bench_fwd(&mut g, "custom", || conv1x1(&xs, &weight, Conv1x1Options::default()));
         bench_fwd(&mut g, "candle", || xs.conv2d(&weight, 0, 1, 1, 1));
         g.finish();
 
         let (xs, weight) = (var(&xs), var(&weight));
         let mut g = group(c, &format!("conv1x1/fwd_bwd/{case}"));
-        bench_fwd_bwd(&mut g, "custom", || conv1x1(&xs, &weight));
+        bench_fwd_bwd(&mut g, "custom", || conv1x1(&xs, &weight, Conv1x1Options::default()));
         bench_fwd_bwd(&mut g, "candle", || xs.conv2d(&weight, 0, 1, 1, 1));
         g.finish();
     }

@@ -6,55 +6,221 @@
 //! `comb_iter_{b}_{left,right}`). Every shape and projection comes from
 //! `nas_space::network::CellLayout`.
 //!
-//! Training with gradients on the CPU runs the whole cell as one node of candle's graph
-//! (`forward_taped`, on a `crate::tape::Tape`); inference without gradients on the CPU runs
-//! it one sample at a time, each sample's states kept in cache (`eval_program`, a
+//! [`CellModule::new`] lowers the cell once into a `Schedule`: a list of nodes (the
+//! preamble, the adjustment of the previous input, each block's two branches, the
+//! concatenation's projections), each with the state it reads, where its result goes, its
+//! drop path, the earlier node it shares a result with, and each state's home in a
+//! per-sample program. Three small interpreters run it: training with gradients on the CPU
+//! runs the whole cell as one node of candle's graph (`forward_taped`, on a
+//! `crate::tape::Tape`); inference without gradients on the CPU runs it one sample at a
+//! time, each sample's states kept in cache (`eval_program`, a
 //! `kernels::cell_eval::Program`); every other mode runs the ops as candle nodes
 //! (`forward_ops`). All compute the same values, gradients and statistics.
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, ModuleT, Result, Shape, Tensor};
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 use nas_space::network::{CellLayout, FeatureShape, PrevAdjust};
 use nas_space::{Cell, Combine};
 
 use crate::drop_path::{drop_path_add, scale_examples, DropPath};
-use crate::kernels::cell_eval::{Program, Step, Val};
+use crate::kernels::cell_eval::{Program, Put, Step, Val};
 use crate::kernels::concat::{cat_channels, cat_channels_cpu, split_channels, Part};
 use crate::layers::Conv2dConfig;
-use crate::ops::{ActConvBn, BnConfig, CellOp, FactorizedReduction};
+use crate::ops::{
+    ActConvBn, ActConvBnConfig, BnConfig, CellOp, FactorizedReduction, FactorizedReductionConfig, OpForms,
+};
 use crate::tape::{Grads, Tape, TapeGrads, Traced, Value};
 
-/// How state 1 is made from the previous input.
-#[derive(Debug, Clone)]
-enum Adjust {
-    /// No previous input: state 1 is the raw newest input.
-    UseX,
-    /// The previous input as it is.
-    Unchanged,
-    /// ReLU → 1×1 → BN (`conv_prev_1x1`).
-    Conv(ActConvBn),
-    /// ReLU → factorized reduction (`path_1`, `path_2`, `final_path_bn`).
-    Reduce(FactorizedReduction),
+/// What a node reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    /// The newest input.
+    X,
+    /// The previous input.
+    Prev,
+    /// A state of the cell.
+    State(usize),
 }
 
+/// Where a node's result goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target {
+    /// State 0 (the preamble) or 1 (the adjusted previous input), whole.
+    State(usize),
+    /// Side `side` of block `block` (state `2 + block`), combined with the other side.
+    Branch { block: usize, side: usize, combine: Combine },
+    /// Part `part` of the concatenation (a projection).
+    Part(usize),
+}
+
+/// One op of the lowered cell.
 #[derive(Debug, Clone)]
-struct BlockModule {
-    inputs: [usize; 2],
-    ops: [CellOp; 2],
-    combine: Combine,
+struct Node {
+    op: Arc<dyn OpForms>,
+    input: Source,
+    target: Target,
+    /// ScheduledDropPath applies to the result (training only).
+    drop_path: bool,
+    /// An earlier node computes the same value (a weightless op on the same state): its
+    /// result is taken instead of computing it again, as TF's graph optimiser does.
+    shares: Option<usize>,
+    /// A later node shares this result.
+    kept: bool,
+    /// A node of a later block shares this result, so the per-sample program keeps it in a
+    /// buffer of its own (a node of the same block finds it in its block's home).
+    own: bool,
+}
+
+/// Where a state lives in the per-sample program.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Home {
+    /// Its range of the output, from this channel: it enters the concatenation unprojected.
+    Out(usize),
+    /// An input, as it is (state 1 without adjustment).
+    Input(Source),
+    /// A buffer of its own.
+    Tmp,
+}
+
+/// One part of the concatenation.
+#[derive(Debug, Clone, Copy)]
+struct ConcatPart {
+    state: usize,
+    /// The node that projects the state, if any.
+    projection: Option<usize>,
+    /// Where it starts in the output.
+    channel: usize,
+    width: usize,
+}
+
+/// A cell lowered once: every decision about its wiring that the interpreters need.
+#[derive(Debug, Clone)]
+struct Schedule {
+    /// In the order they run: preamble, adjustment, the blocks' sides, projections.
+    nodes: Vec<Node>,
+    /// Per state.
+    homes: Vec<Home>,
+    /// Per state: only the concatenation reads it, unprojected, so an added block's two
+    /// branches may go to the concatenation as they are, their sum never stored alone.
+    concat_only: Vec<bool>,
+    parts: Vec<ConcatPart>,
+    /// State 1 is this input, unadjusted.
+    state1: Option<Source>,
+    needs_prev: bool,
+}
+
+impl Schedule {
+    fn new(cell: &Cell, layout: &CellLayout, bn: BnConfig, vb: &VarBuilder) -> Result<Schedule> {
+        let f = layout.states[0].channels;
+        let node = |op: Arc<dyn OpForms>, input, target| Node {
+            op,
+            input,
+            target,
+            drop_path: false,
+            shares: None,
+            kept: false,
+            own: false,
+        };
+        let pointwise = |c_in: usize| ActConvBnConfig { relu_input: true, conv: Conv2dConfig::square(c_in, f, 1) };
+        let mut nodes = vec![node(
+            Arc::new(ActConvBn::new(pointwise(layout.x.channels), bn, vb.pp("conv_1x1"))?),
+            Source::X,
+            Target::State(0),
+        )];
+        let state1 = match layout.prev_adjust {
+            PrevAdjust::UseX => Some(Source::X),
+            PrevAdjust::Unchanged => Some(Source::Prev),
+            PrevAdjust::Conv1x1 { c_in } => {
+                let op = ActConvBn::new(pointwise(c_in), bn, vb.pp("conv_prev_1x1"))?;
+                nodes.push(node(Arc::new(op), Source::Prev, Target::State(1)));
+                None
+            }
+            PrevAdjust::FactorizedReduction { c_in } => {
+                let cfg = FactorizedReductionConfig { c_in, c_out: f, stride: 2, relu_input: true };
+                nodes.push(node(
+                    Arc::new(FactorizedReduction::new(cfg, bn, vb.clone())?),
+                    Source::Prev,
+                    Target::State(1),
+                ));
+                None
+            }
+        };
+        let needs_prev =
+            matches!(layout.prev_adjust, PrevAdjust::Unchanged) || nodes.iter().any(|n| n.input == Source::Prev);
+        // The blocks' branches; a weightless op shares the result of an earlier one on the
+        // same state.
+        let mut pure = Vec::new();
+        for (b, (block, op_layouts)) in cell.blocks.iter().zip(&layout.ops).enumerate() {
+            for (side, name) in ["left", "right"].into_iter().enumerate() {
+                let vb = vb.pp(format!("comb_iter_{b}_{name}"));
+                let op = CellOp::new(block.ops[side], &op_layouts[side], f, bn, vb)?;
+                let input = block.inputs[side];
+                let key = op.pure_key().map(|key| (input, key));
+                let shares = key.and_then(|key| pure.iter().find(|(k, _)| *k == key).map(|(_, at)| *at));
+                match (key, shares) {
+                    (Some(key), None) => pure.push((key, nodes.len())),
+                    (_, Some(j)) => {
+                        let earlier: &mut Node = &mut nodes[j];
+                        earlier.kept = true;
+                        earlier.own |= !matches!(earlier.target, Target::Branch { block, .. } if block == b);
+                    }
+                    (None, None) => {}
+                }
+                let target = Target::Branch { block: b, side, combine: block.combine };
+                nodes.push(Node {
+                    drop_path: op.takes_drop_path(),
+                    shares,
+                    ..node(Arc::new(op), Source::State(input), target)
+                });
+            }
+        }
+        // The concatenation.
+        let mut parts = Vec::with_capacity(layout.concat.len());
+        let mut channel = 0;
+        for (p, entry) in layout.concat.iter().enumerate() {
+            let projection = match entry.factorized_reduction {
+                Some(stride) => {
+                    let cfg = FactorizedReductionConfig {
+                        c_in: entry.input.channels,
+                        c_out: entry.output.channels,
+                        stride,
+                        relu_input: false,
+                    };
+                    let op = FactorizedReduction::new(
+                        cfg,
+                        bn,
+                        vb.pp("cell_output").pp(format!("reduction_{}", entry.state)),
+                    )?;
+                    nodes.push(node(Arc::new(op), Source::State(entry.state), Target::Part(p)));
+                    Some(nodes.len() - 1)
+                }
+                None => None,
+            };
+            let width = entry.output.channels;
+            parts.push(ConcatPart { state: entry.state, projection, channel, width });
+            channel += width;
+        }
+        // Each state's home, and whether only the concatenation reads it.
+        let states = layout.states.len();
+        let mut homes = vec![Home::Tmp; states];
+        for part in parts.iter().rev().filter(|p| p.projection.is_none()) {
+            homes[part.state] = Home::Out(part.channel);
+        }
+        if let (Some(input), Home::Tmp) = (state1, homes[1]) {
+            homes[1] = Home::Input(input);
+        }
+        let read: Vec<bool> = (0..states).map(|s| nodes.iter().any(|n| n.input == Source::State(s))).collect();
+        let concat_only = (0..states).map(|s| !read[s] && matches!(homes[s], Home::Out(_))).collect();
+        Ok(Schedule { nodes, homes, concat_only, parts, state1, needs_prev })
+    }
 }
 
 /// One cell instance with its own weights.
 #[derive(Debug, Clone)]
 pub struct CellModule {
-    preamble: ActConvBn,
-    adjust: Adjust,
-    blocks: Vec<BlockModule>,
-    /// `(state, projection)` in concat order.
-    concat: Vec<(usize, Option<FactorizedReduction>)>,
-    /// Per block: its output only enters the concat, unprojected, so an added block's two
-    /// branches go to `cat_channels` as they are and their sum is never stored alone.
-    concat_only: Vec<bool>,
+    schedule: Schedule,
     drop_path: Option<DropPath>,
     /// Every shape of the cell (the per-sample program takes them from here).
     layout: CellLayout,
@@ -70,54 +236,8 @@ impl CellModule {
         drop_path: Option<DropPath>,
         vb: VarBuilder,
     ) -> Result<CellModule> {
-        let f = layout.states[0].channels;
-        let preamble = ActConvBn::new(true, Conv2dConfig::square(layout.x.channels, f, 1), bn, vb.pp("conv_1x1"))?;
-        let adjust = match layout.prev_adjust {
-            PrevAdjust::UseX => Adjust::UseX,
-            PrevAdjust::Unchanged => Adjust::Unchanged,
-            PrevAdjust::Conv1x1 { c_in } => {
-                Adjust::Conv(ActConvBn::new(true, Conv2dConfig::square(c_in, f, 1), bn, vb.pp("conv_prev_1x1"))?)
-            }
-            PrevAdjust::FactorizedReduction { c_in } => {
-                Adjust::Reduce(FactorizedReduction::new(c_in, f, 2, bn, vb.clone())?)
-            }
-        };
-        let blocks: Vec<BlockModule> = cell
-            .blocks
-            .iter()
-            .zip(&layout.ops)
-            .enumerate()
-            .map(|(b, (block, op_layouts))| {
-                let left = CellOp::new(block.ops[0], &op_layouts[0], f, bn, vb.pp(format!("comb_iter_{b}_left")))?;
-                let right = CellOp::new(block.ops[1], &op_layouts[1], f, bn, vb.pp(format!("comb_iter_{b}_right")))?;
-                Ok(BlockModule { inputs: block.inputs, ops: [left, right], combine: block.combine })
-            })
-            .collect::<Result<_>>()?;
-        let concat: Vec<(usize, Option<FactorizedReduction>)> = layout
-            .concat
-            .iter()
-            .map(|entry| {
-                let projection = match entry.factorized_reduction {
-                    Some(stride) => Some(FactorizedReduction::new(
-                        entry.input.channels,
-                        entry.output.channels,
-                        stride,
-                        bn,
-                        vb.pp("cell_output").pp(format!("reduction_{}", entry.state)),
-                    )?),
-                    None => None,
-                };
-                Ok((entry.state, projection))
-            })
-            .collect::<Result<_>>()?;
-        let concat_only = (0..blocks.len())
-            .map(|b| {
-                let state = 2 + b;
-                !blocks.iter().any(|blk| blk.inputs.contains(&state))
-                    && concat.iter().any(|(s, p)| *s == state && p.is_none())
-            })
-            .collect();
-        Ok(CellModule { preamble, adjust, blocks, concat, concat_only, drop_path, layout: layout.clone() })
+        let schedule = Schedule::new(cell, layout, bn, &vb)?;
+        Ok(CellModule { schedule, drop_path, layout: layout.clone() })
     }
 
     /// Runs the cell on the newest input `x` and the previous one `prev`.
@@ -126,6 +246,9 @@ impl CellModule {
     /// - `x`, `prev`: as the cell's `CellLayout` records them
     /// - returns: `(batch, layout.output.channels, layout.output.size, layout.output.size)`
     pub fn forward_t(&self, x: &Tensor, prev: Option<&Tensor>, train: bool) -> Result<Tensor> {
+        if self.schedule.needs_prev && prev.is_none() {
+            candle_core::bail!("this cell was built for a previous input, but none was given")
+        }
         // The fused paths: CPU, f32 or f64, both inputs alike.
         let fusable = !unfused()
             && x.device().is_cpu()
@@ -143,176 +266,185 @@ impl CellModule {
         self.forward_ops(x, prev, train)
     }
 
-    /// The cell in inference as a per-sample program (`kernels::cell_eval`), or `None`
-    /// when one of its ops has no per-sample steps (dense convs other than 1×1) or `x`
-    /// is not the shape its `CellLayout` records.
-    ///
-    /// Each state has a home: the concatenation's channel range when the state enters it
-    /// unprojected, the input itself for an unadjusted state 1, else a temporary buffer.
-    /// An added block's first op writes its home and the second adds to it (a 1×1 conv
-    /// or a separable conv by its gemm accumulating into it).
-    pub(crate) fn eval_program(&self, x: &Tensor, prev: Option<&Tensor>) -> Result<Option<Program>> {
-        if !self.blocks.iter().all(|b| b.ops.iter().all(CellOp::has_eval_steps)) {
-            return Ok(None);
-        }
-        let sample = |t: &Tensor| t.dims4().map(|(_, c, h, w)| (c, h, w));
-        let x_shape = sample(x)?;
-        let prev_shape = prev.map(sample).transpose()?;
-        // Every shape is the layout's (`CellLayout::new` decides them); inputs of other
-        // sizes run as candle ops.
-        let layout = &self.layout;
-        let square = |f: FeatureShape| (f.channels, f.size, f.size);
-        if x_shape != square(layout.x) {
-            return Ok(None);
-        }
-        let shapes: Vec<(usize, usize, usize)> = layout.states.iter().copied().map(square).collect();
-        let mut program = Program::new(x_shape, prev_shape, square(layout.output));
-        let out = program.out();
-        // Each concatenated part's place in the output.
-        let mut parts = Vec::with_capacity(layout.concat.len());
-        let mut channel = 0;
-        for entry in &layout.concat {
-            parts.push(out.channels(channel, entry.output.channels));
-            channel += entry.output.channels;
-        }
-        // Homes.
-        let input1 = match self.adjust {
-            Adjust::UseX => Some(program.x()),
-            Adjust::Unchanged => program.prev(),
-            Adjust::Conv(_) | Adjust::Reduce(_) => None,
-        };
-        let mut homes: Vec<Option<Val>> = vec![None; shapes.len()];
-        for ((state, projection), &part) in self.concat.iter().zip(&parts) {
-            if projection.is_none() && homes[*state].is_none() {
-                homes[*state] = Some(part);
+    /// Walks the schedule over values of `run` (candle tensors or values on a tape): the
+    /// concatenation's parts, a part being a state or an added block's two branches.
+    fn walk<R: Run>(&self, run: &mut R, x: R::V, prev: Option<R::V>, train: bool) -> Result<Vec<State<R::V>>> {
+        let schedule = &self.schedule;
+        let mut states: Vec<Option<State<R::V>>> = vec![None; schedule.homes.len()];
+        states[1] = schedule.state1.map(|input| match input {
+            Source::Prev => State::One(prev.clone().expect("checked by forward_t")),
+            _ => State::One(x.clone()),
+        });
+        let mut parts: Vec<Option<State<R::V>>> = vec![None; schedule.parts.len()];
+        let mut kept: Vec<Option<R::V>> = vec![None; schedule.nodes.len()];
+        let mut first_side = None;
+        for (i, node) in schedule.nodes.iter().enumerate() {
+            let ys = match node.shares {
+                Some(j) => kept[j].clone().expect("a shared result is kept"),
+                None => {
+                    let xs = match node.input {
+                        Source::X => &x,
+                        Source::Prev => prev.as_ref().expect("checked by forward_t"),
+                        Source::State(s) => match &states[s] {
+                            Some(State::One(v)) => v,
+                            _ => candle_core::bail!("cell: state {s} is read before it is one value"),
+                        },
+                    };
+                    run.op(&*node.op, xs)?
+                }
+            };
+            if node.kept {
+                kept[i] = Some(ys.clone());
             }
-        }
-        if homes[1].is_none() {
-            homes[1] = input1;
-        }
-        for (home, &shape) in homes.iter_mut().zip(&shapes) {
-            if home.is_none() {
-                *home = Some(program.tmp(shape));
-            }
-        }
-        let homes: Vec<Val> = homes.into_iter().map(|h| h.expect("every state has a home")).collect();
-        // State 0 and 1.
-        let x_val = program.x();
-        self.preamble.eval_steps(&mut program, x_val, homes[0], false)?;
-        match (&self.adjust, program.prev(), input1) {
-            (Adjust::Conv(conv), Some(p), _) => conv.eval_steps(&mut program, p, homes[1], false)?,
-            (Adjust::Reduce(reduce), Some(p), _) => reduce.eval_steps(&mut program, p, homes[1], true)?,
-            (_, _, Some(input1)) if input1 != homes[1] => {
-                program.push(Step::Copy { src: input1, dst: homes[1], add: false })
-            }
-            (Adjust::Conv(_) | Adjust::Reduce(_), None, _) => {
-                candle_core::bail!("this cell was built for a previous input, but none was given")
-            }
-            _ => {}
-        }
-        // The blocks.
-        for (b, block) in self.blocks.iter().enumerate() {
-            let dst = homes[2 + b];
-            let srcs = block.inputs.map(|i| homes[i]);
-            match block.combine {
-                Combine::Add => {
-                    let same_pure = block.ops[0].pure_key().is_some()
-                        && block.ops[0].pure_key() == block.ops[1].pure_key()
-                        && block.inputs[0] == block.inputs[1];
-                    if same_pure {
-                        block.ops[0].eval_steps(&mut program, srcs[0], dst, false)?;
-                        program.push(Step::Double { dst });
+            match node.target {
+                Target::State(s) => states[s] = Some(State::One(ys)),
+                Target::Part(p) => parts[p] = Some(State::One(ys)),
+                Target::Branch { block, side, combine } => {
+                    let scale = match &self.drop_path {
+                        Some(dp) if train && node.drop_path => dp.scales(R::batch(&ys)?),
+                        _ => None,
+                    };
+                    if side == 0 {
+                        first_side = Some((ys, scale));
                         continue;
                     }
-                    block.ops[0].eval_steps(&mut program, srcs[0], dst, false)?;
-                    block.ops[1].eval_steps(&mut program, srcs[1], dst, true)?;
-                }
-                Combine::Concat => {
-                    // Every op makes F channels (state 0's width).
-                    let f = shapes[0].0;
-                    block.ops[0].eval_steps(&mut program, srcs[0], dst.channels(0, f), false)?;
-                    block.ops[1].eval_steps(&mut program, srcs[1], dst.channels(f, dst.c - f), false)?;
+                    let (a, sa) = first_side.take().expect("a block's left side runs first");
+                    let state = match combine {
+                        Combine::Add if schedule.concat_only[2 + block] && sa.is_none() && scale.is_none() => {
+                            State::Sum(a, ys)
+                        }
+                        Combine::Add => State::One(run.add([a, ys], [sa, scale])?),
+                        Combine::Concat => State::One(run.cat([a, ys], [sa, scale])?),
+                    };
+                    states[2 + block] = Some(state);
                 }
             }
         }
-        // The concatenation's parts that are not already in place.
-        for ((state, projection), &dst) in self.concat.iter().zip(&parts) {
-            match projection {
-                Some(p) => p.eval_steps(&mut program, homes[*state], dst, false)?,
-                None if homes[*state] != dst => program.push(Step::Copy { src: homes[*state], dst, add: false }),
-                None => {}
-            }
-        }
-        Ok(Some(program))
+        schedule
+            .parts
+            .iter()
+            .zip(parts)
+            .map(|(part, projected)| match projected.or_else(|| states[part.state].clone()) {
+                Some(state) => Ok(state),
+                None => candle_core::bail!("cell: state {} is concatenated but never computed", part.state),
+            })
+            .collect()
     }
 
     /// [`forward_t`](Self::forward_t) as candle ops, each a node of candle's graph.
     fn forward_ops(&self, x: &Tensor, prev: Option<&Tensor>, train: bool) -> Result<Tensor> {
-        let state1 = match (&self.adjust, prev) {
-            (Adjust::UseX, _) => x.clone(),
-            (Adjust::Unchanged, Some(p)) => p.clone(),
-            (Adjust::Conv(conv), Some(p)) => conv.forward_t(p, train)?,
-            (Adjust::Reduce(reduce), Some(p)) => reduce.forward_relu_t(p, train)?,
-            (_, None) => candle_core::bail!("this cell was built for a previous input, but none was given"),
+        let parts = self.walk(&mut CandleRun { train }, x.clone(), prev.cloned(), train)?;
+        let out = cat_channels(&parts.into_iter().map(State::into_part).collect::<Vec<_>>())?;
+        Ok(if crate::grad_enabled() { out } else { out.detach() })
+    }
+
+    /// Training with gradients on the CPU: the whole cell as one node of candle's graph.
+    /// Every op runs its training forward on detached tensors, recorded on a [`Tape`]; one
+    /// custom op on `(x, prev, packed weights)` concatenates the states in its forward and
+    /// runs the tape in reverse in its backward (see `crate::tape` for what this saves).
+    /// The same values, moving statistics and drop-path draws as [`forward_ops`](Self::forward_ops).
+    fn forward_taped(&self, x: &Tensor, prev: Option<&Tensor>) -> Result<Tensor> {
+        let mut run = TapeRun { tape: Tape::new() };
+        let xs = run.tape.input(x);
+        let prev_in = prev.map(|p| run.tape.input(p));
+        let parts = self.walk(&mut run, xs.clone(), prev_in.clone(), true)?;
+        let tape = run.tape;
+        let inputs = std::iter::once(&xs).chain(&prev_in).map(|t| t.value).collect();
+        let packed = tape.weights().iter().map(Tensor::flatten_all).collect::<Result<Vec<_>>>()?;
+        let packed = Tensor::cat(&packed, 0)?;
+        let op = CellTrainOp { tape, parts, inputs };
+        match prev {
+            Some(p) => x.apply_op3(p, &packed, op),
+            None => x.apply_op2(&packed, op),
+        }
+    }
+
+    /// The cell in inference as a per-sample program (`kernels::cell_eval`), or `None`
+    /// when one of its ops has no per-sample steps (dense convs other than 1×1) or `x`
+    /// is not the shape its `CellLayout` records.
+    ///
+    /// Each state lives in its home (the schedule's); an added block's first branch writes
+    /// it and the second adds to it (a 1×1 conv or a separable conv by its gemm
+    /// accumulating into it); a branch that shares its block's first branch's result
+    /// doubles it.
+    pub(crate) fn eval_program(&self, x: &Tensor, prev: Option<&Tensor>) -> Result<Option<Program>> {
+        let layout = &self.layout;
+        let square = |f: FeatureShape| (f.channels, f.size, f.size);
+        let sample = |t: &Tensor| t.dims4().map(|(_, c, h, w)| (c, h, w));
+        // Every shape is the layout's (`CellLayout::new` decides them); inputs of other
+        // sizes run as candle ops.
+        if sample(x)? != square(layout.x) {
+            return Ok(None);
+        }
+        let schedule = &self.schedule;
+        let mut program = Program::new(square(layout.x), prev.map(sample).transpose()?, square(layout.output));
+        let out = program.out();
+        let input = |program: &Program, source: Source| match source {
+            Source::Prev => program.prev().expect("checked by forward_t"),
+            _ => program.x(),
         };
-        let state0 = self.preamble.forward_t(x, train)?;
-        let mut states = vec![Part::Copy(state0), Part::Copy(state1)];
-        // The outputs of weightless ops, computed once per (state, op): NASNet-A's normal
-        // cell averages the previous input twice in one block (TF's graph optimiser
-        // merges the two as well). Drop path is applied after, per branch.
-        let mut pure = Vec::new();
-        for (block, &concat_only) in self.blocks.iter().zip(&self.concat_only) {
-            let mut sides = Vec::with_capacity(2);
-            let mut scales = Vec::with_capacity(2);
-            for (op, &input) in block.ops.iter().zip(&block.inputs) {
-                let ys = match op.pure_key().map(|key| (input, key)) {
-                    Some(key) => match pure.iter().find(|(k, _)| *k == key) {
-                        Some((_, ys)) => Tensor::clone(ys),
-                        None => {
-                            let ys = op.forward_t(&states[input].value()?, train)?;
-                            pure.push((key, ys.clone()));
-                            ys
-                        }
-                    },
-                    None => op.forward_t(&states[input].value()?, train)?,
-                };
-                let scale = match &self.drop_path {
-                    Some(dp) if train && op.takes_drop_path() => dp.scales(ys.dim(0)?),
-                    _ => None,
-                };
-                sides.push(ys);
-                scales.push(scale);
+        let homes: Vec<Val> = schedule
+            .homes
+            .iter()
+            .zip(&layout.states)
+            .map(|(home, &shape)| match *home {
+                Home::Out(channel) => out.channels(channel, shape.channels),
+                Home::Input(source) => input(&program, source),
+                Home::Tmp => program.tmp(square(shape)),
+            })
+            .collect();
+        if let Some(source) = schedule.state1 {
+            let src = input(&program, source);
+            if src != homes[1] {
+                program.push(Step::Copy { src, dst: homes[1], put: Put::Write });
             }
-            let out = match block.combine {
-                // Drop path folded into the add (one pass; the dropped branches are not stored).
-                Combine::Add if concat_only && scales.iter().all(Option::is_none) => {
-                    let [a, b] = <[Tensor; 2]>::try_from(sides).expect("two branches");
-                    Part::Sum(a, b)
+        }
+        // Where each node's result can be read alone, for the nodes that share it.
+        let mut results: Vec<Option<Val>> = vec![None; schedule.nodes.len()];
+        for (i, node) in schedule.nodes.iter().enumerate() {
+            let src = match node.input {
+                Source::State(s) => homes[s],
+                source => input(&program, source),
+            };
+            let (dst, put) = match node.target {
+                Target::State(s) => (homes[s], Put::Write),
+                Target::Part(p) => (out.channels(schedule.parts[p].channel, schedule.parts[p].width), Put::Write),
+                Target::Branch { block, side, combine: Combine::Add } => {
+                    (homes[2 + block], if side == 0 { Put::Write } else { Put::Add })
                 }
-                Combine::Add => {
-                    Part::Copy(drop_path_add(&sides[0], scales[0].as_deref(), &sides[1], scales[1].as_deref())?)
-                }
-                Combine::Concat => {
-                    let scaled = sides
-                        .iter()
-                        .zip(&scales)
-                        .map(|(ys, s)| s.as_deref().map_or_else(|| Ok(ys.clone()), |s| scale_examples(ys, s)))
-                        .collect::<Result<Vec<_>>>()?;
-                    Part::Copy(Tensor::cat(&[&scaled[0], &scaled[1]], 1)?)
+                Target::Branch { block, side, combine: Combine::Concat } => {
+                    // Every op makes F channels (state 0's width).
+                    let (dst, f) = (homes[2 + block], layout.states[0].channels);
+                    (if side == 0 { dst.channels(0, f) } else { dst.channels(f, dst.c - f) }, Put::Write)
                 }
             };
-            states.push(out);
+            match node.shares.map(|j| results[j].expect("a shared result has a place")) {
+                Some(src) if src == dst && put == Put::Add => program.push(Step::Double { dst }),
+                Some(src) => program.push(Step::Copy { src, dst, put }),
+                None if node.own => {
+                    let own = program.tmp((dst.c, dst.h, dst.w));
+                    if !node.op.eval_steps(&mut program, src, own, Put::Write)? {
+                        return Ok(None);
+                    }
+                    program.push(Step::Copy { src: own, dst, put });
+                    results[i] = Some(own);
+                }
+                None => {
+                    if !node.op.eval_steps(&mut program, src, dst, put)? {
+                        return Ok(None);
+                    }
+                    results[i] = (put == Put::Write).then_some(dst);
+                }
+            }
         }
-        let parts = self
-            .concat
-            .iter()
-            .map(|(state, projection)| match projection {
-                Some(p) => Ok(Part::Copy(p.forward_t(&states[*state].value()?, train)?)),
-                None => Ok(states[*state].clone()),
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let out = cat_channels(&parts)?;
-        Ok(if crate::grad_enabled() { out } else { out.detach() })
+        // The concatenation's unprojected parts that are not already in place.
+        for part in schedule.parts.iter().filter(|p| p.projection.is_none()) {
+            let dst = out.channels(part.channel, part.width);
+            if homes[part.state] != dst {
+                program.push(Step::Copy { src: homes[part.state], dst, put: Put::Write });
+            }
+        }
+        Ok(Some(program))
     }
 }
 
@@ -341,117 +473,103 @@ fn unfused() -> bool {
     false
 }
 
-/// A state on the tape: a value, or a block's two branches whose sum only enters the
-/// concatenation (never stored on its own).
+/// A state during a walk: a value, or an added block's two branches whose sum only enters
+/// the concatenation (never stored on its own).
 #[derive(Debug, Clone)]
-enum TapedState {
-    One(Traced),
-    Sum(Traced, Traced),
+enum State<V> {
+    One(V),
+    Sum(V, V),
 }
 
-impl TapedState {
-    fn one(&self, state: usize) -> Result<&Traced> {
+impl State<Tensor> {
+    fn into_part(self) -> Part {
         match self {
-            TapedState::One(t) => Ok(t),
-            TapedState::Sum(..) => candle_core::bail!("cell: state {state} is read but was kept as an unsummed pair"),
+            State::One(t) => Part::Copy(t),
+            State::Sum(a, b) => Part::Sum(a, b),
         }
     }
+}
 
+impl State<Traced> {
     fn part(&self) -> Part {
         match self {
-            TapedState::One(t) => Part::Copy(t.tensor.clone()),
-            TapedState::Sum(a, b) => Part::Sum(a.tensor.clone(), b.tensor.clone()),
+            State::One(t) => Part::Copy(t.tensor.clone()),
+            State::Sum(a, b) => Part::Sum(a.tensor.clone(), b.tensor.clone()),
         }
     }
 }
 
-impl CellModule {
-    /// Training with gradients on the CPU: the whole cell as one node of candle's graph.
-    /// Every op runs its training forward on detached tensors, recorded on a [`Tape`]; one
-    /// custom op on `(x, prev, packed weights)` concatenates the states in its forward and
-    /// runs the tape in reverse in its backward (see `crate::tape` for what this saves).
-    /// The same values, moving statistics and drop-path draws as [`forward_ops`](Self::forward_ops).
-    fn forward_taped(&self, x: &Tensor, prev: Option<&Tensor>) -> Result<Tensor> {
-        let mut tape = Tape::new();
-        let xs = tape.input(x);
-        let prev_in = prev.map(|p| tape.input(p));
-        let state1 = match (&self.adjust, &prev_in) {
-            (Adjust::UseX, _) => xs.clone(),
-            (Adjust::Unchanged, Some(p)) => p.clone(),
-            (Adjust::Conv(conv), Some(p)) => conv.trace(&mut tape, p)?,
-            (Adjust::Reduce(reduce), Some(p)) => reduce.trace(&mut tape, p, true)?,
-            (_, None) => candle_core::bail!("this cell was built for a previous input, but none was given"),
-        };
-        let state0 = self.preamble.trace(&mut tape, &xs)?;
-        let mut states = vec![TapedState::One(state0), TapedState::One(state1)];
-        let mut pure: Vec<(_, Traced)> = Vec::new();
-        for (block, &concat_only) in self.blocks.iter().zip(&self.concat_only) {
-            let mut sides = Vec::with_capacity(2);
-            let mut scales = Vec::with_capacity(2);
-            for (op, &input) in block.ops.iter().zip(&block.inputs) {
-                let xs = states[input].one(input)?;
-                let ys = match op.pure_key().map(|key| (input, key)) {
-                    Some(key) => match pure.iter().find(|(k, _)| *k == key) {
-                        Some((_, ys)) => ys.clone(),
-                        None => {
-                            let ys = op.trace(&mut tape, xs)?;
-                            pure.push((key, ys.clone()));
-                            ys
-                        }
-                    },
-                    None => op.trace(&mut tape, xs)?,
-                };
-                let scale = match &self.drop_path {
-                    Some(dp) if op.takes_drop_path() => dp.scales(ys.tensor.dim(0)?),
-                    _ => None,
-                };
-                sides.push(ys);
-                scales.push(scale);
-            }
-            let [a, b] = <[Traced; 2]>::try_from(sides).expect("two branches");
-            let [sa, sb] = <[Option<Vec<f64>>; 2]>::try_from(scales).expect("two branches");
-            let scaled = |grad: &Tensor, s: &Option<Vec<f64>>| match s {
-                Some(s) => scale_examples(grad, s).map(Some),
-                None => Ok(Some(grad.clone())),
-            };
-            let out = match block.combine {
-                Combine::Add if concat_only && sa.is_none() && sb.is_none() => TapedState::Sum(a, b),
-                Combine::Add => {
-                    let ys = drop_path_add(&a.tensor, sa.as_deref(), &b.tensor, sb.as_deref())?;
-                    TapedState::One(tape.record(&[&a, &b], &[], ys, move |grad| {
-                        Ok(Grads { inputs: vec![scaled(grad, &sa)?, scaled(grad, &sb)?], weights: vec![] })
-                    }))
-                }
-                Combine::Concat => {
-                    let scale = |t: &Tensor, s: &Option<Vec<f64>>| {
-                        s.as_deref().map_or_else(|| Ok(t.clone()), |s| scale_examples(t, s))
-                    };
-                    let ys = cat_channels(&[Part::Copy(scale(&a.tensor, &sa)?), Part::Copy(scale(&b.tensor, &sb)?)])?;
-                    let widths = [a.tensor.dim(1)?, b.tensor.dim(1)?];
-                    TapedState::One(tape.record(&[&a, &b], &[], ys, move |grad| {
-                        let [ga, gb] = <[Tensor; 2]>::try_from(split_channels(grad, &widths)?).expect("two parts");
-                        Ok(Grads { inputs: vec![scaled(&ga, &sa)?, scaled(&gb, &sb)?], weights: vec![] })
-                    }))
-                }
-            };
-            states.push(out);
-        }
-        let parts = self
-            .concat
-            .iter()
-            .map(|(state, projection)| match projection {
-                Some(p) => Ok(TapedState::One(p.trace(&mut tape, states[*state].one(*state)?, false)?)),
-                None => Ok(states[*state].clone()),
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let inputs = std::iter::once(&xs).chain(&prev_in).map(|t| t.value).collect();
-        let packed = tape.weights().iter().map(Tensor::flatten_all).collect::<Result<Vec<_>>>()?;
-        let packed = Tensor::cat(&packed, 0)?;
-        let op = CellTrainOp { tape, parts, inputs };
-        match prev {
-            Some(p) => x.apply_op3(p, &packed, op),
-            None => x.apply_op2(&packed, op),
-        }
+/// Drop-path scales per example of each branch (`None`: kept whole).
+type Scales = [Option<Vec<f64>>; 2];
+
+/// What a walk of the schedule computes with: candle tensors or values on a tape.
+trait Run {
+    type V: Clone;
+    fn op(&mut self, op: &dyn OpForms, xs: &Self::V) -> Result<Self::V>;
+    fn batch(v: &Self::V) -> Result<usize>;
+    /// `a · sa + b · sb`, the drop-path scales folded into the add.
+    fn add(&mut self, branches: [Self::V; 2], scales: Scales) -> Result<Self::V>;
+    /// The branches, scaled, concatenated along the channels.
+    fn cat(&mut self, branches: [Self::V; 2], scales: Scales) -> Result<Self::V>;
+}
+
+fn scaled(t: &Tensor, s: &Option<Vec<f64>>) -> Result<Tensor> {
+    s.as_deref().map_or_else(|| Ok(t.clone()), |s| scale_examples(t, s))
+}
+
+struct CandleRun {
+    train: bool,
+}
+
+impl Run for CandleRun {
+    type V = Tensor;
+
+    fn op(&mut self, op: &dyn OpForms, xs: &Tensor) -> Result<Tensor> {
+        op.forward_t(xs, self.train)
+    }
+
+    fn batch(v: &Tensor) -> Result<usize> {
+        v.dim(0)
+    }
+
+    fn add(&mut self, [a, b]: [Tensor; 2], [sa, sb]: Scales) -> Result<Tensor> {
+        drop_path_add(&a, sa.as_deref(), &b, sb.as_deref())
+    }
+
+    fn cat(&mut self, [a, b]: [Tensor; 2], [sa, sb]: Scales) -> Result<Tensor> {
+        Tensor::cat(&[&scaled(&a, &sa)?, &scaled(&b, &sb)?], 1)
+    }
+}
+
+struct TapeRun {
+    tape: Tape,
+}
+
+impl Run for TapeRun {
+    type V = Traced;
+
+    fn op(&mut self, op: &dyn OpForms, xs: &Traced) -> Result<Traced> {
+        op.trace(&mut self.tape, xs)
+    }
+
+    fn batch(v: &Traced) -> Result<usize> {
+        v.tensor.dim(0)
+    }
+
+    fn add(&mut self, [a, b]: [Traced; 2], [sa, sb]: Scales) -> Result<Traced> {
+        let ys = drop_path_add(&a.tensor, sa.as_deref(), &b.tensor, sb.as_deref())?;
+        Ok(self.tape.record(&[&a, &b], &[], ys, move |grad| {
+            Ok(Grads { inputs: vec![Some(scaled(grad, &sa)?), Some(scaled(grad, &sb)?)], weights: vec![] })
+        }))
+    }
+
+    fn cat(&mut self, [a, b]: [Traced; 2], [sa, sb]: Scales) -> Result<Traced> {
+        let ys = cat_channels(&[Part::Copy(scaled(&a.tensor, &sa)?), Part::Copy(scaled(&b.tensor, &sb)?)])?;
+        let widths = [a.tensor.dim(1)?, b.tensor.dim(1)?];
+        Ok(self.tape.record(&[&a, &b], &[], ys, move |grad| {
+            let [ga, gb] = <[Tensor; 2]>::try_from(split_channels(grad, &widths)?).expect("two parts");
+            Ok(Grads { inputs: vec![Some(scaled(&ga, &sa)?), Some(scaled(&gb, &sb)?)], weights: vec![] })
+        }))
     }
 }
 
@@ -461,13 +579,13 @@ const NAME: &str = "cell-train";
 /// inputs (`x`, then `prev` when given).
 struct CellTrainOp {
     tape: Tape,
-    parts: Vec<TapedState>,
+    parts: Vec<State<Traced>>,
     inputs: Vec<Value>,
 }
 
 impl CellTrainOp {
     fn forward(&self) -> Result<(CpuStorage, Shape)> {
-        cat_channels_cpu(&self.parts.iter().map(TapedState::part).collect::<Vec<_>>())
+        cat_channels_cpu(&self.parts.iter().map(State::part).collect::<Vec<_>>())
     }
 
     /// The gradients of the `inputs` (`x`, then `prev` when given) and of the packed weights
@@ -479,14 +597,14 @@ impl CellTrainOp {
             .parts
             .iter()
             .map(|p| match p {
-                TapedState::One(t) | TapedState::Sum(t, _) => t.tensor.dim(1),
+                State::One(t) | State::Sum(t, _) => t.tensor.dim(1),
             })
             .collect::<Result<Vec<_>>>()?;
         let mut seeds = Vec::with_capacity(self.parts.len() + 5);
         for (part, g) in self.parts.iter().zip(split_channels(grad, &widths)?) {
             match part {
-                TapedState::One(t) => seeds.push((t.value, g)),
-                TapedState::Sum(a, b) => seeds.extend([(a.value, g.clone()), (b.value, g)]),
+                State::One(t) => seeds.push((t.value, g)),
+                State::Sum(a, b) => seeds.extend([(a.value, g.clone()), (b.value, g)]),
             }
         }
         let TapeGrads { values, weights } = self.tape.backward(seeds, &self.inputs)?;

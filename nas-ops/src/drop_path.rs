@@ -159,8 +159,7 @@ impl ScaledAdd {
             return Vec::new();
         }
         let factor = |s: &Option<Vec<f64>>, e: usize| s.as_ref().map(|s| T::from_f64(s[e] as f32 as f64));
-        // SAFETY: every element is written below.
-        let mut out = unsafe { crate::kernels::output_buffer::<T>(a.len()) };
+        let mut out = crate::kernels::Output::<T>::new(a.len());
         out.par_chunks_mut(per).zip(a.par_chunks(per).zip(b.par_chunks(per))).enumerate().for_each(
             |(e, (out, (a, b)))| {
                 let (fa, fb) = (factor(&self.sa, e), factor(&self.sb, e));
@@ -171,7 +170,7 @@ impl ScaledAdd {
                 }
             },
         );
-        out
+        out.into_vec()
     }
 }
 

@@ -8,15 +8,33 @@ use candle_core::{Module, ModuleT, Result, Tensor, Var, D};
 use candle_nn::{Init, VarBuilder};
 
 use crate::kernels::batch_norm::{
-    batch_norm_eval, batch_norm_eval_affine, batch_norm_eval_relu, batch_norm_train, batch_norm_train_relu,
-    batch_norm_train_step, BatchNormTrainStep,
+    batch_norm_eval, batch_norm_train, batch_norm_train_step, BatchNormOptions, BatchNormParams, BatchNormTrainStep,
 };
-use crate::kernels::conv1x1::{conv1x1_affine, conv1x1_grads};
+use crate::kernels::conv1x1::{conv1x1, conv1x1_grads, Affine, Conv1x1Options};
 use crate::kernels::dense::dense_conv2d;
-use crate::kernels::depthwise::{depthwise_conv2d, depthwise_conv2d_relu};
+use crate::kernels::depthwise::depthwise_conv2d;
 pub use crate::kernels::subsample::subsample2;
-use crate::kernels::Padding2d;
+use crate::kernels::ConvOptions;
 use crate::tape::{Grads, Tape, Traced, Weight};
+
+/// The ReLUs fused around a conv and the batch norm after it: on the conv's input (read
+/// through it, never stored) and on the batch norm's output.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Relus {
+    /// ReLU on the input.
+    pub input: bool,
+    /// ReLU on the output.
+    pub output: bool,
+}
+
+impl Relus {
+    /// No ReLU.
+    pub const NONE: Relus = Relus { input: false, output: false };
+    /// A ReLU on the input only.
+    pub const INPUT: Relus = Relus { input: true, output: false };
+    /// A ReLU on the output only.
+    pub const OUTPUT: Relus = Relus { input: false, output: true };
+}
 
 /// A dense convolution without bias, TF SAME padding (or VALID), any kernel shape.
 #[derive(Debug, Clone)]
@@ -68,29 +86,24 @@ impl Module for Conv2d {
     /// - `xs`: `(batch, c_in, h, w)`
     /// - returns: `(batch, c_out, ceil(h / stride), ceil(w / stride))` with SAME padding
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let (_, _, h, w) = xs.dims4()?;
-        if self.is_pointwise() {
-            return conv1x1(xs, &self.weight);
-        }
-        let pad = if self.same {
-            Padding2d::same(h, w, self.kh, self.kw, self.stride, self.dilation)
-        } else {
-            Padding2d::default()
-        };
-        dense_conv2d(xs, &self.weight, self.stride, self.dilation, pad)
+        self.forward_relu_input(xs, false)
     }
 }
 
 impl Conv2d {
-    /// `forward(&xs.relu())` when `relu`, else `forward(xs)`. A 1×1 stride-1 conv reads its
-    /// input through the ReLU inside the op (`kernels::conv1x1::conv1x1_relu`), so
-    /// `xs.relu()` is not stored.
-    pub fn forward_relu_if(&self, xs: &Tensor, relu: bool) -> Result<Tensor> {
-        match (relu, self.is_pointwise()) {
-            (false, _) => self.forward(xs),
-            (true, true) => pointwise(xs, &self.weight, true),
-            (true, false) => self.forward(&xs.relu()?),
+    /// [`forward`](Module::forward) of `xs`, read through a ReLU when `relu_input`. A 1×1
+    /// stride-1 conv reads it inside the op (`kernels::conv1x1`), so `xs.relu()` is not stored.
+    pub fn forward_relu_input(&self, xs: &Tensor, relu_input: bool) -> Result<Tensor> {
+        if self.is_pointwise() {
+            return conv1x1(xs, &self.weight, Conv1x1Options { relu_input, affine: None });
         }
+        let (_, _, h, w) = xs.dims4()?;
+        let opts = if self.same {
+            ConvOptions::same((h, w), (self.kh, self.kw), self.stride, self.dilation)
+        } else {
+            ConvOptions { stride: self.stride, dilation: self.dilation, ..ConvOptions::default() }
+        };
+        dense_conv2d(xs, &self.weight, opts.relu_input(relu_input))
     }
 
     /// The weight, `(c_out, c_in, kh, kw)`.
@@ -107,11 +120,6 @@ impl Conv2d {
     pub(crate) fn is_pointwise(&self) -> bool {
         self.kh == 1 && self.kw == 1 && self.stride == 1
     }
-}
-
-/// A 1×1 stride-1 convolution as one batched matmul: `(c_out, c_in) × (batch, c_in, h·w)`.
-pub fn conv1x1(xs: &Tensor, weight: &Tensor) -> Result<Tensor> {
-    crate::kernels::conv1x1::conv1x1(xs, weight)
 }
 
 /// A depthwise convolution (multiplier 1) without bias, TF SAME padding.
@@ -134,16 +142,6 @@ impl DepthwiseConv2d {
     pub(crate) fn parts(&self) -> (&Tensor, usize, usize) {
         (&self.weight, self.stride, self.dilation)
     }
-
-    /// `forward(&xs.relu())` with the ReLU read inside the op (`xs.relu()` is not stored).
-    ///
-    /// # Shapes
-    /// As `forward`.
-    pub fn forward_relu(&self, xs: &Tensor) -> Result<Tensor> {
-        let (_, _, h, w) = xs.dims4()?;
-        let pad = Padding2d::same(h, w, self.k, self.k, self.stride, self.dilation);
-        depthwise_conv2d_relu(xs, &self.weight, self.stride, self.dilation, pad)
-    }
 }
 
 impl Module for DepthwiseConv2d {
@@ -152,8 +150,7 @@ impl Module for DepthwiseConv2d {
     /// - returns: `(batch, c, ceil(h / stride), ceil(w / stride))`
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let (_, _, h, w) = xs.dims4()?;
-        let pad = Padding2d::same(h, w, self.k, self.k, self.stride, self.dilation);
-        depthwise_conv2d(xs, &self.weight, self.stride, self.dilation, pad)
+        depthwise_conv2d(xs, &self.weight, ConvOptions::same((h, w), (self.k, self.k), self.stride, self.dilation))
     }
 }
 
@@ -185,49 +182,40 @@ impl BatchNorm {
 }
 
 impl BatchNorm {
-    /// `conv` on `xs` (read through a ReLU with `relu_in`), then this batch norm (then a
-    /// ReLU with `relu_out`, fused into the batch-norm op, so the tensor before it is not
-    /// kept for the backward pass). In eval mode a 1×1 conv takes the batch norm inside
-    /// (`kernels::conv1x1::conv1x1_affine`), so the conv's output is written once.
+    /// `conv` on `xs`, then this batch norm, with the ReLUs of `relus` (the output's fused
+    /// into the batch-norm op, so the tensor before it is not kept for the backward pass). In
+    /// eval mode a 1×1 conv takes the batch norm inside (`kernels::conv1x1` with an
+    /// `Affine`), so the conv's output is written once.
     ///
     /// # Shapes
     /// - `xs`: the conv's input; returns the conv's output shape
-    pub fn after_conv_t(
-        &self,
-        conv: &Conv2d,
-        xs: &Tensor,
-        relu_in: bool,
-        relu_out: bool,
-        train: bool,
-    ) -> Result<Tensor> {
+    pub fn after_conv_t(&self, conv: &Conv2d, xs: &Tensor, relus: Relus, train: bool) -> Result<Tensor> {
         if !train && conv.is_pointwise() {
-            let affine = self.eval_affine()?;
-            return conv1x1_affine(xs, &conv.weight, (&affine.0, &affine.1), relu_in, relu_out);
+            let (scale, shift) = self.params().eval_affine()?;
+            let affine = Affine { scale: &scale, shift: &shift, relu_output: relus.output };
+            return conv1x1(xs, &conv.weight, Conv1x1Options { relu_input: relus.input, affine: Some(affine) });
         }
-        self.forward_with(&conv.forward_relu_if(xs, relu_in)?, train, relu_out)
+        self.forward_with(&conv.forward_relu_input(xs, relus.input)?, train, relus.output)
     }
 
-    /// Evaluation mode as a per-channel `(scale, shift)`: `γ / sqrt(var + ε)` and
-    /// `β − mean · scale`, from the moving statistics.
-    pub(crate) fn eval_affine(&self) -> Result<(Tensor, Tensor)> {
-        let (rm, rv) = (self.running_mean.as_tensor(), self.running_var.as_tensor());
-        batch_norm_eval_affine(&self.weight, &self.bias, rm, rv, self.eps)
+    /// γ, β, the moving statistics and ε, for ops that run the batch norm inside them.
+    pub(crate) fn params(&self) -> BatchNormParams {
+        BatchNormParams {
+            gamma: self.weight.clone(),
+            beta: self.bias.clone(),
+            running_mean: self.running_mean.as_tensor().clone(),
+            running_var: self.running_var.as_tensor().clone(),
+            eps: self.eps,
+        }
     }
 
     fn forward_with(&self, xs: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
+        let opts = BatchNormOptions::new(self.eps).relu_output(relu);
         if !train {
             let (rm, rv) = (self.running_mean.as_tensor(), self.running_var.as_tensor());
-            return if relu {
-                batch_norm_eval_relu(xs, &self.weight, &self.bias, rm, rv, self.eps)
-            } else {
-                batch_norm_eval(xs, &self.weight, &self.bias, rm, rv, self.eps)
-            };
+            return batch_norm_eval(xs, [&self.weight, &self.bias, rm, rv], opts);
         }
-        let out = if relu {
-            batch_norm_train_relu(xs, &self.weight, &self.bias, self.eps)?
-        } else {
-            batch_norm_train(xs, &self.weight, &self.bias, self.eps)?
-        };
+        let out = batch_norm_train(xs, &self.weight, &self.bias, opts)?;
         let (b, _, h, w) = xs.dims4()?;
         self.update_moving(&out.mean, &out.var, b * h * w)?;
         Ok(out.ys)
@@ -243,11 +231,6 @@ impl BatchNorm {
         let var = ((self.running_var.as_tensor() * d)? + (unbiased * (1.0 - d))?)?;
         self.running_mean.set(&mean.detach())?;
         self.running_var.set(&var.detach())
-    }
-
-    /// γ, β and ε, for ops that run the training-mode batch norm inside them.
-    pub(crate) fn train_parts(&self) -> (&Tensor, &Tensor, f64) {
-        (&self.weight, &self.bias, self.eps)
     }
 }
 
@@ -272,44 +255,36 @@ impl BatchNorm {
     /// statistics updated; the caller records the op that ends with it.
     pub(crate) fn train_on(&self, tape: &mut Tape, xs: &Tensor) -> Result<TracedBatchNorm> {
         let (gamma, beta) = (tape.weight(&self.weight)?, tape.weight(&self.bias)?);
-        let step = batch_norm_train_step(xs, &gamma.tensor, &beta.tensor, self.eps, false)?;
+        let step = batch_norm_train_step(xs, &gamma.tensor, &beta.tensor, BatchNormOptions::new(self.eps))?;
         let ys = step.forward_no_bwd(xs, &gamma.tensor, &beta.tensor)?;
         let (b, _, h, w) = xs.dims4()?;
         self.update_moving(&step.mean, &step.var, b * h * w)?;
         Ok(TracedBatchNorm { step, gamma, beta, ys })
     }
 
-    /// `after_conv_t(conv, xs, relu_in, false, true)` recorded on `tape` as one op, for a
-    /// 1×1 stride-1 `conv` ([`Conv2d::is_pointwise`]).
+    /// `after_conv_t(conv, xs, relus, true)` recorded on `tape` as one op, for a 1×1 stride-1
+    /// `conv` ([`Conv2d::is_pointwise`]) and no ReLU on the output.
     pub(crate) fn trace_after_pointwise(
         &self,
         tape: &mut Tape,
         conv: &Conv2d,
         xs: &Traced,
-        relu_in: bool,
+        relus: Relus,
     ) -> Result<Traced> {
-        if !conv.is_pointwise() {
-            candle_core::bail!("trace_after_pointwise: the conv is not 1x1 with stride 1")
+        if !conv.is_pointwise() || relus.output {
+            candle_core::bail!("trace_after_pointwise: the conv is not 1x1 with stride 1, or a ReLU follows")
         }
+        let opts = Conv1x1Options { relu_input: relus.input, affine: None };
         let weight = tape.weight(&conv.weight)?;
-        let pre = pointwise(&xs.tensor, &weight.tensor, relu_in)?;
+        let pre = conv1x1(&xs.tensor, &weight.tensor, opts)?;
         let bn = self.train_on(tape, &pre)?;
         let (input, w) = (xs.tensor.clone(), weight.tensor.clone());
         let (gamma, beta, ys) = (bn.gamma.clone(), bn.beta.clone(), bn.ys.clone());
         Ok(tape.record(&[xs], &[&weight, &gamma, &beta], ys, move |grad| {
             let (grad_pre, grad_gamma, grad_beta) = bn.grads(&pre, grad)?;
-            let (grad_xs, grad_w) = conv1x1_grads(&input, &w, &grad_pre, relu_in)?;
+            let (grad_xs, grad_w) = conv1x1_grads(&input, &w, &grad_pre, opts)?;
             Ok(Grads { inputs: vec![Some(grad_xs)], weights: vec![grad_w, grad_gamma, grad_beta] })
         }))
-    }
-}
-
-/// A 1×1 stride-1 conv of `xs` (read through a ReLU with `relu_in`).
-pub(crate) fn pointwise(xs: &Tensor, weight: &Tensor, relu_in: bool) -> Result<Tensor> {
-    if relu_in {
-        crate::kernels::conv1x1::conv1x1_relu(xs, weight)
-    } else {
-        conv1x1(xs, weight)
     }
 }
 

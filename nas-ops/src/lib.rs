@@ -1,13 +1,17 @@
 //! NASNet ops, cells and whole networks as candle modules.
 //!
-//! This crate owns every operation of the NASNet search space with TF-Slim
-//! semantics ([`ops`]), the cell module built from any `nas_space::Cell`
-//! ([`cell::CellModule`]), the CIFAR and ImageNet networks built from a
-//! (`CellSpec`, `NetworkConfig`) ([`network::NasNet`]), ScheduledDropPath, TF-Slim's
-//! initialisation, inference without gradients ([`no_grad`]), a cell's training on the CPU
-//! as one node of candle's graph (recorded on a crate-private tape), a cell's inference on
-//! the CPU one sample at a time (a per-sample program of `kernels::cell_eval`) and the
-//! custom CPU kernels ([`kernels`]; CUDA twins come with the `cuda` issue).
+//! This crate owns every operation of the NASNet search space with TF-Slim semantics
+//! ([`ops`]), the cell module built from any `nas_space::Cell` ([`cell::CellModule`]), the
+//! CIFAR and ImageNet networks built from a (`CellSpec`, `NetworkConfig`)
+//! ([`network::NasNet`]), ScheduledDropPath, TF-Slim's initialisation, inference without
+//! gradients ([`no_grad`]) and the custom kernels ([`kernels`]: CPU, with CUDA twins under
+//! the `cuda` feature).
+//!
+//! A cell is lowered once into a schedule of nodes, read by three interpreters: candle ops
+//! (any mode, any device), a tape that makes a training cell one node of candle's graph (CPU),
+//! and a per-sample program for inference (CPU); each op states those three forms in one
+//! place (`ops::OpForms`).
+//!
 //! It does not own the grammar or the wiring (that is `nas-space`: `NetworkPlan` and
 //! `CellLayout` decide every shape and projection) nor training (`nas-train`).
 //!

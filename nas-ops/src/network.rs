@@ -14,10 +14,10 @@ use nas_space::{CellSpec, NetworkConfig};
 
 use crate::cell::CellModule;
 use crate::drop_path::{DropPath, DropPathSchedule};
-use crate::kernels::pool::avg_pool2d;
+use crate::kernels::pool::{pool2d, PoolOptions};
 use crate::kernels::Padding2d;
 use crate::layers::{global_avg_pool, BatchNorm, Conv2d, Conv2dConfig};
-use crate::ops::{ActConvBn, BnConfig};
+use crate::ops::{ActConvBn, ActConvBnConfig, BnConfig};
 
 /// What a forward pass returns.
 #[derive(Debug, Clone)]
@@ -38,7 +38,7 @@ struct AuxHead {
 
 impl AuxHead {
     fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        let xs = avg_pool2d(&xs.relu()?, 5, 3, Padding2d::default())?;
+        let xs = pool2d(&xs.relu()?, PoolOptions::avg(5, 3, Padding2d::default()))?;
         let xs = self.proj.forward_t(&xs, train)?.relu()?;
         let xs = self.conv.forward_t(&xs, train)?.relu()?;
         self.fc.forward(&xs.flatten_from(1)?)
@@ -100,11 +100,13 @@ impl NasNet {
         let aux = match plan.aux {
             Some(aux) => {
                 let vb = vb.pp("aux_head");
-                let proj = ActConvBn::new(false, Conv2dConfig::square(aux.input.channels, 128, 1), bn, vb.pp("proj"))?;
+                let proj_cfg =
+                    ActConvBnConfig { relu_input: false, conv: Conv2dConfig::square(aux.input.channels, 128, 1) };
+                let proj = ActConvBn::new(proj_cfg, bn, vb.pp("proj"))?;
                 let k = aux.pooled_size;
                 let conv_cfg =
                     Conv2dConfig { c_in: 128, c_out: 768, kh: k, kw: k, stride: 1, dilation: 1, same: false };
-                let conv = ActConvBn::new(false, conv_cfg, bn, vb.pp("conv"))?;
+                let conv = ActConvBn::new(ActConvBnConfig { relu_input: false, conv: conv_cfg }, bn, vb.pp("conv"))?;
                 let fc = linear(768, plan.head.num_classes, vb.pp("fc"))?;
                 Some(AuxHead { proj, conv, fc })
             }

@@ -5,22 +5,57 @@
 //! (`BranchSeparables`, `ActConvBn`) for the weight names.
 //! The op-level contract (what each op is, in layers) is documented on `nas_space::Op`;
 //! where projections go is decided by `nas_space::network::OpLayout`.
+//!
+//! Each op states its three forms in one place, its `impl OpForms`: as candle ops (every
+//! mode, every device), traced on a tape (a training cell on the CPU, `crate::tape`), and as
+//! per-sample steps (a cell in inference on the CPU, `kernels::cell_eval`). A cell runs
+//! whichever its mode allows (`cell::CellModule`); a new op or fusion is one `impl`.
 
-use candle_core::{Module, ModuleT, Result, Tensor};
+use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 use nas_space::network::OpLayout;
 use nas_space::{Op, OpKind, PoolKind};
 
-use crate::kernels::cell_eval::{Affine1x1, Half, Program, Step, Val};
+use crate::kernels::cell_eval::{Affine1x1, Program, Put, Step, Val};
 use crate::kernels::concat::{cat_channels, split_channels, Part};
-use crate::kernels::conv1x1::conv1x1_grads;
-use crate::kernels::pool::{avg_pool2d, max_pool2d, pool2d_grad};
+use crate::kernels::conv1x1::{conv1x1, conv1x1_grads, Conv1x1Options};
+use crate::kernels::pool::{pool2d, pool2d_grad, PoolOptions};
 use crate::kernels::separable::{separable_stack, SeparableHalf};
-use crate::kernels::separable_train::{separable_train, separable_train_traced, TrainHalf};
+use crate::kernels::separable_train::{separable_train, separable_train_traced};
 use crate::kernels::subsample::{subsample2_grad, subsample2_pair_grad};
-use crate::kernels::Padding2d;
-use crate::layers::{pointwise, subsample2, BatchNorm, Conv2d, Conv2dConfig, DepthwiseConv2d};
+use crate::layers::{subsample2, BatchNorm, Conv2d, Conv2dConfig, DepthwiseConv2d, Relus};
 use crate::tape::{Grads, Tape, Traced};
+
+/// The three forms of an op inside a cell. Each computes the same values, gradients and
+/// moving statistics (the tests of `crate::tests` hold them to it).
+pub(crate) trait OpForms: std::fmt::Debug + Send + Sync {
+    /// As candle ops, each a node of candle's graph: training mode with `train`, else
+    /// evaluation with the moving statistics. Any mode, any device.
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor>;
+
+    /// `forward_t(xs, true)` on detached tensors, recorded on `tape` with its backward (CPU,
+    /// f32 or f64). An op without a traced form of its own records candle's autograd on a
+    /// graph of its own (`Tape::record_candle`).
+    fn trace(&self, tape: &mut Tape, xs: &Traced) -> Result<Traced>;
+
+    /// Appends to `program` the steps that put `forward_t(src, false)` into `dst` as `put`
+    /// says. `Ok(false)`, having appended nothing, when the op has no per-sample steps (dense
+    /// convs other than 1×1): the cell then runs as candle ops.
+    fn eval_steps(&self, program: &mut Program, src: Val, dst: Val, put: Put) -> Result<bool>;
+}
+
+/// Implements candle's `ModuleT` for ops by their [`OpForms::forward_t`].
+macro_rules! module_by_forms {
+    ($($op:ty),*) => {$(
+        impl candle_core::ModuleT for $op {
+            fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+                OpForms::forward_t(self, xs, train)
+            }
+        }
+    )*};
+}
+
+module_by_forms!(ActConvBn, SepConv, ConvChain, Pool, FactorizedReduction, CellOp);
 
 /// BN settings shared by every layer of a network.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -37,6 +72,21 @@ impl BnConfig {
     }
 }
 
+/// A batch norm's eval-mode affine as the 1×1 conv `weight`'s step form.
+fn affine(weight: &Tensor, bn: &BatchNorm) -> Result<Affine1x1> {
+    let (scale, shift) = bn.params().eval_affine()?;
+    Ok(Affine1x1 { weight: weight.clone(), scale, shift })
+}
+
+/// The shape of [`ActConvBn`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ActConvBnConfig {
+    /// ReLU on the input.
+    pub relu_input: bool,
+    /// The conv; its output channels set the BN width.
+    pub conv: Conv2dConfig,
+}
+
 /// ReLU (optional) → conv → BN, as timm's `ActConvBn` (`conv`, `bn`).
 #[derive(Debug, Clone)]
 pub struct ActConvBn {
@@ -46,15 +96,37 @@ pub struct ActConvBn {
 }
 
 impl ActConvBn {
-    /// Builds the block; the conv's output channels set the BN width.
-    pub fn new(relu: bool, conv: Conv2dConfig, bn: BnConfig, vb: VarBuilder) -> Result<ActConvBn> {
-        Ok(ActConvBn { relu, conv: Conv2d::new(conv, vb.pp("conv"))?, bn: bn.bn(conv.c_out, vb.pp("bn"))? })
+    /// Builds the block.
+    pub fn new(cfg: ActConvBnConfig, bn: BnConfig, vb: VarBuilder) -> Result<ActConvBn> {
+        let bn = bn.bn(cfg.conv.c_out, vb.pp("bn"))?;
+        Ok(ActConvBn { relu: cfg.relu_input, conv: Conv2d::new(cfg.conv, vb.pp("conv"))?, bn })
+    }
+
+    fn relus(&self) -> Relus {
+        Relus { input: self.relu, output: false }
     }
 }
 
-impl ModuleT for ActConvBn {
+impl OpForms for ActConvBn {
     fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        self.bn.after_conv_t(&self.conv, xs, self.relu, false, train)
+        self.bn.after_conv_t(&self.conv, xs, self.relus(), train)
+    }
+
+    fn trace(&self, tape: &mut Tape, xs: &Traced) -> Result<Traced> {
+        if self.conv.is_pointwise() {
+            return self.bn.trace_after_pointwise(tape, &self.conv, xs, self.relus());
+        }
+        let params = self.bn.params();
+        tape.record_candle(xs, &[self.conv.weight(), &params.gamma, &params.beta], |xs| self.forward_t(xs, true))
+    }
+
+    fn eval_steps(&self, program: &mut Program, src: Val, dst: Val, put: Put) -> Result<bool> {
+        if !self.conv.is_pointwise() {
+            return Ok(false);
+        }
+        let conv = affine(self.conv.weight(), &self.bn)?;
+        program.push(Step::Pointwise { src, relu: self.relu, conv, dst, put });
+        Ok(true)
     }
 }
 
@@ -73,37 +145,32 @@ impl SeparableConv {
         })
     }
 
-    /// This conv and the eval-mode `bn` after it, for `kernels::separable`.
-    fn half(&self, bn: &BatchNorm, relu_in: bool, relu_out: bool) -> Result<SeparableHalf> {
+    /// This conv, the `bn` after it and the ReLUs around them, for `kernels::separable`.
+    fn half(&self, bn: &BatchNorm, relus: Relus) -> SeparableHalf {
         let (depthwise, stride, dilation) = self.depthwise.parts();
-        let (scale, shift) = bn.eval_affine()?;
-        let pointwise = self.pointwise.weight().clone();
-        Ok(SeparableHalf { depthwise: depthwise.clone(), stride, dilation, pointwise, scale, shift, relu_in, relu_out })
-    }
-
-    /// This conv and the training-mode `bn` after it, for `kernels::separable_train`.
-    fn train_half(&self, bn: &BatchNorm, relu_in: bool, relu_out: bool) -> TrainHalf {
-        let (depthwise, stride, dilation) = self.depthwise.parts();
-        let (gamma, beta, eps) = bn.train_parts();
-        TrainHalf {
+        SeparableHalf {
             depthwise: depthwise.clone(),
             stride,
             dilation,
             pointwise: self.pointwise.weight().clone(),
-            gamma: gamma.clone(),
-            beta: beta.clone(),
-            eps,
-            relu_in,
-            relu_out,
+            bn: bn.params(),
+            relu_input: relus.input,
+            relu_output: relus.output,
         }
     }
+}
 
-    /// The depthwise conv (reading `xs` through a ReLU with `relu_in`), the pointwise one,
-    /// then `bn` (then a ReLU with `relu_out`; see `BatchNorm::after_conv_t`).
-    fn forward_bn_t(&self, xs: &Tensor, relu_in: bool, bn: &BatchNorm, relu_out: bool, train: bool) -> Result<Tensor> {
-        let xs = if relu_in { self.depthwise.forward_relu(xs)? } else { self.depthwise.forward(xs)? };
-        bn.after_conv_t(&self.pointwise, &xs, false, relu_out, train)
-    }
+/// The shape of [`SepConv`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SepConvConfig {
+    /// Input channels.
+    pub c_in: usize,
+    /// Output channels (F).
+    pub c_out: usize,
+    /// The depthwise kernel's side.
+    pub kernel: usize,
+    /// Stride of the first depthwise conv.
+    pub stride: usize,
 }
 
 /// `sep_conv_kxk`: ReLU → sep(stride s, `c_in → F`) → BN → ReLU → sep(`F → F`) → BN
@@ -119,45 +186,70 @@ pub struct SepConv {
 
 impl SepConv {
     /// Builds the stacked separable conv; the stride is on the first depthwise only.
-    pub fn new(c_in: usize, f: usize, k: usize, stride: usize, bn: BnConfig, vb: VarBuilder) -> Result<SepConv> {
+    pub fn new(cfg: SepConvConfig, bn: BnConfig, vb: VarBuilder) -> Result<SepConv> {
+        let SepConvConfig { c_in, c_out, kernel, stride } = cfg;
         Ok(SepConv {
-            separable_1: SeparableConv::new(c_in, f, k, stride, vb.pp("separable_1"))?,
-            bn_sep_1: bn.bn(f, vb.pp("bn_sep_1"))?,
-            separable_2: SeparableConv::new(f, f, k, 1, vb.pp("separable_2"))?,
-            bn_sep_2: bn.bn(f, vb.pp("bn_sep_2"))?,
+            separable_1: SeparableConv::new(c_in, c_out, kernel, stride, vb.pp("separable_1"))?,
+            bn_sep_1: bn.bn(c_out, vb.pp("bn_sep_1"))?,
+            separable_2: SeparableConv::new(c_out, c_out, kernel, 1, vb.pp("separable_2"))?,
+            bn_sep_2: bn.bn(c_out, vb.pp("bn_sep_2"))?,
         })
+    }
+
+    /// Both halves: the first reads its input through a ReLU and ends in one, the second
+    /// has neither.
+    fn halves(&self) -> [SeparableHalf; 2] {
+        [
+            self.separable_1.half(&self.bn_sep_1, Relus { input: true, output: true }),
+            self.separable_2.half(&self.bn_sep_2, Relus::NONE),
+        ]
+    }
+
+    fn update_moving(&self, stats: &[crate::kernels::separable_train::BatchStats]) -> Result<()> {
+        for (bn, stats) in [&self.bn_sep_1, &self.bn_sep_2].into_iter().zip(stats) {
+            bn.update_moving(&stats.mean, &stats.var, stats.count)?;
+        }
+        Ok(())
     }
 }
 
-impl ModuleT for SepConv {
+impl OpForms for SepConv {
+    /// Training: both halves as one node of candle's graph where gradients are tracked on
+    /// the CPU (`kernels::separable_train`), the moving statistics updated from its batch
+    /// ones. Inference: both halves one sample at a time where no gradient is needed on the
+    /// CPU (`kernels::separable`). Otherwise each kernel's unfused reference.
     fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        // Inference without gradients: both halves one sample at a time, each intermediate
-        // kept in cache (`kernels::separable`).
-        if !train && !crate::grad_enabled() && xs.device().is_cpu() {
-            let halves = [
-                self.separable_1.half(&self.bn_sep_1, true, true)?,
-                self.separable_2.half(&self.bn_sep_2, false, false)?,
-            ];
-            return separable_stack(xs, &halves);
+        if !train {
+            return separable_stack(xs, &self.halves());
         }
-        // Training with gradients: both halves as one node of candle's graph
-        // (`kernels::separable_train`), the moving statistics updated from its batch ones.
-        if train && crate::grad_enabled() {
-            let halves = [
-                self.separable_1.train_half(&self.bn_sep_1, true, true),
-                self.separable_2.train_half(&self.bn_sep_2, false, false),
-            ];
-            let out = separable_train(xs, &halves)?;
-            for (bn, stats) in [&self.bn_sep_1, &self.bn_sep_2].into_iter().zip(&out.stats) {
-                bn.update_moving(&stats.mean, &stats.var, stats.count)?;
-            }
-            return Ok(out.ys);
-        }
-        // Both ReLUs are fused: the first into the depthwise conv's input read, the second
-        // into the batch norm before it; neither's output is stored.
-        let xs = self.separable_1.forward_bn_t(xs, true, &self.bn_sep_1, true, train)?;
-        self.separable_2.forward_bn_t(&xs, false, &self.bn_sep_2, false, train)
+        let out = separable_train(xs, &self.halves())?;
+        self.update_moving(&out.stats)?;
+        Ok(out.ys)
     }
+
+    fn trace(&self, tape: &mut Tape, xs: &Traced) -> Result<Traced> {
+        let (ys, stats) = separable_train_traced(tape, xs, &self.halves())?;
+        self.update_moving(&stats)?;
+        Ok(ys)
+    }
+
+    fn eval_steps(&self, program: &mut Program, src: Val, dst: Val, put: Put) -> Result<bool> {
+        program.push(Step::Separable { src, halves: self.halves().to_vec(), dst, put });
+        Ok(true)
+    }
+}
+
+/// The shape of [`ConvChain`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvChainConfig<'a> {
+    /// `nas_space::OpKind::Conv` entries `(kh, kw, dilation)`.
+    pub chain: &'a [(usize, usize, usize)],
+    /// Input channels.
+    pub c_in: usize,
+    /// Output channels (F).
+    pub c_out: usize,
+    /// Stride of the first conv.
+    pub stride: usize,
 }
 
 /// ReLU → a chain of dense convs (the first strided, `c_in → F`) → BN: `conv_1x1`,
@@ -170,22 +262,19 @@ pub struct ConvChain {
 }
 
 impl ConvChain {
-    /// Builds the chain from `nas_space::OpKind::Conv` entries `(kh, kw, dilation)`.
-    pub fn new(
-        chain: &[(usize, usize, usize)],
-        c_in: usize,
-        f: usize,
-        stride: usize,
-        bn: BnConfig,
-        vb: VarBuilder,
-    ) -> Result<ConvChain> {
+    /// Builds the chain.
+    pub fn new(cfg: ConvChainConfig, bn: BnConfig, vb: VarBuilder) -> Result<ConvChain> {
+        let ConvChainConfig { chain, c_in, c_out, stride } = cfg;
+        if chain.is_empty() {
+            candle_core::bail!("a conv chain needs at least one conv")
+        }
         let convs = chain
             .iter()
             .enumerate()
             .map(|(i, &(kh, kw, dilation))| {
                 let cfg = Conv2dConfig {
-                    c_in: if i == 0 { c_in } else { f },
-                    c_out: f,
+                    c_in: if i == 0 { c_in } else { c_out },
+                    c_out,
                     kh,
                     kw,
                     stride: if i == 0 { stride } else { 1 },
@@ -196,18 +285,51 @@ impl ConvChain {
                 Conv2d::new(cfg, vb.pp(name))
             })
             .collect::<Result<_>>()?;
-        Ok(ConvChain { convs, bn: bn.bn(f, vb.pp("bn"))? })
+        Ok(ConvChain { convs, bn: bn.bn(c_out, vb.pp("bn"))? })
+    }
+
+    /// The stride of a chain that is one 1×1 conv at stride 1 or 2 (which has per-sample
+    /// steps).
+    fn pointwise_stride(&self) -> Option<usize> {
+        match &self.convs[..] {
+            [conv] if conv.weight().dims()[2..] == [1, 1] && conv.stride() <= 2 => Some(conv.stride()),
+            _ => None,
+        }
     }
 }
 
-impl ModuleT for ConvChain {
+impl OpForms for ConvChain {
     fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
         let (last, rest) = self.convs.split_last().expect("a conv chain has a conv");
         let mut xs = xs.clone();
         for (i, conv) in rest.iter().enumerate() {
-            xs = conv.forward_relu_if(&xs, i == 0)?;
+            xs = conv.forward_relu_input(&xs, i == 0)?;
         }
-        self.bn.after_conv_t(last, &xs, rest.is_empty(), false, train)
+        let relus = if rest.is_empty() { Relus::INPUT } else { Relus::NONE };
+        self.bn.after_conv_t(last, &xs, relus, train)
+    }
+
+    /// Dense convs have no traced form: candle's autograd on a graph of its own.
+    fn trace(&self, tape: &mut Tape, xs: &Traced) -> Result<Traced> {
+        let params = self.bn.params();
+        let weights: Vec<&Tensor> =
+            self.convs.iter().map(Conv2d::weight).chain([&params.gamma, &params.beta]).collect();
+        tape.record_candle(xs, &weights, |xs| self.forward_t(xs, true))
+    }
+
+    fn eval_steps(&self, program: &mut Program, src: Val, dst: Val, put: Put) -> Result<bool> {
+        let Some(stride) = self.pointwise_stride() else { return Ok(false) };
+        let conv = affine(self.convs[0].weight(), &self.bn)?;
+        // A strided 1×1 conv reads the top-left of every window: subsample, then convolve.
+        let (src, relu) = if stride == 2 {
+            let sub = program.tmp((src.c, dst.h, dst.w));
+            program.push(Step::Subsample { src, offset: 0, relu: true, dst: sub });
+            (sub, false)
+        } else {
+            (src, true)
+        };
+        program.push(Step::Pointwise { src, relu, conv, dst, put });
+        Ok(true)
     }
 }
 
@@ -220,22 +342,65 @@ pub struct Pool {
     projection: Option<ActConvBn>,
 }
 
-impl ModuleT for Pool {
-    fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+impl Pool {
+    fn options(&self, xs: &Tensor) -> Result<PoolOptions> {
         let (_, _, h, w) = xs.dims4()?;
-        let pad = Padding2d::same(h, w, self.kernel, self.kernel, self.stride, 1);
-        let ys = match self.kind {
-            PoolKind::Avg => avg_pool2d(xs, self.kernel, self.stride, pad)?,
-            PoolKind::Max => max_pool2d(xs, self.kernel, self.stride, pad)?,
-        };
+        Ok(PoolOptions::same(self.kind, self.kernel, self.stride, (h, w)))
+    }
+}
+
+impl OpForms for Pool {
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        let ys = pool2d(xs, self.options(xs)?)?;
         match &self.projection {
             Some(p) => p.forward_t(&ys, train),
             None => Ok(ys),
         }
     }
+
+    fn trace(&self, tape: &mut Tape, xs: &Traced) -> Result<Traced> {
+        let opts = self.options(&xs.tensor)?;
+        let ys = pool2d(&xs.tensor, opts)?;
+        let input = xs.tensor.clone();
+        let pooled = tape.record(&[xs], &[], ys, move |grad| {
+            Ok(Grads { inputs: vec![Some(pool2d_grad(&input, grad, opts)?)], weights: vec![] })
+        });
+        match &self.projection {
+            Some(p) => p.trace(tape, &pooled),
+            None => Ok(pooled),
+        }
+    }
+
+    fn eval_steps(&self, program: &mut Program, src: Val, dst: Val, put: Put) -> Result<bool> {
+        let (kind, kernel, stride) = (self.kind, self.kernel, self.stride);
+        match &self.projection {
+            None => program.push(Step::Pool { src, kind, kernel, stride, dst, put }),
+            Some(projection) if projection.conv.is_pointwise() => {
+                let pooled = program.tmp((src.c, dst.h, dst.w));
+                program.push(Step::Pool { src, kind, kernel, stride, dst: pooled, put: Put::Write });
+                return projection.eval_steps(program, pooled, dst, put);
+            }
+            Some(_) => return Ok(false),
+        }
+        Ok(true)
+    }
 }
 
-/// TF-Slim `factorized_reduction` to `c_out` channels, without a leading ReLU.
+/// The shape of [`FactorizedReduction`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FactorizedReductionConfig {
+    /// Input channels.
+    pub c_in: usize,
+    /// Output channels.
+    pub c_out: usize,
+    /// 1 or 2.
+    pub stride: usize,
+    /// Read the input through a ReLU (inside the 1×1 convs: it commutes with the
+    /// subsampling, whose padding is zeros).
+    pub relu_input: bool,
+}
+
+/// TF-Slim `factorized_reduction` to `c_out` channels, after a ReLU when configured.
 /// Stride 2: two half-width 1×1 convs on the even and the odd (shifted) positions
 /// (`path_1.conv`, `path_2.conv`; path 2 gets the odd channel) → concat → BN
 /// (`final_path_bn`). Stride 1: one 1×1 conv (`path_1.conv`) → BN (`final_path_bn`).
@@ -244,51 +409,142 @@ pub struct FactorizedReduction {
     path_1: Conv2d,
     path_2: Option<Conv2d>,
     bn: BatchNorm,
+    relu: bool,
 }
 
 impl FactorizedReduction {
     /// Builds the reduction.
-    pub fn new(c_in: usize, c_out: usize, stride: usize, bn: BnConfig, vb: VarBuilder) -> Result<FactorizedReduction> {
+    ///
+    /// # Shapes
+    /// - input: `(batch, c_in, h, w)`
+    /// - output: `(batch, c_out, ceil(h / stride), ceil(w / stride))`
+    pub fn new(cfg: FactorizedReductionConfig, bn: BnConfig, vb: VarBuilder) -> Result<FactorizedReduction> {
+        let FactorizedReductionConfig { c_in, c_out, stride, relu_input } = cfg;
+        let conv = |c: usize, path: &str| Conv2d::new(Conv2dConfig::square(c_in, c, 1), vb.pp(path).pp("conv"));
         let (path_1, path_2) = match stride {
-            1 => (Conv2d::new(Conv2dConfig::square(c_in, c_out, 1), vb.pp("path_1").pp("conv"))?, None),
-            2 => {
-                let half = c_out / 2;
-                let p1 = Conv2d::new(Conv2dConfig::square(c_in, half, 1), vb.pp("path_1").pp("conv"))?;
-                let p2 = Conv2d::new(Conv2dConfig::square(c_in, c_out - half, 1), vb.pp("path_2").pp("conv"))?;
-                (p1, Some(p2))
-            }
+            1 => (conv(c_out, "path_1")?, None),
+            2 => (conv(c_out / 2, "path_1")?, Some(conv(c_out - c_out / 2, "path_2")?)),
             other => candle_core::bail!("factorized reduction: stride {other} is not 1 or 2"),
         };
-        Ok(FactorizedReduction { path_1, path_2, bn: bn.bn(c_out, vb.pp("final_path_bn"))? })
+        Ok(FactorizedReduction { path_1, path_2, bn: bn.bn(c_out, vb.pp("final_path_bn"))?, relu: relu_input })
     }
 }
 
-impl ModuleT for FactorizedReduction {
-    /// # Shapes
-    /// - `xs`: `(batch, c_in, h, w)`
-    /// - returns: `(batch, c_out, ceil(h / stride), ceil(w / stride))`
+impl OpForms for FactorizedReduction {
     fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        self.forward_with(xs, train, false)
-    }
-}
-
-impl FactorizedReduction {
-    /// `forward_t(&xs.relu(), train)` with the ReLU read inside the 1×1 convs (it commutes
-    /// with the subsampling, whose padding is zeros).
-    pub fn forward_relu_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        self.forward_with(xs, train, true)
-    }
-
-    fn forward_with(&self, xs: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
         let ys = match &self.path_2 {
-            None => self.path_1.forward_relu_if(xs, relu)?,
+            None => self.path_1.forward_relu_input(xs, self.relu)?,
             Some(path_2) => {
-                let a = self.path_1.forward_relu_if(&subsample2(xs, 0)?, relu)?;
-                let b = path_2.forward_relu_if(&subsample2(xs, 1)?, relu)?;
+                let a = self.path_1.forward_relu_input(&subsample2(xs, 0)?, self.relu)?;
+                let b = path_2.forward_relu_input(&subsample2(xs, 1)?, self.relu)?;
                 Tensor::cat(&[&a, &b], 1)?
             }
         };
-        self.bn.forward_t(&ys, train)
+        candle_core::ModuleT::forward_t(&self.bn, &ys, train)
+    }
+
+    /// Stride 2: both subsamples, both convs, the concatenation and the batch norm as one
+    /// op, the subsamples' gradients in one pass (`subsample2_pair_grad`).
+    fn trace(&self, tape: &mut Tape, xs: &Traced) -> Result<Traced> {
+        let relus = Relus { input: self.relu, output: false };
+        let Some(path_2) = &self.path_2 else { return self.bn.trace_after_pointwise(tape, &self.path_1, xs, relus) };
+        let opts = Conv1x1Options { relu_input: self.relu, affine: None };
+        let (w1, w2) = (tape.weight(self.path_1.weight())?, tape.weight(path_2.weight())?);
+        let (_, _, h, w) = xs.tensor.dims4()?;
+        let (even, odd) = (subsample2(&xs.tensor, 0)?, subsample2(&xs.tensor, 1)?);
+        let a = conv1x1(&even, &w1.tensor, opts)?;
+        let b = conv1x1(&odd, &w2.tensor, opts)?;
+        let widths = [a.dim(1)?, b.dim(1)?];
+        let pre = cat_channels(&[Part::Copy(a), Part::Copy(b)])?;
+        let bn = self.bn.train_on(tape, &pre)?;
+        let (weight_1, weight_2) = (w1.tensor.clone(), w2.tensor.clone());
+        let (gamma, beta, ys) = (bn.gamma.clone(), bn.beta.clone(), bn.ys.clone());
+        Ok(tape.record(&[xs], &[&w1, &w2, &gamma, &beta], ys, move |grad| {
+            let (grad_pre, grad_gamma, grad_beta) = bn.grads(&pre, grad)?;
+            let [grad_a, grad_b] = <[Tensor; 2]>::try_from(split_channels(&grad_pre, &widths)?).expect("two parts");
+            let (grad_even, grad_w1) = conv1x1_grads(&even, &weight_1, &grad_a, opts)?;
+            let (grad_odd, grad_w2) = conv1x1_grads(&odd, &weight_2, &grad_b, opts)?;
+            let grad_xs = subsample2_pair_grad(&grad_even, &grad_odd, (h, w))?;
+            Ok(Grads { inputs: vec![Some(grad_xs)], weights: vec![grad_w1, grad_w2, grad_gamma, grad_beta] })
+        }))
+    }
+
+    fn eval_steps(&self, program: &mut Program, src: Val, dst: Val, put: Put) -> Result<bool> {
+        let relu = self.relu;
+        let Some(path_2) = &self.path_2 else {
+            let conv = affine(self.path_1.weight(), &self.bn)?;
+            program.push(Step::Pointwise { src, relu, conv, dst, put });
+            return Ok(true);
+        };
+        let Affine1x1 { scale, shift, .. } = affine(self.path_1.weight(), &self.bn)?;
+        let half = self.path_1.weight().dims()[0];
+        let rest = dst.c - half;
+        let sub = program.tmp((src.c, src.h.div_ceil(2), src.w.div_ceil(2)));
+        for (offset, conv, (first, c)) in [(0, &self.path_1, (0, half)), (1, path_2, (half, rest))] {
+            program.push(Step::Subsample { src, offset, relu, dst: sub });
+            let conv = Affine1x1 {
+                weight: conv.weight().clone(),
+                scale: scale.narrow(0, first, c)?,
+                shift: shift.narrow(0, first, c)?,
+            };
+            program.push(Step::Pointwise { src: sub, relu: false, conv, dst: dst.channels(first, c), put });
+        }
+        Ok(true)
+    }
+}
+
+/// An identity: the state as it is.
+#[derive(Debug, Clone, Copy)]
+pub struct Identity;
+
+impl OpForms for Identity {
+    fn forward_t(&self, xs: &Tensor, _train: bool) -> Result<Tensor> {
+        Ok(xs.clone())
+    }
+
+    fn trace(&self, _tape: &mut Tape, xs: &Traced) -> Result<Traced> {
+        Ok(xs.clone())
+    }
+
+    fn eval_steps(&self, program: &mut Program, src: Val, dst: Val, put: Put) -> Result<bool> {
+        program.push(Step::Copy { src, dst, put });
+        Ok(true)
+    }
+}
+
+/// An identity that must change the width or the size: ReLU → 1×1 conv at stride 1 or 2 →
+/// BN. A strided 1×1 conv reads the top-left of every window: subsample, then project.
+#[derive(Debug, Clone)]
+pub struct ProjectedIdentity {
+    projection: ActConvBn,
+    stride: usize,
+}
+
+impl OpForms for ProjectedIdentity {
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        let xs = if self.stride == 2 { subsample2(xs, 0)? } else { xs.clone() };
+        self.projection.forward_t(&xs, train)
+    }
+
+    fn trace(&self, tape: &mut Tape, xs: &Traced) -> Result<Traced> {
+        if self.stride == 1 {
+            return self.projection.trace(tape, xs);
+        }
+        let (_, _, h, w) = xs.tensor.dims4()?;
+        let ys = subsample2(&xs.tensor, 0)?;
+        let sub = tape.record(&[xs], &[], ys, move |grad| {
+            Ok(Grads { inputs: vec![Some(subsample2_grad(grad, 0, (h, w))?)], weights: vec![] })
+        });
+        self.projection.trace(tape, &sub)
+    }
+
+    fn eval_steps(&self, program: &mut Program, src: Val, dst: Val, put: Put) -> Result<bool> {
+        if self.stride == 1 {
+            return self.projection.eval_steps(program, src, dst, put);
+        }
+        let sub = program.tmp((src.c, dst.h, dst.w));
+        program.push(Step::Subsample { src, offset: 0, relu: false, dst: sub });
+        self.projection.eval_steps(program, sub, dst, put)
     }
 }
 
@@ -296,14 +552,9 @@ impl FactorizedReduction {
 #[derive(Debug, Clone)]
 pub enum CellOp {
     /// A true identity.
-    Identity,
+    Identity(Identity),
     /// Identity with ReLU → strided 1×1 conv → BN (stride > 1 or `c_in != F`).
-    IdentityProjection {
-        /// The projection.
-        projection: ActConvBn,
-        /// Its stride (the 1×1 conv reads every stride-th position).
-        stride: usize,
-    },
+    ProjectedIdentity(ProjectedIdentity),
     /// Stacked separable conv.
     SepConv(SepConv),
     /// Dense conv chain.
@@ -318,21 +569,25 @@ impl CellOp {
     pub fn new(op: Op, layout: &OpLayout, f: usize, bn: BnConfig, vb: VarBuilder) -> Result<CellOp> {
         let c_in = layout.input.channels;
         let stride = layout.stride;
+        let projection = |relu_input: bool, vb: VarBuilder| {
+            ActConvBn::new(ActConvBnConfig { relu_input, conv: Conv2dConfig::square(c_in, f, 1) }, bn, vb)
+        };
         Ok(match op.kind() {
             OpKind::Identity if layout.projection => {
-                // A strided 1×1 conv reads the top-left of every window: subsample, then project.
-                let cfg = Conv2dConfig::square(c_in, f, 1);
-                CellOp::IdentityProjection { projection: ActConvBn::new(true, cfg, bn, vb)?, stride }
+                if stride > 2 {
+                    candle_core::bail!("a projected identity at stride {stride}: a cell's ops have stride 1 or 2")
+                }
+                CellOp::ProjectedIdentity(ProjectedIdentity { projection: projection(true, vb)?, stride })
             }
-            OpKind::Identity => CellOp::Identity,
-            OpKind::SepConv { kernel } => CellOp::SepConv(SepConv::new(c_in, f, kernel, stride, bn, vb)?),
-            OpKind::Conv(chain) => CellOp::Conv(ConvChain::new(chain, c_in, f, stride, bn, vb)?),
+            OpKind::Identity => CellOp::Identity(Identity),
+            OpKind::SepConv { kernel } => {
+                CellOp::SepConv(SepConv::new(SepConvConfig { c_in, c_out: f, kernel, stride }, bn, vb)?)
+            }
+            OpKind::Conv(chain) => {
+                CellOp::Conv(ConvChain::new(ConvChainConfig { chain, c_in, c_out: f, stride }, bn, vb)?)
+            }
             OpKind::Pool { kind, kernel } => {
-                let projection = if layout.projection {
-                    Some(ActConvBn::new(false, Conv2dConfig::square(c_in, f, 1), bn, vb)?)
-                } else {
-                    None
-                };
+                let projection = if layout.projection { Some(projection(false, vb)?) } else { None };
                 CellOp::Pool(Pool { kind, kernel, stride, projection })
             }
         })
@@ -351,275 +606,31 @@ impl CellOp {
     /// Whether ScheduledDropPath applies to this op's output (never to identities, even
     /// projected ones: TF-Slim §5.9).
     pub fn takes_drop_path(&self) -> bool {
-        !matches!(self, CellOp::Identity | CellOp::IdentityProjection { .. })
+        !matches!(self, CellOp::Identity(_) | CellOp::ProjectedIdentity(_))
+    }
+
+    /// The op's forms.
+    pub(crate) fn forms(&self) -> &dyn OpForms {
+        match self {
+            CellOp::Identity(op) => op,
+            CellOp::ProjectedIdentity(op) => op,
+            CellOp::SepConv(op) => op,
+            CellOp::Conv(op) => op,
+            CellOp::Pool(op) => op,
+        }
     }
 }
 
-impl ModuleT for CellOp {
+impl OpForms for CellOp {
     fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        match self {
-            CellOp::Identity => Ok(xs.clone()),
-            CellOp::IdentityProjection { projection, stride } => {
-                let xs = match stride {
-                    1 => xs.clone(),
-                    2 => subsample2(xs, 0)?,
-                    s => avg_pool2d(xs, 1, *s, Padding2d::default())?,
-                };
-                projection.forward_t(&xs, train)
-            }
-            CellOp::SepConv(op) => op.forward_t(xs, train),
-            CellOp::Conv(op) => op.forward_t(xs, train),
-            CellOp::Pool(op) => op.forward_t(xs, train),
-        }
+        self.forms().forward_t(xs, train)
     }
-}
 
-// Training on a tape (`cell::CellModule`'s fused path): each op's training forward on
-// detached tensors, recorded with its backward. Dense convs have no traced form: they run
-// by candle's autograd on a graph of their own (`Tape::record_candle`).
-
-impl ActConvBn {
-    /// `forward_t(xs, true)` recorded on `tape`.
-    pub(crate) fn trace(&self, tape: &mut Tape, xs: &Traced) -> Result<Traced> {
-        if self.conv.is_pointwise() {
-            return self.bn.trace_after_pointwise(tape, &self.conv, xs, self.relu);
-        }
-        let (gamma, beta, _) = self.bn.train_parts();
-        tape.record_candle(xs, &[self.conv.weight(), gamma, beta], |xs| self.forward_t(xs, true))
-    }
-}
-
-impl ConvChain {
-    /// By candle's autograd (`Tape::record_candle`): dense convs have no traced form.
     fn trace(&self, tape: &mut Tape, xs: &Traced) -> Result<Traced> {
-        let (gamma, beta, _) = self.bn.train_parts();
-        let weights: Vec<&Tensor> = self.convs.iter().map(Conv2d::weight).chain([gamma, beta]).collect();
-        tape.record_candle(xs, &weights, |xs| self.forward_t(xs, true))
-    }
-}
-
-impl SepConv {
-    fn trace(&self, tape: &mut Tape, xs: &Traced) -> Result<Traced> {
-        let halves = [
-            self.separable_1.train_half(&self.bn_sep_1, true, true),
-            self.separable_2.train_half(&self.bn_sep_2, false, false),
-        ];
-        let (ys, stats) = separable_train_traced(tape, xs, &halves)?;
-        for (bn, stats) in [&self.bn_sep_1, &self.bn_sep_2].into_iter().zip(&stats) {
-            bn.update_moving(&stats.mean, &stats.var, stats.count)?;
-        }
-        Ok(ys)
-    }
-}
-
-impl Pool {
-    fn trace(&self, tape: &mut Tape, xs: &Traced) -> Result<Traced> {
-        let (_, _, h, w) = xs.tensor.dims4()?;
-        let (kernel, stride) = (self.kernel, self.stride);
-        let pad = Padding2d::same(h, w, kernel, kernel, stride, 1);
-        let max = self.kind == PoolKind::Max;
-        let ys = if max {
-            max_pool2d(&xs.tensor, kernel, stride, pad)?
-        } else {
-            avg_pool2d(&xs.tensor, kernel, stride, pad)?
-        };
-        let input = xs.tensor.clone();
-        let pooled = tape.record(&[xs], &[], ys, move |grad| {
-            Ok(Grads { inputs: vec![Some(pool2d_grad(max, &input, grad, kernel, stride, pad)?)], weights: vec![] })
-        });
-        match &self.projection {
-            Some(p) => p.trace(tape, &pooled),
-            None => Ok(pooled),
-        }
-    }
-}
-
-impl FactorizedReduction {
-    /// `forward_relu_t(xs, true)` (with `relu`) or `forward_t(xs, true)` recorded on `tape`.
-    pub(crate) fn trace(&self, tape: &mut Tape, xs: &Traced, relu: bool) -> Result<Traced> {
-        let Some(path_2) = &self.path_2 else { return self.bn.trace_after_pointwise(tape, &self.path_1, xs, relu) };
-        let (w1, w2) = (tape.weight(self.path_1.weight())?, tape.weight(path_2.weight())?);
-        let (_, _, h, w) = xs.tensor.dims4()?;
-        let (even, odd) = (subsample2(&xs.tensor, 0)?, subsample2(&xs.tensor, 1)?);
-        let a = pointwise(&even, &w1.tensor, relu)?;
-        let b = pointwise(&odd, &w2.tensor, relu)?;
-        let widths = [a.dim(1)?, b.dim(1)?];
-        let pre = cat_channels(&[Part::Copy(a), Part::Copy(b)])?;
-        let bn = self.bn.train_on(tape, &pre)?;
-        let (weight_1, weight_2) = (w1.tensor.clone(), w2.tensor.clone());
-        let (gamma, beta, ys) = (bn.gamma.clone(), bn.beta.clone(), bn.ys.clone());
-        Ok(tape.record(&[xs], &[&w1, &w2, &gamma, &beta], ys, move |grad| {
-            let (grad_pre, grad_gamma, grad_beta) = bn.grads(&pre, grad)?;
-            let [grad_a, grad_b] = <[Tensor; 2]>::try_from(split_channels(&grad_pre, &widths)?).expect("two parts");
-            let (grad_even, grad_w1) = conv1x1_grads(&even, &weight_1, &grad_a, relu)?;
-            let (grad_odd, grad_w2) = conv1x1_grads(&odd, &weight_2, &grad_b, relu)?;
-            let grad_xs = subsample2_pair_grad(&grad_even, &grad_odd, (h, w))?;
-            Ok(Grads { inputs: vec![Some(grad_xs)], weights: vec![grad_w1, grad_w2, grad_gamma, grad_beta] })
-        }))
-    }
-}
-
-impl CellOp {
-    /// `forward_t(xs, true)` recorded on `tape`.
-    pub(crate) fn trace(&self, tape: &mut Tape, xs: &Traced) -> Result<Traced> {
-        match self {
-            CellOp::Identity => Ok(xs.clone()),
-            CellOp::IdentityProjection { projection, stride: 1 } => projection.trace(tape, xs),
-            CellOp::IdentityProjection { projection, stride: 2 } => {
-                let (_, _, h, w) = xs.tensor.dims4()?;
-                let ys = subsample2(&xs.tensor, 0)?;
-                let sub = tape.record(&[xs], &[], ys, move |grad| {
-                    Ok(Grads { inputs: vec![Some(subsample2_grad(grad, 0, (h, w))?)], weights: vec![] })
-                });
-                projection.trace(tape, &sub)
-            }
-            CellOp::IdentityProjection { projection, .. } => {
-                let (gamma, beta, _) = projection.bn.train_parts();
-                let weights = [projection.conv.weight(), gamma, beta];
-                tape.record_candle(xs, &weights, |xs| self.forward_t(xs, true))
-            }
-            CellOp::SepConv(op) => op.trace(tape, xs),
-            CellOp::Conv(op) => op.trace(tape, xs),
-            CellOp::Pool(op) => op.trace(tape, xs),
-        }
-    }
-}
-
-// Inference one sample at a time (`cell::CellModule`'s per-sample path): each op appends
-// its steps to a `kernels::cell_eval::Program`. Dense convs other than 1×1 have none.
-
-impl ActConvBn {
-    /// Appends `dst (+)= self(src)`. Only 1×1 convs, which every `ActConvBn` of a cell is.
-    pub(crate) fn eval_steps(&self, program: &mut Program, src: Val, dst: Val, add: bool) -> Result<()> {
-        if !self.conv.is_pointwise() {
-            candle_core::bail!("a {:?} conv has no per-sample steps", self.conv.weight().dims())
-        }
-        let (scale, shift) = self.bn.eval_affine()?;
-        let conv = Affine1x1 { weight: self.conv.weight().clone(), scale, shift };
-        program.push(Step::Pointwise { src, relu: self.relu, conv, dst, add });
-        Ok(())
-    }
-}
-
-impl SepConv {
-    fn eval_half(&self, second: bool) -> Result<Half> {
-        let (conv, bn) = if second { (&self.separable_2, &self.bn_sep_2) } else { (&self.separable_1, &self.bn_sep_1) };
-        let (depthwise, stride, dilation) = conv.depthwise.parts();
-        let (scale, shift) = bn.eval_affine()?;
-        Ok(Half {
-            depthwise: depthwise.clone(),
-            stride,
-            dilation,
-            pointwise: Affine1x1 { weight: conv.pointwise.weight().clone(), scale, shift },
-            relu_in: !second,
-            relu_out: !second,
-        })
-    }
-}
-
-impl FactorizedReduction {
-    /// Appends `dst = self(relu?(src))`.
-    pub(crate) fn eval_steps(&self, program: &mut Program, src: Val, dst: Val, relu: bool) -> Result<()> {
-        let (scale, shift) = self.bn.eval_affine()?;
-        let Some(path_2) = &self.path_2 else {
-            let conv = Affine1x1 { weight: self.path_1.weight().clone(), scale, shift };
-            program.push(Step::Pointwise { src, relu, conv, dst, add: false });
-            return Ok(());
-        };
-        let half = self.path_1.weight().dims()[0];
-        let rest = dst.c - half;
-        let sub = program.tmp((src.c, src.h.div_ceil(2), src.w.div_ceil(2)));
-        for (offset, conv, (first, c)) in [(0, &self.path_1, (0, half)), (1, path_2, (half, rest))] {
-            program.push(Step::Subsample { src, offset, relu, dst: sub });
-            let conv = Affine1x1 {
-                weight: conv.weight().clone(),
-                scale: scale.narrow(0, first, c)?,
-                shift: shift.narrow(0, first, c)?,
-            };
-            program.push(Step::Pointwise { src: sub, relu: false, conv, dst: dst.channels(first, c), add: false });
-        }
-        Ok(())
-    }
-}
-
-impl ConvChain {
-    /// The stride of a chain that is one 1×1 conv.
-    fn pointwise_stride(&self) -> Option<usize> {
-        match &self.convs[..] {
-            [conv] if conv.weight().dims()[2..] == [1, 1] => Some(conv.stride()),
-            _ => None,
-        }
-    }
-}
-
-impl CellOp {
-    /// Whether [`eval_steps`](Self::eval_steps) has steps for this op.
-    pub(crate) fn has_eval_steps(&self) -> bool {
-        match self {
-            CellOp::Identity | CellOp::SepConv(_) => true,
-            CellOp::IdentityProjection { stride, .. } => *stride <= 2,
-            CellOp::Conv(op) => op.pointwise_stride().is_some_and(|s| s <= 2),
-            CellOp::Pool(op) => op.projection.as_ref().is_none_or(|p| p.conv.is_pointwise()),
-        }
+        self.forms().trace(tape, xs)
     }
 
-    /// Appends `dst (+)= self(src)` (see [`has_eval_steps`](Self::has_eval_steps)).
-    pub(crate) fn eval_steps(&self, program: &mut Program, src: Val, dst: Val, add: bool) -> Result<()> {
-        let done = match self {
-            CellOp::Identity => {
-                program.push(Step::Copy { src, dst, add });
-                true
-            }
-            CellOp::IdentityProjection { projection, stride: 1 } => {
-                projection.eval_steps(program, src, dst, add)?;
-                true
-            }
-            CellOp::IdentityProjection { projection, stride: 2 } => {
-                let sub = program.tmp((src.c, dst.h, dst.w));
-                program.push(Step::Subsample { src, offset: 0, relu: false, dst: sub });
-                projection.eval_steps(program, sub, dst, add)?;
-                true
-            }
-            CellOp::IdentityProjection { .. } => false,
-            CellOp::SepConv(op) => {
-                let halves = vec![op.eval_half(false)?, op.eval_half(true)?];
-                program.push(Step::Separable { src, halves, dst, add });
-                true
-            }
-            CellOp::Conv(op) if op.pointwise_stride().is_some_and(|s| s <= 2) => {
-                let (scale, shift) = op.bn.eval_affine()?;
-                let conv = Affine1x1 { weight: op.convs[0].weight().clone(), scale, shift };
-                // A strided 1×1 conv reads the top-left of every window: subsample, then convolve.
-                let (src, relu) = if op.pointwise_stride() == Some(2) {
-                    let sub = program.tmp((src.c, dst.h, dst.w));
-                    program.push(Step::Subsample { src, offset: 0, relu: true, dst: sub });
-                    (sub, false)
-                } else {
-                    (src, true)
-                };
-                program.push(Step::Pointwise { src, relu, conv, dst, add });
-                true
-            }
-            CellOp::Conv(_) => false,
-            CellOp::Pool(op) => {
-                let (max, kernel, stride) = (op.kind == PoolKind::Max, op.kernel, op.stride);
-                match &op.projection {
-                    None => {
-                        program.push(Step::Pool { src, max, kernel, stride, dst, add });
-                        true
-                    }
-                    Some(projection) => {
-                        let pooled = program.tmp((src.c, dst.h, dst.w));
-                        program.push(Step::Pool { src, max, kernel, stride, dst: pooled, add: false });
-                        projection.eval_steps(program, pooled, dst, add)?;
-                        true
-                    }
-                }
-            }
-        };
-        if !done {
-            candle_core::bail!("this op has no per-sample steps (see CellOp::has_eval_steps)")
-        }
-        Ok(())
+    fn eval_steps(&self, program: &mut Program, src: Val, dst: Val, put: Put) -> Result<bool> {
+        self.forms().eval_steps(program, src, dst, put)
     }
 }

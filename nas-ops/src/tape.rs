@@ -15,7 +15,7 @@
 use candle_core::{bail, CpuStorage, DType, Result, Storage, Tensor, Var, WithDType};
 use rayon::prelude::*;
 
-use crate::kernels::output_buffer;
+use crate::kernels::Output;
 
 /// A value on a [`Tape`]: an input or an op's output.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -210,8 +210,7 @@ fn sum(grads: Vec<Tensor>) -> Result<Option<Tensor>> {
 fn sum_slices<T: WithDType>(parts: &[&[T]]) -> Vec<T> {
     const CHUNK: usize = 1 << 14;
     let len = parts[0].len();
-    // SAFETY: every chunk is written in full below.
-    let mut out = unsafe { output_buffer::<T>(len) };
+    let mut out = Output::<T>::new(len);
     out.par_chunks_mut(CHUNK).enumerate().for_each(|(i, out)| {
         let at = i * CHUNK;
         out.copy_from_slice(&parts[0][at..at + out.len()]);
@@ -221,7 +220,7 @@ fn sum_slices<T: WithDType>(parts: &[&[T]]) -> Vec<T> {
             }
         }
     });
-    out
+    out.into_vec()
 }
 
 #[cfg(test)]

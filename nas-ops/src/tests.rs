@@ -460,8 +460,9 @@ fn whole_network_gradients_match_finite_differences() {
 #[test]
 fn kernels_match_their_references_on_maps_smaller_than_the_window() {
     use crate::kernels::depthwise::{depthwise_conv2d, depthwise_conv2d_reference};
-    use crate::kernels::pool::{avg_pool2d_reference, avg_pool2d_same, max_pool2d_reference, max_pool2d_same};
-    use crate::kernels::Padding2d;
+    use crate::kernels::pool::{pool2d, pool2d_reference, PoolKind, PoolOptions};
+    use crate::kernels::testutil::hw;
+    use crate::kernels::{ConvOptions, Padding2d};
     let max_diff = |a: &Tensor, b: &Tensor| -> f64 {
         (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap()
     };
@@ -477,10 +478,9 @@ fn kernels_match_their_references_on_maps_smaller_than_the_window() {
                         &TestRng::new(k as u64).tensor(&[3, 1, k, k], DType::F64).unwrap(),
                     )
                     .unwrap();
-                    let pad = Padding2d::same(size, size, k, k, stride, dilation);
-                    let ours = depthwise_conv2d(x.as_tensor(), w.as_tensor(), stride, dilation, pad).unwrap();
-                    let reference =
-                        depthwise_conv2d_reference(x.as_tensor(), w.as_tensor(), stride, dilation, pad).unwrap();
+                    let opts = ConvOptions::same((size, size), (k, k), stride, dilation);
+                    let ours = depthwise_conv2d(x.as_tensor(), w.as_tensor(), opts).unwrap();
+                    let reference = depthwise_conv2d_reference(x.as_tensor(), w.as_tensor(), opts).unwrap();
                     let what = format!("depthwise k{k} s{stride} d{dilation} on {size}x{size}");
                     assert!(max_diff(&ours, &reference) < 1e-12, "{what}: forward");
                     let up = TestRng::new(3).tensor(ours.dims(), DType::F64).unwrap();
@@ -500,13 +500,13 @@ fn kernels_match_their_references_on_maps_smaller_than_the_window() {
                 for (name, ours, reference) in [
                     (
                         "max",
-                        max_pool2d_same(x.as_tensor(), k, stride).unwrap(),
-                        max_pool2d_reference(x.as_tensor(), k, stride, pad).unwrap(),
+                        pool2d(x.as_tensor(), PoolOptions::same(PoolKind::Max, k, stride, hw(x.as_tensor()))).unwrap(),
+                        pool2d_reference(x.as_tensor(), PoolOptions::max(k, stride, pad)).unwrap(),
                     ),
                     (
                         "avg",
-                        avg_pool2d_same(x.as_tensor(), k, stride).unwrap(),
-                        avg_pool2d_reference(x.as_tensor(), k, stride, pad).unwrap(),
+                        pool2d(x.as_tensor(), PoolOptions::same(PoolKind::Avg, k, stride, hw(x.as_tensor()))).unwrap(),
+                        pool2d_reference(x.as_tensor(), PoolOptions::avg(k, stride, pad)).unwrap(),
                     ),
                 ] {
                     let what = format!("{name} pool k{k} s{stride} on {size}x{size}");

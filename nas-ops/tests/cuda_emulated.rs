@@ -13,10 +13,10 @@ use std::sync::OnceLock;
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 use nas_ops::drop_path::drop_path_add;
-use nas_ops::kernels::batch_norm::{batch_norm_train, batch_norm_train_relu};
-use nas_ops::kernels::depthwise::{depthwise_conv2d, depthwise_conv2d_relu};
-use nas_ops::kernels::pool::{avg_pool2d, max_pool2d};
-use nas_ops::kernels::Padding2d;
+use nas_ops::kernels::batch_norm::{batch_norm_train, BatchNormOptions};
+use nas_ops::kernels::depthwise::depthwise_conv2d;
+use nas_ops::kernels::pool::{pool2d, PoolOptions};
+use nas_ops::kernels::{ConvOptions, Padding2d};
 
 /// The harness, built once per test run.
 fn harness() -> &'static PathBuf {
@@ -126,13 +126,8 @@ fn emulated_depthwise_kernels_match_the_cpu() {
         for relu in [0, 1] {
             let geom = [n, c, h, w, k, k, ho, wo, stride, dilation, pad.top, pad.left].map(|v| v as i64).to_vec();
             let params = [geom.clone(), vec![relu]].concat();
-            let f = |t: &[Tensor]| {
-                if relu == 1 {
-                    depthwise_conv2d_relu(&t[0], &t[1], stride, dilation, pad)
-                } else {
-                    depthwise_conv2d(&t[0], &t[1], stride, dilation, pad)
-                }
-            };
+            let opts = ConvOptions { stride, dilation, padding: pad, relu_input: relu == 1 };
+            let f = |t: &[Tensor]| depthwise_conv2d(&t[0], &t[1], opts);
             let y = f(&[x.clone(), wt.clone()]).unwrap();
             let got = run("dw_fwd", &params, &[flat(&x), flat(&wt)]);
             assert_near(&got[0], &flat(&y), &format!("{what} relu {relu}: forward"));
@@ -161,8 +156,8 @@ fn emulated_pooling_kernels_match_the_cpu() {
         let dy = rng.tensor(&[n, c, ho, wo]);
         let params = [n, c, h, w, ho, wo, k, stride, pad.top, pad.left].map(|v| v as i64);
         let what = format!("pool {n}x{c}x{h}x{w} k{k} s{stride}");
-        let max = |t: &[Tensor]| max_pool2d(&t[0], k, stride, pad);
-        let avg = |t: &[Tensor]| avg_pool2d(&t[0], k, stride, pad);
+        let max = |t: &[Tensor]| pool2d(&t[0], PoolOptions::max(k, stride, pad));
+        let avg = |t: &[Tensor]| pool2d(&t[0], PoolOptions::avg(k, stride, pad));
         assert_near(
             &run("max_pool_fwd", &params, &[flat(&x)])[0],
             &flat(&max(std::slice::from_ref(&x)).unwrap()),
@@ -184,29 +179,26 @@ fn emulated_pooling_kernels_match_the_cpu() {
 fn emulated_batch_norm_kernels_match_the_cpu() {
     let mut rng = Rng(3);
     let eps = 1e-3;
+    let bn = BatchNormOptions::new(eps);
     for (n, c, h, w) in [(2, 3, 5, 4), (4, 5, 3, 3), (1, 2, 7, 1), (3, 1, 17, 16)] {
         let x = ((rng.tensor(&[n, c, h, w]) * 3.0).unwrap() + 0.5).unwrap();
         let (gamma, beta, dy) = (rng.tensor(&[c]), rng.tensor(&[c]), rng.tensor(&[n, c, h, w]));
         let what = format!("batch norm {n}x{c}x{h}x{w}");
-        let cpu = batch_norm_train(&x, &gamma, &beta, eps).unwrap();
+        let cpu = batch_norm_train(&x, &gamma, &beta, bn).unwrap();
         let stats = run("bn_stats", &[n as i64, c as i64, (h * w) as i64, 0], &[flat(&x)]);
         assert_near(&stats[0], &[flat(&cpu.mean), flat(&cpu.var)].concat(), &format!("{what}: statistics"));
         let mean = stats[0][..c].to_vec();
         let invstd: Vec<f64> = stats[0][c..].iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
         for relu in [0, 1] {
             let f = |t: &[Tensor]| -> Result<Tensor> {
-                if relu == 1 {
-                    Ok(batch_norm_train_relu(&t[0], &t[1], &t[2], eps)?.ys)
-                } else {
-                    Ok(batch_norm_train(&t[0], &t[1], &t[2], eps)?.ys)
-                }
+                Ok(batch_norm_train(&t[0], &t[1], &t[2], bn.relu_output(relu == 1))?.ys)
             };
             let params = [n as i64, c as i64, (h * w) as i64, relu];
             let y = f(&[x.clone(), gamma.clone(), beta.clone()]).unwrap();
             let got = run("bn_fwd", &params, &[flat(&x), flat(&gamma), flat(&beta), mean.clone(), invstd.clone()]);
             assert_near(&got[0], &flat(&y), &format!("{what} relu {relu}: forward"));
         }
-        let f = |t: &[Tensor]| -> Result<Tensor> { Ok(batch_norm_train(&t[0], &t[1], &t[2], eps)?.ys) };
+        let f = |t: &[Tensor]| -> Result<Tensor> { Ok(batch_norm_train(&t[0], &t[1], &t[2], bn)?.ys) };
         let g = grads(&f, &[x.clone(), gamma.clone(), beta.clone()], &dy);
         let got = run(
             "bn_bwd",

@@ -1,5 +1,7 @@
 //! The one error type of the crate.
 
+use std::path::PathBuf;
+
 use thiserror::Error;
 
 use crate::{CellKind, Combine, Op, Side};
@@ -66,6 +68,16 @@ pub enum SpecError {
     #[error("invalid cell spec JSON at line {line}, column {column}: {message}")]
     Json { line: usize, column: usize, message: String },
 
+    /// A spec file that could not be read. The I/O error is part of the message (not a
+    /// `source()`), so it prints once.
+    #[error("cannot read cell spec {}: {error}", path.display())]
+    Io { path: PathBuf, error: std::io::Error },
+
+    /// A mistake in a spec file, with the file's name.
+    /// The inner error is part of the message (not a `source()`), so it prints once.
+    #[error("in cell spec {}: {error}", path.display())]
+    InFile { path: PathBuf, error: Box<SpecError> },
+
     /// A file written by a newer (or unknown) version of the format.
     #[error("cell spec format version {found} is not supported (this build reads version {supported})")]
     FormatVersion { found: u64, supported: u64 },
@@ -96,10 +108,10 @@ pub enum SpecError {
 }
 
 impl SpecError {
-    /// The error without its text position, for matching on the kind of mistake.
+    /// The error without its text position or file name, for matching on the kind of mistake.
     pub fn kind(&self) -> &SpecError {
         match self {
-            SpecError::At { error, .. } => error.kind(),
+            SpecError::At { error, .. } | SpecError::InFile { error, .. } => error.kind(),
             other => other,
         }
     }

@@ -25,6 +25,8 @@
 //! unknown fields are rejected so that typos surface, and the spec must pass
 //! [`CellSpec::validate`].
 
+use std::path::Path;
+
 use serde::de::Error as _;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -63,6 +65,31 @@ impl CellSpec {
         }
         serde_json::from_str(json).map_err(json_error)
     }
+
+    /// Reads either form: JSON when the text starts with `{` (after white space), the text
+    /// form otherwise.
+    pub fn from_text_or_json(text: &str) -> Result<CellSpec, SpecError> {
+        if looks_like_json(text) {
+            CellSpec::from_json(text)
+        } else {
+            CellSpec::from_text(text)
+        }
+    }
+
+    /// Reads a spec file: JSON when its name ends in `.json` (any case) or its text starts
+    /// with `{`, the text form otherwise. Errors name the file ([`SpecError::Io`],
+    /// [`SpecError::InFile`]).
+    pub fn read_file(path: &Path) -> Result<CellSpec, SpecError> {
+        let text = std::fs::read_to_string(path).map_err(|error| SpecError::Io { path: path.to_path_buf(), error })?;
+        let json_name = path.extension().is_some_and(|ext| ext.eq_ignore_ascii_case("json"));
+        let spec =
+            if json_name || looks_like_json(&text) { CellSpec::from_json(&text) } else { CellSpec::from_text(&text) };
+        spec.map_err(|error| SpecError::InFile { path: path.to_path_buf(), error: Box::new(error) })
+    }
+}
+
+fn looks_like_json(text: &str) -> bool {
+    text.trim_start().starts_with('{')
 }
 
 fn json_error(err: serde_json::Error) -> SpecError {
@@ -231,17 +258,9 @@ impl<'de> Deserialize<'de> for CellSpec {
 
 #[cfg(test)]
 mod tests {
-    use expect_test::expect;
+    use expect_test::{expect, Expect};
 
     use super::*;
-    use crate::CellKind;
-
-    fn json_err(json: &str) -> (usize, usize, String) {
-        match CellSpec::from_json(json) {
-            Err(SpecError::Json { line, column, message }) => (line, column, message),
-            other => panic!("expected a JSON error, got {other:?}"),
-        }
-    }
 
     fn hand_built() -> CellSpec {
         use Op::*;
@@ -386,89 +405,83 @@ mod tests {
         assert_eq!(spec.reduction.output, CellOutput::Concat(vec![2, 1]));
     }
 
+    /// Each malformed file and what reading it says: the kind of mistake, then the message
+    /// with serde_json's line and column.
     #[test]
-    fn other_versions_are_format_version_errors() {
+    fn read_errors_name_the_mistake_and_point_at_it() {
+        let json = CellSpec::nasnet_a().to_json();
+        let mut bad_input = CellSpec::nasnet_a();
+        bad_input.reduction.blocks[3].inputs[1] = 5;
+        let mut empty_concat = CellSpec::nasnet_a();
+        empty_concat.normal.output = CellOutput::Concat(vec![]);
+        let cases: Vec<(String, Expect)> = vec![
+            (json.replace(r#""version": 1"#, r#""version": 2"#), expect!["FormatVersion: cell spec format version 2 is not supported (this build reads version 1)"]),
+            // The version is checked before the shape: a newer file may carry fields this build rejects.
+            (r#"{"version": 7, "normal": {}, "cells": []}"#.to_string(), expect!["FormatVersion: cell spec format version 7 is not supported (this build reads version 1)"]),
+            (json.replace("nas-space/cellspec", "nas-space/network"), expect!["Json: invalid cell spec JSON at line 0, column 0: unknown format `nas-space/network`, expected `nas-space/cellspec`"]),
+            (json.replacen(r#""combine""#, r#""combin""#, 1), expect!["Json: invalid cell spec JSON at line 9, column 16: unknown field `combin`, expected one of `inputs`, `ops`, `combine`"]),
+            (json.replace(r#""output""#, r#""outputs""#), expect!["Json: invalid cell spec JSON at line 32, column 13: unknown field `outputs`, expected `blocks` or `output`"]),
+            (json.replace(r#""format""#, r#""formt""#), expect!["Json: invalid cell spec JSON at line 2, column 9: unknown field `formt`, expected one of `format`, `version`, `normal`, `reduction`"]),
+            // A spec that fails validation names the cell and the block.
+            (bad_input.to_json(), expect!["Json: invalid cell spec JSON at line 0, column 0: reduction cell, block 3: right input 5 is out of range (block 3 may read states 0..=4)"]),
+            (empty_concat.to_json(), expect!["Json: invalid cell spec JSON at line 0, column 0: normal cell: the output concat list is empty"]),
+            (json.replacen("sep_conv_5x5", "sep_conv_9x9", 1), expect!["Json: invalid cell spec JSON at line 8, column 32: unknown op `sep_conv_9x9`; known ops: identity, conv_1x3_3x1, conv_1x7_7x1, dil_conv_3x3, avg_pool_3x3, max_pool_3x3, max_pool_5x5, max_pool_7x7, conv_1x1, conv_3x3, sep_conv_3x3, sep_conv_5x5, sep_conv_7x7"]),
+            (json.replacen(r#""add""#, r#""mul""#, 1), expect!["Json: invalid cell spec JSON at line 10, column 7: unknown combine `mul`; known: add, concat"]),
+            (json.replacen(r#""concat": [1"#, r#""concat": [1,,"#, 1), expect!["Json: invalid cell spec JSON at line 33, column 20: expected value"]),
+            (r#"{"normal": {"blocks": [], "output": "all"}}"#.to_string(), expect!["Json: invalid cell spec JSON at line 1, column 41: unknown variant `all`, expected `concat` or `unused`"]),
+            ("{".to_string(), expect!["Json: invalid cell spec JSON at line 1, column 1: EOF while parsing an object"]),
+        ];
+        for (text, expected) in cases {
+            let err = CellSpec::from_json(&text).expect_err("a malformed spec");
+            let kind = format!("{err:?}");
+            let kind = kind.split([' ', '{', '(']).next().unwrap_or_default();
+            expected.assert_eq(&format!("{kind}: {err}"));
+        }
+    }
+
+    #[test]
+    fn plain_serde_reports_other_versions_as_a_message() {
         let json = CellSpec::nasnet_a().to_json().replace(r#""version": 1"#, r#""version": 2"#);
-        assert!(json.contains(r#""version": 2"#));
-        let err = CellSpec::from_json(&json).unwrap_err();
-        assert!(matches!(err, SpecError::FormatVersion { found: 2, supported: 1 }), "{err:?}");
-
-        // Checked before the shape: a newer file may carry fields this build rejects.
-        let err = CellSpec::from_json(r#"{"version": 7, "normal": {}, "cells": []}"#).unwrap_err();
-        assert!(matches!(err, SpecError::FormatVersion { found: 7, supported: 1 }), "{err:?}");
-
-        // Plain serde reports it as a message.
         let err = serde_json::from_str::<CellSpec>(&json).unwrap_err();
         assert!(err.to_string().contains("format version 2 is not supported"), "{err}");
     }
 
     #[test]
-    fn wrong_format_tag_is_rejected() {
-        let json = CellSpec::nasnet_a().to_json().replace("nas-space/cellspec", "nas-space/network");
-        let (_, _, message) = json_err(&json);
-        assert_eq!(message, "unknown format `nas-space/network`, expected `nas-space/cellspec`");
+    fn either_form_is_read_by_its_first_character() {
+        let spec = hand_built();
+        assert_eq!(CellSpec::from_text_or_json(&spec.to_json()).unwrap(), spec);
+        assert_eq!(CellSpec::from_text_or_json(&format!("\n  {}", spec.to_json())).unwrap(), spec);
+        assert_eq!(CellSpec::from_text_or_json(&spec.to_text()).unwrap(), spec);
+        assert!(matches!(CellSpec::from_text_or_json("{ normal:"), Err(SpecError::Json { .. })));
+        assert!(matches!(CellSpec::from_text_or_json("normal: {"), Err(SpecError::Syntax { .. })));
     }
 
+    /// A spec file is JSON by its name or by its first character; every error names the file.
     #[test]
-    fn typo_field_is_rejected_with_its_position() {
-        let json = CellSpec::nasnet_a().to_json().replacen(r#""combine""#, r#""combin""#, 1);
-        let (line, column, message) = json_err(&json);
-        assert!(message.starts_with("unknown field `combin`, expected"), "{message}");
-        assert_eq!(line, 9);
-        assert!(column > 0);
-
-        let json = CellSpec::nasnet_a().to_json().replace(r#""output""#, r#""outputs""#);
-        let (_, _, message) = json_err(&json);
-        assert!(message.starts_with("unknown field `outputs`"), "{message}");
-
-        let json = CellSpec::nasnet_a().to_json().replace(r#""format""#, r#""formt""#);
-        let (line, _, message) = json_err(&json);
-        assert!(message.starts_with("unknown field `formt`"), "{message}");
-        assert_eq!(line, 2);
-    }
-
-    #[test]
-    fn invalid_spec_names_cell_and_block() {
-        let mut spec = CellSpec::nasnet_a();
-        spec.reduction.blocks[3].inputs[1] = 5;
-        let (_, _, message) = json_err(&spec.to_json());
-        let expected = SpecError::InputOutOfRange {
-            cell: CellKind::Reduction,
-            block: 3,
-            side: crate::Side::Right,
-            index: 5,
-            available: 5,
-        };
-        assert_eq!(message, expected.to_string());
-        assert!(message.starts_with("reduction cell, block 3: right input 5"), "{message}");
-
-        let mut spec = CellSpec::nasnet_a();
-        spec.normal.output = CellOutput::Concat(vec![]);
-        let (_, _, message) = json_err(&spec.to_json());
-        assert_eq!(message, "normal cell: the output concat list is empty");
-    }
-
-    #[test]
-    fn bad_names_and_malformed_json_are_json_errors() {
-        let json = CellSpec::nasnet_a().to_json().replacen("sep_conv_5x5", "sep_conv_9x9", 1);
-        let (line, _, message) = json_err(&json);
-        assert!(message.starts_with("unknown op `sep_conv_9x9`; known ops: identity"), "{message}");
-        assert_eq!(line, 8);
-
-        let json = CellSpec::nasnet_a().to_json().replacen(r#""add""#, r#""mul""#, 1);
-        let (_, _, message) = json_err(&json);
-        assert!(message.starts_with("unknown combine `mul`"), "{message}");
-
-        let json = CellSpec::nasnet_a().to_json().replacen(r#""concat": [1"#, r#""concat": [1,,"#, 1);
-        let (line, column, message) = json_err(&json);
-        assert_eq!((line, column), (33, 20));
-        assert!(message.contains("expected value"), "{message}");
-
-        let (_, _, message) = json_err(r#"{"normal": {"blocks": [], "output": "all"}}"#);
-        assert!(message.contains("unknown variant `all`"), "{message}");
-
-        let err = CellSpec::from_json("{").unwrap_err();
-        assert!(err.to_string().starts_with("invalid cell spec JSON at line 1, column 1:"), "{err}");
+    fn read_file_picks_the_form_and_names_the_file() {
+        let dir = std::env::temp_dir().join(format!("nas-space-read-file-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let spec = hand_built();
+        for (name, text) in [("a.JSON", spec.to_json()), ("b.cell", spec.to_json()), ("c.cell", spec.to_text())] {
+            std::fs::write(dir.join(name), text).unwrap();
+            assert_eq!(CellSpec::read_file(&dir.join(name)).unwrap(), spec, "{name}");
+        }
+        std::fs::write(dir.join("d.json"), spec.to_text()).unwrap();
+        std::fs::write(dir.join("e.cell"), "normal:\n  h2 = add(identity(h0), identity(h9))\n").unwrap();
+        let err = CellSpec::read_file(&dir.join("d.json")).unwrap_err();
+        assert!(matches!(err.kind(), SpecError::Json { line: 1, column: 1, .. }), "{err:?}");
+        let err = CellSpec::read_file(&dir.join("e.cell")).unwrap_err();
+        assert!(matches!(err.kind(), SpecError::InputOutOfRange { index: 9, .. }), "{err:?}");
+        let message = err.to_string().replace(dir.to_str().unwrap(), "DIR");
+        expect!["in cell spec DIR/e.cell: line 2, column 35: normal cell, block 0: right input 9 is out of range (block 0 may read states 0..=1)"]
+            .assert_eq(&message);
+        let err = CellSpec::read_file(&dir.join("missing.cell")).unwrap_err();
+        assert!(matches!(&err, SpecError::Io { path, .. } if path.ends_with("missing.cell")), "{err:?}");
+        assert!(
+            err.to_string().starts_with(&format!("cannot read cell spec {}", dir.join("missing.cell").display())),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

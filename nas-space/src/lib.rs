@@ -3,11 +3,13 @@
 //! This crate owns the grammar every other crate of the workspace meets at:
 //! the 13 [`Op`]s and two [`Combine`]s of the paper, [`Block`], [`Cell`] and
 //! [`CellSpec`] with their validation, a human-readable text form and a versioned
-//! JSON form, the NASNet-A preset, the controller's action grammar
+//! JSON form (and reading either from a file, `CellSpec::read_file`), the NASNet-A
+//! preset, the controller's action grammar
 //! ([`SearchSpace`]: actions, counting, seeded sampling, mutation, canonical
 //! form and stable hash), the network skeleton around the cells
 //! ([`NetworkConfig`]), an analytical cost model (parameters and mult-adds,
-//! no tensors), and Graphviz/SVG drawings of cells.
+//! no tensors), the paper's published figures to compare with ([`reference`](mod@reference)),
+//! and Graphviz/SVG drawings of cells.
 //!
 //! It also owns the few helpers every crate of the workspace shares, being the one
 //! below them all: the seeded generator whose stream never changes ([`SpaceRng`]),
@@ -53,6 +55,7 @@ pub mod files;
 pub mod network;
 mod op;
 pub mod presets;
+pub mod reference;
 pub mod render;
 mod rng;
 mod space;

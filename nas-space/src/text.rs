@@ -450,29 +450,14 @@ fn end_of_input(text: &str) -> Pos {
 
 #[cfg(test)]
 mod tests {
-    use expect_test::expect;
+    use expect_test::{expect, Expect};
 
     use super::*;
-
-    /// The line and column an error points at.
-    fn position(err: &SpecError) -> (usize, usize) {
-        match err {
-            SpecError::Syntax { line, column, .. } | SpecError::At { line, column, .. } => (*line, *column),
-            other => panic!("error without a position: {other:?}"),
-        }
-    }
 
     fn parse_err(text: &str) -> SpecError {
         match CellSpec::from_text(text) {
             Ok(spec) => panic!("parsed, but should not have:\n{spec}"),
             Err(err) => err,
-        }
-    }
-
-    fn syntax_message(err: &SpecError) -> &str {
-        match err {
-            SpecError::Syntax { message, .. } => message,
-            other => panic!("not a syntax error: {other:?}"),
         }
     }
 
@@ -618,196 +603,49 @@ mod tests {
         assert_eq!(CellSpec::from_text(text).unwrap(), CellSpec::nasnet_a());
     }
 
+    /// Each malformed text and what reading it says: the kind of mistake (the typed error
+    /// under its position), then the message with its line and column.
     #[test]
-    fn unknown_op_points_at_the_name() {
-        let mut lines: Vec<String> = CellSpec::nasnet_a().to_text().lines().map(String::from).collect();
-        lines[5] = "    h2 = add(sep_conv_9x9(h0), sep_conv_3x3(h1))".to_string();
-        let err = parse_err(&lines.join("\n"));
-        assert!(matches!(err.kind(), SpecError::UnknownOp { name } if name == "sep_conv_9x9"), "{err:?}");
-        assert_eq!(position(&err), (6, 14));
-        assert!(err.to_string().starts_with("line 6, column 14: unknown op `sep_conv_9x9`"), "{err}");
-    }
-
-    #[test]
-    fn unknown_combine_is_reported() {
-        let err = parse_err(&with_normal("  h2 = mul(identity(h0), identity(h1))\n  out = unused\n"));
-        assert!(matches!(err.kind(), SpecError::UnknownCombine { name } if name == "mul"), "{err:?}");
-        assert_eq!(position(&err), (2, 8));
-    }
-
-    #[test]
-    fn input_out_of_range_names_cell_block_and_side() {
-        let text = with_normal(
-            "  h2 = add(identity(h0), identity(h1))\n  h3 = add(identity(h2), identity(h3))\n  out = unused\n",
-        );
-        let err = parse_err(&text);
-        match err.kind() {
-            SpecError::InputOutOfRange { cell, block, side, index, available } => {
-                assert_eq!(*cell, CellKind::Normal);
-                assert_eq!(*block, 1);
-                assert_eq!(*side, Side::Right);
-                assert_eq!(*index, 3);
-                assert_eq!(*available, 3);
-            }
-            other => panic!("wrong error: {other:?}"),
+    fn parse_errors_name_the_mistake_and_point_at_it() {
+        let block = "  h2 = add(identity(h0), identity(h1))\n";
+        let nasnet = CellSpec::nasnet_a().to_text();
+        let cases: Vec<(String, Expect)> = vec![
+            (nasnet.replacen("sep_conv_5x5(h0)", "sep_conv_9x9(h0)", 1), expect!["UnknownOp: line 6, column 12: unknown op `sep_conv_9x9`; known ops: identity, conv_1x3_3x1, conv_1x7_7x1, dil_conv_3x3, avg_pool_3x3, max_pool_3x3, max_pool_5x5, max_pool_7x7, conv_1x1, conv_3x3, sep_conv_3x3, sep_conv_5x5, sep_conv_7x7"]),
+            (with_normal("  h2 = mul(identity(h0), identity(h1))\n  out = unused\n"), expect!["UnknownCombine: line 2, column 8: unknown combine `mul`; known: add, concat"]),
+            (with_normal(&format!("{block}  h3 = add(identity(h2), identity(h3))\n  out = unused\n")), expect!["InputOutOfRange: line 3, column 35: normal cell, block 1: right input 3 is out of range (block 1 may read states 0..=2)"]),
+            (with_normal(&format!("{block}  out = concat()\n")), expect!["EmptyConcat: line 3, column 9: normal cell: the output concat list is empty"]),
+            (with_normal(&format!("{block}  out = concat(h2, h3)\n")), expect!["ConcatOutOfRange: line 3, column 20: normal cell: output state 3 is out of range (the cell has states 0..=2)"]),
+            (with_normal(&format!("{block}  out = concat(2, 1, h2)\n")), expect!["DuplicateConcat: line 3, column 22: normal cell: output state 2 is listed twice in the concat list"]),
+            (with_normal("  out = unused\n"), expect!["NoBlocks: line 1, column 1: normal cell has no blocks"]),
+            (format!("normal:\n{block}  out = unused\n  reduction:\n"), expect!["NoBlocks: line 4, column 3: reduction cell has no blocks"]),
+            (nasnet.replace("version 1", "version 2"), expect!["FormatVersion: line 4, column 9: cell spec format version 2 is not supported (this build reads version 1)"]),
+            (
+                with_normal(&format!("{block}  h3 = add(identity(h0), identity(h1))\n  h5 = add(identity(h0), identity(h1))\n  out = unused\n")),
+                expect!["Syntax: line 4, column 3: normal cell, block 2 must define h4, found h5"],
+            ),
+            (with_normal("  h2 = add(identity h0, identity(h1))\n  out = unused\n"), expect!["Syntax: line 2, column 21: expected `(` after op name, found `h0`"]),
+            // A forgotten op name is a syntax error too, not an unknown op called `h0`.
+            (with_normal("  h2 = add(h0, identity(h1))\n  out = unused\n"), expect!["Syntax: line 2, column 12: expected an op name, found `h0`"]),
+            (with_normal("  h2 = add(identity(h0), identity(h1)\n  out = unused\n"), expect!["Syntax: line 2, column 38: expected `)` to close the block, found end of line"]),
+            (format!("normal:\n{block}  out = unused\n"), expect!["Syntax: line 4, column 1: expected a `reduction:` section, found end of input"]),
+            ("# nothing here".to_string(), expect!["Syntax: line 1, column 15: expected a `normal:` section, found end of input"]),
+            (with_normal(block), expect!["Syntax: line 3, column 1: expected `out = concat(...)` or `out = unused` to end the normal cell, found `reduction:`"]),
+            ("reduction:\n  h2 = add(identity(h0), identity(h1))".to_string(), expect!["Syntax: line 2, column 39: expected `out = concat(...)` or `out = unused` to end the reduction cell, found end of input"]),
+            (format!("{}normal:\n{block}  out = unused\n", with_normal(&format!("{block}  out = unused\n"))), expect!["Syntax: line 7, column 1: duplicate `normal:` section"]),
+            (with_normal(&format!("{block}  out = unused\n{block}")), expect!["Syntax: line 4, column 3: normal cell: block `h2` comes after the `out` line, which must be last"]),
+            (with_normal(&format!("{block}  out = unused\n  out = concat(h2)\n")), expect!["Syntax: line 4, column 3: the normal cell already has an `out` line"]),
+            ("verison 1\n".to_string(), expect!["Syntax: line 1, column 1: expected `version`, `normal:` or `reduction:`, found `verison`"]),
+            (with_normal(&format!("{block}  output = unused\n")), expect!["Syntax: line 3, column 3: expected a block `hK = ...`, an `out = ...` line or a section header, found `output`"]),
+            (with_normal("  h2 = add(identity(h0); identity(h1))\n  out = unused\n"), expect!["Syntax: line 2, column 24: expected `,` between the two ops, found `;`"]),
+            ("normal\n".to_string(), expect!["Syntax: line 1, column 7: expected `:` after `normal`, found end of line"]),
+            (format!("version 1\n{nasnet}"), expect!["Syntax: line 5, column 1: duplicate `version` line"]),
+            (format!("{}version 1\n", with_normal(&format!("{block}  out = unused\n"))), expect!["Syntax: line 7, column 1: `version` must come before the sections"]),
+        ];
+        for (text, expected) in cases {
+            let err = parse_err(&text);
+            let kind = format!("{:?}", err.kind());
+            let kind = kind.split([' ', '{', '(']).next().unwrap_or_default();
+            expected.assert_eq(&format!("{kind}: {err}"));
         }
-        assert_eq!(position(&err), (3, 35));
-    }
-
-    #[test]
-    fn empty_concat_is_reported() {
-        let err = parse_err(&with_normal("  h2 = add(identity(h0), identity(h1))\n  out = concat()\n"));
-        assert!(matches!(err.kind(), SpecError::EmptyConcat { cell: CellKind::Normal }), "{err:?}");
-        assert_eq!(position(&err), (3, 9));
-    }
-
-    #[test]
-    fn concat_out_of_range_is_reported() {
-        let err = parse_err(&with_normal("  h2 = add(identity(h0), identity(h1))\n  out = concat(h2, h3)\n"));
-        assert!(
-            matches!(err.kind(), SpecError::ConcatOutOfRange { cell: CellKind::Normal, index: 3, num_states: 3 }),
-            "{err:?}"
-        );
-        assert_eq!(position(&err), (3, 20));
-    }
-
-    #[test]
-    fn duplicate_concat_points_at_the_repeat() {
-        let err = parse_err(&with_normal("  h2 = add(identity(h0), identity(h1))\n  out = concat(2, 1, h2)\n"));
-        assert!(matches!(err.kind(), SpecError::DuplicateConcat { cell: CellKind::Normal, index: 2 }), "{err:?}");
-        assert_eq!(position(&err), (3, 22));
-    }
-
-    #[test]
-    fn section_without_blocks_points_at_its_header() {
-        let err = parse_err(&with_normal("  out = unused\n"));
-        assert!(matches!(err.kind(), SpecError::NoBlocks { cell: CellKind::Normal }), "{err:?}");
-        assert_eq!(position(&err), (1, 1));
-
-        let err = parse_err("normal:\n  h2 = add(identity(h0), identity(h1))\n  out = unused\n  reduction:\n");
-        assert!(matches!(err.kind(), SpecError::NoBlocks { cell: CellKind::Reduction }), "{err:?}");
-        assert_eq!(position(&err), (4, 3));
-    }
-
-    #[test]
-    fn other_text_versions_are_rejected() {
-        let text = CellSpec::nasnet_a().to_text().replace("version 1", "version 2");
-        let err = parse_err(&text);
-        assert!(matches!(err.kind(), SpecError::FormatVersion { found: 2, supported: 1 }), "{err:?}");
-        assert!(matches!(err, SpecError::At { .. }));
-        assert_eq!(position(&err), (4, 9));
-    }
-
-    #[test]
-    fn wrong_block_number_is_a_syntax_error() {
-        let text = with_normal(
-            "  h2 = add(identity(h0), identity(h1))\n  h3 = add(identity(h0), identity(h1))\n  h5 = add(identity(h0), identity(h1))\n  out = unused\n",
-        );
-        let err = parse_err(&text);
-        assert_eq!(syntax_message(&err), "normal cell, block 2 must define h4, found h5");
-        assert_eq!(position(&err), (4, 3));
-    }
-
-    #[test]
-    fn missing_paren_after_op_is_a_syntax_error() {
-        let err = parse_err(&with_normal("  h2 = add(identity h0, identity(h1))\n  out = unused\n"));
-        assert_eq!(syntax_message(&err), "expected `(` after op name, found `h0`");
-        assert_eq!(position(&err), (2, 21));
-
-        // A forgotten op name is a syntax error too, not an unknown op called `h0`.
-        let err = parse_err(&with_normal("  h2 = add(h0, identity(h1))\n  out = unused\n"));
-        assert_eq!(syntax_message(&err), "expected an op name, found `h0`");
-    }
-
-    #[test]
-    fn truncated_block_reports_end_of_line() {
-        let err = parse_err(&with_normal("  h2 = add(identity(h0), identity(h1)\n  out = unused\n"));
-        assert_eq!(syntax_message(&err), "expected `)` to close the block, found end of line");
-        assert_eq!(position(&err), (2, 38));
-    }
-
-    #[test]
-    fn missing_section_is_reported_at_end_of_input() {
-        let err = parse_err("normal:\n  h2 = add(identity(h0), identity(h1))\n  out = unused\n");
-        assert_eq!(syntax_message(&err), "expected a `reduction:` section, found end of input");
-        assert_eq!(position(&err), (4, 1));
-
-        let err = parse_err("# nothing here");
-        assert_eq!(syntax_message(&err), "expected a `normal:` section, found end of input");
-        assert_eq!(position(&err), (1, 15));
-    }
-
-    #[test]
-    fn missing_out_line_is_reported() {
-        let err = parse_err(&with_normal("  h2 = add(identity(h0), identity(h1))\n"));
-        assert_eq!(
-            syntax_message(&err),
-            "expected `out = concat(...)` or `out = unused` to end the normal cell, found `reduction:`"
-        );
-        assert_eq!(position(&err), (3, 1));
-
-        let err = parse_err("reduction:\n  h2 = add(identity(h0), identity(h1))");
-        assert!(syntax_message(&err).ends_with("the reduction cell, found end of input"), "{err}");
-        assert_eq!(position(&err), (2, 39));
-    }
-
-    #[test]
-    fn duplicate_section_points_at_the_second_header() {
-        let text = format!(
-            "{}normal:\n  h2 = add(identity(h0), identity(h1))\n  out = unused\n",
-            with_normal("  h2 = add(identity(h0), identity(h1))\n  out = unused\n",)
-        );
-        let err = parse_err(&text);
-        assert_eq!(syntax_message(&err), "duplicate `normal:` section");
-        assert_eq!(position(&err), (7, 1));
-    }
-
-    #[test]
-    fn block_after_out_is_a_syntax_error() {
-        let err = parse_err(&with_normal(
-            "  h2 = add(identity(h0), identity(h1))\n  out = unused\n  h3 = add(identity(h0), identity(h1))\n",
-        ));
-        assert!(syntax_message(&err).contains("after the `out` line"), "{err}");
-        assert_eq!(position(&err), (4, 3));
-
-        let err =
-            parse_err(&with_normal("  h2 = add(identity(h0), identity(h1))\n  out = unused\n  out = concat(h2)\n"));
-        assert_eq!(syntax_message(&err), "the normal cell already has an `out` line");
-    }
-
-    #[test]
-    fn unknown_words_are_syntax_errors() {
-        let err = parse_err("verison 1\n");
-        assert_eq!(syntax_message(&err), "expected `version`, `normal:` or `reduction:`, found `verison`");
-        assert_eq!(position(&err), (1, 1));
-
-        let err = parse_err(&with_normal("  h2 = add(identity(h0), identity(h1))\n  output = unused\n"));
-        assert_eq!(
-            syntax_message(&err),
-            "expected a block `hK = ...`, an `out = ...` line or a section header, found `output`"
-        );
-        assert_eq!(position(&err), (3, 3));
-
-        let err = parse_err(&with_normal("  h2 = add(identity(h0); identity(h1))\n  out = unused\n"));
-        assert_eq!(syntax_message(&err), "expected `,` between the two ops, found `;`");
-        assert_eq!(position(&err), (2, 24));
-
-        let err = parse_err("normal\n");
-        assert_eq!(syntax_message(&err), "expected `:` after `normal`, found end of line");
-        assert_eq!(position(&err), (1, 7));
-    }
-
-    #[test]
-    fn version_must_lead_and_appear_once() {
-        let text = CellSpec::nasnet_a().to_text();
-        let err = parse_err(&format!("version 1\n{text}"));
-        assert_eq!(syntax_message(&err), "duplicate `version` line");
-        assert_eq!(position(&err), (5, 1));
-
-        let err = parse_err(&format!(
-            "{}version 1\n",
-            with_normal("  h2 = add(identity(h0), identity(h1))\n  out = unused\n")
-        ));
-        assert_eq!(syntax_message(&err), "`version` must come before the sections");
     }
 }

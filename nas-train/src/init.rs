@@ -256,7 +256,7 @@ mod tests {
         };
         let spec = CellSpec::nasnet_a();
         let trainer = Trainer::new(&spec, config, train).unwrap();
-        let xs = Tensor::randn(0f32, 1.0, (2, 3, 32, 32), &Device::Cpu).unwrap();
+        let xs = crate::bench::uniform_tensor((2, 3, 32, 32), 1, &Device::Cpu).unwrap();
         trainer.net().forward_t(&xs, true).unwrap();
         let dir = TempPath::new("run");
         trainer.save_checkpoint(&dir.0, &spec, config, 0, 0, serde_json::Value::Null).unwrap();
@@ -309,7 +309,7 @@ mod tests {
                 assert_eq!(v, &source[name], "{name} comes from the source");
             }
         }
-        let xs = Tensor::randn(0f32, 1.0, (2, 3, 32, 32), &Device::Cpu).unwrap();
+        let xs = crate::bench::uniform_tensor((2, 3, 32, 32), 1, &Device::Cpu).unwrap();
         let out = net.forward_t(&xs, false).unwrap();
         assert_eq!(out.logits.dims(), [2, 5]);
         let logits: Vec<f32> = out.logits.flatten_all().unwrap().to_vec1().unwrap();

@@ -2,10 +2,18 @@
 //!
 //! This crate owns optimisers and weight decay ([`optim`]), learning-rate schedules
 //! ([`schedule`]), checkpoints ([`checkpoint`]), the paper's recipes ([`recipe`]), resumable
-//! training runs ([`run`]) and the outer search loop ([`search`]) with the executors that train
-//! its children on this machine ([`executor`]) or on a Slurm cluster ([`slurm`]).
+//! training runs ([`run`]), the outer search loop ([`search`]) with the executors that train
+//! its children on this machine ([`executor`]) or on a Slurm cluster ([`slurm`]), the transfer
+//! of a cell to the ImageNet skeleton ([`transfer`]) and the training/inference benchmark
+//! ([`bench`](mod@bench)).
 //! It does not own the network (`nas-ops`) nor the data pipeline (`nas-data`).
+//!
+//! The defaults the `nas` command line runs with are this crate's: a program importing it
+//! gets the same search ([`search::SearchConfig::default`], [`recipe::Recipe::small_search_child`]),
+//! the same built-in transfer ([`transfer::TransferOptions::builtin`], [`transfer::prepare`])
+//! and the same benchmark ([`bench::run`]).
 
+pub mod bench;
 pub mod checkpoint;
 pub mod data;
 pub mod device;
@@ -20,6 +28,7 @@ pub mod schedule;
 pub mod search;
 pub mod slurm;
 pub mod trainer;
+pub mod transfer;
 
 pub use error::TrainError;
 
@@ -224,12 +233,53 @@ mod tests {
         assert!(seen, "the step ran with the stealing thread's no_grad");
     }
 
+    /// Runs `f` on a thread of its own and returns its result, or fails the test when `f`
+    /// has not returned within `limit` (a helper that spins forever must fail, not hang).
+    fn within<T: Send + 'static>(limit: std::time::Duration, what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        match rx.recv_timeout(limit) {
+            Ok(value) => value,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => panic!("{what} did not return within {limit:?}"),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => panic!("{what} panicked"),
+        }
+    }
+
+    /// Places the owner cancelled are not taken: a late helper returns at once, while the step
+    /// is still running (`done` unset). A helper that took its place, by contrast, runs until
+    /// the owner finishes.
     #[test]
     fn cancelled_helpers_return_at_once() {
-        let warm = KeepWarm::new(2);
+        use std::sync::Arc;
+        use std::time::Duration;
+        let limit = Duration::from_secs(10);
+        let warm = Arc::new(KeepWarm::new(2));
         warm.wait_for_helpers(); // nobody helps: the owner cancels both places after START_WAIT
-        warm.help(); // a late helper: must not spin (done is still false)
-        warm.help();
-        assert!(!warm.done.load(Ordering::Acquire));
+        assert!(warm.claimed.load(Ordering::Acquire) >= warm.helpers, "the owner cancelled the places");
+        let late = warm.clone();
+        let done_when_returned = within(limit, "a cancelled helper", move || {
+            late.help();
+            late.help();
+            late.done.load(Ordering::Acquire)
+        });
+        assert!(!done_when_returned, "the late helpers returned only because the step finished");
+
+        let warm = Arc::new(KeepWarm::new(1));
+        let helper = {
+            let warm = warm.clone();
+            std::thread::spawn(move || warm.help())
+        };
+        let started = warm.clone();
+        within(limit, "waiting for the helper to take its place", move || {
+            while started.claimed.load(Ordering::Acquire) == 0 {
+                std::thread::yield_now();
+            }
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!helper.is_finished(), "a helper with a place returned before the step finished");
+        warm.finish();
+        within(limit, "the helper after finish", move || helper.join().expect("the helper ran"));
     }
 }

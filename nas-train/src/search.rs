@@ -41,7 +41,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use nas_controller::{has_saved_strategy, load_strategy, new_strategy, Proposal, Strategy, StrategyConfig};
+use nas_controller::{
+    has_saved_strategy, load_strategy, new_strategy, EvolutionConfig, PpoConfig, Proposal, Strategy, StrategyConfig,
+};
 use nas_space::files::{json_line, parse_json, read_json, write_json, JsonFile};
 use nas_space::{CellSpec, SearchSpace};
 use serde::{Deserialize, Serialize};
@@ -138,9 +140,62 @@ impl SearchConfig {
         if !device_ok {
             return err("device", "must be cpu, cuda or cuda:N");
         }
+        if !self.data.is_small() {
+            return Err(TrainError::Config {
+                field: "data",
+                message: format!(
+                    "`{}`: the search trains children on 32×32 proxy data (synthetic, cifar10, cifar100)",
+                    self.data
+                ),
+            });
+        }
         self.strategy.validate().map_err(|e| TrainError::Config { field: "strategy", message: e.to_string() })?;
         self.child.validate()
     }
+
+    /// Children a cluster trains at once unless told: the paper's controller batch.
+    pub const CLUSTER_WORKERS: usize = 20;
+
+    /// Children this machine trains at once unless told: one per core.
+    pub fn local_workers() -> usize {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    }
+}
+
+impl Default for SearchConfig {
+    /// The search `nas search` runs unless told otherwise: the paper's PPO controller over
+    /// B = 5 blocks, 40 children of [`Recipe::small_search_child`] on 1,200 built-in images,
+    /// one child per core at a time, seed 0, the best 5 cells listed, no re-training, children
+    /// on the CPU.
+    fn default() -> SearchConfig {
+        let seed = 0;
+        SearchConfig {
+            strategy: StrategyConfig::Ppo(PpoConfig::default()),
+            num_blocks: 5,
+            children: 40,
+            workers: SearchConfig::local_workers(),
+            child: Recipe::small_search_child(seed),
+            data: DataSource::synthetic(1200),
+            seed,
+            top_k: 5,
+            retrain: None,
+            device: cpu(),
+        }
+    }
+}
+
+impl Retrain {
+    /// Epochs of each re-training unless told.
+    pub const DEFAULT_EPOCHS: u64 = 10;
+}
+
+/// Regularized evolution sized for a budget of `children`: unless given, a population of a
+/// quarter of the budget (between 4 and 100) and tournaments of a quarter of the population
+/// (at least 2, at most the population).
+pub fn sized_evolution(children: usize, population: Option<usize>, sample_size: Option<usize>) -> EvolutionConfig {
+    let population_size = population.unwrap_or((children / 4).clamp(4, 100));
+    let sample_size = sample_size.unwrap_or((population_size / 4).max(2)).min(population_size);
+    EvolutionConfig { population_size, sample_size, ..EvolutionConfig::default() }
 }
 
 /// One child to train: what `nas worker --trial FILE` reads.

@@ -18,7 +18,7 @@
 //!   buffer: `dbeta = sum(dy)`, `dgamma = sum(dy * xhat)` and
 //!   `dx = gamma * invstd / M * (M * dy - dbeta - xhat * dgamma)` with `M = N * H * W`.
 //!
-//! [`batch_norm_train_relu`] applies a ReLU inside `batch-norm-train` (and masks the
+//! With `BatchNormOptions::relu_output`, `batch-norm-train` applies a ReLU inside it (and masks the
 //! gradient in its `bwd`), so the normalised tensor before the ReLU is never stored.
 //! The CPU loops are compiled for each instruction set (`kernels::simd`).
 //! Under the `cuda` feature each op has a CUDA twin (`cuda_fwd`, kernels in
@@ -29,8 +29,8 @@ use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
-use crate::kernels::output_buffer;
 use crate::kernels::simd::{multiversion, Float, Isa};
+use crate::kernels::Output;
 
 /// Runs `$body` on the contiguous slices `$x`, `$y`, `$z` of a three-input op's storages,
 /// all f32 or all f64, and wraps the `Vec` it returns; other dtypes are an error naming the
@@ -76,33 +76,86 @@ pub struct BatchNormTrain {
     pub var: Tensor,
 }
 
+/// A batch norm's tensors (γ, β and the moving statistics, each `(channels)`) and its ε,
+/// for ops that run a batch norm inside them (the separable convs): training uses γ, β and
+/// the batch's statistics, inference the moving ones.
+#[derive(Debug, Clone)]
+pub struct BatchNormParams {
+    /// γ.
+    pub gamma: Tensor,
+    /// β.
+    pub beta: Tensor,
+    /// The moving mean.
+    pub running_mean: Tensor,
+    /// The moving variance.
+    pub running_var: Tensor,
+    /// Added to the variance.
+    pub eps: f64,
+}
+
+impl BatchNormParams {
+    /// The eval-mode `(scale, shift)` ([`batch_norm_eval_affine`]).
+    pub fn eval_affine(&self) -> Result<(Tensor, Tensor)> {
+        batch_norm_eval_affine(&self.gamma, &self.beta, &self.running_mean, &self.running_var, self.eps)
+    }
+
+    /// Checks that every tensor is `(channels)` of `dtype`, naming the first that is not.
+    pub(crate) fn check(&self, channels: usize, dtype: DType) -> Result<()> {
+        let named = [
+            ("gamma", &self.gamma),
+            ("beta", &self.beta),
+            ("running_mean", &self.running_mean),
+            ("running_var", &self.running_var),
+        ];
+        for (what, t) in named {
+            if t.dims() != [channels] {
+                bail!("expected a batch-norm {what} of shape ({channels}), got {:?}", t.dims())
+            }
+            if t.dtype() != dtype {
+                bail!("the batch-norm {what} is {:?}, the input {dtype:?}", t.dtype())
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The ε of a batch norm op, and whether a ReLU is fused after it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BatchNormOptions {
+    /// Added to the variance.
+    pub eps: f64,
+    /// `ys = max(0, bn(xs))`, in the same pass. The gradient passes where `ys > 0` (candle's
+    /// ReLU passes it where its input is `>= 0`; the two differ only where the normalised
+    /// value is exactly 0); in training the tensor before the ReLU is never stored.
+    pub relu_output: bool,
+}
+
+impl BatchNormOptions {
+    /// A batch norm with `eps` and no ReLU.
+    pub fn new(eps: f64) -> BatchNormOptions {
+        BatchNormOptions { eps, relu_output: false }
+    }
+
+    /// These options with a ReLU after the batch norm when `relu`.
+    pub fn relu_output(self, relu: bool) -> BatchNormOptions {
+        BatchNormOptions { relu_output: relu, ..self }
+    }
+}
+
 /// Training-mode batch norm over (N, H, W) per channel, as fused multi-threaded CPU ops.
 ///
-/// `ys = gamma * (xs - mean) / sqrt(var + eps) + beta`, with the batch mean and the biased
-/// batch variance; `ys` is differentiable w.r.t. xs, gamma and beta; `mean` and `var` are
-/// detached (for the caller's running statistics). Supports f32 and f64.
+/// `ys = gamma * (xs - mean) / sqrt(var + eps) + beta` (then the ReLU of
+/// `opts.relu_output`), with the batch mean and the biased batch variance; `ys` is
+/// differentiable w.r.t. xs, gamma and beta; `mean` and `var` are detached (for the
+/// caller's running statistics). Supports f32 and f64.
 ///
 /// # Shapes
 /// - `xs`: `(batch, channels, height, width)`, not empty
 /// - `gamma`, `beta`: `(channels)`
 /// - returns: `ys` like `xs`; `mean` and `var` `(channels)`
-pub fn batch_norm_train(xs: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<BatchNormTrain> {
-    batch_norm_train_with(xs, gamma, beta, eps, false)
-}
-
-/// [`batch_norm_train`] followed by a ReLU, in one op: `ys = max(0, bn(xs))`. The gradient
-/// passes where `ys > 0` (candle's ReLU passes it where its input is `>= 0`; the two differ
-/// only where the normalised value is exactly 0).
-///
-/// # Shapes
-/// As [`batch_norm_train`].
-pub fn batch_norm_train_relu(xs: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<BatchNormTrain> {
-    batch_norm_train_with(xs, gamma, beta, eps, true)
-}
-
-fn batch_norm_train_with(xs: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64, relu: bool) -> Result<BatchNormTrain> {
+pub fn batch_norm_train(xs: &Tensor, gamma: &Tensor, beta: &Tensor, opts: BatchNormOptions) -> Result<BatchNormTrain> {
     let xs = xs.contiguous()?;
-    let step = batch_norm_train_step(&xs, gamma, beta, eps, relu)?;
+    let step = batch_norm_train_step(&xs, gamma, beta, opts)?;
     let ys = xs.apply_op3(&gamma.contiguous()?, &beta.contiguous()?, step.op)?;
     Ok(BatchNormTrain { ys, mean: step.mean, var: step.var })
 }
@@ -120,15 +173,15 @@ pub(crate) struct BatchNormTrainStep {
     pub(crate) var: Tensor,
 }
 
-/// The statistics of `xs` (with a ReLU after the batch norm when `relu`), after the checks
+/// The statistics of `xs` (with the options' ReLU after the batch norm), after the checks
 /// of [`batch_norm_train`].
 pub(crate) fn batch_norm_train_step(
     xs: &Tensor,
     gamma: &Tensor,
     beta: &Tensor,
-    eps: f64,
-    relu: bool,
+    opts: BatchNormOptions,
 ) -> Result<BatchNormTrainStep> {
+    let BatchNormOptions { eps, relu_output: relu } = opts;
     const OP: &str = "batch-norm-train";
     check_args(OP, xs, &[("gamma", gamma), ("beta", beta)])?;
     check_nonempty(OP, xs)?;
@@ -179,13 +232,19 @@ impl BatchNormTrainStep {
 }
 
 /// The same as [`batch_norm_train`] from plain candle tensor ops (differentiable on any
-/// device).
+/// device; the ReLU is candle's).
 ///
 /// # Shapes
 /// - `xs`: `(batch, channels, height, width)`, not empty
 /// - `gamma`, `beta`: `(channels)`
 /// - returns: `ys` like `xs`; `mean` and `var` `(channels)`
-pub fn batch_norm_train_reference(xs: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<BatchNormTrain> {
+pub fn batch_norm_train_reference(
+    xs: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    opts: BatchNormOptions,
+) -> Result<BatchNormTrain> {
+    let eps = opts.eps;
     const OP: &str = "batch-norm-train-reference";
     let (n, c, h, w) = check_args(OP, xs, &[("gamma", gamma), ("beta", beta)])?;
     check_nonempty(OP, xs)?;
@@ -195,13 +254,14 @@ pub fn batch_norm_train_reference(xs: &Tensor, gamma: &Tensor, beta: &Tensor, ep
     let var = (xc.sqr()?.sum_keepdim((0, 2, 3))? / m)?;
     let xhat = xc.broadcast_div(&(&var + eps)?.sqrt()?)?;
     let ys = xhat.broadcast_mul(&gamma.reshape((1, c, 1, 1))?)?.broadcast_add(&beta.reshape((1, c, 1, 1))?)?;
+    let ys = if opts.relu_output { ys.relu()? } else { ys };
     Ok(BatchNormTrain { ys, mean: mean.flatten_all()?.detach(), var: var.flatten_all()?.detach() })
 }
 
-/// Eval-mode batch norm: `ys = gamma * (xs - running_mean) / sqrt(running_var + eps) + beta`,
-/// differentiable w.r.t. xs, gamma and beta. The statistics fold into one per-channel scale
-/// and shift; on the CPU `xs · scale + shift` is one pass (the op `batch-norm-eval`), elsewhere
-/// two broadcast tensor ops.
+/// Eval-mode batch norm: `ys = gamma * (xs - running_mean) / sqrt(running_var + eps) + beta`
+/// (then the ReLU of `opts.relu_output`), differentiable w.r.t. xs, gamma and beta. The
+/// statistics fold into one per-channel scale and shift; on the CPU `xs · scale + shift` is
+/// one pass (the op `batch-norm-eval`), elsewhere two broadcast tensor ops.
 ///
 /// # Shapes
 /// - `xs`: `(batch, channels, height, width)`
@@ -209,34 +269,27 @@ pub fn batch_norm_train_reference(xs: &Tensor, gamma: &Tensor, beta: &Tensor, ep
 /// - returns: like `xs`
 pub fn batch_norm_eval(
     xs: &Tensor,
-    gamma: &Tensor,
-    beta: &Tensor,
-    running_mean: &Tensor,
-    running_var: &Tensor,
-    eps: f64,
+    [gamma, beta, running_mean, running_var]: [&Tensor; 4],
+    opts: BatchNormOptions,
 ) -> Result<Tensor> {
-    batch_norm_eval_with(xs, [gamma, beta, running_mean, running_var], eps, false)
-}
-
-/// [`batch_norm_eval`] followed by a ReLU, in the same pass on the CPU. The gradient passes
-/// where the output is `> 0` (see [`batch_norm_train_relu`]).
-///
-/// # Shapes
-/// As [`batch_norm_eval`].
-pub fn batch_norm_eval_relu(
-    xs: &Tensor,
-    gamma: &Tensor,
-    beta: &Tensor,
-    running_mean: &Tensor,
-    running_var: &Tensor,
-    eps: f64,
-) -> Result<Tensor> {
-    batch_norm_eval_with(xs, [gamma, beta, running_mean, running_var], eps, true)
+    let BatchNormOptions { eps, relu_output: relu } = opts;
+    let named = [("gamma", gamma), ("beta", beta), ("running_mean", running_mean), ("running_var", running_var)];
+    let (_n, c, _h, _w) = check_args("batch-norm-eval", xs, &named)?;
+    let (scale, shift) = batch_norm_eval_affine(gamma, beta, running_mean, running_var, eps)?;
+    if xs.device().is_cpu() {
+        return xs.contiguous()?.apply_op3(&scale.contiguous()?, &shift.contiguous()?, ScaleShift { relu });
+    }
+    let ys = xs.broadcast_mul(&scale.reshape((1, c, 1, 1))?)?.broadcast_add(&shift.reshape((1, c, 1, 1))?)?;
+    if relu {
+        ys.relu()
+    } else {
+        Ok(ys)
+    }
 }
 
 /// The per-channel `(scale, shift)` of a batch norm in eval mode, `ys = xs · scale + shift`:
 /// `scale = γ / sqrt(running_var + eps)`, `shift = β − running_mean · scale` (plain tensor
-/// ops, differentiable). `kernels::conv1x1::conv1x1_affine` folds them into a 1×1 conv.
+/// ops, differentiable). `kernels::conv1x1::conv1x1` folds them into a 1×1 conv (`Affine`).
 ///
 /// # Shapes
 /// - `gamma`, `beta`, `running_mean`, `running_var`: `(c)`; returns two `(c)` tensors
@@ -252,22 +305,6 @@ pub fn batch_norm_eval_affine(
     Ok((scale, shift))
 }
 
-fn batch_norm_eval_with(xs: &Tensor, params: [&Tensor; 4], eps: f64, relu: bool) -> Result<Tensor> {
-    let [gamma, beta, running_mean, running_var] = params;
-    let named = [("gamma", gamma), ("beta", beta), ("running_mean", running_mean), ("running_var", running_var)];
-    let (_n, c, _h, _w) = check_args("batch-norm-eval", xs, &named)?;
-    let (scale, shift) = batch_norm_eval_affine(gamma, beta, running_mean, running_var, eps)?;
-    if xs.device().is_cpu() {
-        return xs.contiguous()?.apply_op3(&scale.contiguous()?, &shift.contiguous()?, ScaleShift { relu });
-    }
-    let ys = xs.broadcast_mul(&scale.reshape((1, c, 1, 1))?)?.broadcast_add(&shift.reshape((1, c, 1, 1))?)?;
-    if relu {
-        ys.relu()
-    } else {
-        Ok(ys)
-    }
-}
-
 /// `(xs (N, C, H, W), scale (C), shift (C)) -> xs · scale + shift` per channel, then
 /// `max(·, 0)` with `relu`; each product is rounded before the add, as the two broadcast ops
 /// round it.
@@ -278,8 +315,7 @@ struct ScaleShift {
 
 impl ScaleShift {
     fn run<T: WithDType>(&self, xs: &[T], scale: &[T], shift: &[T], (c, hw): (usize, usize)) -> Vec<T> {
-        // SAFETY: every plane of `ys` is written in full below.
-        let mut ys = unsafe { output_buffer(xs.len()) };
+        let mut ys = Output::new(xs.len());
         ys.par_chunks_mut(hw).zip(xs.par_chunks(hw)).enumerate().with_min_len(planes_per_task(hw)).for_each(
             |(plane_idx, (ys, xs))| {
                 let (s, b) = (scale[plane_idx % c], shift[plane_idx % c]);
@@ -289,7 +325,7 @@ impl ScaleShift {
                 }
             },
         );
-        ys
+        ys.into_vec()
     }
 }
 
@@ -697,7 +733,7 @@ impl<T: Float> Affine<T> {
     }
 
     /// The normalised value of `x`; the forward writes it (through the ReLU with
-    /// `batch_norm_train_relu`) and the backward recomputes it for the ReLU's mask, with
+    /// a ReLU after it) and the backward recomputes it for the ReLU's mask, with
     /// the same instruction set, so the two agree bit for bit.
     #[inline(always)]
     fn apply<const FMA: bool>(&self, x: T) -> T {
@@ -741,14 +777,13 @@ fn normalize<T: Float>(
     relu: bool,
 ) -> Vec<T> {
     let affines = affines(gamma, beta, mean, invstd);
-    // SAFETY: every plane of `ys` is written in full below.
-    let mut ys = unsafe { output_buffer(xs.len()) };
+    let mut ys = Output::new(xs.len());
     ys.par_chunks_mut(hw)
         .zip(xs.par_chunks(hw))
         .enumerate()
         .with_min_len(planes_per_task(hw))
         .for_each(|(plane_idx, (ys, xs))| normalize_plane(isa, xs, &affines[plane_idx % c], relu, ys));
-    ys
+    ys.into_vec()
 }
 
 /// `dy` where the forward's output at `x` was positive (recomputed by `mask`, the forward's
@@ -871,10 +906,14 @@ fn backward<T: Float>(
         })
         .collect();
     let numel = xs.len();
-    // SAFETY: every plane of `dx` is written in full below, then every parameter gradient.
-    let mut packed = unsafe { output_buffer(numel + 2 * c) };
-    let (dx, params) = packed.split_at_mut(numel);
-    dx.par_chunks_mut(hw)
+    let mut packed = Output::new(numel + 2 * c);
+    let (dgamma_out, dbeta_out) = packed.tail(2 * c).split_at_mut(c);
+    for ci in 0..c {
+        dgamma_out[ci] = T::from_f64(dgamma[ci]);
+        dbeta_out[ci] = T::from_f64(dbeta[ci]);
+    }
+    packed
+        .par_chunks_mut(hw)
         .zip(xs.par_chunks(hw))
         .zip(dy.par_chunks(hw))
         .enumerate()
@@ -883,12 +922,7 @@ fn backward<T: Float>(
             let ci = plane_idx % c;
             grad_input_plane(isa, dy, xs, mask(ci), coeffs[ci], dx);
         });
-    let (dgamma_out, dbeta_out) = params.split_at_mut(c);
-    for ci in 0..c {
-        dgamma_out[ci] = T::from_f64(dgamma[ci]);
-        dbeta_out[ci] = T::from_f64(dbeta[ci]);
-    }
-    packed
+    packed.into_vec()
 }
 
 #[cfg(test)]
@@ -916,8 +950,10 @@ mod tests {
         shapes
     }
 
-    fn ys(f: fn(&Tensor, &Tensor, &Tensor, f64) -> Result<BatchNormTrain>) -> impl Fn(&[Tensor]) -> Result<Tensor> {
-        move |ts: &[Tensor]| Ok(f(&ts[0], &ts[1], &ts[2], EPS)?.ys)
+    fn ys(
+        f: fn(&Tensor, &Tensor, &Tensor, BatchNormOptions) -> Result<BatchNormTrain>,
+    ) -> impl Fn(&[Tensor]) -> Result<Tensor> {
+        move |ts: &[Tensor]| Ok(f(&ts[0], &ts[1], &ts[2], BatchNormOptions::new(EPS))?.ys)
     }
 
     #[test]
@@ -925,8 +961,8 @@ mod tests {
         let mut rng = TestRng::new(1);
         for shape in shapes(&mut rng) {
             let [xs, gamma, beta] = inputs(&mut rng, shape, 0.3, DType::F32);
-            let fused = batch_norm_train(&xs, &gamma, &beta, EPS)?;
-            let reference = batch_norm_train_reference(&xs, &gamma, &beta, EPS)?;
+            let fused = batch_norm_train(&xs, &gamma, &beta, BatchNormOptions::new(EPS))?;
+            let reference = batch_norm_train_reference(&xs, &gamma, &beta, BatchNormOptions::new(EPS))?;
             assert_eq!(fused.ys.dims(), &shape[..]);
             assert_eq!(fused.mean.dims(), &[shape[1]]);
             assert_eq!(fused.var.dims(), &[shape[1]]);
@@ -944,8 +980,8 @@ mod tests {
         let mut rng = TestRng::new(2);
         for shape in shapes(&mut rng) {
             let [xs, gamma, beta] = inputs(&mut rng, shape, -0.7, DType::F64);
-            let fused = batch_norm_train(&xs, &gamma, &beta, EPS)?;
-            let reference = batch_norm_train_reference(&xs, &gamma, &beta, EPS)?;
+            let fused = batch_norm_train(&xs, &gamma, &beta, BatchNormOptions::new(EPS))?;
+            let reference = batch_norm_train_reference(&xs, &gamma, &beta, BatchNormOptions::new(EPS))?;
             assert_close(&fused.ys, &reference.ys, 1e-12, &format!("ys {shape:?}"));
             assert_close(&fused.mean, &reference.mean, 1e-12, &format!("mean {shape:?}"));
             assert_close(&fused.var, &reference.var, 1e-12, &format!("var {shape:?}"));
@@ -960,12 +996,12 @@ mod tests {
         let mut rng = TestRng::new(3);
         for shape in [[8, 3, 16, 16], [1, 5, 7, 9], [16, 2, 1, 1]] {
             let [xs, gamma, beta] = inputs(&mut rng, shape, 1000.0, DType::F32);
-            let fused = batch_norm_train(&xs, &gamma, &beta, EPS)?;
+            let fused = batch_norm_train(&xs, &gamma, &beta, BatchNormOptions::new(EPS))?;
             let exact = batch_norm_train_reference(
                 &xs.to_dtype(DType::F64)?,
                 &gamma.to_dtype(DType::F64)?,
                 &beta.to_dtype(DType::F64)?,
-                EPS,
+                BatchNormOptions::new(EPS),
             )?;
             assert_close(&fused.ys, &exact.ys, 1e-6, &format!("ys {shape:?}"));
             assert_close(&fused.mean, &exact.mean, 1e-7, &format!("mean {shape:?}"));
@@ -1025,14 +1061,14 @@ mod tests {
                 let probe = rng.tensor(&shape, dtype)?;
                 for relu in [false, true] {
                     let reference = |t: &[Tensor]| {
-                        let ys = batch_norm_train_reference(&t[0], &t[1], &t[2], EPS)?.ys;
+                        let ys = batch_norm_train_reference(&t[0], &t[1], &t[2], BatchNormOptions::new(EPS))?.ys;
                         if relu {
                             ys.relu()
                         } else {
                             Ok(ys)
                         }
                     };
-                    let want_stats = batch_norm_train_reference(&ts[0], &ts[1], &ts[2], EPS)?;
+                    let want_stats = batch_norm_train_reference(&ts[0], &ts[1], &ts[2], BatchNormOptions::new(EPS))?;
                     let mut want = vec![want_stats.mean, want_stats.var, reference(&ts)?];
                     want.extend(analytic_grads(&reference, &ts, &probe)?);
                     let tol = if dtype == DType::F32 { 1e-5 } else { 1e-11 };
@@ -1063,8 +1099,10 @@ mod tests {
         // xs is handed over as a transposed view of a (4, 3, 5, 6) tensor.
         let xs_t = xs.transpose(0, 1)?.contiguous()?;
         let probe = rng.tensor(&[6, 4, 5, 3], DType::F32)?;
-        let run = |f: fn(&Tensor, &Tensor, &Tensor, f64) -> Result<BatchNormTrain>| {
-            let g = move |ts: &[Tensor]| f(&ts[0].transpose(0, 1)?, &ts[1], &ts[2], EPS)?.ys.permute((3, 1, 2, 0));
+        let run = |f: fn(&Tensor, &Tensor, &Tensor, BatchNormOptions) -> Result<BatchNormTrain>| {
+            let g = move |ts: &[Tensor]| {
+                f(&ts[0].transpose(0, 1)?, &ts[1], &ts[2], BatchNormOptions::new(EPS))?.ys.permute((3, 1, 2, 0))
+            };
             analytic_grads(&g, &[xs_t.clone(), gamma.clone(), beta.clone()], &probe)
         };
         let (fused, reference) = (run(batch_norm_train)?, run(batch_norm_train_reference)?);
@@ -1089,7 +1127,12 @@ mod tests {
         let mut rng = TestRng::new(7);
         let [xs, gamma, beta] = inputs(&mut rng, [2, 3, 4, 4], 0.0, DType::F32);
         let vars = [Var::from_tensor(&xs)?, Var::from_tensor(&gamma)?, Var::from_tensor(&beta)?];
-        let out = batch_norm_train(vars[0].as_tensor(), vars[1].as_tensor(), vars[2].as_tensor(), EPS)?;
+        let out = batch_norm_train(
+            vars[0].as_tensor(),
+            vars[1].as_tensor(),
+            vars[2].as_tensor(),
+            BatchNormOptions::new(EPS),
+        )?;
         let grads = (out.mean.sum_all()? + out.var.sum_all()?)?.backward()?;
         assert!(vars.iter().all(|v| grads.get(v.as_tensor()).is_none()));
         let grads = out.ys.sum_all()?.backward()?;
@@ -1115,21 +1158,17 @@ mod tests {
         let t = |v: &[f64]| Tensor::new(v, dev);
         let xs = Tensor::from_vec(data, (n, c, h, w), dev)?;
         let (gamma, beta, running_mean, running_var) = (t(&gamma)?, t(&beta)?, t(&running_mean)?, t(&running_var)?);
-        let ys = batch_norm_eval(&xs, &gamma, &beta, &running_mean, &running_var, EPS)?;
+        let ys = batch_norm_eval(&xs, [&gamma, &beta, &running_mean, &running_var], BatchNormOptions::new(EPS))?;
         assert_close(&ys, &Tensor::from_vec(expected, (n, c, h, w), dev)?, 1e-12, "eval ys");
         // Differentiable w.r.t. xs, gamma and beta.
-        let f = |ts: &[Tensor]| batch_norm_eval(&ts[0], &ts[1], &ts[2], &running_mean, &running_var, EPS);
+        let f = |ts: &[Tensor]| {
+            batch_norm_eval(&ts[0], [&ts[1], &ts[2], &running_mean, &running_var], BatchNormOptions::new(EPS))
+        };
         check_finite_differences(&f, &[xs.clone(), gamma.clone(), beta.clone()], 1e-5, 1e-7);
         // The same in f32.
         let f32s = |t: &Tensor| t.to_dtype(DType::F32);
-        let ys32 = batch_norm_eval(
-            &f32s(&xs)?,
-            &f32s(&gamma)?,
-            &f32s(&beta)?,
-            &f32s(&running_mean)?,
-            &f32s(&running_var)?,
-            EPS,
-        )?;
+        let params = [f32s(&gamma)?, f32s(&beta)?, f32s(&running_mean)?, f32s(&running_var)?];
+        let ys32 = batch_norm_eval(&f32s(&xs)?, params.each_ref(), BatchNormOptions::new(EPS))?;
         assert_eq!(ys32.dtype(), DType::F32);
         assert_close(&ys32, &ys, 1e-6, "eval ys f32");
         Ok(())
@@ -1144,21 +1183,23 @@ mod tests {
         let c13 = Tensor::ones((1, 3), DType::F32, dev)?;
         let err = |r: Result<BatchNormTrain>| r.expect_err("should fail").to_string();
         for f in [batch_norm_train, batch_norm_train_reference] {
-            let msg = err(f(&xs.flatten_from(2)?, &c3, &c3, EPS));
+            let msg = err(f(&xs.flatten_from(2)?, &c3, &c3, BatchNormOptions::new(EPS)));
             assert!(msg.contains("xs must be (N, C, H, W), got [2, 3, 16]"), "{msg}");
-            let msg = err(f(&xs, &c4, &c3, EPS));
+            let msg = err(f(&xs, &c4, &c3, BatchNormOptions::new(EPS)));
             assert!(msg.contains("gamma must be (C) = (3) for xs [2, 3, 4, 4], got [4]"), "{msg}");
-            let msg = err(f(&xs, &c3, &c13, EPS));
+            let msg = err(f(&xs, &c3, &c13, BatchNormOptions::new(EPS)));
             assert!(msg.contains("beta must be (C) = (3) for xs [2, 3, 4, 4], got [1, 3]"), "{msg}");
-            let msg = err(f(&xs, &c3.to_dtype(DType::F64)?, &c3, EPS));
+            let msg = err(f(&xs, &c3.to_dtype(DType::F64)?, &c3, BatchNormOptions::new(EPS)));
             assert!(msg.contains("gamma has dtype F64 but xs has F32"), "{msg}");
-            let msg = err(f(&Tensor::zeros((0, 3, 4, 4), DType::F32, dev)?, &c3, &c3, EPS));
+            let msg = err(f(&Tensor::zeros((0, 3, 4, 4), DType::F32, dev)?, &c3, &c3, BatchNormOptions::new(EPS)));
             assert!(msg.contains("xs must not be empty, got [0, 3, 4, 4]"), "{msg}");
         }
         let half = |t: &Tensor| t.to_dtype(DType::F16);
-        let msg = err(batch_norm_train(&half(&xs)?, &half(&c3)?, &half(&c3)?, EPS));
+        let msg = err(batch_norm_train(&half(&xs)?, &half(&c3)?, &half(&c3)?, BatchNormOptions::new(EPS)));
         assert!(msg.contains("batch-norm-train: unsupported dtype F16, expected f32 or f64"), "{msg}");
-        let msg = batch_norm_eval(&xs, &c3, &c3, &c3, &c4, EPS).expect_err("should fail").to_string();
+        let msg = batch_norm_eval(&xs, [&c3, &c3, &c3, &c4], BatchNormOptions::new(EPS))
+            .expect_err("should fail")
+            .to_string();
         assert!(msg.contains("batch-norm-eval: running_var must be (C) = (3) for xs [2, 3, 4, 4], got [4]"), "{msg}");
         Ok(())
     }

@@ -21,10 +21,11 @@ use rayon::prelude::*;
 
 use super::conv1x1::{gemm_rows, relu, shift_rows};
 use super::depthwise::DepthwiseGeometry;
-use super::pool::same_sample_window;
+use super::pool::{same_sample_window, PoolKind};
+use super::separable::SeparableHalf;
 use super::simd::{Float, Isa};
 use super::window::SampleWindow;
-use super::{output_buffer, Padding2d};
+use super::{scratch_buffer, Output, Padding2d};
 
 const NAME: &str = "cell-eval";
 
@@ -86,31 +87,28 @@ pub(crate) struct Affine1x1 {
     pub(crate) shift: Tensor,
 }
 
-/// One half of a separable conv: ReLU (with `relu_in`) → depthwise `(c, 1, k, k)` (SAME,
-/// `stride`, `dilation`) → `pointwise` → ReLU (with `relu_out`).
-#[derive(Debug, Clone)]
-pub(crate) struct Half {
-    pub(crate) depthwise: Tensor,
-    pub(crate) stride: usize,
-    pub(crate) dilation: usize,
-    pub(crate) pointwise: Affine1x1,
-    pub(crate) relu_in: bool,
-    pub(crate) relu_out: bool,
+/// How a step puts its result into its destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Put {
+    /// Overwrites it.
+    Write,
+    /// Adds to it.
+    Add,
 }
 
-/// One step of a [`Program`]: it writes `dst` (adds to it with `add`).
+/// One step of a [`Program`]: it writes `dst` or adds to it, as `put` says.
 #[derive(Debug, Clone)]
 pub(crate) enum Step {
     /// `dst = conv(relu?(src))`: a 1×1 conv with its batch norm.
-    Pointwise { src: Val, relu: bool, conv: Affine1x1, dst: Val, add: bool },
-    /// The halves in order; only the last may add.
-    Separable { src: Val, halves: Vec<Half>, dst: Val, add: bool },
+    Pointwise { src: Val, relu: bool, conv: Affine1x1, dst: Val, put: Put },
+    /// The halves in order (their batch norms in eval mode); only the last may add.
+    Separable { src: Val, halves: Vec<SeparableHalf>, dst: Val, put: Put },
     /// A SAME `kernel × kernel` pooling at `stride`.
-    Pool { src: Val, max: bool, kernel: usize, stride: usize, dst: Val, add: bool },
+    Pool { src: Val, kind: PoolKind, kernel: usize, stride: usize, dst: Val, put: Put },
     /// `dst = relu?(src[:, offset::2, offset::2])`, zero past the edge (`subsample::subsample2`).
     Subsample { src: Val, offset: usize, relu: bool, dst: Val },
     /// `dst = src`.
-    Copy { src: Val, dst: Val, add: bool },
+    Copy { src: Val, dst: Val, put: Put },
     /// `dst = dst + dst`.
     Double { dst: Val },
 }
@@ -223,14 +221,16 @@ impl Program {
             .map(|(i, step)| {
                 let at = |e: candle_core::Error| candle_core::Error::Msg(format!("{NAME}: step {i}: {e}"));
                 let exec = match *step {
-                    Step::Pointwise { src, relu, ref conv, dst, add } => {
+                    Step::Pointwise { src, relu, ref conv, dst, put } => {
+                        let add = put == Put::Add;
                         self.check_pair(src, dst, (src.c, dst.c), 1).map_err(at)?;
                         if relu {
                             mid = mid.max(src.c * src.h * src.w);
                         }
                         Exec::Pointwise { src, relu, conv: fold(conv, src.c, dst.c).map_err(at)?, dst, add }
                     }
-                    Step::Separable { src, ref halves, dst, add } => {
+                    Step::Separable { src, ref halves, dst, put } => {
+                        let add = put == Put::Add;
                         self.check_vals(src, dst).map_err(at)?;
                         let mut shape = src.shape();
                         let mut compiled = Vec::with_capacity(halves.len());
@@ -243,9 +243,12 @@ impl Program {
                             let geom = DepthwiseGeometry::new(NAME, &[1, c, h, w], k, half.stride, half.dilation, pad)
                                 .map_err(at)?;
                             check_dtype("depthwise", &half.depthwise, T::DTYPE).map_err(at)?;
-                            let c_out = half.pointwise.weight.dims().first().copied().unwrap_or(0);
-                            let conv = fold(&half.pointwise, c, c_out).map_err(at)?;
-                            if add && half.relu_out && j + 1 == halves.len() {
+                            let c_out = half.c_out();
+                            half.bn.check(c_out, T::DTYPE).map_err(at)?;
+                            let (scale, shift) = half.bn.eval_affine().map_err(at)?;
+                            let pointwise = Affine1x1 { weight: half.pointwise.clone(), scale, shift };
+                            let conv = fold(&pointwise, c, c_out).map_err(at)?;
+                            if add && half.relu_output && j + 1 == halves.len() {
                                 return Err(at(candle_core::Error::Msg(
                                     "a half that adds to its destination cannot end in a ReLU".into(),
                                 )));
@@ -255,9 +258,9 @@ impl Program {
                             compiled.push(ExecHalf {
                                 depthwise,
                                 scratch,
-                                relu_in: half.relu_in,
+                                relu_in: half.relu_input,
                                 conv,
-                                relu_out: half.relu_out,
+                                relu_out: half.relu_output,
                             });
                             shape = (c_out, geom.ho, geom.wo);
                         }
@@ -270,8 +273,9 @@ impl Program {
                         }
                         Exec::Separable { src, halves: compiled, dst, add }
                     }
-                    Step::Pool { src, max, kernel, stride, dst, add } => {
-                        let pool = same_sample_window::<T>(max, src.shape(), kernel, stride).map_err(at)?;
+                    Step::Pool { src, kind, kernel, stride, dst, put } => {
+                        let add = put == Put::Add;
+                        let pool = same_sample_window::<T>(kind, src.shape(), kernel, stride).map_err(at)?;
                         self.check_pair(src, dst, (src.c, src.c), stride).map_err(at)?;
                         if add {
                             mid = mid.max(pool.out_len());
@@ -286,7 +290,8 @@ impl Program {
                         self.check_pair(src, dst, (src.c, src.c), 2).map_err(at)?;
                         Exec::Subsample { src, offset, relu, dst }
                     }
-                    Step::Copy { src, dst, add } => {
+                    Step::Copy { src, dst, put } => {
+                        let add = put == Put::Add;
                         self.check_pair(src, dst, (src.c, src.c), 1).map_err(at)?;
                         Exec::Copy { src, dst, add }
                     }
@@ -525,19 +530,15 @@ impl<T: Float> Compiled<T> {
             return vec![T::ZERO; n * per_out];
         }
         let isa = Isa::detect();
-        // SAFETY: the steps write every channel of each sample's output (the cell's
-        // concatenation covers them; in debug builds the buffer starts as NaN, so a channel
-        // left unwritten shows in the tests' comparisons).
-        let mut out = unsafe { output_buffer::<T>(n * per_out) };
-        // SAFETY (the temporaries and intermediates): every step writes the part of a
-        // buffer it reads later in full first (a home is written by its block's first op,
-        // an intermediate by the kernel before the next reads it); in debug builds they
-        // start as NaN, so a read before a write shows in the tests' comparisons. The
-        // window scratches hold their padding, written here.
+        let mut out = Output::<T>::new(n * per_out);
+        // Every step writes the part of a buffer it reads later in full first (a home is
+        // written by its block's first op, an intermediate by the kernel before the next
+        // reads it); in debug builds the buffers start as NaN, so a read before a write shows
+        // in the tests' comparisons. The window scratches hold their padding, written here.
         let arena = || Arena {
-            tmps: self.tmps.iter().map(|&len| unsafe { output_buffer(len) }).collect(),
+            tmps: self.tmps.iter().map(|&len| scratch_buffer(len)).collect(),
             scratches: self.scratch_buffers(),
-            mid: [unsafe { output_buffer(self.mid) }, unsafe { output_buffer(self.mid) }],
+            mid: [scratch_buffer(self.mid), scratch_buffer(self.mid)],
         };
         out.par_chunks_mut(per_out).enumerate().for_each_init(arena, |arena, (i, out)| {
             let prev = prev.map_or(&[][..], |p| &p[i * per_prev..(i + 1) * per_prev]);
@@ -547,7 +548,7 @@ impl<T: Float> Compiled<T> {
                 self.step(isa, step, &mut bufs, scratches, mid);
             }
         });
-        out
+        out.into_vec()
     }
 
     fn scratch_buffers(&self) -> Vec<Vec<T>> {
@@ -673,9 +674,10 @@ mod tests {
     /// ranges, a copy of the previous input, and a doubled value.
     #[test]
     fn steps_compute_what_the_batch_ops_compute() {
-        use crate::kernels::conv1x1::conv1x1_affine;
-        use crate::kernels::pool::max_pool2d_same;
+        use crate::kernels::conv1x1::{conv1x1, Affine, Conv1x1Options};
+        use crate::kernels::pool::{pool2d, PoolOptions};
         use crate::kernels::subsample::subsample2;
+        use crate::kernels::testutil::hw;
         let mut rng = TestRng::new(61);
         let (n, c, h, w) = (3, 4, 7, 6);
         let x = rng.tensor(&[n, c, h, w], DType::F32).unwrap();
@@ -685,19 +687,27 @@ mod tests {
         let mut program = Program::new((c, h, w), Some((2, 4, 3)), (8, 4, 3));
         let (xv, pv, out) = (program.x(), program.prev().unwrap(), program.out());
         let full = program.tmp((2, h, w));
-        program.push(Step::Pointwise { src: xv, relu: true, conv: conv.clone(), dst: full, add: false });
+        program.push(Step::Pointwise { src: xv, relu: true, conv: conv.clone(), dst: full, put: Put::Write });
         program.push(Step::Subsample { src: full, offset: 1, relu: false, dst: out.channels(0, 2) });
-        program.push(Step::Copy { src: pv, dst: out.channels(0, 2), add: true });
-        program.push(Step::Copy { src: pv, dst: out.channels(2, 2), add: false });
+        program.push(Step::Copy { src: pv, dst: out.channels(0, 2), put: Put::Add });
+        program.push(Step::Copy { src: pv, dst: out.channels(2, 2), put: Put::Write });
         program.push(Step::Double { dst: out.channels(2, 2) });
-        program.push(Step::Pool { src: xv, max: true, kernel: 3, stride: 2, dst: out.channels(4, 4), add: false });
+        program.push(Step::Pool {
+            src: xv,
+            kind: PoolKind::Max,
+            kernel: 3,
+            stride: 2,
+            dst: out.channels(4, 4),
+            put: Put::Write,
+        });
         let got = crate::no_grad(|| program.run(&x, Some(&prev))).unwrap();
-        let full = conv1x1_affine(&x, &conv.weight, (&conv.scale, &conv.shift), true, false).unwrap();
+        let affine = Affine { scale: &conv.scale, shift: &conv.shift, relu_output: false };
+        let full = conv1x1(&x, &conv.weight, Conv1x1Options { relu_input: true, affine: Some(affine) }).unwrap();
         let want = Tensor::cat(
             &[
                 &(subsample2(&full, 1).unwrap() + &prev).unwrap(),
                 &(&prev + &prev).unwrap(),
-                &max_pool2d_same(&x, 3, 2).unwrap(),
+                &pool2d(&x, PoolOptions::same(PoolKind::Max, 3, 2, hw(&x))).unwrap(),
             ],
             1,
         )
@@ -713,7 +723,7 @@ mod tests {
         // A 1×1 weight of the wrong width.
         let mut program = Program::new((4, 5, 5), None, (3, 5, 5));
         let (xv, out) = (program.x(), program.out());
-        program.push(Step::Pointwise { src: xv, relu: false, conv: affine(&mut rng, 5, 3), dst: out, add: false });
+        program.push(Step::Pointwise { src: xv, relu: false, conv: affine(&mut rng, 5, 3), dst: out, put: Put::Write });
         let err = run(&program, &x);
         assert!(
             err.contains("cell-eval: step 0") && err.contains("(3, 4, 1, 1)") && err.contains("[3, 5, 1, 1]"),
@@ -722,15 +732,22 @@ mod tests {
         // A destination of the wrong size, an input written to, overlapping ranges.
         let mut program = Program::new((4, 5, 5), None, (8, 5, 5));
         let (xv, out) = (program.x(), program.out());
-        program.push(Step::Pool { src: xv, max: false, kernel: 3, stride: 2, dst: out.channels(0, 4), add: false });
+        program.push(Step::Pool {
+            src: xv,
+            kind: PoolKind::Avg,
+            kernel: 3,
+            stride: 2,
+            dst: out.channels(0, 4),
+            put: Put::Write,
+        });
         assert!(run(&program, &x).contains("step 0: reads (4, 5, 5) and writes (4, 5, 5)"), "{}", run(&program, &x));
         let mut program = Program::new((4, 5, 5), None, (8, 5, 5));
         let (xv, out) = (program.x(), program.out());
-        program.push(Step::Copy { src: out.channels(0, 4), dst: xv, add: false });
+        program.push(Step::Copy { src: out.channels(0, 4), dst: xv, put: Put::Write });
         assert!(run(&program, &x).contains("cannot write an input"), "{}", run(&program, &x));
         let mut program = Program::new((4, 5, 5), None, (8, 5, 5));
         let out = program.out();
-        program.push(Step::Copy { src: out.channels(0, 4), dst: out.channels(2, 4), add: false });
+        program.push(Step::Copy { src: out.channels(0, 4), dst: out.channels(2, 4), put: Put::Write });
         assert!(run(&program, &x).contains("overlap"), "{}", run(&program, &x));
         // Inputs that do not match the program.
         let program = Program::new((4, 5, 5), Some((4, 5, 5)), (8, 5, 5));

@@ -11,7 +11,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, Device, Result, Shape, Storage, Tensor, WithDType};
 use rayon::prelude::*;
 
-use super::output_buffer;
+use super::Output;
 
 const NAME: &str = "cat-channels";
 
@@ -132,8 +132,7 @@ pub(crate) fn split_channels(grad: &Tensor, widths: &[usize]) -> Result<Vec<Tens
         widths
             .iter()
             .map(|&width| {
-                // SAFETY: every plane of `out` is copied into below.
-                let mut out = unsafe { output_buffer::<T>(n * width * plane) };
+                let mut out = Output::<T>::new(n * width * plane);
                 if plane > 0 {
                     out.par_chunks_mut(plane).with_min_len(4096usize.div_ceil(plane)).enumerate().for_each(
                         |(p, out)| {
@@ -144,7 +143,7 @@ pub(crate) fn split_channels(grad: &Tensor, widths: &[usize]) -> Result<Vec<Tens
                     );
                 }
                 first += width;
-                out
+                out.into_vec()
             })
             .collect()
     }
@@ -196,8 +195,7 @@ impl Geometry<'_> {
         if len == 0 {
             return Ok(Vec::new());
         }
-        // SAFETY: every plane of the output is written in full below.
-        let mut out = unsafe { output_buffer::<T>(len) };
+        let mut out = Output::<T>::new(len);
         let plane = self.plane;
         out.par_chunks_mut(plane).with_min_len(4096usize.div_ceil(plane)).enumerate().for_each(|(p, out)| {
             let (sample, channel) = (p / c_total, p % c_total);
@@ -213,7 +211,7 @@ impl Geometry<'_> {
                 out.copy_from_slice(a);
             }
         });
-        Ok(out)
+        Ok(out.into_vec())
     }
 }
 

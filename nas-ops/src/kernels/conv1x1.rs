@@ -8,15 +8,15 @@
 //! sample. On the CPU, [`conv1x1`] is a custom op: the forward and the input gradient are one
 //! gemm per sample (in parallel over samples), and the weight gradient `Σ_b dY_b · X_bᵀ` is
 //! accumulated by gemm straight into a `(c_out, c_in)` buffer, one task per band of output
-//! rows. [`conv1x1_relu`] reads its input through a ReLU, and [`conv1x1_affine`] folds an
-//! eval-mode batch norm (and a ReLU) into the conv. On other devices [`conv1x1`] is the
-//! reference, whose ops run there already.
+//! rows. [`Conv1x1Options`] fuses a ReLU on its input, and an eval-mode batch norm (and a
+//! ReLU) after it, into the same op. On other devices [`conv1x1`] is the reference, whose
+//! ops run there already.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, WithDType};
 
-use crate::kernels::output_buffer;
 use crate::kernels::simd::Float;
+use crate::kernels::Output;
 use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
@@ -24,83 +24,81 @@ const NAME: &str = "conv1x1";
 const GRAD_INPUT_NAME: &str = "conv1x1-grad-input";
 const GRAD_WEIGHT_NAME: &str = "conv1x1-grad-weight";
 
-/// `ys[b] = weight · xs[b]` over the pixels: a 1×1 stride-1 convolution without bias.
+/// What a 1×1 conv fuses around its product: a ReLU on its input, and an eval-mode batch
+/// norm with an optional ReLU after it. The default is the plain conv.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Conv1x1Options<'a> {
+    /// Read the input through a ReLU: on the CPU each sample is read through it into a
+    /// scratch buffer before its gemm, and the input gradient is zeroed where `xs < 0`
+    /// (candle's ReLU rule) in the same pass, so `xs.relu()` is never stored.
+    pub relu_input: bool,
+    /// A per-channel affine map after the conv (a batch norm in eval mode).
+    pub affine: Option<Affine<'a>>,
+}
+
+/// `· scale + shift` per output channel (a batch norm in eval mode, from
+/// `batch_norm_eval_affine`), then a ReLU with `relu_output`.
+#[derive(Debug, Clone, Copy)]
+pub struct Affine<'a> {
+    /// `(c_out)`.
+    pub scale: &'a Tensor,
+    /// `(c_out)`.
+    pub shift: &'a Tensor,
+    /// ReLU on the output.
+    pub relu_output: bool,
+}
+
+/// `ys[b] = weight · xs[b]` over the pixels: a 1×1 stride-1 convolution without bias, with
+/// what `opts` fuses into it. With an affine map the weight's rows are scaled first
+/// (`scale ⊙ W`, a `(c_out, c)` op), and the shift and the ReLU are applied to each sample's
+/// output block right after its gemm, while it is in cache: one pass over the output instead
+/// of two (the gradients of `scale` and `shift` flow back through plain ops). On other
+/// devices, [`conv1x1_reference`].
 ///
 /// # Shapes
 /// - `xs`: `(batch, c_in, h, w)`
 /// - `weight`: `(c_out, c_in, 1, 1)`
-/// - returns: `(batch, c_out, h, w)`
-pub fn conv1x1(xs: &Tensor, weight: &Tensor) -> Result<Tensor> {
-    if !xs.device().is_cpu() {
-        check_weight(xs, weight)?;
-        return conv1x1_reference(xs, weight);
-    }
-    apply(xs, weight, false)
-}
-
-/// `conv1x1(&xs.relu(), weight)` as one op on the CPU: each sample is read through the ReLU
-/// into a scratch buffer before its gemm, and the input gradient is zeroed where `xs < 0`
-/// (candle's ReLU rule) in the same pass, so `xs.relu()` is never stored nor differentiated
-/// as a separate node. On other devices, the unfused ops.
-///
-/// # Shapes
-/// As [`conv1x1`].
-pub fn conv1x1_relu(xs: &Tensor, weight: &Tensor) -> Result<Tensor> {
-    if !xs.device().is_cpu() {
-        return conv1x1(&xs.relu()?, weight);
-    }
-    apply(xs, weight, true)
-}
-
-/// `relu_out(conv1x1(relu_in(xs), weight) · scale + shift)` per output channel, where each
-/// ReLU applies when its flag is set: a batch norm in eval mode (`batch_norm_eval_affine`)
-/// folded into the conv. On the CPU the weight's rows are scaled first (`scale ⊙ W`, a
-/// `(c_out, c)` op), and the shift and the ReLU are applied to each sample's output block
-/// right after its gemm, while it is in cache: one pass over the output instead of two.
-/// Differentiable (the gradients of `scale` and `shift` flow back through plain ops). On
-/// other devices, the unfused ops.
-///
-/// # Shapes
-/// - `xs`: `(batch, c_in, h, w)`; `weight`: `(c_out, c_in, 1, 1)`
 /// - `scale`, `shift`: `(c_out)`
 /// - returns: `(batch, c_out, h, w)`
-pub fn conv1x1_affine(
-    xs: &Tensor,
-    weight: &Tensor,
-    (scale, shift): (&Tensor, &Tensor),
-    relu_in: bool,
-    relu_out: bool,
-) -> Result<Tensor> {
+pub fn conv1x1(xs: &Tensor, weight: &Tensor, opts: Conv1x1Options) -> Result<Tensor> {
     let c_out = check_weight(xs, weight)?;
-    for (what, t) in [("scale", scale), ("shift", shift)] {
-        if t.dims() != [c_out] {
-            bail!("{NAME}: expected a {what} of shape ({c_out}) for weight {:?}, got {:?}", weight.dims(), t.dims())
+    if let Some(affine) = opts.affine {
+        for (what, t) in [("scale", affine.scale), ("shift", affine.shift)] {
+            if t.dims() != [c_out] {
+                bail!("{NAME}: expected a {what} of shape ({c_out}) for weight {:?}, got {:?}", weight.dims(), t.dims())
+            }
         }
     }
     if !xs.device().is_cpu() {
-        return conv1x1_affine_reference(xs, weight, (scale, shift), relu_in, relu_out);
+        return conv1x1_reference(xs, weight, opts);
     }
-    let scaled = weight.broadcast_mul(&scale.reshape((c_out, 1, 1, 1))?)?.contiguous()?;
-    xs.contiguous()?.apply_op3(&scaled, &shift.contiguous()?, Conv1x1 { relu_in, relu_out })
+    // The op takes and returns the 4-d tensors themselves: a reshape to `(b, c, h·w)` and
+    // back would be two more nodes of candle's graph, each costing the backward a zeroed
+    // buffer and an add of the gradient's size.
+    let xs = xs.contiguous()?;
+    let relu_in = opts.relu_input;
+    match opts.affine {
+        None => xs.apply_op2(&weight.contiguous()?, Conv1x1 { relu_in, relu_out: false }),
+        Some(Affine { scale, shift, relu_output }) => {
+            let scaled = weight.broadcast_mul(&scale.reshape((c_out, 1, 1, 1))?)?.contiguous()?;
+            xs.apply_op3(&scaled, &shift.contiguous()?, Conv1x1 { relu_in, relu_out: relu_output })
+        }
+    }
 }
 
-/// [`conv1x1_affine`] from the unfused ops.
+/// [`conv1x1`] from plain tensor ops (a broadcast `matmul`, ReLUs, broadcast affine ops),
+/// differentiable on any device.
 ///
 /// # Shapes
-/// As [`conv1x1_affine`].
-pub fn conv1x1_affine_reference(
-    xs: &Tensor,
-    weight: &Tensor,
-    (scale, shift): (&Tensor, &Tensor),
-    relu_in: bool,
-    relu_out: bool,
-) -> Result<Tensor> {
+/// As [`conv1x1`].
+pub fn conv1x1_reference(xs: &Tensor, weight: &Tensor, opts: Conv1x1Options) -> Result<Tensor> {
+    let (b, c, h, w) = xs.dims4()?;
     let c_out = weight.dim(0)?;
-    let xs = if relu_in { xs.relu()? } else { xs.clone() };
-    let ys = conv1x1(&xs, weight)?
-        .broadcast_mul(&scale.reshape((1, c_out, 1, 1))?)?
-        .broadcast_add(&shift.reshape((1, c_out, 1, 1))?)?;
-    if relu_out {
+    let xs = if opts.relu_input { xs.relu()? } else { xs.clone() };
+    let ys = weight.reshape((c_out, c))?.broadcast_matmul(&xs.reshape((b, c, h * w))?)?.reshape((b, c_out, h, w))?;
+    let Some(Affine { scale, shift, relu_output }) = opts.affine else { return Ok(ys) };
+    let ys = ys.broadcast_mul(&scale.reshape((1, c_out, 1, 1))?)?.broadcast_add(&shift.reshape((1, c_out, 1, 1))?)?;
+    if relu_output {
         ys.relu()
     } else {
         Ok(ys)
@@ -119,26 +117,6 @@ fn check_weight(xs: &Tensor, weight: &Tensor) -> Result<usize> {
         )
     }
     Ok(c_out)
-}
-
-/// The CPU custom op on `xs` (through a ReLU with `relu_in`). It takes and returns the 4-d
-/// tensors themselves: a reshape to `(b, c, h·w)` and back would be two more nodes of
-/// candle's graph, each costing the backward a zeroed buffer and an add of the gradient's size.
-fn apply(xs: &Tensor, weight: &Tensor, relu_in: bool) -> Result<Tensor> {
-    check_weight(xs, weight)?;
-    xs.contiguous()?.apply_op2(&weight.contiguous()?, Conv1x1 { relu_in, relu_out: false })
-}
-
-/// [`conv1x1`] from plain tensor ops (a broadcast `matmul`), differentiable on any device.
-///
-/// # Shapes
-/// As [`conv1x1`].
-pub fn conv1x1_reference(xs: &Tensor, weight: &Tensor) -> Result<Tensor> {
-    let (b, c, h, w) = xs.dims4()?;
-    let c_out = weight.dim(0)?;
-    let w2 = weight.reshape((c_out, c))?;
-    let ys = w2.broadcast_matmul(&xs.reshape((b, c, h * w))?)?;
-    ys.reshape((b, c_out, h, w))
 }
 
 /// Checks that an optional third input of a `cpu_fwd` has shape `dims` and dtype `dtype`.
@@ -282,10 +260,19 @@ impl Conv1x1 {
     }
 }
 
-/// The gradients of `xs` and `weight` of [`conv1x1`] (of [`conv1x1_relu`] with `relu_in`)
+/// The gradients of `xs` and `weight` of [`conv1x1`] without an affine map (`opts.affine`
+/// must be `None`)
 /// from the output's `grad`, for ops that run the conv inside them (CPU).
-pub(crate) fn conv1x1_grads(xs: &Tensor, weight: &Tensor, grad: &Tensor, relu_in: bool) -> Result<(Tensor, Tensor)> {
-    Conv1x1 { relu_in, relu_out: false }.input_and_weight_grads(xs, weight, grad)
+pub(crate) fn conv1x1_grads(
+    xs: &Tensor,
+    weight: &Tensor,
+    grad: &Tensor,
+    opts: Conv1x1Options,
+) -> Result<(Tensor, Tensor)> {
+    if opts.affine.is_some() {
+        bail!("{NAME}: the gradients of a conv with an affine map run through candle's graph")
+    }
+    Conv1x1 { relu_in: opts.relu_input, relu_out: false }.input_and_weight_grads(xs, weight, grad)
 }
 
 /// What [`per_sample`] does to each sample's output block after its gemm.
@@ -358,9 +345,7 @@ fn per_sample<T: Float>(
     if b * m * n == 0 || k == 0 {
         return vec![T::zero(); b * m * n];
     }
-    // SAFETY: each sample's `m × n` block is written in full by its gemm (which does not
-    // read it: `accumulate` is false).
-    let mut out = unsafe { output_buffer(b * m * n) };
+    let mut out = Output::new(b * m * n);
     let run = |scratch: &mut Vec<T>, i: usize, o: &mut [T], r: &[T], parallelism: Parallelism| {
         let r = relu_into(r, relu_rhs, scratch);
         // SAFETY: o is m × n, lhs m × k, r k × n.
@@ -386,7 +371,7 @@ fn per_sample<T: Float>(
             run(&mut scratch, i, o, r, threads());
         }
     }
-    out
+    out.into_vec()
 }
 
 impl CustomOp2 for Conv1x1 {
@@ -440,7 +425,7 @@ impl CustomOp3 for Conv1x1 {
 
 /// `(grad (b, c_out, h, w), weight (c_out, c, 1, 1)) -> weightᵀ · grad_b (b, c, h, w)`. As a
 /// `CustomOp3`, a third argument `xs (b, c, h, w)` zeroes it where `xs < 0` (the input gradient
-/// of [`conv1x1_relu`]).
+/// of [`conv1x1`] reading its input through a ReLU).
 #[derive(Debug, Clone, Copy)]
 struct Conv1x1GradInput;
 

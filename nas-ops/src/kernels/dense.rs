@@ -16,7 +16,7 @@ use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use crate::kernels::depthwise::{dispatch, DepthwiseGeometry};
 use crate::kernels::simd::Isa;
 use crate::kernels::window as cpu;
-use crate::kernels::Padding2d;
+use crate::kernels::{ConvOptions, Padding2d};
 
 const FWD_NAME: &str = "dense-conv2d";
 const GRAD_WEIGHT_NAME: &str = "dense-conv2d-grad-weight";
@@ -28,7 +28,8 @@ pub const DIRECT_MAX_C_IN: usize = 4;
 
 /// The convolution of `xs` with `weight`, through the direct CPU kernel when `xs` has at
 /// most [`DIRECT_MAX_C_IN`] channels, is on the CPU and needs no gradient (an image); else
-/// [`dense_conv2d_reference`]. Both give the same values and the same weight gradient.
+/// [`dense_conv2d_reference`] (also for `opts.relu_input`, whose ReLU it stores). Both give
+/// the same values and the same weight gradient.
 ///
 /// # Shapes
 /// - `xs`: `(n, c_in, h, w)`
@@ -36,34 +37,26 @@ pub const DIRECT_MAX_C_IN: usize = 4;
 /// - returns: `(n, c_out, ho, wo)` with
 ///   `ho = Padding2d::out_size(h, padding.top, padding.bottom, kh, stride, dilation)` and
 ///   `wo` likewise
-pub fn dense_conv2d(
-    xs: &Tensor,
-    weight: &Tensor,
-    stride: usize,
-    dilation: usize,
-    padding: Padding2d,
-) -> Result<Tensor> {
+pub fn dense_conv2d(xs: &Tensor, weight: &Tensor, opts: ConvOptions) -> Result<Tensor> {
+    let ConvOptions { stride, dilation, padding, relu_input } = opts;
     let geom = DenseGeometry::new(FWD_NAME, xs.dims(), weight.dims(), stride, dilation, padding)?;
-    if !xs.device().is_cpu() || xs.track_op() || geom.plane.c > DIRECT_MAX_C_IN {
-        return dense_conv2d_reference(xs, weight, stride, dilation, padding);
+    if !xs.device().is_cpu() || xs.track_op() || geom.plane.c > DIRECT_MAX_C_IN || relu_input {
+        return dense_conv2d_reference(xs, weight, opts);
     }
     let xs = xs.contiguous()?;
     let weight = weight.contiguous()?;
     xs.apply_op2(&weight, DenseConv2d { stride, dilation, padding })
 }
 
-/// [`dense_conv2d`] from candle's ops (explicit zero padding, then `conv2d`): any device,
-/// any number of channels, differentiable with respect to both inputs.
+/// [`dense_conv2d`] from candle's ops (a ReLU with `opts.relu_input`, explicit zero padding,
+/// then `conv2d`): any device, any number of channels, differentiable with respect to both
+/// inputs.
 ///
 /// # Shapes
 /// As [`dense_conv2d`].
-pub fn dense_conv2d_reference(
-    xs: &Tensor,
-    weight: &Tensor,
-    stride: usize,
-    dilation: usize,
-    padding: Padding2d,
-) -> Result<Tensor> {
+pub fn dense_conv2d_reference(xs: &Tensor, weight: &Tensor, opts: ConvOptions) -> Result<Tensor> {
+    let ConvOptions { stride, dilation, padding, relu_input } = opts;
+    let xs = &if relu_input { xs.relu()? } else { xs.clone() };
     let geom = DenseGeometry::new(FWD_NAME, xs.dims(), weight.dims(), stride, dilation, padding)?.plane;
     let Padding2d { top, bottom, left, right } = padding;
     if stride == 1 && top == bottom && top == left && left == right {
@@ -239,11 +232,15 @@ mod tests {
         }
 
         fn direct(&self, xs: &Tensor, weight: &Tensor) -> Tensor {
-            dense_conv2d(xs, weight, self.stride, self.dilation, self.padding).unwrap()
+            dense_conv2d(xs, weight, self.opts()).unwrap()
         }
 
         fn reference(&self, xs: &Tensor, weight: &Tensor) -> Tensor {
-            dense_conv2d_reference(xs, weight, self.stride, self.dilation, self.padding).unwrap()
+            dense_conv2d_reference(xs, weight, self.opts()).unwrap()
+        }
+
+        fn opts(&self) -> ConvOptions {
+            ConvOptions { stride: self.stride, dilation: self.dilation, padding: self.padding, relu_input: false }
         }
     }
 
@@ -396,16 +393,17 @@ mod tests {
         let mut rng = TestRng::new(6);
         let xs = rng.tensor(&[2, 3, 8, 8], DType::F32).unwrap();
         let wrong_c = rng.tensor(&[4, 2, 3, 3], DType::F32).unwrap();
-        let err = dense_conv2d(&xs, &wrong_c, 1, 1, Padding2d::default()).unwrap_err().to_string();
+        let err = dense_conv2d(&xs, &wrong_c, ConvOptions::default()).unwrap_err().to_string();
         assert!(err.contains("[4, 2, 3, 3]") && err.contains("[2, 3, 8, 8]"), "{err}");
         let big = rng.tensor(&[4, 3, 9, 9], DType::F32).unwrap();
-        let err = dense_conv2d(&xs, &big, 1, 1, Padding2d::default()).unwrap_err().to_string();
+        let err = dense_conv2d(&xs, &big, ConvOptions::default()).unwrap_err().to_string();
         assert!(err.contains("8x8") && err.contains("9x9"), "{err}");
         let three = rng.tensor(&[2, 3, 8], DType::F32).unwrap();
-        let err = dense_conv2d(&three, &wrong_c, 1, 1, Padding2d::default()).unwrap_err().to_string();
+        let err = dense_conv2d(&three, &wrong_c, ConvOptions::default()).unwrap_err().to_string();
         assert!(err.contains("(n, c, h, w)") && err.contains("[2, 3, 8]"), "{err}");
         let weight = rng.tensor(&[4, 3, 3, 3], DType::F32).unwrap();
-        let err = dense_conv2d(&xs, &weight, 0, 1, Padding2d::default()).unwrap_err().to_string();
+        let err =
+            dense_conv2d(&xs, &weight, ConvOptions { stride: 0, ..ConvOptions::default() }).unwrap_err().to_string();
         assert!(err.contains("stride (0)"), "{err}");
     }
 
@@ -414,7 +412,7 @@ mod tests {
         let mut rng = TestRng::new(7);
         let xs = rng.tensor(&[1, 3, 8, 8], DType::F32).unwrap();
         let weight = rng.tensor(&[4, 3, 3, 3], DType::F64).unwrap();
-        let err = dense_conv2d(&xs, &weight, 1, 1, Padding2d::default()).unwrap_err().to_string();
+        let err = dense_conv2d(&xs, &weight, ConvOptions::default()).unwrap_err().to_string();
         assert!(err.contains("F32") && err.contains("F64"), "{err}");
     }
 }

@@ -10,7 +10,7 @@
 //! Candle's grouped convolution loops over groups and is very slow for `groups = C`, so
 //! [`depthwise_conv2d`] is a custom op with a direct CPU kernel and its own backward pass.
 //! [`depthwise_conv2d_reference`] composes plain tensor ops and stays as the reference.
-//! [`depthwise_conv2d_relu`] reads its input through a ReLU inside the op, so the ReLU's
+//! With `ConvOptions::relu_input` the op reads its input through a ReLU, so the ReLU's
 //! output is never stored (NASNet's separable convs all start with one).
 //! Under the `cuda` feature each op has a CUDA twin (`cuda_fwd`, kernels in
 //! `kernels/nas_ops.cu`).
@@ -20,10 +20,12 @@ use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape,
 
 use crate::kernels::simd::Isa;
 use crate::kernels::window as cpu;
-use crate::kernels::Padding2d;
+use crate::kernels::{ConvOptions, Padding2d};
 
 /// Depthwise convolution of `xs` with one `kh × kw` filter per channel, through the direct
 /// CPU kernel (custom op "depthwise-conv2d", differentiable with respect to both inputs).
+/// With `opts.relu_input` the input is read through a ReLU inside the op: `xs.relu()` is
+/// never stored, and its gradient passes where `xs >= 0` (candle's ReLU rule).
 ///
 /// # Shapes
 /// - `xs`: `(n, c, h, w)`
@@ -31,52 +33,23 @@ use crate::kernels::Padding2d;
 /// - returns: `(n, c, ho, wo)` with
 ///   `ho = Padding2d::out_size(h, padding.top, padding.bottom, kh, stride, dilation)` and
 ///   `wo` likewise
-pub fn depthwise_conv2d(
-    xs: &Tensor,
-    weight: &Tensor,
-    stride: usize,
-    dilation: usize,
-    padding: Padding2d,
-) -> Result<Tensor> {
-    DepthwiseGeometry::new(FWD_NAME, xs.dims(), weight.dims(), stride, dilation, padding)?;
-    let xs = xs.contiguous()?;
-    let weight = weight.contiguous()?;
-    xs.apply_op2(&weight, DepthwiseConv2d { stride, dilation, padding, relu_in: false })
+pub fn depthwise_conv2d(xs: &Tensor, weight: &Tensor, opts: ConvOptions) -> Result<Tensor> {
+    let op = DepthwiseConv2d { opts };
+    op.geometry(xs.dims(), weight.dims())?;
+    xs.contiguous()?.apply_op2(&weight.contiguous()?, op)
 }
 
-/// `depthwise_conv2d(xs.relu(), ...)` as one op: the input is read through the ReLU and its
-/// gradient passes where `xs >= 0` (candle's ReLU rule), without storing `xs.relu()`.
-///
-/// # Shapes
-/// As [`depthwise_conv2d`].
-pub fn depthwise_conv2d_relu(
-    xs: &Tensor,
-    weight: &Tensor,
-    stride: usize,
-    dilation: usize,
-    padding: Padding2d,
-) -> Result<Tensor> {
-    DepthwiseGeometry::new(FWD_NAME, xs.dims(), weight.dims(), stride, dilation, padding)?;
-    let xs = xs.contiguous()?;
-    let weight = weight.contiguous()?;
-    xs.apply_op2(&weight, DepthwiseConv2d { stride, dilation, padding, relu_in: true })
-}
-
-/// Same contract as [`depthwise_conv2d`], composed from plain candle tensor ops (explicit
-/// zero padding, then a grouped `conv2d` with `groups = c`): runs on any device and is
-/// differentiable through candle's own backward pass.
+/// Same contract as [`depthwise_conv2d`], composed from plain candle tensor ops (a ReLU
+/// with `opts.relu_input`, explicit zero padding, then a grouped `conv2d` with `groups = c`):
+/// runs on any device and is differentiable through candle's own backward pass.
 ///
 /// # Shapes
 /// - `xs`: `(n, c, h, w)`
 /// - `weight`: `(c, 1, kh, kw)`
 /// - returns: `(n, c, ho, wo)`, as for [`depthwise_conv2d`]
-pub fn depthwise_conv2d_reference(
-    xs: &Tensor,
-    weight: &Tensor,
-    stride: usize,
-    dilation: usize,
-    padding: Padding2d,
-) -> Result<Tensor> {
+pub fn depthwise_conv2d_reference(xs: &Tensor, weight: &Tensor, opts: ConvOptions) -> Result<Tensor> {
+    let ConvOptions { stride, dilation, padding, relu_input } = opts;
+    let xs = if relu_input { xs.relu()? } else { xs.clone() };
     let geom = DepthwiseGeometry::new(FWD_NAME, xs.dims(), weight.dims(), stride, dilation, padding)?;
     let xs = xs.pad_with_zeros(2, padding.top, padding.bottom)?.pad_with_zeros(3, padding.left, padding.right)?;
     // Drop the trailing rows and columns no window reaches: candle 0.11's conv2d backward
@@ -243,13 +216,10 @@ fn cuda_geom(name: &str, g: &DepthwiseGeometry) -> Result<super::cuda::DwGeom> {
     })
 }
 
-/// The forward op on `(xs, weight)`; with `relu_in` it convolves `xs.relu()`.
+/// The forward op on `(xs, weight)`; with `opts.relu_input` it convolves `xs.relu()`.
 #[derive(Debug, Clone, Copy)]
 struct DepthwiseConv2d {
-    stride: usize,
-    dilation: usize,
-    padding: Padding2d,
-    relu_in: bool,
+    opts: ConvOptions,
 }
 
 impl CustomOp2 for DepthwiseConv2d {
@@ -258,8 +228,8 @@ impl CustomOp2 for DepthwiseConv2d {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let geom = DepthwiseGeometry::new(FWD_NAME, l1.dims(), l2.dims(), self.stride, self.dilation, self.padding)?;
-        let relu = self.relu_in;
+        let geom = self.geometry(l1.dims(), l2.dims())?;
+        let relu = self.opts.relu_input;
         let out = dispatch(
             FWD_NAME,
             s1,
@@ -280,11 +250,11 @@ impl CustomOp2 for DepthwiseConv2d {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let geom = DepthwiseGeometry::new(FWD_NAME, l1.dims(), l2.dims(), self.stride, self.dilation, self.padding)?;
+        let geom = self.geometry(l1.dims(), l2.dims())?;
         let g = cuda_geom(FWD_NAME, &geom)?;
         let (x, w, dev) = (s1, s2, s1.device());
         let out = by_dtype!(same_dtype(FWD_NAME, &[x, w])?, T => wrap(
-            dw_fwd::<T>(dev, &view(FWD_NAME, x, l1)?, &view(FWD_NAME, w, l2)?, g, self.relu_in)?,
+            dw_fwd::<T>(dev, &view(FWD_NAME, x, l1)?, &view(FWD_NAME, w, l2)?, g, self.opts.relu_input)?,
             dev,
         ));
         Ok((out, geom.output_dims().into()))
@@ -303,12 +273,16 @@ impl CustomOp2 for DepthwiseConv2d {
 }
 
 impl DepthwiseConv2d {
+    fn geometry(&self, xs_dims: &[usize], weight_dims: &[usize]) -> Result<DepthwiseGeometry> {
+        let ConvOptions { stride, dilation, padding, .. } = self.opts;
+        DepthwiseGeometry::new(FWD_NAME, xs_dims, weight_dims, stride, dilation, padding)
+    }
+
     /// The gradients of the input and the weight from the output's `grad`.
     fn grads(&self, xs: &Tensor, weight: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor)> {
-        let geom =
-            DepthwiseGeometry::new(FWD_NAME, xs.dims(), weight.dims(), self.stride, self.dilation, self.padding)?;
+        let geom = self.geometry(xs.dims(), weight.dims())?;
         let (xs, weight, grad) = (xs.contiguous()?, weight.contiguous()?, grad.contiguous()?);
-        let grad_xs = match (self.relu_in, xs.device().is_cpu()) {
+        let grad_xs = match (self.opts.relu_input, xs.device().is_cpu()) {
             // On the CPU the ReLU's gradient mask is applied inside the kernel.
             (true, true) => grad.apply_op3_no_bwd(&weight, &xs, &DepthwiseConv2dGradInputRelu { geom })?,
             (true, false) => {
@@ -317,21 +291,19 @@ impl DepthwiseConv2d {
             }
             (false, _) => grad.apply_op2_no_bwd(&weight, &DepthwiseConv2dGradInput { geom })?,
         };
-        let grad_weight = xs.apply_op2_no_bwd(&grad, &DepthwiseConv2dGradWeight { geom, relu_in: self.relu_in })?;
+        let grad_weight =
+            xs.apply_op2_no_bwd(&grad, &DepthwiseConv2dGradWeight { geom, relu_in: self.opts.relu_input })?;
         Ok((grad_xs, grad_weight))
     }
 }
 
-/// The gradients of `xs` and `weight` of [`depthwise_conv2d`] (of [`depthwise_conv2d_relu`]
-/// with `relu_in`) from the output's `grad`, for ops that run the conv inside them.
+/// The gradients of `xs` and `weight` of [`depthwise_conv2d`] from the output's `grad`, for
+/// ops that run the conv inside them.
 pub(crate) fn depthwise_conv2d_grads(
     (xs, weight, grad): (&Tensor, &Tensor, &Tensor),
-    stride: usize,
-    dilation: usize,
-    padding: Padding2d,
-    relu_in: bool,
+    opts: ConvOptions,
 ) -> Result<(Tensor, Tensor)> {
-    DepthwiseConv2d { stride, dilation, padding, relu_in }.grads(xs, weight, grad)
+    DepthwiseConv2d { opts }.grads(xs, weight, grad)
 }
 
 /// The input gradient, on `(grad_out, weight)`: a transposed depthwise convolution.
@@ -382,7 +354,7 @@ impl CustomOp2 for DepthwiseConv2dGradInput {
     }
 }
 
-/// The input gradient of [`depthwise_conv2d_relu`], on `(grad_out, weight, xs)`: the
+/// The input gradient of [`depthwise_conv2d`] with a ReLU on its input, on `(grad_out, weight, xs)`: the
 /// transposed convolution, zeroed where `xs < 0`, in one pass (CPU only; other devices mask
 /// the result of [`DepthwiseConv2dGradInput`]).
 #[derive(Debug, Clone, Copy)]
@@ -489,9 +461,13 @@ impl CustomOp2 for DepthwiseConv2dGradWeight {
 mod tests {
     use candle_core::{DType, Device, Tensor};
 
+    fn opts(stride: usize, dilation: usize, padding: Padding2d) -> ConvOptions {
+        ConvOptions { stride, dilation, padding, relu_input: false }
+    }
+
     use super::{depthwise_conv2d, depthwise_conv2d_reference};
     use crate::kernels::testutil::*;
-    use crate::kernels::Padding2d;
+    use crate::kernels::{ConvOptions, Padding2d};
 
     /// One test case: shapes and convolution parameters.
     #[derive(Debug, Clone, Copy)]
@@ -547,8 +523,8 @@ mod tests {
             for dtype in [DType::F32, DType::F64] {
                 let (xs, weight) = case.inputs(&mut rng, dtype);
                 let Case { stride, dilation, padding, .. } = case;
-                let out = depthwise_conv2d(&xs, &weight, stride, dilation, padding).unwrap();
-                let expected = depthwise_conv2d_reference(&xs, &weight, stride, dilation, padding).unwrap();
+                let out = depthwise_conv2d(&xs, &weight, opts(stride, dilation, padding)).unwrap();
+                let expected = depthwise_conv2d_reference(&xs, &weight, opts(stride, dilation, padding)).unwrap();
                 let ho = Padding2d::out_size(case.h, padding.top, padding.bottom, case.k, stride, dilation);
                 let wo = Padding2d::out_size(case.w, padding.left, padding.right, case.k, stride, dilation);
                 assert_eq!(out.dims(), [case.n, case.c, ho, wo], "{case:?}");
@@ -566,7 +542,7 @@ mod tests {
         let xs = Tensor::ones((1, 1, 4, 4), DType::F32, &Device::Cpu).unwrap();
         let weight = Tensor::ones((1, 1, 3, 3), DType::F32, &Device::Cpu).unwrap();
         let padding = Padding2d::same(4, 4, 3, 3, 2, 1);
-        let out = depthwise_conv2d(&xs, &weight, 2, 1, padding).unwrap();
+        let out = depthwise_conv2d(&xs, &weight, opts(2, 1, padding)).unwrap();
         assert_eq!(out.flatten_all().unwrap().to_vec1::<f32>().unwrap(), [9.0, 6.0, 6.0, 4.0]);
     }
 
@@ -576,8 +552,8 @@ mod tests {
         for case in cases(&mut rng) {
             let (xs, weight) = case.inputs(&mut rng, DType::F32);
             let Case { stride, dilation, padding, .. } = case;
-            let fast = |ts: &[Tensor]| depthwise_conv2d(&ts[0], &ts[1], stride, dilation, padding);
-            let reference = |ts: &[Tensor]| depthwise_conv2d_reference(&ts[0], &ts[1], stride, dilation, padding);
+            let fast = |ts: &[Tensor]| depthwise_conv2d(&ts[0], &ts[1], opts(stride, dilation, padding));
+            let reference = |ts: &[Tensor]| depthwise_conv2d_reference(&ts[0], &ts[1], opts(stride, dilation, padding));
             let out = fast(&[xs.clone(), weight.clone()]).unwrap();
             let probe = rng.tensor(out.dims(), DType::F32).unwrap();
             let inputs = [xs, weight];
@@ -612,7 +588,7 @@ mod tests {
                 for relu in [false, true] {
                     let reference = |ts: &[Tensor]| {
                         let x = if relu { ts[0].relu()? } else { ts[0].clone() };
-                        depthwise_conv2d_reference(&x, &ts[1], stride, dilation, padding)
+                        depthwise_conv2d_reference(&x, &ts[1], opts(stride, dilation, padding))
                     };
                     let want = reference(&[xs.clone(), weight.clone()]).unwrap();
                     let probe = rng.tensor(want.dims(), dtype).unwrap();
@@ -664,7 +640,7 @@ mod tests {
         for case in small {
             let (xs, weight) = case.inputs(&mut rng, DType::F64);
             let Case { stride, dilation, padding, .. } = case;
-            let f = |ts: &[Tensor]| depthwise_conv2d(&ts[0], &ts[1], stride, dilation, padding);
+            let f = |ts: &[Tensor]| depthwise_conv2d(&ts[0], &ts[1], opts(stride, dilation, padding));
             check_finite_differences(&f, &[xs, weight], 1e-6, 1e-6);
         }
     }
@@ -675,7 +651,7 @@ mod tests {
         let padding = Padding2d::same(9, 8, 5, 5, 2, 1);
         let xs = rng.tensor(&[2, 3, 9, 8], DType::F32).unwrap();
         let weight = rng.tensor(&[3, 1, 5, 5], DType::F32).unwrap();
-        let expected = depthwise_conv2d(&xs, &weight, 2, 1, padding).unwrap();
+        let expected = depthwise_conv2d(&xs, &weight, opts(2, 1, padding)).unwrap();
 
         // The same values through a transposed layout and through a narrowed one.
         let transposed = xs.transpose(2, 3).unwrap().contiguous().unwrap().transpose(2, 3).unwrap();
@@ -685,16 +661,16 @@ mod tests {
         assert!(!narrowed.is_contiguous());
         let weight_t = weight.transpose(2, 3).unwrap().contiguous().unwrap().transpose(2, 3).unwrap();
         for (xs, weight) in [(&transposed, &weight), (&narrowed, &weight), (&xs, &weight_t)] {
-            let out = depthwise_conv2d(xs, weight, 2, 1, padding).unwrap();
+            let out = depthwise_conv2d(xs, weight, opts(2, 1, padding)).unwrap();
             assert_eq!(max_abs_diff(&out, &expected).unwrap(), 0.0);
         }
 
         // A non-contiguous offset view of a bigger buffer also differentiates.
-        let f = |ts: &[Tensor]| depthwise_conv2d(&ts[0].narrow(3, 8, 8)?, &ts[1], 2, 1, padding);
+        let f = |ts: &[Tensor]| depthwise_conv2d(&ts[0].narrow(3, 8, 8)?, &ts[1], opts(2, 1, padding));
         let probe = rng.tensor(expected.dims(), DType::F32).unwrap();
         let grads = analytic_grads(&f, &[wide, weight.clone()], &probe).unwrap();
         let plain =
-            analytic_grads(&|ts| depthwise_conv2d(&ts[0], &ts[1], 2, 1, padding), &[xs, weight], &probe).unwrap();
+            analytic_grads(&|ts| depthwise_conv2d(&ts[0], &ts[1], opts(2, 1, padding)), &[xs, weight], &probe).unwrap();
         assert_eq!(max_abs_diff(&grads[0].narrow(3, 8, 8).unwrap(), &plain[0]).unwrap(), 0.0);
         assert_eq!(
             grads[0].narrow(3, 0, 8).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(),
@@ -754,8 +730,8 @@ mod tests {
         for (case, tol) in cases {
             let (xs, weight) = case.inputs(&mut rng, DType::F32);
             let Case { stride, dilation, padding, .. } = case;
-            let fast = |ts: &[Tensor]| depthwise_conv2d(&ts[0], &ts[1], stride, dilation, padding);
-            let reference = |ts: &[Tensor]| depthwise_conv2d_reference(&ts[0], &ts[1], stride, dilation, padding);
+            let fast = |ts: &[Tensor]| depthwise_conv2d(&ts[0], &ts[1], opts(stride, dilation, padding));
+            let reference = |ts: &[Tensor]| depthwise_conv2d_reference(&ts[0], &ts[1], opts(stride, dilation, padding));
             let inputs = [xs, weight];
             let out = fast(&inputs).unwrap();
             assert_close(&out, &reference(&inputs).unwrap(), tol, &format!("forward {case:?}"));
@@ -769,7 +745,7 @@ mod tests {
         let empty = Tensor::zeros((2, 3, 4, 0), DType::F32, &Device::Cpu).unwrap();
         let weight = rng.tensor(&[3, 1, 3, 3], DType::F32).unwrap();
         let padding = Padding2d { top: 1, bottom: 1, left: 2, right: 1 };
-        let f = |ts: &[Tensor]| depthwise_conv2d(&ts[0], &ts[1], 1, 1, padding);
+        let f = |ts: &[Tensor]| depthwise_conv2d(&ts[0], &ts[1], opts(1, 1, padding));
         let out = f(&[empty.clone(), weight.clone()]).unwrap();
         assert_eq!(out.dims(), [2, 3, 4, 1]);
         assert_eq!(out.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
@@ -785,9 +761,9 @@ mod tests {
         let xs = rng.tensor(&[2, 3, 8, 8], DType::F32).unwrap();
         let pad = Padding2d::same(8, 8, 3, 3, 1, 1);
         let err = |xs: &Tensor, weight: &Tensor, stride: usize, dilation: usize, padding: Padding2d| {
-            let reference = depthwise_conv2d_reference(xs, weight, stride, dilation, padding).unwrap_err();
+            let reference = depthwise_conv2d_reference(xs, weight, opts(stride, dilation, padding)).unwrap_err();
             assert!(reference.to_string().contains("depthwise-conv2d: "), "{reference}");
-            depthwise_conv2d(xs, weight, stride, dilation, padding).unwrap_err().to_string()
+            depthwise_conv2d(xs, weight, opts(stride, dilation, padding)).unwrap_err().to_string()
         };
 
         let wrong_channels = rng.tensor(&[4, 1, 3, 3], DType::F32).unwrap();
@@ -818,10 +794,10 @@ mod tests {
         let xs = rng.tensor(&[1, 2, 5, 5], DType::F32).unwrap();
         let weight = rng.tensor(&[2, 1, 3, 3], DType::F32).unwrap();
         let (xs16, weight16) = (xs.to_dtype(DType::BF16).unwrap(), weight.to_dtype(DType::BF16).unwrap());
-        let msg = depthwise_conv2d(&xs16, &weight16, 1, 1, pad).unwrap_err().to_string();
+        let msg = depthwise_conv2d(&xs16, &weight16, opts(1, 1, pad)).unwrap_err().to_string();
         assert!(msg.contains("depthwise-conv2d: unsupported dtype BF16"), "{msg}");
         let weight64 = weight.to_dtype(DType::F64).unwrap();
-        let msg = depthwise_conv2d(&xs, &weight64, 1, 1, pad).unwrap_err().to_string();
+        let msg = depthwise_conv2d(&xs, &weight64, opts(1, 1, pad)).unwrap_err().to_string();
         assert!(msg.contains("depthwise-conv2d: dtypes differ, F32 and F64"), "{msg}");
     }
 }

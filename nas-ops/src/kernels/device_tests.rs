@@ -10,12 +10,12 @@
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 
-use super::batch_norm::{batch_norm_eval, batch_norm_eval_relu, batch_norm_train, batch_norm_train_relu};
-use super::conv1x1::{conv1x1, conv1x1_affine, conv1x1_affine_reference, conv1x1_reference, conv1x1_relu};
-use super::depthwise::{depthwise_conv2d, depthwise_conv2d_relu};
-use super::pool::{avg_pool2d, max_pool2d};
+use super::batch_norm::{batch_norm_eval, batch_norm_train, BatchNormOptions};
+use super::conv1x1::{conv1x1, conv1x1_reference, Affine, Conv1x1Options};
+use super::depthwise::depthwise_conv2d;
+use super::pool::{pool2d, PoolOptions};
 use super::testutil::{assert_close, TestRng};
-use super::Padding2d;
+use super::{ConvOptions, Padding2d};
 use crate::drop_path::{drop_path_add, scale_examples};
 
 type Op<'a> = &'a dyn Fn(&[Tensor]) -> Result<Tensor>;
@@ -94,11 +94,11 @@ fn depthwise_convs_on_every_device() {
                 let (n, c) = (2, 3);
                 let xs = rng.tensor(&[n, c, h, w], dtype).unwrap();
                 let weight = rng.tensor(&[c, 1, k, k], dtype).unwrap();
-                let pad = Padding2d::same(h, w, k, k, stride, dilation);
+                let opts = ConvOptions::same((h, w), (k, k), stride, dilation);
                 let what = format!("depthwise k{k} s{stride} d{dilation} {h}x{w} {dtype:?}");
-                let plain = |t: &[Tensor]| depthwise_conv2d(&t[0], &t[1], stride, dilation, pad);
-                let fused = |t: &[Tensor]| depthwise_conv2d_relu(&t[0], &t[1], stride, dilation, pad);
-                let unfused = |t: &[Tensor]| depthwise_conv2d(&t[0].relu()?, &t[1], stride, dilation, pad);
+                let plain = |t: &[Tensor]| depthwise_conv2d(&t[0], &t[1], opts);
+                let fused = |t: &[Tensor]| depthwise_conv2d(&t[0], &t[1], opts.relu_input(true));
+                let unfused = |t: &[Tensor]| depthwise_conv2d(&t[0].relu()?, &t[1], opts);
                 let inputs = [xs, weight];
                 check_against_cpu(&device, &what, &plain, &inputs, tolerance(dtype));
                 check_fused(&device, &format!("{what} relu"), &fused, &unfused, &inputs, tolerance(dtype));
@@ -115,8 +115,8 @@ fn pools_on_every_device() {
             for dtype in [DType::F32, DType::F64] {
                 let xs = rng.tensor(&[2, 3, h, w], dtype).unwrap();
                 let pad = Padding2d::same(h, w, k, k, stride, 1);
-                let max = |t: &[Tensor]| max_pool2d(&t[0], k, stride, pad);
-                let avg = |t: &[Tensor]| avg_pool2d(&t[0], k, stride, pad);
+                let max = |t: &[Tensor]| pool2d(&t[0], PoolOptions::max(k, stride, pad));
+                let avg = |t: &[Tensor]| pool2d(&t[0], PoolOptions::avg(k, stride, pad));
                 let what = format!("k{k} s{stride} {h}x{w} {dtype:?}");
                 let inputs = [xs];
                 check_against_cpu(&device, &format!("max pool {what}"), &max, &inputs, tolerance(dtype));
@@ -136,9 +136,10 @@ fn batch_norms_on_every_device() {
                 let gamma = rng.tensor(&[c], dtype).unwrap();
                 let beta = rng.tensor(&[c], dtype).unwrap();
                 let what = format!("batch norm {n}x{c}x{h}x{w} {dtype:?}");
-                let plain = |t: &[Tensor]| Ok(batch_norm_train(&t[0], &t[1], &t[2], 1e-3)?.ys);
-                let fused = |t: &[Tensor]| Ok(batch_norm_train_relu(&t[0], &t[1], &t[2], 1e-3)?.ys);
-                let unfused = |t: &[Tensor]| batch_norm_train(&t[0], &t[1], &t[2], 1e-3)?.ys.relu();
+                let bn = BatchNormOptions::new(1e-3);
+                let plain = |t: &[Tensor]| Ok(batch_norm_train(&t[0], &t[1], &t[2], bn)?.ys);
+                let fused = |t: &[Tensor]| Ok(batch_norm_train(&t[0], &t[1], &t[2], bn.relu_output(true))?.ys);
+                let unfused = |t: &[Tensor]| batch_norm_train(&t[0], &t[1], &t[2], bn)?.ys.relu();
                 let inputs = [xs, gamma, beta];
                 check_against_cpu(&device, &what, &plain, &inputs, tolerance(dtype));
                 check_fused(&device, &format!("{what} relu"), &fused, &unfused, &inputs, tolerance(dtype));
@@ -147,8 +148,9 @@ fn batch_norms_on_every_device() {
                     rng.tensor(&[c], dtype).unwrap(),
                     (rng.tensor(&[c], dtype).unwrap().abs().unwrap() + 0.5).unwrap(),
                 );
-                let eval = |t: &[Tensor]| batch_norm_eval(&t[0], &t[1], &t[2], &mean, &var, 1e-3);
-                let eval_relu = |t: &[Tensor]| batch_norm_eval_relu(&t[0], &t[1], &t[2], &mean, &var, 1e-3);
+                let eval = |t: &[Tensor]| batch_norm_eval(&t[0], [&t[1], &t[2], &mean, &var], bn);
+                let eval_relu =
+                    |t: &[Tensor]| batch_norm_eval(&t[0], [&t[1], &t[2], &mean, &var], bn.relu_output(true));
                 let broadcast = |t: &[Tensor]| {
                     let scale = (&t[1] / (&var + 1e-3)?.sqrt()?)?;
                     let shift = (&t[2] - (&mean * &scale)?)?;
@@ -205,13 +207,15 @@ fn conv1x1_on_every_device() {
             for dtype in [DType::F32, DType::F64] {
                 let xs = rng.tensor(&[n, c, h, w], dtype).unwrap();
                 let weight = rng.tensor(&[c_out, c, 1, 1], dtype).unwrap();
-                let op = |t: &[Tensor]| conv1x1(&t[0], &t[1]);
-                let reference = |t: &[Tensor]| conv1x1_reference(&t[0], &t[1]);
+                let plain = Conv1x1Options::default();
+                let op = |t: &[Tensor]| conv1x1(&t[0], &t[1], plain);
+                let reference = |t: &[Tensor]| conv1x1_reference(&t[0], &t[1], plain);
                 let what = format!("conv1x1 {n}x{c}x{h}x{w} -> {c_out} {dtype:?}");
                 let inputs = [xs, weight];
                 check_fused(&device, &what, &op, &reference, &inputs, tolerance(dtype));
-                let fused = |t: &[Tensor]| conv1x1_relu(&t[0], &t[1]);
-                let unfused = |t: &[Tensor]| conv1x1_reference(&t[0].relu()?, &t[1]);
+                let relu = Conv1x1Options { relu_input: true, affine: None };
+                let fused = |t: &[Tensor]| conv1x1(&t[0], &t[1], relu);
+                let unfused = |t: &[Tensor]| conv1x1_reference(&t[0].relu()?, &t[1], plain);
                 check_fused(&device, &format!("{what} relu"), &fused, &unfused, &inputs, tolerance(dtype));
                 // With a batch norm's eval affine folded in: every input's gradient, the
                 // scale's and shift's included, with each combination of the two ReLUs.
@@ -219,9 +223,12 @@ fn conv1x1_on_every_device() {
                 let shift = rng.tensor(&[c_out], dtype).unwrap();
                 let inputs = [inputs[0].clone(), inputs[1].clone(), scale, shift];
                 for (relu_in, relu_out) in [(false, false), (true, false), (false, true), (true, true)] {
-                    let fused = |t: &[Tensor]| conv1x1_affine(&t[0], &t[1], (&t[2], &t[3]), relu_in, relu_out);
-                    let unfused =
-                        |t: &[Tensor]| conv1x1_affine_reference(&t[0], &t[1], (&t[2], &t[3]), relu_in, relu_out);
+                    fn opts(t: &[Tensor], relu_in: bool, relu_out: bool) -> Conv1x1Options<'_> {
+                        let affine = Affine { scale: &t[2], shift: &t[3], relu_output: relu_out };
+                        Conv1x1Options { relu_input: relu_in, affine: Some(affine) }
+                    }
+                    let fused = |t: &[Tensor]| conv1x1(&t[0], &t[1], opts(t, relu_in, relu_out));
+                    let unfused = |t: &[Tensor]| conv1x1_reference(&t[0], &t[1], opts(t, relu_in, relu_out));
                     let what = format!("{what} affine relu_in={relu_in} relu_out={relu_out}");
                     check_fused(&device, &what, &fused, &unfused, &inputs, tolerance(dtype));
                 }

@@ -27,24 +27,112 @@ mod device_tests;
 #[cfg(test)]
 pub(crate) mod testutil;
 
-/// A buffer of `len` elements for a kernel that overwrites all of them, not zeroed first:
-/// zeroing outputs that are written in full anyway was 6 % of a mobile inference pass.
-/// In debug builds (the tests) it is filled with NaN instead, so an element a kernel fails
-/// to write shows up in every comparison with a reference (`testutil::assert_close`
-/// rejects NaN the reference does not have).
-///
-/// # Safety
-/// The caller writes every element before the buffer is read, returned or dropped into a
-/// tensor.
-#[allow(clippy::uninit_vec)]
-pub(crate) unsafe fn output_buffer<T: candle_core::WithDType>(len: usize) -> Vec<T> {
-    if cfg!(debug_assertions) {
-        return vec![T::from_f64(f64::NAN); len];
+/// A kernel's output of `len` elements, allocated without a serial zeroing pass (zeroing
+/// the outputs on one thread, before the threads wrote them, was 6 % of a mobile inference
+/// pass). Its chunks are handed out once ([`par_chunks_mut`](Self::par_chunks_mut),
+/// [`chunks_mut`](Self::chunks_mut), [`tail`](Self::tail)), each filled first by the task
+/// that then writes it, while the chunk is in that core's cache: with zeros, or with NaN in
+/// debug builds, so an element a kernel fails to write shows in every comparison with a
+/// reference (`testutil::assert_close` rejects NaN the reference does not have).
+/// [`into_vec`](Self::into_vec) checks that every element was handed out.
+pub(crate) struct Output<T> {
+    data: Box<[std::mem::MaybeUninit<T>]>,
+    /// The elements handed out from the start, and those at the end (`tail`).
+    filled: std::sync::atomic::AtomicUsize,
+    tail: usize,
+    handed: bool,
+    /// Filled with zeros in every build.
+    zeroed: bool,
+}
+
+impl<T: candle_core::WithDType> Output<T> {
+    pub(crate) fn new(len: usize) -> Output<T> {
+        Output { data: Box::new_uninit_slice(len), filled: 0.into(), tail: 0, handed: false, zeroed: false }
     }
-    let mut buffer = Vec::with_capacity(len);
-    // SAFETY: the capacity is `len`; the caller initialises every element before reading.
-    unsafe { buffer.set_len(len) };
-    buffer
+
+    /// An output whose chunks start as zeros in every build (for kernels that accumulate).
+    pub(crate) fn zeroed(len: usize) -> Output<T> {
+        Output { zeroed: true, ..Output::new(len) }
+    }
+
+    fn start_value(&self) -> T {
+        start_value(self.zeroed)
+    }
+
+    /// The last `len` elements, filled, apart from the chunks (call it first).
+    pub(crate) fn tail(&mut self, len: usize) -> &mut [T] {
+        assert!(!self.handed && self.tail == 0, "an output's tail is taken once, before its chunks");
+        self.tail = len;
+        let (at, v) = (self.data.len() - len, self.start_value());
+        fill(&mut self.data[at..], v)
+    }
+
+    /// The elements before the tail in chunks of `size`, each filled, for the threads.
+    pub(crate) fn par_chunks_mut(
+        &mut self,
+        size: usize,
+    ) -> impl rayon::iter::IndexedParallelIterator<Item = &mut [T]> + '_ {
+        use rayon::prelude::*;
+        let (data, filled, v) = self.hand_out();
+        data.par_chunks_mut(size).map(move |chunk| {
+            filled.fetch_add(chunk.len(), std::sync::atomic::Ordering::Relaxed);
+            fill(chunk, v)
+        })
+    }
+
+    /// [`par_chunks_mut`](Self::par_chunks_mut) on the calling thread.
+    pub(crate) fn chunks_mut(&mut self, size: usize) -> impl Iterator<Item = &mut [T]> + '_ {
+        let (data, filled, v) = self.hand_out();
+        data.chunks_mut(size).map(move |chunk| {
+            filled.fetch_add(chunk.len(), std::sync::atomic::Ordering::Relaxed);
+            fill(chunk, v)
+        })
+    }
+
+    fn hand_out(&mut self) -> (&mut [std::mem::MaybeUninit<T>], &std::sync::atomic::AtomicUsize, T) {
+        assert!(!self.handed, "an output's chunks are handed out once");
+        self.handed = true;
+        let (end, v) = (self.data.len() - self.tail, self.start_value());
+        (&mut self.data[..end], &self.filled, v)
+    }
+
+    /// The output, every element of which was handed out (else a panic: a kernel bug).
+    pub(crate) fn into_vec(self) -> Vec<T> {
+        let filled = self.filled.into_inner() + self.tail;
+        assert_eq!(
+            filled,
+            self.data.len(),
+            "a kernel handed out {filled} of its output's {} elements",
+            self.data.len()
+        );
+        // SAFETY: the chunks and the tail are disjoint (each handed out once) and every
+        // element of them was written by `fill`; together they cover the buffer.
+        unsafe { self.data.assume_init() }.into_vec()
+    }
+}
+
+/// `chunk` filled with `v`.
+fn fill<T: Copy>(chunk: &mut [std::mem::MaybeUninit<T>], v: T) -> &mut [T] {
+    for slot in chunk.iter_mut() {
+        slot.write(v);
+    }
+    // SAFETY: every element was written just above, and `MaybeUninit<T>` has `T`'s layout.
+    unsafe { &mut *(chunk as *mut [std::mem::MaybeUninit<T>] as *mut [T]) }
+}
+
+/// A per-thread working buffer of `len` elements: zeros, NaN in debug builds (so a read
+/// before a write shows in the tests).
+pub(crate) fn scratch_buffer<T: candle_core::WithDType>(len: usize) -> Vec<T> {
+    vec![start_value(false); len]
+}
+
+/// Zero, or NaN in debug builds unless `zeroed`.
+fn start_value<T: candle_core::WithDType>(zeroed: bool) -> T {
+    if cfg!(debug_assertions) && !zeroed {
+        T::from_f64(f64::NAN)
+    } else {
+        T::zero()
+    }
 }
 
 /// Explicit zero padding of the two spatial axes: rows before/after, columns before/after.
@@ -74,6 +162,41 @@ impl Padding2d {
     pub fn out_size(n: usize, before: usize, after: usize, k: usize, stride: usize, dilation: usize) -> usize {
         let span = (k - 1) * dilation + 1;
         (n + before + after - span) / stride + 1
+    }
+}
+
+/// Stride, dilation and padding of a windowed convolution (depthwise or dense), and whether
+/// its input is read through a ReLU, in the manner of candle-nn's `Conv2dConfig`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ConvOptions {
+    /// Stride on both axes.
+    pub stride: usize,
+    /// Dilation on both axes.
+    pub dilation: usize,
+    /// Explicit zero padding.
+    pub padding: Padding2d,
+    /// Read the input through a ReLU. The depthwise conv does it inside the op (`xs.relu()`
+    /// is never stored; its gradient passes where `xs >= 0`, candle's rule).
+    pub relu_input: bool,
+}
+
+impl Default for ConvOptions {
+    /// Stride 1, dilation 1, no padding, no ReLU.
+    fn default() -> ConvOptions {
+        ConvOptions { stride: 1, dilation: 1, padding: Padding2d::default(), relu_input: false }
+    }
+}
+
+impl ConvOptions {
+    /// TF "SAME" padding ([`Padding2d::same`]) for a `kh × kw` kernel on an `h × w` input.
+    pub fn same((h, w): (usize, usize), (kh, kw): (usize, usize), stride: usize, dilation: usize) -> ConvOptions {
+        let padding = Padding2d::same(h, w, kh, kw, stride, dilation);
+        ConvOptions { stride, dilation, padding, relu_input: false }
+    }
+
+    /// These options with the input read through a ReLU when `relu`.
+    pub fn relu_input(self, relu: bool) -> ConvOptions {
+        ConvOptions { relu_input: relu, ..self }
     }
 }
 

@@ -9,7 +9,7 @@
 //! VALID average, i.e. subsampling).
 //!
 //! Candle's own pooling has no padding and no backward when `kernel != stride`, so this file
-//! keeps, side by side: the references built from plain candle ops (`*_reference`), the custom
+//! keeps, side by side: the reference built from plain candle ops ([`pool2d_reference`]), the custom
 //! ops `max-pool2d-tf` and `avg-pool2d-tf` with their CPU forward and backward kernels, and
 //! (under the `cuda` feature) their CUDA twins (`cuda_fwd`, kernels in `kernels/nas_ops.cu`).
 //! The geometry (`PoolGeom`) is plain data shared by all implementations.
@@ -22,117 +22,118 @@ use super::depthwise::DepthwiseGeometry;
 use super::simd::{Float, Isa};
 use super::window;
 use super::Padding2d;
+pub use nas_space::PoolKind;
 
 const MAX_NAME: &str = "max-pool2d-tf";
 const AVG_NAME: &str = "avg-pool2d-tf";
 
-/// Max pooling over `kernel × kernel` windows with explicit padding; padded positions are
-/// ignored (they act as -inf).
-/// Every window must contain at least one real element.
-/// Ties go to the first element of the window in row-major order (this is the element that
-/// receives the gradient); a NaN shows in the output only as that first element.
+/// A pooling: its kind, its `kernel × kernel` window, its stride and its explicit padding,
+/// which never enters the result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolOptions {
+    /// Max (padded positions act as -inf) or average (each output the mean of the real
+    /// elements of its window, as TF does).
+    pub kind: PoolKind,
+    /// The window's side.
+    pub kernel: usize,
+    /// Stride on both axes.
+    pub stride: usize,
+    /// Explicit padding.
+    pub padding: Padding2d,
+}
+
+impl PoolOptions {
+    /// Max pooling.
+    pub fn max(kernel: usize, stride: usize, padding: Padding2d) -> PoolOptions {
+        PoolOptions { kind: PoolKind::Max, kernel, stride, padding }
+    }
+
+    /// Average pooling.
+    pub fn avg(kernel: usize, stride: usize, padding: Padding2d) -> PoolOptions {
+        PoolOptions { kind: PoolKind::Avg, kernel, stride, padding }
+    }
+
+    /// A pooling with TF "SAME" padding for an `h × w` input (the output
+    /// `ceil(h / stride) × ceil(w / stride)`).
+    pub fn same(kind: PoolKind, kernel: usize, stride: usize, (h, w): (usize, usize)) -> PoolOptions {
+        // A zero kernel or stride is refused by the op, naming it.
+        let padding = Padding2d::same(h, w, kernel.max(1), kernel.max(1), stride.max(1), 1);
+        PoolOptions { kind, kernel, stride, padding }
+    }
+
+    fn params(&self) -> PoolParams {
+        PoolParams { kernel: self.kernel, stride: self.stride, padding: self.padding }
+    }
+
+    fn name(&self) -> &'static str {
+        match self.kind {
+            PoolKind::Max => MAX_NAME,
+            PoolKind::Avg => AVG_NAME,
+        }
+    }
+}
+
+/// Pooling over `kernel × kernel` windows with explicit padding; padded positions are
+/// ignored. Every window must contain at least one real element.
+/// In a max pooling, ties go to the first element of the window in row-major order (this is
+/// the element that receives the gradient); a NaN shows in the output only as that first
+/// element.
 ///
 /// # Shapes
 /// - `xs`: `(batch, channels, h, w)`, f32 or f64
 /// - returns: `(batch, channels, ho, wo)` with
 ///   `ho = Padding2d::out_size(h, padding.top, padding.bottom, kernel, stride, 1)` and
 ///   `wo = Padding2d::out_size(w, padding.left, padding.right, kernel, stride, 1)`
-pub fn max_pool2d(xs: &Tensor, kernel: usize, stride: usize, padding: Padding2d) -> Result<Tensor> {
-    let params = PoolParams { kernel, stride, padding };
-    PoolGeom::new(MAX_NAME, xs.dims(), params)?;
-    xs.contiguous()?.apply_op1(MaxPool2dTf(params))
+pub fn pool2d(xs: &Tensor, opts: PoolOptions) -> Result<Tensor> {
+    let params = opts.params();
+    PoolGeom::new(opts.name(), xs.dims(), params)?;
+    let xs = xs.contiguous()?;
+    match opts.kind {
+        PoolKind::Max => xs.apply_op1(MaxPool2dTf(params)),
+        PoolKind::Avg => xs.apply_op1(AvgPool2dTf(params)),
+    }
 }
 
-/// Average pooling over `kernel × kernel` windows with explicit padding; each output is the
-/// mean of the real (non-padded) elements of its window, as TF does.
-/// Every window must contain at least one real element.
-///
-/// # Shapes
-/// - `xs`: `(batch, channels, h, w)`, f32 or f64
-/// - returns: `(batch, channels, ho, wo)`, sized as in [`max_pool2d`]
-pub fn avg_pool2d(xs: &Tensor, kernel: usize, stride: usize, padding: Padding2d) -> Result<Tensor> {
-    let params = PoolParams { kernel, stride, padding };
-    PoolGeom::new(AVG_NAME, xs.dims(), params)?;
-    xs.contiguous()?.apply_op1(AvgPool2dTf(params))
-}
-
-/// The gradient of [`max_pool2d`] (with `max`) or [`avg_pool2d`] of `xs` from the output's
-/// `grad`, for ops that run the pooling inside them.
-pub(crate) fn pool2d_grad(
-    max: bool,
-    xs: &Tensor,
-    grad: &Tensor,
-    kernel: usize,
-    stride: usize,
-    padding: Padding2d,
-) -> Result<Tensor> {
-    let params = PoolParams { kernel, stride, padding };
-    let grad = if max {
-        xs.contiguous()?.apply_op2_no_bwd(&grad.contiguous()?, &MaxPool2dTfBwd(params))?
-    } else {
-        let (_, _, h, w) = xs.dims4()?;
-        grad.contiguous()?.apply_op1_no_bwd(&AvgPool2dTfBwd { params, h, w })?
+/// The gradient of [`pool2d`] of `xs` from the output's `grad`, for ops that run the
+/// pooling inside them.
+pub(crate) fn pool2d_grad(xs: &Tensor, grad: &Tensor, opts: PoolOptions) -> Result<Tensor> {
+    let params = opts.params();
+    let grad = match opts.kind {
+        PoolKind::Max => xs.contiguous()?.apply_op2_no_bwd(&grad.contiguous()?, &MaxPool2dTfBwd(params))?,
+        PoolKind::Avg => {
+            let (_, _, h, w) = xs.dims4()?;
+            grad.contiguous()?.apply_op1_no_bwd(&AvgPool2dTfBwd { params, h, w })?
+        }
     };
     Ok(grad)
 }
 
-/// [`max_pool2d`] with TF "SAME" padding computed from the input size.
+/// Reference for [`pool2d`] built from differentiable candle ops (any device, any float
+/// dtype). Max: pad with -inf, gather each window offset with `index_select`, take the max
+/// over the stacked offsets; its gradient goes to every tied maximum, so it matches
+/// [`pool2d`] only without ties. Average: pad with zeros, sum each window over the stacked
+/// offsets, divide by the number of real elements (the same window sum over a padded tensor
+/// of ones).
 ///
 /// # Shapes
-/// - `xs`: `(batch, channels, h, w)`
-/// - returns: `(batch, channels, ceil(h / stride), ceil(w / stride))`
-pub fn max_pool2d_same(xs: &Tensor, kernel: usize, stride: usize) -> Result<Tensor> {
-    let padding = same_padding(MAX_NAME, xs, kernel, stride)?;
-    max_pool2d(xs, kernel, stride, padding)
-}
-
-/// [`avg_pool2d`] with TF "SAME" padding computed from the input size.
-///
-/// # Shapes
-/// - `xs`: `(batch, channels, h, w)`
-/// - returns: `(batch, channels, ceil(h / stride), ceil(w / stride))`
-pub fn avg_pool2d_same(xs: &Tensor, kernel: usize, stride: usize) -> Result<Tensor> {
-    let padding = same_padding(AVG_NAME, xs, kernel, stride)?;
-    avg_pool2d(xs, kernel, stride, padding)
-}
-
-/// Reference for [`max_pool2d`] built from differentiable candle ops (any device, any float
-/// dtype): pad with -inf, gather each window offset with `index_select`, take the max over the
-/// stacked offsets.
-/// Its gradient goes to every tied maximum, so it matches [`max_pool2d`] only without ties.
-///
-/// # Shapes
-/// As [`max_pool2d`].
-pub fn max_pool2d_reference(xs: &Tensor, kernel: usize, stride: usize, padding: Padding2d) -> Result<Tensor> {
-    let g = PoolGeom::new(MAX_NAME, xs.dims(), PoolParams { kernel, stride, padding })?;
-    let padded = pad_constant(xs, padding, f64::NEG_INFINITY)?;
-    // The max never selects a padded -inf (every window has a real element), and the backward
-    // multiplies the gradient by a 0/1 mask, so no inf reaches the gradients.
-    stacked_windows(&padded, &g)?.max(4)
-}
-
-/// Reference for [`avg_pool2d`] built from differentiable candle ops (any device, any float
-/// dtype): pad with zeros, sum each window over the stacked offsets, divide by the number of
-/// real elements (the same window sum over a padded tensor of ones).
-///
-/// # Shapes
-/// As [`avg_pool2d`].
-pub fn avg_pool2d_reference(xs: &Tensor, kernel: usize, stride: usize, padding: Padding2d) -> Result<Tensor> {
-    let g = PoolGeom::new(AVG_NAME, xs.dims(), PoolParams { kernel, stride, padding })?;
-    let sums = stacked_windows(&pad_constant(xs, padding, 0.0)?, &g)?.sum(4)?;
-    let ones = Tensor::ones((1, 1, g.h, g.w), xs.dtype(), xs.device())?;
-    let counts = stacked_windows(&pad_constant(&ones, padding, 0.0)?, &g)?.sum(4)?;
-    sums.broadcast_div(&counts)
-}
-
-/// TF SAME padding for `xs`, after checking the parameters that `Padding2d::same` relies on.
-fn same_padding(name: &str, xs: &Tensor, kernel: usize, stride: usize) -> Result<Padding2d> {
-    let dims = xs.dims();
-    let &[_, _, h, w] = dims else { bail!("{name}: expected an (N, C, H, W) input, got shape {dims:?}") };
-    if kernel == 0 || stride == 0 {
-        bail!("{name}: kernel and stride must be >= 1, got kernel {kernel}, stride {stride} (input {dims:?})")
+/// As [`pool2d`].
+pub fn pool2d_reference(xs: &Tensor, opts: PoolOptions) -> Result<Tensor> {
+    let g = PoolGeom::new(opts.name(), xs.dims(), opts.params())?;
+    let padding = opts.padding;
+    match opts.kind {
+        PoolKind::Max => {
+            let padded = pad_constant(xs, padding, f64::NEG_INFINITY)?;
+            // The max never selects a padded -inf (every window has a real element), and the
+            // backward multiplies the gradient by a 0/1 mask, so no inf reaches the gradients.
+            stacked_windows(&padded, &g)?.max(4)
+        }
+        PoolKind::Avg => {
+            let sums = stacked_windows(&pad_constant(xs, padding, 0.0)?, &g)?.sum(4)?;
+            let ones = Tensor::ones((1, 1, g.h, g.w), xs.dtype(), xs.device())?;
+            let counts = stacked_windows(&pad_constant(&ones, padding, 0.0)?, &g)?.sum(4)?;
+            sums.broadcast_div(&counts)
+        }
     }
-    Ok(Padding2d::same(h, w, kernel, kernel, stride, 1))
 }
 
 /// Pads the two spatial axes of an `(N, C, H, W)` tensor with `value`.
@@ -292,18 +293,16 @@ impl PoolGeom {
 /// A SAME `kernel × kernel` pooling at `stride` of one `(c, h, w)` sample, prepared for
 /// `window::SampleWindow`: average (with its divisors) or max.
 pub(crate) fn same_sample_window<T: Float>(
-    max: bool,
+    kind: PoolKind,
     (c, h, w): (usize, usize, usize),
     kernel: usize,
     stride: usize,
 ) -> Result<window::SampleWindow<T>> {
-    let padding = Padding2d::same(h, w, kernel.max(1), kernel.max(1), stride.max(1), 1);
-    let name = if max { MAX_NAME } else { AVG_NAME };
-    let g = PoolGeom::new(name, &[1, c, h, w], PoolParams { kernel, stride, padding })?;
-    Ok(if max {
-        window::SampleWindow::max_pool(&g.window())
-    } else {
-        window::SampleWindow::avg_pool(&g.window(), g.counts())
+    let opts = PoolOptions::same(kind, kernel, stride, (h, w));
+    let g = PoolGeom::new(opts.name(), &[1, c, h, w], opts.params())?;
+    Ok(match kind {
+        PoolKind::Max => window::SampleWindow::max_pool(&g.window()),
+        PoolKind::Avg => window::SampleWindow::avg_pool(&g.window(), g.counts()),
     })
 }
 
@@ -387,7 +386,7 @@ impl CustomOp1 for MaxPool2dTf {
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
         let PoolParams { kernel, stride, padding } = self.0;
-        Ok(Some(pool2d_grad(true, arg, grad_res, kernel, stride, padding)?))
+        Ok(Some(pool2d_grad(arg, grad_res, PoolOptions::max(kernel, stride, padding))?))
     }
 }
 
@@ -470,7 +469,7 @@ impl CustomOp1 for AvgPool2dTf {
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
         let PoolParams { kernel, stride, padding } = self.0;
-        Ok(Some(pool2d_grad(false, arg, grad_res, kernel, stride, padding)?))
+        Ok(Some(pool2d_grad(arg, grad_res, PoolOptions::avg(kernel, stride, padding))?))
     }
 }
 
@@ -660,9 +659,24 @@ mod tests {
 
     type PoolFn = fn(&Tensor, usize, usize, Padding2d) -> Result<Tensor>;
 
+    fn max(xs: &Tensor, kernel: usize, stride: usize, padding: Padding2d) -> Result<Tensor> {
+        pool2d(xs, PoolOptions::max(kernel, stride, padding))
+    }
+
+    fn max_reference(xs: &Tensor, kernel: usize, stride: usize, padding: Padding2d) -> Result<Tensor> {
+        pool2d_reference(xs, PoolOptions::max(kernel, stride, padding))
+    }
+
+    fn avg(xs: &Tensor, kernel: usize, stride: usize, padding: Padding2d) -> Result<Tensor> {
+        pool2d(xs, PoolOptions::avg(kernel, stride, padding))
+    }
+
+    fn avg_reference(xs: &Tensor, kernel: usize, stride: usize, padding: Padding2d) -> Result<Tensor> {
+        pool2d_reference(xs, PoolOptions::avg(kernel, stride, padding))
+    }
+
     /// `(name, custom op, reference)` for both pools.
-    const POOLS: [(&str, PoolFn, PoolFn); 2] =
-        [("max", max_pool2d, max_pool2d_reference), ("avg", avg_pool2d, avg_pool2d_reference)];
+    const POOLS: [(&str, PoolFn, PoolFn); 2] = [("max", max, max_reference), ("avg", avg, avg_reference)];
 
     const VALID: Padding2d = Padding2d { top: 0, bottom: 0, left: 0, right: 0 };
 
@@ -728,8 +742,8 @@ mod tests {
                 let xs = rng.tensor(&[2, 3, h, w], dtype).unwrap();
                 let padding = Padding2d::same(h, w, kernel, kernel, stride, 1);
                 let g = PoolGeom::new("test", xs.dims(), PoolParams { kernel, stride, padding }).unwrap();
-                let want_max = max_pool2d_reference(&xs, kernel, stride, padding).unwrap();
-                let avg = |t: &[Tensor]| avg_pool2d_reference(&t[0], kernel, stride, padding);
+                let want_max = pool2d_reference(&xs, PoolOptions::max(kernel, stride, padding)).unwrap();
+                let avg = |t: &[Tensor]| pool2d_reference(&t[0], PoolOptions::avg(kernel, stride, padding));
                 let want_avg = avg(std::slice::from_ref(&xs)).unwrap();
                 let probe = rng.tensor(want_avg.dims(), dtype).unwrap();
                 let want_grad = analytic_grads(&avg, std::slice::from_ref(&xs), &probe).unwrap().remove(0);
@@ -795,11 +809,11 @@ mod tests {
             let xs = rng.tensor(&[1, 2, h, w], DType::F32).unwrap();
             for (kernel, stride) in [(3, 1), (3, 2), (5, 2), (7, 2)] {
                 let padding = Padding2d::same(h, w, kernel, kernel, stride, 1);
-                let max = max_pool2d_same(&xs, kernel, stride).unwrap();
-                let avg = avg_pool2d_same(&xs, kernel, stride).unwrap();
+                let max = pool2d(&xs, PoolOptions::same(PoolKind::Max, kernel, stride, hw(&xs))).unwrap();
+                let avg = pool2d(&xs, PoolOptions::same(PoolKind::Avg, kernel, stride, hw(&xs))).unwrap();
                 assert_eq!(max.dims(), &[1, 2, h.div_ceil(stride), w.div_ceil(stride)]);
-                assert_close(&max, &max_pool2d(&xs, kernel, stride, padding).unwrap(), 0.0, "max same");
-                assert_close(&avg, &avg_pool2d(&xs, kernel, stride, padding).unwrap(), 0.0, "avg same");
+                assert_close(&max, &pool2d(&xs, PoolOptions::max(kernel, stride, padding)).unwrap(), 0.0, "max same");
+                assert_close(&avg, &pool2d(&xs, PoolOptions::avg(kernel, stride, padding)).unwrap(), 0.0, "avg same");
             }
         }
     }
@@ -819,22 +833,28 @@ mod tests {
 
         // Top-left: 9 real elements (1+2+3+5+6+7+9+10+11 = 54); top-right: 6 (3,4,7,8,11,12);
         // bottom-left: 6 (9,10,11,13,14,15); bottom-right: 4 (11,12,15,16), no padding before.
-        let avg = avg_pool2d_same(&xs, 3, 2).unwrap();
+        let avg = pool2d(&xs, PoolOptions::same(PoolKind::Avg, 3, 2, hw(&xs))).unwrap();
         assert_eq!(grid(&avg), vec![vec![54.0 / 9.0, 45.0 / 6.0], vec![72.0 / 6.0, 54.0 / 4.0]]);
-        assert_eq!(grid(&avg_pool2d_reference(&xs, 3, 2, Padding2d::same(4, 4, 3, 3, 2, 1)).unwrap()), grid(&avg));
+        assert_eq!(
+            grid(&pool2d_reference(&xs, PoolOptions::avg(3, 2, Padding2d::same(4, 4, 3, 3, 2, 1))).unwrap()),
+            grid(&avg)
+        );
 
         // All values negative: a padded zero must never win the max.
         let neg = xs.neg().unwrap();
-        assert_eq!(grid(&max_pool2d_same(&neg, 3, 2).unwrap()), vec![vec![-1.0, -3.0], vec![-9.0, -11.0]]);
+        assert_eq!(
+            grid(&pool2d(&neg, PoolOptions::same(PoolKind::Max, 3, 2, hw(&neg))).unwrap()),
+            vec![vec![-1.0, -3.0], vec![-9.0, -11.0]]
+        );
         // Stride 1 pads one on every side: each output is the window's top-left real element.
         let want: Vec<Vec<f64>> = (0..4)
             .map(|i: usize| {
                 (0..4).map(|j: usize| -((4 * i.saturating_sub(1) + j.saturating_sub(1) + 1) as f64)).collect()
             })
             .collect();
-        assert_eq!(grid(&max_pool2d_same(&neg, 3, 1).unwrap()), want);
+        assert_eq!(grid(&pool2d(&neg, PoolOptions::same(PoolKind::Max, 3, 1, hw(&neg))).unwrap()), want);
         // The stride-1 average corners see 4 real elements: (1 + 2 + 5 + 6) / 4.
-        assert_eq!(grid(&avg_pool2d_same(&xs, 3, 1).unwrap())[0][0], 3.5);
+        assert_eq!(grid(&pool2d(&xs, PoolOptions::same(PoolKind::Avg, 3, 1, hw(&xs))).unwrap())[0][0], 3.5);
     }
 
     /// The aux head's 5x5 stride-3 VALID average pool (tf-slim `_build_aux_head`).
@@ -843,9 +863,9 @@ mod tests {
         let mut rng = TestRng::new(10);
         for (size, out) in [(16, 4), (21, 6)] {
             let xs = rng.tensor(&[2, 4, size, size], DType::F32).unwrap();
-            let ys = avg_pool2d(&xs, 5, 3, VALID).unwrap();
+            let ys = pool2d(&xs, PoolOptions::avg(5, 3, VALID)).unwrap();
             assert_eq!(ys.dims(), &[2, 4, out, out]);
-            assert_close(&ys, &avg_pool2d_reference(&xs, 5, 3, VALID).unwrap(), 1e-6, "aux avg");
+            assert_close(&ys, &pool2d_reference(&xs, PoolOptions::avg(5, 3, VALID)).unwrap(), 1e-6, "aux avg");
             // The last window starts at row/col 3 * (out - 1).
             let start = 3 * (out - 1);
             let window = xs.narrow(2, start, 5).unwrap().narrow(3, start, 5).unwrap();
@@ -863,8 +883,8 @@ mod tests {
         let rows = Tensor::new(&[0u32, 2, 4, 6, 8], &Device::Cpu).unwrap();
         let cols = Tensor::new(&[0u32, 2, 4, 6], &Device::Cpu).unwrap();
         let want = xs.index_select(&rows, 2).unwrap().index_select(&cols, 3).unwrap();
-        assert_close(&avg_pool2d(&xs, 1, 2, VALID).unwrap(), &want, 0.0, "avg 1x1 s2");
-        assert_close(&max_pool2d(&xs, 1, 2, VALID).unwrap(), &want, 0.0, "max 1x1 s2");
+        assert_close(&pool2d(&xs, PoolOptions::avg(1, 2, VALID)).unwrap(), &want, 0.0, "avg 1x1 s2");
+        assert_close(&pool2d(&xs, PoolOptions::max(1, 2, VALID)).unwrap(), &want, 0.0, "max 1x1 s2");
     }
 
     #[test]
@@ -925,7 +945,9 @@ mod tests {
     fn max_ties_go_to_first_element() {
         let xs = Tensor::zeros((1, 1, 4, 4), DType::F32, &Device::Cpu).unwrap();
         let probe = Tensor::ones((1, 1, 2, 2), DType::F32, &Device::Cpu).unwrap();
-        let grads = analytic_grads(&|t| max_pool2d_same(&t[0], 3, 2), &[xs], &probe).unwrap();
+        let grads =
+            analytic_grads(&|t| pool2d(&t[0], PoolOptions::same(PoolKind::Max, 3, 2, hw(&t[0]))), &[xs], &probe)
+                .unwrap();
         let mut want = vec![vec![0.0; 4]; 4];
         for (i, j) in [(0, 0), (0, 2), (2, 0), (2, 2)] {
             want[i][j] = 1.0;
@@ -954,13 +976,13 @@ mod tests {
                 }
             }
         }
-        let e = err(max_pool2d_same(&xs, 0, 2));
-        assert!(e.contains("kernel and stride must be >= 1") && e.contains("kernel 0"), "{e}");
-        let e = err(avg_pool2d(&xs.squeeze(0).unwrap(), 3, 1, VALID));
+        let e = err(pool2d(&xs, PoolOptions::same(PoolKind::Max, 0, 2, hw(&xs))));
+        assert!(e.contains("kernel must be >= 1") && e.contains("kernel 0"), "{e}");
+        let e = err(pool2d(&xs.squeeze(0).unwrap(), PoolOptions::avg(3, 1, VALID)));
         assert!(e.contains("avg-pool2d-tf: expected an (N, C, H, W) input, got shape [2, 5, 5]"), "{e}");
-        let e = err(max_pool2d(&xs.to_dtype(DType::U32).unwrap(), 3, 1, VALID));
+        let e = err(pool2d(&xs.to_dtype(DType::U32).unwrap(), PoolOptions::max(3, 1, VALID)));
         assert!(e.contains("max-pool2d-tf: unsupported dtype U32"), "{e}");
-        let e = err(avg_pool2d(&xs.to_dtype(DType::F16).unwrap(), 3, 1, VALID));
+        let e = err(pool2d(&xs.to_dtype(DType::F16).unwrap(), PoolOptions::avg(3, 1, VALID)));
         assert!(e.contains("avg-pool2d-tf: unsupported dtype F16"), "{e}");
     }
 }

@@ -8,22 +8,25 @@
 //! row on one thread, in parallel over samples, so each intermediate (one sample's planes)
 //! stays in cache: it is a per-sample program of one step (`kernels::cell_eval`, which runs
 //! whole cells the same way), with the batch norm folded into the pointwise weights as
-//! `conv1x1_affine` does. It records no backward, so it runs only where no gradient is
+//! `conv1x1` with an `Affine` does. It records no backward, so it runs only where no gradient is
 //! needed (inside `nas_ops::no_grad`, or no input tracks one) on the CPU, with at least one
 //! sample per thread; elsewhere [`separable_stack_reference`], the unfused ops, runs.
 
 use candle_core::{Device, Result, Tensor};
 
-use super::cell_eval::{Affine1x1, Half, Program, Step};
-use super::conv1x1::conv1x1_affine;
-use super::depthwise::{depthwise_conv2d, depthwise_conv2d_relu};
-use super::Padding2d;
+use super::batch_norm::BatchNormParams;
+use super::cell_eval::{Program, Put, Step};
+use super::conv1x1::{conv1x1, Affine, Conv1x1Options};
+use super::depthwise::depthwise_conv2d;
+use super::ConvOptions;
 
 const NAME: &str = "separable-stack";
 
-/// One half of a separable conv: ReLU (with `relu_in`) → depthwise `k × k` (SAME, `stride`,
-/// `dilation`) → pointwise → `· scale + shift` per channel (an eval batch norm) → ReLU (with
-/// `relu_out`).
+/// One half of a separable conv: ReLU (with `relu_input`) → depthwise `k × k` (SAME,
+/// `stride`, `dilation`) → pointwise → batch norm → ReLU (with `relu_output`). The one
+/// description of a half for every path: inference folds the batch norm's moving
+/// statistics into the pointwise weights ([`separable_stack`], the per-sample programs),
+/// training normalises with the batch's statistics (`separable_train`).
 #[derive(Debug, Clone)]
 pub struct SeparableHalf {
     /// `(c_in, 1, k, k)`.
@@ -34,64 +37,62 @@ pub struct SeparableHalf {
     pub dilation: usize,
     /// `(c_out, c_in, 1, 1)`.
     pub pointwise: Tensor,
-    /// `(c_out)`: the batch norm's `γ / sqrt(var + ε)`.
-    pub scale: Tensor,
-    /// `(c_out)`: the batch norm's `β − mean · scale`.
-    pub shift: Tensor,
+    /// The batch norm after the pointwise conv, `(c_out)` each.
+    pub bn: BatchNormParams,
     /// ReLU on the half's input.
-    pub relu_in: bool,
+    pub relu_input: bool,
     /// ReLU on the half's output.
-    pub relu_out: bool,
+    pub relu_output: bool,
 }
 
-/// The halves applied in order to `xs`.
+impl SeparableHalf {
+    /// The depthwise conv's options for an input `xs`: SAME padding, the input's ReLU.
+    pub(crate) fn depthwise_options(&self, xs: &Tensor) -> Result<ConvOptions> {
+        let (_, _, h, w) = xs.dims4()?;
+        let (_, _, kh, kw) = self.depthwise.dims4()?;
+        Ok(ConvOptions::same((h, w), (kh, kw), self.stride, self.dilation).relu_input(self.relu_input))
+    }
+
+    /// The output channels.
+    pub(crate) fn c_out(&self) -> usize {
+        self.pointwise.dims().first().copied().unwrap_or(0)
+    }
+}
+
+/// The halves applied in order to `xs`, in inference (the moving statistics).
 ///
 /// # Shapes
 /// - `xs`: `(batch, c_in, h, w)`; each half's `c_in` is the previous half's `c_out`
 /// - returns: `(batch, c_out, h', w')`, with `h' = ceil(h / Π stride)` (SAME)
 pub fn separable_stack(xs: &Tensor, halves: &[SeparableHalf]) -> Result<Tensor> {
-    let tensors = halves.iter().flat_map(|h| [&h.depthwise, &h.pointwise, &h.scale, &h.shift]);
+    let tensors = halves
+        .iter()
+        .flat_map(|h| [&h.depthwise, &h.pointwise, &h.bn.gamma, &h.bn.beta, &h.bn.running_mean, &h.bn.running_var]);
     let tracked = crate::grad_enabled() && std::iter::once(xs).chain(tensors).any(Tensor::track_op);
     let (n, c, mut h, mut w) = xs.dims4()?;
     if halves.is_empty() || !matches!(xs.device(), Device::Cpu) || tracked || n < rayon::current_num_threads() {
         return separable_stack_reference(xs, halves);
     }
-    let mut program_halves = Vec::with_capacity(halves.len());
     for half in halves {
         let stride = half.stride.max(1);
         (h, w) = (h.div_ceil(stride), w.div_ceil(stride));
-        program_halves.push(Half {
-            depthwise: half.depthwise.clone(),
-            stride: half.stride,
-            dilation: half.dilation,
-            pointwise: Affine1x1 {
-                weight: half.pointwise.clone(),
-                scale: half.scale.clone(),
-                shift: half.shift.clone(),
-            },
-            relu_in: half.relu_in,
-            relu_out: half.relu_out,
-        });
     }
-    let c_out = halves[halves.len() - 1].pointwise.dims().first().copied().unwrap_or(0);
+    let c_out = halves[halves.len() - 1].c_out();
     let mut program = Program::new((c, xs.dim(2)?, xs.dim(3)?), None, (c_out, h, w));
     let (src, dst) = (program.x(), program.out());
-    program.push(Step::Separable { src, halves: program_halves, dst, add: false });
+    program.push(Step::Separable { src, halves: halves.to_vec(), dst, put: Put::Write });
     program.run(xs, None).map_err(|e| candle_core::Error::Msg(format!("{NAME}: {e}")))
 }
 
 /// Reference for [`separable_stack`]: each half as the unfused ops (`depthwise_conv2d`,
-/// `conv1x1_affine`), differentiable, any device.
+/// `conv1x1` with the batch norm's eval affine), differentiable, any device.
 pub fn separable_stack_reference(xs: &Tensor, halves: &[SeparableHalf]) -> Result<Tensor> {
     let mut xs = xs.clone();
     for half in halves {
-        let (_, _, h, w) = xs.dims4()?;
-        let k = half.depthwise.dims();
-        let (kh, kw) = (k.get(2).copied().unwrap_or(1), k.get(3).copied().unwrap_or(1));
-        let pad = Padding2d::same(h, w, kh, kw, half.stride, half.dilation);
-        let depthwise = if half.relu_in { depthwise_conv2d_relu } else { depthwise_conv2d };
-        let ys = depthwise(&xs, &half.depthwise, half.stride, half.dilation, pad)?;
-        xs = conv1x1_affine(&ys, &half.pointwise, (&half.scale, &half.shift), false, half.relu_out)?;
+        let ys = depthwise_conv2d(&xs, &half.depthwise, half.depthwise_options(&xs)?)?;
+        let (scale, shift) = half.bn.eval_affine()?;
+        let affine = Affine { scale: &scale, shift: &shift, relu_output: half.relu_output };
+        xs = conv1x1(&ys, &half.pointwise, Conv1x1Options { relu_input: false, affine: Some(affine) })?;
     }
     Ok(xs)
 }
@@ -107,15 +108,23 @@ mod tests {
         (c_in, c_out, k, stride, dilation): (usize, usize, usize, usize, usize),
         relu: (bool, bool),
     ) -> SeparableHalf {
+        let mut vector =
+            |scale: f64, offset: f64| ((rng.tensor(&[c_out], DType::F32).unwrap() * scale).unwrap() + offset).unwrap();
+        let bn = BatchNormParams {
+            gamma: vector(1.0, 1.5),
+            beta: vector(1.0, 0.0),
+            running_mean: vector(0.3, 0.0),
+            running_var: vector(0.25, 0.75),
+            eps: 1e-3,
+        };
         SeparableHalf {
             depthwise: rng.tensor(&[c_in, 1, k, k], DType::F32).unwrap(),
             stride,
             dilation,
             pointwise: rng.tensor(&[c_out, c_in, 1, 1], DType::F32).unwrap(),
-            scale: (rng.tensor(&[c_out], DType::F32).unwrap() + 1.5).unwrap(),
-            shift: rng.tensor(&[c_out], DType::F32).unwrap(),
-            relu_in: relu.0,
-            relu_out: relu.1,
+            bn,
+            relu_input: relu.0,
+            relu_output: relu.1,
         }
     }
 
@@ -148,8 +157,13 @@ mod tests {
                     .map(|h| SeparableHalf {
                         depthwise: f64s(&h.depthwise),
                         pointwise: f64s(&h.pointwise),
-                        scale: f64s(&h.scale),
-                        shift: f64s(&h.shift),
+                        bn: BatchNormParams {
+                            gamma: f64s(&h.bn.gamma),
+                            beta: f64s(&h.bn.beta),
+                            running_mean: f64s(&h.bn.running_mean),
+                            running_var: f64s(&h.bn.running_var),
+                            eps: h.bn.eps,
+                        },
                         ..h.clone()
                     })
                     .collect();
@@ -179,11 +193,11 @@ mod tests {
         let err = crate::no_grad(|| separable_stack(&xs, &halves)).unwrap_err().to_string();
         assert!(err.contains("separable-stack") && err.contains("half 1"), "{err}");
         halves.truncate(1);
-        halves[0].shift = rng.tensor(&[3], DType::F32).unwrap();
+        halves[0].bn.beta = rng.tensor(&[3], DType::F32).unwrap();
         let err = crate::no_grad(|| separable_stack(&xs, &halves)).unwrap_err().to_string();
-        assert!(err.contains("half 0") && err.contains("shift"), "{err}");
-        halves[0].shift = rng.tensor(&[4], DType::F64).unwrap();
+        assert!(err.contains("half 0") && err.contains("beta of shape (4)"), "{err}");
+        halves[0].bn.beta = rng.tensor(&[4], DType::F64).unwrap();
         let err = crate::no_grad(|| separable_stack(&xs, &halves)).unwrap_err().to_string();
-        assert!(err.contains("half 0: the shift weight is F64, the input F32"), "{err}");
+        assert!(err.contains("half 0: the batch-norm beta is F64, the input F32"), "{err}");
     }
 }

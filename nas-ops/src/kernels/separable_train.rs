@@ -14,38 +14,15 @@
 
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor};
 
-use super::batch_norm::{batch_norm_train, batch_norm_train_relu, batch_norm_train_step, BatchNormTrainStep};
-use super::conv1x1::{conv1x1, conv1x1_grads};
-use super::depthwise::{depthwise_conv2d, depthwise_conv2d_grads, depthwise_conv2d_relu};
-use super::Padding2d;
+use super::batch_norm::{
+    batch_norm_train, batch_norm_train_step, BatchNormOptions, BatchNormParams, BatchNormTrainStep,
+};
+use super::conv1x1::{conv1x1, conv1x1_grads, Conv1x1Options};
+use super::depthwise::{depthwise_conv2d, depthwise_conv2d_grads};
+use super::separable::SeparableHalf;
 use crate::tape::{Grads, Tape, Traced};
 
 const NAME: &str = "separable-train";
-
-/// One half of a separable conv in training: ReLU (with `relu_in`) → depthwise `k × k`
-/// (SAME, `stride`, `dilation`) → pointwise → batch norm with the batch's statistics → ReLU
-/// (with `relu_out`).
-#[derive(Debug, Clone)]
-pub struct TrainHalf {
-    /// `(c_in, 1, k, k)`.
-    pub depthwise: Tensor,
-    /// Stride of the depthwise conv.
-    pub stride: usize,
-    /// Dilation of the depthwise conv.
-    pub dilation: usize,
-    /// `(c_out, c_in, 1, 1)`.
-    pub pointwise: Tensor,
-    /// `(c_out)`: the batch norm's γ.
-    pub gamma: Tensor,
-    /// `(c_out)`: the batch norm's β.
-    pub beta: Tensor,
-    /// The batch norm's ε.
-    pub eps: f64,
-    /// ReLU on the half's input.
-    pub relu_in: bool,
-    /// ReLU on the half's output.
-    pub relu_out: bool,
-}
 
 /// A batch norm's statistics of one batch.
 #[derive(Debug, Clone)]
@@ -68,24 +45,21 @@ pub struct SeparableTrain {
     pub stats: Vec<BatchStats>,
 }
 
-impl TrainHalf {
-    fn padding(&self, xs: &Tensor) -> Result<Padding2d> {
-        let (_, _, h, w) = xs.dims4()?;
-        let (_, _, kh, kw) = self.depthwise.dims4()?;
-        Ok(Padding2d::same(h, w, kh, kw, self.stride, self.dilation))
-    }
-
+impl SeparableHalf {
     /// The depthwise then the pointwise conv, unfused (tracked when their inputs are).
     fn convs(&self, xs: &Tensor) -> Result<(Tensor, Tensor)> {
-        let depthwise = if self.relu_in { depthwise_conv2d_relu } else { depthwise_conv2d };
-        let mid = depthwise(xs, &self.depthwise, self.stride, self.dilation, self.padding(xs)?)?;
-        let out = conv1x1(&mid, &self.pointwise)?;
+        let mid = depthwise_conv2d(xs, &self.depthwise, self.depthwise_options(xs)?)?;
+        let out = conv1x1(&mid, &self.pointwise, Conv1x1Options::default())?;
         Ok((mid, out))
     }
 
-    /// The four weights, in the order they are packed.
-    fn weights(&self) -> [&Tensor; 4] {
-        [&self.depthwise, &self.pointwise, &self.gamma, &self.beta]
+    /// The four weights training reads, in the order they are packed.
+    fn train_weights(&self) -> [&Tensor; 4] {
+        [&self.depthwise, &self.pointwise, &self.bn.gamma, &self.bn.beta]
+    }
+
+    fn bn_options(&self) -> BatchNormOptions {
+        BatchNormOptions::new(self.bn.eps).relu_output(self.relu_output)
     }
 }
 
@@ -95,18 +69,19 @@ impl TrainHalf {
 /// - `xs`: `(batch, c_in, h, w)`; each half's `c_in` is the previous half's `c_out`
 /// - returns: `ys` `(batch, c_out, h', w')` with `h' = ceil(h / Π stride)` (SAME), and each
 ///   half's statistics `(c_out)`
-pub fn separable_train(xs: &Tensor, halves: &[TrainHalf]) -> Result<SeparableTrain> {
+pub fn separable_train(xs: &Tensor, halves: &[SeparableHalf]) -> Result<SeparableTrain> {
     let fused = !halves.is_empty()
         && xs.device().is_cpu()
         && matches!(xs.dtype(), DType::F32 | DType::F64)
-        && halves.iter().flat_map(TrainHalf::weights).all(|t| t.dtype() == xs.dtype())
+        && halves.iter().flat_map(SeparableHalf::train_weights).all(|t| t.dtype() == xs.dtype())
         && crate::grad_enabled();
     if !fused {
         return separable_train_reference(xs, halves);
     }
     let (saved, _) = forward_saved(xs, halves, false)?;
     let stats = saved.iter().map(Saved::stats).collect::<Result<Vec<_>>>()?;
-    let packed = halves.iter().flat_map(TrainHalf::weights).map(Tensor::flatten_all).collect::<Result<Vec<_>>>()?;
+    let packed =
+        halves.iter().flat_map(SeparableHalf::train_weights).map(Tensor::flatten_all).collect::<Result<Vec<_>>>()?;
     let packed = Tensor::cat(&packed, 0)?;
     let ys = xs.contiguous()?.apply_op2(&packed, SeparableTrainOp { saved })?;
     Ok(SeparableTrain { ys, stats })
@@ -117,9 +92,10 @@ pub fn separable_train(xs: &Tensor, halves: &[TrainHalf]) -> Result<SeparableTra
 pub(crate) fn separable_train_traced(
     tape: &mut Tape,
     xs: &Traced,
-    halves: &[TrainHalf],
+    halves: &[SeparableHalf],
 ) -> Result<(Traced, Vec<BatchStats>)> {
-    let weights = halves.iter().flat_map(TrainHalf::weights).map(|w| tape.weight(w)).collect::<Result<Vec<_>>>()?;
+    let weights =
+        halves.iter().flat_map(SeparableHalf::train_weights).map(|w| tape.weight(w)).collect::<Result<Vec<_>>>()?;
     let (saved, ys) = forward_saved(&xs.tensor, halves, true)?;
     let ys = ys.expect("the last half's output");
     let stats = saved.iter().map(Saved::stats).collect::<Result<Vec<_>>>()?;
@@ -134,22 +110,19 @@ pub(crate) fn separable_train_traced(
 /// The halves' forward on `xs` and the weights detached, every intermediate saved. The last
 /// half's batch norm runs only with `last_bn` (its output returned): otherwise the caller
 /// runs it (`SeparableTrainOp::cpu_fwd`).
-fn forward_saved(xs: &Tensor, halves: &[TrainHalf], last_bn: bool) -> Result<(Vec<Saved>, Option<Tensor>)> {
+fn forward_saved(xs: &Tensor, halves: &[SeparableHalf], last_bn: bool) -> Result<(Vec<Saved>, Option<Tensor>)> {
     let mut saved: Vec<Saved> = Vec::with_capacity(halves.len());
     let mut input = xs.detach();
     for (i, half) in halves.iter().enumerate() {
         let in_half = |e: candle_core::Error| candle_core::Error::Msg(format!("{NAME}: half {i}: {e}"));
-        let [depthwise, pointwise, gamma, beta] = half.weights().map(Tensor::detach);
+        let [depthwise, pointwise, gamma, beta] = half.train_weights().map(Tensor::detach);
         let (gamma, beta) = (gamma.contiguous()?, beta.contiguous()?);
-        let detached = TrainHalf { depthwise, pointwise, gamma, beta, ..half.clone() };
+        let bn = BatchNormParams { gamma, beta, ..half.bn.clone() };
+        let detached = SeparableHalf { depthwise, pointwise, bn, ..half.clone() };
         let (mid, pre) = detached.convs(&input).map_err(in_half)?;
-        let step =
-            batch_norm_train_step(&pre, &detached.gamma, &detached.beta, half.eps, half.relu_out).map_err(in_half)?;
-        let output = if i + 1 < halves.len() || last_bn {
-            Some(step.forward_no_bwd(&pre, &detached.gamma, &detached.beta)?)
-        } else {
-            None
-        };
+        let (gamma, beta) = (&detached.bn.gamma, &detached.bn.beta);
+        let step = batch_norm_train_step(&pre, gamma, beta, half.bn_options()).map_err(in_half)?;
+        let output = if i + 1 < halves.len() || last_bn { Some(step.forward_no_bwd(&pre, gamma, beta)?) } else { None };
         let next = output.clone();
         saved.push(Saved { half: detached, input: input.clone(), mid, pre, step, output });
         if let Some(next) = next {
@@ -169,16 +142,11 @@ fn backward_saved(saved: &[Saved], res: &Tensor, grad: &Tensor) -> Result<(Tenso
         let half = &saved.half;
         let output = saved.output.as_ref().unwrap_or(res);
         let (grad_pre, grad_gamma, grad_beta) =
-            saved.step.grads((&saved.pre, &half.gamma, &half.beta), output, &grad)?;
-        let (grad_mid, grad_pointwise) = conv1x1_grads(&saved.mid, &half.pointwise, &grad_pre, false)?;
-        let padding = half.padding(&saved.input)?;
-        let (grad_input, grad_depthwise) = depthwise_conv2d_grads(
-            (&saved.input, &half.depthwise, &grad_mid),
-            half.stride,
-            half.dilation,
-            padding,
-            half.relu_in,
-        )?;
+            saved.step.grads((&saved.pre, &half.bn.gamma, &half.bn.beta), output, &grad)?;
+        let (grad_mid, grad_pointwise) =
+            conv1x1_grads(&saved.mid, &half.pointwise, &grad_pre, Conv1x1Options::default())?;
+        let opts = half.depthwise_options(&saved.input)?;
+        let (grad_input, grad_depthwise) = depthwise_conv2d_grads((&saved.input, &half.depthwise, &grad_mid), opts)?;
         // Reversed at the end, with the halves.
         weights.extend([grad_beta, grad_gamma, grad_pointwise, grad_depthwise]);
         grad = grad_input;
@@ -189,13 +157,12 @@ fn backward_saved(saved: &[Saved], res: &Tensor, grad: &Tensor) -> Result<(Tenso
 
 /// Reference for [`separable_train`]: each half as the unfused ops (`depthwise_conv2d`,
 /// `conv1x1`, `batch_norm_train`), differentiable, any device.
-pub fn separable_train_reference(xs: &Tensor, halves: &[TrainHalf]) -> Result<SeparableTrain> {
+pub fn separable_train_reference(xs: &Tensor, halves: &[SeparableHalf]) -> Result<SeparableTrain> {
     let mut xs = xs.clone();
     let mut stats = Vec::with_capacity(halves.len());
     for half in halves {
         let (_, pre) = half.convs(&xs)?;
-        let batch_norm = if half.relu_out { batch_norm_train_relu } else { batch_norm_train };
-        let out = batch_norm(&pre, &half.gamma, &half.beta, half.eps)?;
+        let out = batch_norm_train(&pre, &half.bn.gamma, &half.bn.beta, half.bn_options())?;
         let (n, _, h, w) = pre.dims4()?;
         stats.push(BatchStats { mean: out.mean, var: out.var, count: n * h * w });
         xs = out.ys;
@@ -207,7 +174,7 @@ pub fn separable_train_reference(xs: &Tensor, halves: &[TrainHalf]) -> Result<Se
 /// output, the pointwise conv's output (the batch norm's input), the batch norm's
 /// statistics, and its output (the next half's input; the op's own output for the last).
 struct Saved {
-    half: TrainHalf,
+    half: SeparableHalf,
     input: Tensor,
     mid: Tensor,
     pre: Tensor,
@@ -237,7 +204,7 @@ impl CustomOp2 for SeparableTrainOp {
     /// weights (the last `2 · c_out` elements).
     fn cpu_fwd(&self, _s1: &CpuStorage, _l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let last = self.saved.last().expect("at least one half");
-        let c = last.half.gamma.elem_count();
+        let c = last.half.bn.gamma.elem_count();
         let end = match l2.contiguous_offsets() {
             Some((_, end)) => end,
             None => bail!("{NAME}: the packed weights must be contiguous"),
@@ -273,41 +240,39 @@ mod tests {
         (c_in, c_out, k, stride, dilation): (usize, usize, usize, usize, usize),
         relu: (bool, bool),
         dtype: DType,
-    ) -> TrainHalf {
-        TrainHalf {
-            depthwise: rng.tensor(&[c_in, 1, k, k], dtype).unwrap(),
-            stride,
-            dilation,
-            pointwise: rng.tensor(&[c_out, c_in, 1, 1], dtype).unwrap(),
+    ) -> SeparableHalf {
+        let depthwise = rng.tensor(&[c_in, 1, k, k], dtype).unwrap();
+        let pointwise = rng.tensor(&[c_out, c_in, 1, 1], dtype).unwrap();
+        let bn = BatchNormParams {
             gamma: (rng.tensor(&[c_out], dtype).unwrap() + 1.5).unwrap(),
             beta: rng.tensor(&[c_out], dtype).unwrap(),
+            // Training never reads the moving statistics.
+            running_mean: Tensor::zeros(c_out, dtype, &candle_core::Device::Cpu).unwrap(),
+            running_var: Tensor::ones(c_out, dtype, &candle_core::Device::Cpu).unwrap(),
             eps: 1e-3,
-            relu_in: relu.0,
-            relu_out: relu.1,
-        }
+        };
+        SeparableHalf { depthwise, stride, dilation, pointwise, bn, relu_input: relu.0, relu_output: relu.1 }
+    }
+
+    /// `half` reading `weights` (depthwise, pointwise, γ, β).
+    fn with_weights(half: &SeparableHalf, weights: &[Var]) -> SeparableHalf {
+        let [d, p, g, b] = weights else { panic!("four weights per half") };
+        let bn = BatchNormParams { gamma: g.as_tensor().clone(), beta: b.as_tensor().clone(), ..half.bn.clone() };
+        SeparableHalf { depthwise: d.as_tensor().clone(), pointwise: p.as_tensor().clone(), bn, ..half.clone() }
     }
 
     /// The output, the statistics and the gradients of `sum(ys · probe)` with respect to the
     /// input and every weight, through `f`.
     fn run(
-        f: fn(&Tensor, &[TrainHalf]) -> Result<SeparableTrain>,
+        f: fn(&Tensor, &[SeparableHalf]) -> Result<SeparableTrain>,
         xs: &Tensor,
-        halves: &[TrainHalf],
+        halves: &[SeparableHalf],
         probe: &Tensor,
     ) -> (SeparableTrain, Vec<Tensor>) {
         let x = Var::from_tensor(xs).unwrap();
-        let vars: Vec<[Var; 4]> = halves.iter().map(|h| h.weights().map(|t| Var::from_tensor(t).unwrap())).collect();
-        let tracked: Vec<TrainHalf> = halves
-            .iter()
-            .zip(&vars)
-            .map(|(h, [d, p, g, b])| TrainHalf {
-                depthwise: d.as_tensor().clone(),
-                pointwise: p.as_tensor().clone(),
-                gamma: g.as_tensor().clone(),
-                beta: b.as_tensor().clone(),
-                ..h.clone()
-            })
-            .collect();
+        let vars: Vec<[Var; 4]> =
+            halves.iter().map(|h| h.train_weights().map(|t| Var::from_tensor(t).unwrap())).collect();
+        let tracked: Vec<SeparableHalf> = halves.iter().zip(&vars).map(|(h, v)| with_weights(h, v)).collect();
         let out = f(x.as_tensor(), &tracked).unwrap();
         let grads = (&out.ys * probe).unwrap().sum_all().unwrap().backward().unwrap();
         let mut all = vec![grads.get(x.as_tensor()).expect("a gradient for the input").clone()];
@@ -370,7 +335,7 @@ mod tests {
         let mut rng = TestRng::new(62);
         let mut halves = [half(&mut rng, (3, 4, 3, 1, 1), (true, true), DType::F32)];
         let xs = Var::from_tensor(&rng.tensor(&[2, 3, 6, 6], DType::F32).unwrap()).unwrap();
-        halves[0].gamma = halves[0].gamma.to_dtype(DType::F64).unwrap();
+        halves[0].bn.gamma = halves[0].bn.gamma.to_dtype(DType::F64).unwrap();
         let err = separable_train(xs.as_tensor(), &halves).unwrap_err().to_string();
         assert!(err.contains("batch-norm-train") && err.contains("F64"), "{err}");
     }
@@ -383,18 +348,9 @@ mod tests {
             half(&mut rng, (3, 4, 3, 1, 1), (true, true), DType::F32),
             half(&mut rng, (5, 4, 3, 1, 1), (false, false), DType::F32),
         ];
-        let vars: Vec<Var> = halves.iter().flat_map(|h| h.weights().map(|t| Var::from_tensor(t).unwrap())).collect();
-        let tracked: Vec<TrainHalf> = halves
-            .iter()
-            .zip(vars.chunks(4))
-            .map(|(h, v)| TrainHalf {
-                depthwise: v[0].as_tensor().clone(),
-                pointwise: v[1].as_tensor().clone(),
-                gamma: v[2].as_tensor().clone(),
-                beta: v[3].as_tensor().clone(),
-                ..h.clone()
-            })
-            .collect();
+        let vars: Vec<Var> =
+            halves.iter().flat_map(|h| h.train_weights().map(|t| Var::from_tensor(t).unwrap())).collect();
+        let tracked: Vec<SeparableHalf> = halves.iter().zip(vars.chunks(4)).map(|(h, v)| with_weights(h, v)).collect();
         let err = separable_train(&xs, &tracked).unwrap_err().to_string();
         assert!(err.contains("separable-train: half 1"), "{err}");
     }

@@ -14,8 +14,8 @@ use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Storage, T
 use rayon::prelude::*;
 
 use super::depthwise::contiguous;
-use super::output_buffer;
-use super::pool::avg_pool2d;
+use super::pool::{pool2d, PoolOptions};
+use super::Output;
 use super::Padding2d;
 
 const NAME: &str = "subsample2";
@@ -79,7 +79,7 @@ pub fn subsample2_reference(xs: &Tensor, offset: usize) -> Result<Tensor> {
     } else {
         xs.pad_with_zeros(2, 0, offset)?.pad_with_zeros(3, 0, offset)?.narrow(2, offset, g.h)?.narrow(3, offset, g.w)?
     };
-    avg_pool2d(&xs, 1, 2, Padding2d::default())
+    pool2d(&xs, PoolOptions::avg(1, 2, Padding2d::default()))
 }
 
 /// Shapes of one call: input planes `h × w`, output planes `ho × wo`.
@@ -137,8 +137,7 @@ fn forward_cpu<T: WithDType>(xs: &[T], g: Geom) -> Vec<T> {
         return Vec::new();
     }
     let real = g.real_cols();
-    // SAFETY: every row of every output plane is written below, in full.
-    let mut out = unsafe { output_buffer::<T>(g.planes * plane_out) };
+    let mut out = Output::<T>::new(g.planes * plane_out);
     out.par_chunks_mut(plane_out).zip(xs.par_chunks(plane_in)).for_each(|(o, x)| {
         for (i, orow) in o.chunks_exact_mut(g.wo).enumerate() {
             let r = 2 * i + g.offset;
@@ -153,7 +152,7 @@ fn forward_cpu<T: WithDType>(xs: &[T], g: Geom) -> Vec<T> {
             orow[real..].fill(T::zero());
         }
     });
-    out
+    out.into_vec()
 }
 
 /// The input gradient: each sampled element takes its output's gradient, every other is zero.
@@ -163,17 +162,14 @@ fn backward_cpu<T: WithDType>(gy: &[T], g: Geom) -> Vec<T> {
 
 /// The input gradient of several subsamplings of one input (`(grad, geometry)` pairs, the same
 /// planes, different offsets): every element is zero or the sum of the gradients of the
-/// outputs that sampled it. Planes are zeroed on the threads (a zeroed allocation is one
-/// serial pass).
+/// outputs that sampled it. Planes are zeroed on the threads (`Output::zeroed`).
 fn scatter_cpu<T: WithDType>(grads: &[(&[T], Geom)], g: Geom) -> Vec<T> {
     let (plane_in, plane_out) = (g.h * g.w, g.ho * g.wo);
     if g.planes * plane_in == 0 {
         return Vec::new();
     }
-    // SAFETY: every plane is zeroed first thing below.
-    let mut gx = unsafe { output_buffer::<T>(g.planes * plane_in) };
+    let mut gx = Output::<T>::zeroed(g.planes * plane_in);
     gx.par_chunks_mut(plane_in).enumerate().for_each(|(p, gx)| {
-        gx.fill(T::zero());
         if plane_out == 0 {
             return;
         }
@@ -191,7 +187,7 @@ fn scatter_cpu<T: WithDType>(grads: &[(&[T], Geom)], g: Geom) -> Vec<T> {
             }
         }
     });
-    gx
+    gx.into_vec()
 }
 
 /// `subsample2`: the forward of [`subsample2`] on the CPU.

@@ -36,6 +36,12 @@ impl TestRng {
     }
 }
 
+/// The height and width of an `(n, c, h, w)` tensor.
+pub fn hw(t: &Tensor) -> (usize, usize) {
+    let (_, _, h, w) = t.dims4().expect("an (n, c, h, w) tensor");
+    (h, w)
+}
+
 /// Largest absolute difference between two tensors of the same shape.
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
     assert_eq!(a.dims(), b.dims(), "shapes differ");
@@ -45,7 +51,7 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
 
 /// Asserts `|a - b| <= tol * (1 + max|b|)` elementwise-max.
 /// Also asserts that `a` has NaN exactly where `b` has (an output element a kernel never
-/// wrote is NaN in debug builds, see `kernels::output_buffer`).
+/// wrote is NaN in debug builds, see `kernels::Output`).
 pub fn assert_close(a: &Tensor, b: &Tensor, tol: f64, what: &str) {
     let nan_at = |t: &Tensor| -> Vec<bool> {
         let v: Vec<f64> = t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap();

@@ -24,8 +24,8 @@
 use rayon::prelude::*;
 
 use crate::kernels::depthwise::DepthwiseGeometry;
-use crate::kernels::output_buffer;
 use crate::kernels::simd::{multiversion, Float, Isa};
+use crate::kernels::Output;
 
 /// Output columns one accumulator holds: one AVX-512 register of f32.
 const LANES: usize = 16;
@@ -488,8 +488,7 @@ pub(crate) fn forward<T: Float>(isa: Isa, geom: &DepthwiseGeometry, xs: &[T], we
     if wo <= CHANNELS_MAX_WO {
         return forward_channels(isa, geom, xs, weight, relu);
     }
-    // SAFETY: every plane is written in full by `correlate` (one task per plane).
-    let mut out = unsafe { output_buffer(n * c * ho * wo) };
+    let mut out = Output::new(n * c * ho * wo);
     let layout = InputLayout::new(geom);
     let row_blocked = takes_row_blocks(geom);
     out.par_chunks_mut(ho * wo).enumerate().for_each_init(
@@ -502,7 +501,7 @@ pub(crate) fn forward<T: Float>(isa: Isa, geom: &DepthwiseGeometry, xs: &[T], we
             depthwise_plane(isa, &layout, row_blocked, (xs, relu), (k, taps), scratch, out);
         },
     );
-    out
+    out.into_vec()
 }
 
 /// One plane of the depthwise forward: `xs` (through a ReLU with `relu`) into `scratch`
@@ -701,13 +700,12 @@ fn forward_channels<T: Float>(isa: Isa, geom: &DepthwiseGeometry, xs: &[T], weig
     let &DepthwiseGeometry { n, c, h, w, ho, wo, .. } = geom;
     let layout = ChannelLayout::new(geom);
     let wt = layout.weight(weight);
-    // SAFETY: each sample's planes are written in full by `unfill_output`.
-    let mut out = unsafe { output_buffer(n * c * ho * wo) };
+    let mut out = Output::new(n * c * ho * wo);
     let buffers = || (layout.input_buffer(), layout.output_buffer());
     out.par_chunks_mut(c * ho * wo)
         .zip(xs.par_chunks(c * h * w))
         .for_each_init(buffers, |(xin, yout), (out, xs)| layout.forward(isa, (xs, relu), &wt, (xin, yout), out));
-    out
+    out.into_vec()
 }
 
 /// `dxin[((y·s + ky·d)·wp + x·s + kx·d)·cp + ch] += wt[t·cp + ch] · g[(y·wo + x)·cp + ch]`
@@ -747,15 +745,13 @@ fn grad_input_channels<T: Float>(
     let layout = ChannelLayout::new(geom);
     let wt = layout.weight(weight);
     let (wp, cp) = (layout.g.wp, layout.g.cp);
-    // Input positions outside the padded window get no gradient. Zeroed sample by sample on
-    // the threads (a zeroed allocation is one serial pass).
-    // SAFETY: every sample's block is zeroed first thing below.
-    let mut grad_xs = unsafe { output_buffer::<T>(geom.n * c * h * w) };
+    // Input positions outside the padded window get no gradient: zeroed sample by sample on
+    // the threads (`Output::zeroed`).
+    let mut grad_xs = Output::<T>::zeroed(geom.n * c * h * w);
     let buffers = || (layout.output_buffer(), layout.input_buffer());
     grad_xs.par_chunks_mut(c * h * w).zip(grad.par_chunks(c * ho * wo)).enumerate().for_each_init(
         buffers,
         |(g, dxin), (b, (dx, grad))| {
-            dx.fill(T::ZERO);
             layout.fill_output(grad, g);
             dxin.fill(T::ZERO);
             channel_scatter(isa, g, &wt, &layout.g, dxin);
@@ -776,7 +772,7 @@ fn grad_input_channels<T: Float>(
             }
         },
     );
-    grad_xs
+    grad_xs.into_vec()
 }
 
 /// `acc[t·cp + ch] += Σ over output positions of g[(y·wo + x)·cp + ch] · xin[((y·s + ky·d)·wp
@@ -975,9 +971,8 @@ fn transpose<T: Float>(
     if n * c * h * w == 0 {
         return Vec::new();
     }
-    // Zeroed plane by plane on the threads (a zeroed allocation is one serial pass).
-    // SAFETY: every plane is zeroed first thing below.
-    let mut grad_xs = unsafe { output_buffer::<T>(n * c * h * w) };
+    // Zeroed plane by plane on the threads (`Output::zeroed`).
+    let mut grad_xs = Output::<T>::zeroed(n * c * h * w);
     let layout = GradLayout::new(geom);
     // At stride 1 and dilation 1 the one phase is a correlation with the kernel flipped
     // (tap (ky, kx) sits at offset (k − 1 − ky) · row + k − 1 − kx), so a square kernel
@@ -986,7 +981,6 @@ fn transpose<T: Float>(
     grad_xs.par_chunks_mut(h * w).enumerate().for_each_init(
         || (layout.scratch(), Vec::with_capacity(kh * kw), Vec::with_capacity(kh * kw)),
         |(scratch, taps, flipped), (plane, dx)| {
-            dx.fill(T::ZERO);
             layout.fill(geom, &grad[plane * ho * wo..(plane + 1) * ho * wo], divisor, scratch);
             let k = &weight[(plane % c) * kh * kw..(plane % c + 1) * kh * kw];
             for phase in &layout.phases {
@@ -1009,7 +1003,7 @@ fn transpose<T: Float>(
             }
         },
     );
-    grad_xs
+    grad_xs.into_vec()
 }
 
 /// Scratch elements the weight gradient stacks samples into (a few hundred KiB at most).
@@ -1069,8 +1063,7 @@ pub(crate) fn avg_pool<T: Float>(isa: Isa, geom: &DepthwiseGeometry, xs: &[T], c
     if n * c * ho * wo == 0 {
         return Vec::new();
     }
-    // SAFETY: every plane is written in full by `correlate` (one task per plane).
-    let mut out = unsafe { output_buffer(n * c * ho * wo) };
+    let mut out = Output::new(n * c * ho * wo);
     let layout = InputLayout::new(geom);
     let taps: Vec<(usize, T)> = layout.offsets.iter().map(|&offset| (offset, T::ONE)).collect();
     out.par_chunks_mut(ho * wo).enumerate().for_each_init(
@@ -1079,7 +1072,7 @@ pub(crate) fn avg_pool<T: Float>(isa: Isa, geom: &DepthwiseGeometry, xs: &[T], c
             avg_plane(isa, &layout, &taps, counts, &xs[plane * h * w..(plane + 1) * h * w], scratch, out)
         },
     );
-    out
+    out.into_vec()
 }
 
 /// One plane of [`avg_pool`] (`taps` the kernel's offsets, each weight one).
@@ -1113,14 +1106,13 @@ pub(crate) fn max_pool<T: Float>(isa: Isa, geom: &DepthwiseGeometry, xs: &[T]) -
     if n * c * ho * wo == 0 {
         return Vec::new();
     }
-    // SAFETY: every plane is written in full by `window_max` (one task per plane).
-    let mut out = unsafe { output_buffer(n * c * ho * wo) };
+    let mut out = Output::new(n * c * ho * wo);
     let layout = InputLayout::new(geom);
     out.par_chunks_mut(ho * wo).enumerate().for_each_init(
         || layout.scratch(T::NEG_INFINITY),
         |scratch, (plane, out)| max_plane(isa, &layout, &xs[plane * h * w..(plane + 1) * h * w], scratch, out),
     );
-    out
+    out.into_vec()
 }
 
 /// One plane of [`max_pool`] (`scratch` padded with `-inf`).
@@ -1291,9 +1283,7 @@ pub(crate) fn dense_forward<T: Float>(
     if n * c_out * ho * wo == 0 || h * w == 0 || c == 0 {
         return vec![T::ZERO; n * c_out * ho * wo];
     }
-    // SAFETY: every output plane is written in full by `correlate` (each task owns its
-    // planes).
-    let mut out = unsafe { output_buffer(n * c_out * ho * wo) };
+    let mut out = Output::new(n * c_out * ho * wo);
     let layout = InputLayout::new(geom);
     let plane_len = layout.rows * layout.row_len;
     let offsets = dense_offsets(&layout, c, plane_len);
@@ -1316,7 +1306,7 @@ pub(crate) fn dense_forward<T: Float>(
             },
         );
     });
-    out
+    out.into_vec()
 }
 
 /// The weight gradient of [`dense_forward`]: `grad_weight[co, ci, tap] = Σ over samples and
