@@ -10,12 +10,14 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use nas_controller::StrategyConfig;
+use nas_space::files::read_json;
 use nas_space::render;
 use nas_train::data::DataSource;
+use nas_train::executor;
 use nas_train::recipe::Recipe;
 use nas_train::search::{
-    self, files, read_journal, Executor, JournalEvent, JournalSummary, LocalExecutor, Retrain, Scored, SearchConfig,
-    SearchLog, SearchReporter, Trial,
+    self, files, read_journal, BestCell, Executor, JournalEvent, JournalSummary, LocalExecutor, Retrain, Scored,
+    SearchConfig, SearchLog, SearchReporter, Trial,
 };
 use nas_train::slurm::{self, SlurmConfig, SlurmExecutor};
 
@@ -380,16 +382,14 @@ pub fn run(args: &SearchArgs, out: &mut String) -> Result<()> {
         s.failed.len(),
         dir.display()
     )?;
-    let best: serde_json::Value = std::fs::read_to_string(dir.join(files::BEST))
-        .ok()
-        .and_then(|text| serde_json::from_str(&text).ok())
-        .unwrap_or_default();
-    if let (Some(id), Some(reward)) = (best["id"].as_u64(), best["reward"].as_f64()) {
-        let retrained = best["retrain_reward"].as_f64().map_or(String::new(), |r| format!(", re-trained {r:.4}"));
+    if let Ok(best) = read_json::<BestCell>(&dir.join(files::BEST)) {
+        let retrained = best.retrain_reward.map_or(String::new(), |r| format!(", re-trained {r:.4}"));
         writeln!(
             out,
-            "best: child {id} reward {reward:.4}{retrained} ({}), cell in {}",
-            best["hash"].as_str().unwrap_or(""),
+            "best: child {} reward {:.4}{retrained} ({}), cell in {}",
+            best.id,
+            best.reward,
+            best.hash,
             dir.join(files::BEST).display()
         )?;
     }
@@ -516,15 +516,11 @@ pub fn worker(args: &WorkerArgs, out: &mut String) -> Result<()> {
     if std::env::var_os("NAS_WORKER_OF_SEARCH").is_some() {
         die_with_parent();
     }
-    let text = std::fs::read_to_string(&args.trial).with_context(|| format!("reading {}", args.trial.display()))?;
-    let trial: Trial = serde_json::from_str(&text).with_context(|| format!("in trial {}", args.trial.display()))?;
+    let trial: Trial = read_json(&args.trial)?;
     let result = search::run_trial(&trial, Some(stop_on_ctrl_c()));
-    let json = serde_json::to_string_pretty(&result)?;
-    let path = args.out.clone().unwrap_or_else(|| trial.dir.join(nas_train::executor::worker_files::RESULT));
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, &json).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+    let path = args.out.clone().unwrap_or_else(|| trial.dir.join(executor::worker_files::RESULT));
+    executor::write_result(&path, &result)?;
     use std::fmt::Write as _;
-    writeln!(out, "{json}")?;
+    writeln!(out, "{}", serde_json::to_string_pretty(&result)?)?;
     Ok(())
 }

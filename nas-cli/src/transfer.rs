@@ -9,10 +9,12 @@ use candle_core::{Device, Tensor, D};
 use clap::Args;
 use nas_data::{decode_image, CifarTransform, DataRng, ImageNetTransform, Transform};
 use nas_space::cost::network_cost;
+use nas_space::files::read_json;
 use nas_space::reference::{self, Reference};
 use nas_space::{render, CellSpec, Stem};
 use nas_train::recipe::Recipe;
 use nas_train::run::{self, read_metrics, RunConfig};
+use nas_train::search::BestCell;
 use nas_train::trainer::Trainer;
 use nas_train::transfer::{self, TransferData, TransferOptions};
 
@@ -89,13 +91,10 @@ fn resolve_cell(args: &TransferArgs, load_cell: &dyn Fn(&str) -> Result<CellSpec
             root.display()
         );
     };
-    let text = std::fs::read_to_string(&best).with_context(|| format!("reading {}", best.display()))?;
-    let value: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("in {}", best.display()))?;
-    let spec: CellSpec = serde_json::from_value(value["cell_spec"].clone())
-        .with_context(|| format!("the cell_spec of {}", best.display()))?;
-    spec.validate().with_context(|| format!("the cell_spec of {}", best.display()))?;
-    let reward = value["retrain_reward"].as_f64().or(value["reward"].as_f64()).unwrap_or(f64::NAN);
-    Ok((spec, format!("{} (child {}, reward {reward:.4})", best.display(), value["id"])))
+    // Reading a cell spec validates it.
+    let cell: BestCell = read_json(&best)?;
+    let reward = cell.retrain_reward.unwrap_or(cell.reward);
+    Ok((cell.cell_spec, format!("{} (child {}, reward {reward:.4})", best.display(), cell.id)))
 }
 
 /// `nas transfer`.
@@ -209,10 +208,7 @@ pub fn plot_curves(dir: &Path) -> Result<PathBuf> {
     let (train, eval) = read_metrics(dir)?;
     let path = dir.join("curves.svg");
     // The run's report (written before the plot) knows its steps and epochs exactly.
-    let report: run::RunReport = std::fs::read_to_string(dir.join(run::files::REPORT))
-        .ok()
-        .and_then(|text| serde_json::from_str(&text).ok())
-        .with_context(|| format!("{} has no readable {}", dir.display(), run::files::REPORT))?;
+    let report = run::read_report(dir)?;
     let steps_per_epoch = report.steps as f64 / report.epochs.max(1e-9);
     let loss: Vec<(f64, f64)> = train.iter().map(|l| (l.step as f64 / steps_per_epoch.max(1.0), l.loss)).collect();
     let top1: Vec<(f64, f64)> = eval.iter().map(|e| (e.epoch as f64, e.metrics.top1)).collect();
@@ -319,11 +315,7 @@ pub fn predict(args: &PredictArgs, load_cell: &dyn Fn(&str) -> Result<CellSpec>,
     let (mut trainer, state) = Trainer::resume(dir).with_context(|| format!("loading {}", dir.display()))?;
     let names = match &args.labels {
         Some(path) => read_names(path)?,
-        None => {
-            let path = dir.join(run::files::CLASSES);
-            let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-            serde_json::from_str(&text).with_context(|| format!("in {}", path.display()))?
-        }
+        None => run::read_class_names(dir)?,
     };
     let classes = state.network.num_classes;
     if names.len() != classes {

@@ -80,6 +80,10 @@ pub enum ControllerError {
         source: std::io::Error,
     },
 
+    /// A state file that could not be written, or of a version this build does not read.
+    #[error(transparent)]
+    File(#[from] nas_space::files::FileError),
+
     /// A tensor operation of the controller failed.
     #[error("controller tensor error: {0}")]
     Candle(#[from] candle_core::Error),

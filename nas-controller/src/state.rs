@@ -10,16 +10,16 @@
 //! a temporary file and renames it over `strategy.json`, and only then deletes the
 //! weights files the new JSON does not name. A kill at any moment therefore leaves
 //! `strategy.json` naming a complete weights file: the old state or the new one, never a
-//! mix. Files are fsynced before each rename.
+//! mix. Files are fsynced before each rename, and the directory after it
+//! (`nas_space::files`).
 
 use std::collections::HashMap;
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use candle_core::{Device, Tensor};
-use nas_space::{Combine, Op, SearchSpace};
+use nas_space::{files, fnv1a, Combine, Op, SearchSpace};
 use serde::{Deserialize, Serialize};
 
 use crate::evolution::EvolutionState;
@@ -86,32 +86,12 @@ struct StateFile {
     state: SavedState,
 }
 
-fn fnv1a(bytes: &[u8]) -> u64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for &byte in bytes {
-        hash ^= byte as u64;
-        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    hash
-}
-
 /// A name no earlier save of this process (or, by the clock, of another) used.
 fn fresh_weights_name() -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
     let count = COUNTER.fetch_add(1, Ordering::Relaxed);
     format!("{WEIGHTS_PREFIX}{nanos:x}-{:x}-{count}{WEIGHTS_SUFFIX}", std::process::id())
-}
-
-fn sync_file(path: &Path) -> Result<(), ControllerError> {
-    fs::File::open(path).and_then(|f| f.sync_all()).map_err(|e| ControllerError::io(path, e))
-}
-
-/// Best effort: makes the renames in `dir` durable where the platform allows it.
-fn sync_dir(dir: &Path) {
-    if let Ok(f) = fs::File::open(dir) {
-        let _ = f.sync_all();
-    }
 }
 
 /// Writes `state` (and `tensors`, if any) into `dir` atomically; see the module docs.
@@ -125,11 +105,10 @@ pub(crate) fn save(
         Some(tensors) => {
             let file = fresh_weights_name();
             let path = dir.join(&file);
-            let tmp = dir.join(format!("{file}.tmp"));
+            let tmp = files::temporary(&path);
             candle_core::safetensors::save(&tensors, &tmp)?;
-            sync_file(&tmp)?;
             let bytes = fs::read(&tmp).map_err(|e| ControllerError::io(&tmp, e))?;
-            fs::rename(&tmp, &path).map_err(|e| ControllerError::io(&path, e))?;
+            files::commit(&tmp, &path)?;
             Some(WeightsRef { file, fnv1a: format!("{:016x}", fnv1a(&bytes)) })
         }
         None => None,
@@ -138,14 +117,7 @@ pub(crate) fn save(
     let file = StateFile { format: STATE_FORMAT.into(), version: STATE_VERSION, weights, state };
     let mut json = serde_json::to_string_pretty(&file).expect("a strategy state always serializes");
     json.push('\n');
-    let path = dir.join(STATE_FILE);
-    let tmp = dir.join(format!("{STATE_FILE}.tmp"));
-    {
-        let mut f = fs::File::create(&tmp).map_err(|e| ControllerError::io(&tmp, e))?;
-        f.write_all(json.as_bytes()).and_then(|_| f.sync_all()).map_err(|e| ControllerError::io(&tmp, e))?;
-    }
-    fs::rename(&tmp, &path).map_err(|e| ControllerError::io(&path, e))?;
-    sync_dir(dir);
+    files::write_atomic(&dir.join(STATE_FILE), json)?;
     // Committed; now drop the weights files of earlier saves (best effort).
     if let Ok(entries) = fs::read_dir(dir) {
         for entry in entries.flatten() {
@@ -184,11 +156,8 @@ pub(crate) fn load(dir: &Path) -> Result<(SavedState, Option<HashMap<String, Ten
     }
     match header.get("version").and_then(|v| v.as_u64()) {
         Some(STATE_VERSION) => {}
-        Some(v) => {
-            return Err(ControllerError::corrupt(
-                &path,
-                format!("format version {v}, this build reads {STATE_VERSION}"),
-            ))
+        Some(found) => {
+            return Err(files::FileError::Version { path, found, supported: &[STATE_VERSION] }.into());
         }
         None => return Err(ControllerError::corrupt(&path, "the `version` field is missing")),
     }

@@ -284,7 +284,10 @@ fn broken_state_files_are_named_errors() {
     assert_eq!(corrupt_path(load_strategy(&dir).unwrap_err()), json_path);
     std::fs::write(&json_path, json.replacen("\"version\": 1", "\"version\": 99", 1)).unwrap();
     let err = load_strategy(&dir).unwrap_err();
-    assert!(err.to_string().contains("format version 99"), "{err}");
+    assert!(
+        err.to_string().contains("strategy.json: format version 99 is not supported (this build reads version 1)"),
+        "{err}"
+    );
 
     // A garbled or truncated weights file: the error names the weights file.
     std::fs::write(&json_path, &json).unwrap();

@@ -52,7 +52,7 @@ pub enum DataError {
         source: image::ImageError,
     },
 
-    /// A folder does not have the layout a reader expects.
+    /// A folder or a recorded file does not have the layout a reader expects.
     #[error("{}: {reason}", path.display())]
     Layout { path: PathBuf, reason: String },
 
@@ -79,6 +79,10 @@ pub enum DataError {
         #[source]
         source: serde_json::Error,
     },
+
+    /// A file could not be written atomically.
+    #[error(transparent)]
+    File(#[from] nas_space::files::FileError),
 
     /// Making a tensor failed (only the batcher makes tensors).
     #[error(transparent)]

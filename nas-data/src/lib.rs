@@ -12,7 +12,8 @@
 //! - batching into candle tensors with a background prefetch thread ([`Batcher`]);
 //! - the built-in generated data set, so a fresh machine can search with no files
 //!   ([`SyntheticConfig`], [`write_imagenet_folder`]);
-//! - its own seeded generator, [`DataRng`], whose stream is fixed forever.
+//! - the streams of its seeded generator, [`DataRng`] (`nas-space`'s, whose stream is fixed
+//!   forever): which stream each random choice draws from.
 //!
 //! It does not own models, training loops, schedules or the search; those live in `nas-ops`,
 //! `nas-train` and `nas-controller`.

@@ -75,7 +75,10 @@ impl Split {
     /// lists, no overlap, every index below `total` and every index present.
     pub fn validate(&self) -> Result<(), DataError> {
         if self.version != 1 {
-            return Err(DataError::Split(format!("unknown split format version {}", self.version)));
+            return Err(DataError::Split(format!(
+                "format version {} is not supported (this build reads version 1)",
+                self.version
+            )));
         }
         let mut seen = vec![false; self.total];
         for (name, list) in [("train", &self.train), ("valid", &self.valid)] {
@@ -111,10 +114,9 @@ impl Split {
         Ok(split)
     }
 
-    /// Writes the JSON form to `path`.
+    /// Writes the JSON form to `path`, atomically.
     pub fn save(&self, path: impl AsRef<Path>) -> Result<(), DataError> {
-        let path = path.as_ref();
-        std::fs::write(path, self.to_json() + "\n").map_err(|e| DataError::io(path, e))
+        Ok(nas_space::files::write_atomic(path.as_ref(), self.to_json() + "\n")?)
     }
 
     /// Reads and validates a split written by [`Split::save`].
@@ -128,7 +130,7 @@ impl Split {
         })?;
         let split: Split =
             serde_json::from_str(&text).map_err(|source| DataError::Json { path: path.to_path_buf(), source })?;
-        split.validate()?;
+        split.validate().map_err(|err| DataError::Layout { path: path.to_path_buf(), reason: err.to_string() })?;
         Ok(split)
     }
 

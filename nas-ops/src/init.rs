@@ -10,7 +10,7 @@
 
 use candle_core::{Result, Tensor};
 use candle_nn::VarMap;
-use nas_space::SpaceRng;
+use nas_space::{fnv1a, SpaceRng};
 
 /// Sets every variable of `varmap` from `seed`.
 pub fn init_weights(varmap: &VarMap, seed: u64) -> Result<()> {
@@ -43,10 +43,6 @@ pub fn init_weights(varmap: &VarMap, seed: u64) -> Result<()> {
         var.set(&value)?;
     }
     Ok(())
-}
-
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3))
 }
 
 /// A standard normal redrawn until it lies within two standard deviations (Box–Muller).

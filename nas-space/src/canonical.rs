@@ -163,7 +163,10 @@ fn encode(cell: &Cell) -> String {
     text
 }
 
-fn fnv1a(bytes: &[u8]) -> u64 {
+/// 64-bit FNV-1a of `bytes`: a hash that never changes between releases or platforms
+/// (unlike `std`'s `DefaultHasher`), for anything recorded or compared across runs: spec
+/// hashes, checksums of saved files, seeds derived from names, job names.
+pub fn fnv1a(bytes: &[u8]) -> u64 {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     for &byte in bytes {
         hash ^= byte as u64;

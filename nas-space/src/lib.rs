@@ -11,6 +11,11 @@
 //! no tensors), the paper's published figures to compare with ([`reference`](mod@reference)),
 //! and Graphviz/SVG drawings of cells.
 //!
+//! It also owns the few helpers every crate of the workspace shares, being the one
+//! below them all: the seeded generator whose stream never changes ([`SpaceRng`]),
+//! the stable hash ([`fnv1a`]), and [`files`]: the atomic write and the versioned
+//! JSON form of every file the workspace writes and reads back.
+//!
 //! It does not own tensors: it never depends on candle, and builds in seconds,
 //! so other projects can import it to read, write and reason about NASNet cells.
 //!
@@ -46,6 +51,7 @@ mod canonical;
 mod cell;
 pub mod cost;
 mod error;
+pub mod files;
 pub mod network;
 mod op;
 pub mod presets;
@@ -58,7 +64,7 @@ mod text;
 #[cfg(feature = "serde")]
 pub mod json;
 
-pub use canonical::SpecHash;
+pub use canonical::{fnv1a, SpecHash};
 pub use cell::{Block, Cell, CellKind, CellOutput, CellSpec, Side};
 pub use error::SpecError;
 pub use network::{NetSize, NetworkConfig, Stem};

@@ -460,6 +460,14 @@ fn mutation_changes_exactly_one_decision() {
 
 // ---------------------------------------------------------------- canonical form
 
+/// FNV-1a's published 64-bit test vectors: every stable hash of the workspace is this one.
+#[test]
+fn fnv1a_gives_the_reference_values() {
+    assert_eq!(crate::fnv1a(b""), 0xcbf2_9ce4_8422_2325);
+    assert_eq!(crate::fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
+    assert_eq!(crate::fnv1a(b"foobar"), 0x8594_4171_f739_67e8);
+}
+
 #[test]
 fn canonical_hash_is_stable() {
     // A change of this value breaks every stored search cache: only change it on purpose.

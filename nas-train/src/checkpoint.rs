@@ -36,11 +36,12 @@
 //! 1. The weights go to `checkpoint-<step>.safetensors.tmp`, are fsynced, and are renamed to
 //!    a weight file name that is not present in the directory: `checkpoint-<step>.safetensors`,
 //!    or `checkpoint-<step>-<k>.safetensors` (k = 1, 2, …) when saving twice at one step.
-//!    So the weight file the current `checkpoint.json` names is never touched.
+//!    So the weight file the current `checkpoint.json` names is never touched. The directory
+//!    is fsynced (Unix).
 //! 2. The JSON, which records the new weight file's name, byte length and tensor count, goes
-//!    to `checkpoint.json.tmp` and is fsynced; the directory is fsynced (Unix).
+//!    to `checkpoint.json.tmp` and is fsynced.
 //! 3. `checkpoint.json.tmp` is renamed over `checkpoint.json`: this is the commit point.
-//!    The directory is fsynced again.
+//!    The directory is fsynced again (steps 2 and 3 are `nas_space::files::write_atomic`).
 //! 4. Every other weight file of this naming scheme and every leftover `.tmp` of ours is
 //!    removed (best effort: what is left is harmless and goes at the next save).
 //!
@@ -53,12 +54,12 @@
 //! One process saves to a directory at a time; files of other names are left alone.
 
 use std::collections::HashMap;
-use std::fs::{self, File, OpenOptions};
-use std::io::Write;
+use std::fs;
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
 use candle_nn::VarMap;
+use nas_space::files::{self, FileError};
 use nas_space::{CellSpec, NetworkConfig};
 use serde::{Deserialize, Serialize};
 
@@ -188,35 +189,30 @@ pub fn save_checkpoint(
 
     let file = fresh_weights_name(dir, state.step);
     let weights_path = dir.join(&file);
-    let weights_tmp = dir.join(format!("{file}{TMP_SUFFIX}"));
+    let weights_tmp = files::temporary(&weights_path);
     let json_path = dir.join(STATE_FILE);
-    let json_tmp = dir.join(format!("{STATE_FILE}{TMP_SUFFIX}"));
 
     let uncommitted = || -> Result<(), TrainError> {
         candle_core::safetensors::save(&tensors, &weights_tmp).map_err(|err| {
             checkpoint_error(&weights_tmp, format!("while writing the weights: {}", candle_message(&err)))
         })?;
-        sync_file(&weights_tmp)?;
         let bytes = fs::metadata(&weights_tmp).map_err(io_error(&weights_tmp))?.len();
-        fs::rename(&weights_tmp, &weights_path).map_err(io_error(&weights_path))?;
+        files::commit(&weights_tmp, &weights_path)?;
 
         let record = WeightsRecord { file: file.clone(), bytes, tensors: tensors.len() };
         let out = StateFileOut { format: FORMAT, version: FORMAT_VERSION, weights: &record, state };
         let mut json = serde_json::to_string_pretty(&out)
-            .map_err(|err| TrainError::Json { path: json_tmp.clone(), message: err.to_string() })?;
+            .map_err(|err| TrainError::Json { path: json_path.clone(), message: err.to_string() })?;
         json.push('\n');
-        write_synced(&json_tmp, json.as_bytes())?;
-        sync_dir(dir)?;
         // The commit point.
-        fs::rename(&json_tmp, &json_path).map_err(io_error(&json_path))
+        Ok(files::write_atomic(&json_path, json)?)
     };
     if let Err(err) = uncommitted() {
-        for path in [&weights_tmp, &weights_path, &json_tmp] {
+        for path in [&weights_tmp, &weights_path] {
             let _ = fs::remove_file(path);
         }
         return Err(err);
     }
-    sync_dir(dir)?;
     remove_stale(dir, &file);
     Ok(())
 }
@@ -334,10 +330,10 @@ fn read_state_file(dir: &Path) -> Result<StateFileIn, TrainError> {
     match header.version {
         Some(version) if version.as_u64() == Some(FORMAT_VERSION) => {}
         Some(other) => {
-            return Err(checkpoint_error(
-                &path,
-                format!("version {other} is not supported (this build reads version {FORMAT_VERSION})"),
-            ));
+            return Err(match other.as_u64() {
+                Some(found) => FileError::Version { path: path.clone(), found, supported: &[FORMAT_VERSION] }.into(),
+                None => checkpoint_error(&path, format!("the `version` field is {other}, not a version number")),
+            });
         }
         None => return Err(checkpoint_error(&path, "no `version` field".to_string())),
     }
@@ -386,26 +382,6 @@ fn remove_stale(dir: &Path, keep: &str) {
             let _ = fs::remove_file(entry.path());
         }
     }
-}
-
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
-    let mut file = File::create(path).map_err(io_error(path))?;
-    file.write_all(bytes).map_err(io_error(path))?;
-    file.sync_all().map_err(io_error(path))
-}
-
-fn sync_file(path: &Path) -> Result<(), TrainError> {
-    // Write access, because Windows cannot flush a read-only handle.
-    OpenOptions::new().write(true).open(path).and_then(|file| file.sync_all()).map_err(io_error(path))
-}
-
-/// Makes renames inside `dir` durable. Only Unix can open a directory to fsync it.
-fn sync_dir(dir: &Path) -> Result<(), TrainError> {
-    #[cfg(unix)]
-    File::open(dir).and_then(|file| file.sync_all()).map_err(io_error(dir))?;
-    #[cfg(not(unix))]
-    let _ = dir;
-    Ok(())
 }
 
 fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {

@@ -21,6 +21,9 @@ pub enum TrainError {
         #[source]
         source: std::io::Error,
     },
+    /// A file could not be written, or is of a format or version this build does not read.
+    #[error(transparent)]
+    File(#[from] nas_space::files::FileError),
     /// A JSON state file is malformed.
     #[error("{path}: {message}")]
     Json { path: PathBuf, message: String },

@@ -13,7 +13,8 @@ use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use crate::run::write_atomic;
+use nas_space::files::{read_json, write_json};
+
 use crate::search::{run_trial, Outcome, SearchConfig, Trial, TrialResult};
 use crate::TrainError;
 
@@ -54,14 +55,14 @@ pub mod worker_files {
 /// A finished result left in a child's directory by a worker (trained or failed, not
 /// interrupted), if its id is `id`.
 pub fn finished_result(dir: &Path, id: u64) -> Option<TrialResult> {
-    let text = fs::read_to_string(dir.join(worker_files::RESULT)).ok()?;
-    let result: TrialResult = serde_json::from_str(&text).ok()?;
+    let result: TrialResult = read_json(&dir.join(worker_files::RESULT)).ok()?;
     (result.id == id && !matches!(result.outcome, Outcome::Interrupted)).then_some(result)
 }
 
-/// Writes `result` as the worker's result file of `dir`, atomically.
+/// Writes `result` as a worker's result file (`path`, normally `result.json` in the
+/// child's directory), atomically.
 pub fn write_result(path: &Path, result: &TrialResult) -> Result<(), TrainError> {
-    write_atomic(path, &serde_json::to_string_pretty(result).expect("results serialise"))
+    Ok(write_json(path, result)?)
 }
 
 /// How [`LocalExecutor`] runs a child.
@@ -232,7 +233,7 @@ fn run_trial_process(program: &Path, trial: &Trial, threads: usize, stop: &Atomi
         return failed(format!("{}: {err}", trial.dir.display()));
     }
     let trial_path = trial.dir.join(worker_files::TRIAL);
-    if let Err(err) = write_atomic(&trial_path, &serde_json::to_string_pretty(trial).expect("trials serialise")) {
+    if let Err(err) = write_json(&trial_path, trial) {
         return failed(err.to_string());
     }
     let result_path = trial.dir.join(worker_files::RESULT);
@@ -276,10 +277,11 @@ fn run_trial_process(program: &Path, trial: &Trial, threads: usize, stop: &Atomi
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     };
-    match fs::read_to_string(&result_path).ok().and_then(|text| serde_json::from_str::<TrialResult>(&text).ok()) {
-        Some(result) if result.id == trial.id => result,
-        _ => failed(format!(
-            "worker exited with {status} without a result ({}): {}",
+    match read_json::<TrialResult>(&result_path) {
+        Ok(result) if result.id == trial.id => result,
+        Ok(result) => failed(format!("{} names child {}, not {}", result_path.display(), result.id, trial.id)),
+        Err(err) => failed(format!(
+            "worker exited with {status} without a result ({err}; {}): {}",
             log_path.display(),
             log_tail(&log_path, 5)
         )),

@@ -6,17 +6,21 @@
 //! ```text
 //! run.json                    the RunConfig (cell, recipe, data, seed): `--resume` needs nothing else
 //! split.json                  the held-out validation indices, when the recipe holds some out
-//! classes.json                the class names, by label
-//! metrics.jsonl               one JSON object per line: {"kind":"train",…} every `log_every_steps`
-//!                             steps, {"kind":"eval",…} per evaluation; flushed line by line
+//! classes.json                the class names, by label (ClassNames)
+//! metrics.jsonl               one JSON object per line: {"version":1,"kind":"train",…} every
+//!                             `log_every_steps` steps, {"version":1,"kind":"eval",…} per
+//!                             evaluation (MetricsLine); flushed line by line
 //! checkpoint.json, checkpoint-<step>.safetensors
 //!                             the latest checkpoint (see `crate::checkpoint`): at the recipe's
 //!                             epoch and minute intervals, when stopped, and at the end
-//! report.json, report.md      the final report
+//! report.json, report.md      the final report (RunReport)
 //! nan-diagnostic.json, nan-checkpoint/
 //!                             only when the loss became NaN or infinite: the step, the batch,
 //!                             the recent metrics, and the weights just before that step
 //! ```
+//!
+//! Each JSON file (and each line of `metrics.jsonl`) carries a format version, written and
+//! checked by `nas_space::files`; files and lines written before they had one read as version 1.
 //!
 //! # Invariants
 //! - A resumed run continues at the checkpoint's step with the same data order and
@@ -29,7 +33,7 @@
 //!   allocation (the estimate is in the error); `force_memory` overrides.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -37,9 +41,9 @@ use std::time::Instant;
 
 use candle_core::Device;
 use nas_space::cost::network_cost;
+use nas_space::files::{json_line, parse_json, read_json, write_atomic, write_json, JsonFile};
 use nas_space::{CellSpec, NetworkConfig, Stem};
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 
 use crate::checkpoint::{has_checkpoint, read_checkpoint_state};
 use crate::data::{check_source, DataSource, RunData};
@@ -84,6 +88,10 @@ pub struct RunConfig {
     /// are replaced when their shapes differ (see [`crate::init`]).
     #[serde(default)]
     pub init: Option<PathBuf>,
+}
+
+impl JsonFile for RunConfig {
+    const VERSION: u64 = 1;
 }
 
 /// How to run (not recorded: a resumed run may change these).
@@ -212,6 +220,66 @@ pub struct EvalLine {
     pub seconds: f64,
 }
 
+/// One line of `metrics.jsonl`, tagged by its `kind`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum MetricsLine {
+    /// Every `log_every_steps` steps.
+    Train(TrainLine),
+    /// Every evaluation.
+    Eval(EvalLine),
+}
+
+impl JsonFile for MetricsLine {
+    const VERSION: u64 = 1;
+}
+
+/// `classes.json`: the class names, by label (for `nas predict`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClassNames {
+    /// Name of class 0, 1, ….
+    pub classes: Vec<String>,
+}
+
+impl JsonFile for ClassNames {
+    const VERSION: u64 = 1;
+}
+
+/// `nan-diagnostic.json`: what was known when the loss stopped being finite.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NanDiagnostic {
+    /// The step whose loss was not finite.
+    pub step: u64,
+    /// Its epoch.
+    pub epoch: u64,
+    /// Its batch within the epoch.
+    pub batch_in_epoch: u64,
+    /// The loss, as text (`NaN`, `inf`).
+    pub loss: String,
+    /// The learning rate of the step.
+    pub lr: f64,
+    /// The items of the batch.
+    pub batch_indices: Vec<usize>,
+    /// The metrics of the steps before it (up to 20).
+    pub recent_steps: Vec<StepMetrics>,
+    /// The checkpoint of the weights before the step, in the run directory.
+    pub checkpoint: String,
+    /// What the files mean.
+    pub explanation: String,
+}
+
+impl JsonFile for NanDiagnostic {
+    const VERSION: u64 = 1;
+}
+
+/// What a run keeps in its checkpoint's `metrics`: where in the epoch it stopped.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+struct Progress {
+    /// Batches of the epoch already trained.
+    #[serde(default)]
+    batch_in_epoch: u64,
+}
+
 /// What a finished run reports (also `report.json`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RunReport {
@@ -235,6 +303,10 @@ pub struct RunReport {
     pub train_seconds: f64,
     /// Mean training throughput in this process.
     pub images_per_s: f64,
+}
+
+impl JsonFile for RunReport {
+    const VERSION: u64 = 1;
 }
 
 /// An estimate of a run's peak memory.
@@ -294,30 +366,25 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
     move |source| TrainError::Io { path: path.to_path_buf(), source }
 }
 
-/// Writes `text` to `path` through a temporary file and a rename.
-pub(crate) fn write_atomic(path: &Path, text: &str) -> Result<(), TrainError> {
-    let tmp = path.with_extension(format!(
-        "{}.tmp",
-        path.extension().map(|e| e.to_string_lossy().into_owned()).unwrap_or_default()
-    ));
-    {
-        let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
-        f.write_all(text.as_bytes()).map_err(io_err(&tmp))?;
-        f.sync_all().map_err(io_err(&tmp))?;
-    }
-    fs::rename(&tmp, path).map_err(io_err(path))
-}
-
-fn to_json<T: Serialize>(value: &T, path: &Path) -> Result<String, TrainError> {
-    serde_json::to_string_pretty(value)
-        .map_err(|err| TrainError::Json { path: path.to_path_buf(), message: err.to_string() })
-}
-
 /// Reads the `run.json` of `dir`.
 pub fn read_run_config(dir: &Path) -> Result<RunConfig, TrainError> {
-    let path = dir.join(files::CONFIG);
+    Ok(read_json(&dir.join(files::CONFIG))?)
+}
+
+/// Reads the `report.json` of `dir`.
+pub fn read_report(dir: &Path) -> Result<RunReport, TrainError> {
+    Ok(read_json(&dir.join(files::REPORT))?)
+}
+
+/// Reads the `classes.json` of `dir`. A bare list of names (written before the file had a
+/// version) reads as well.
+pub fn read_class_names(dir: &Path) -> Result<Vec<String>, TrainError> {
+    let path = dir.join(files::CLASSES);
     let text = fs::read_to_string(&path).map_err(io_err(&path))?;
-    serde_json::from_str(&text).map_err(|err| TrainError::Json { path, message: err.to_string() })
+    match serde_json::from_str::<Vec<String>>(&text) {
+        Ok(bare) => Ok(bare),
+        Err(_) => Ok(parse_json::<ClassNames>(&path, &text)?.classes),
+    }
 }
 
 /// The network a run builds: the recipe's skeleton with the data's classes and image size.
@@ -347,8 +414,7 @@ pub fn train(
     config.recipe.validate()?;
     check_source(&config.data)?;
     fs::create_dir_all(dir).map_err(io_err(dir))?;
-    let path = dir.join(files::CONFIG);
-    write_atomic(&path, &to_json(config, &path)?)?;
+    write_json(&dir.join(files::CONFIG), config)?;
     run(dir, config, options, reporter)
 }
 
@@ -365,20 +431,19 @@ struct MetricsLog {
 }
 
 impl MetricsLog {
-    /// Opens the log for appending, first cutting away every line past `keep_through_step`.
+    /// Opens the log for appending, first cutting away every line past `keep_through_step`
+    /// (and a line cut short by a kill).
     fn open(path: PathBuf, keep_through_step: u64) -> Result<MetricsLog, TrainError> {
         if path.exists() {
-            let reader = BufReader::new(File::open(&path).map_err(io_err(&path))?);
+            let text = fs::read_to_string(&path).map_err(io_err(&path))?;
             let mut kept = String::new();
             let mut dropped = false;
-            for line in reader.lines() {
-                let line = line.map_err(io_err(&path))?;
-                let step = serde_json::from_str::<serde_json::Value>(&line)
-                    .ok()
-                    .and_then(|v| v.get("step").and_then(serde_json::Value::as_u64));
-                match step {
-                    Some(step) if step <= keep_through_step => {
-                        kept.push_str(&line);
+            for line in text.lines() {
+                match parse_json::<MetricsLine>(&path, line) {
+                    Ok(MetricsLine::Train(TrainLine { step, .. }) | MetricsLine::Eval(EvalLine { step, .. }))
+                        if step <= keep_through_step =>
+                    {
+                        kept.push_str(line);
                         kept.push('\n');
                     }
                     _ => dropped = true,
@@ -392,10 +457,8 @@ impl MetricsLog {
         Ok(MetricsLog { path, file })
     }
 
-    fn write(&mut self, value: serde_json::Value) -> Result<(), TrainError> {
-        let mut line = value.to_string();
-        line.push('\n');
-        self.file.write_all(line.as_bytes()).map_err(io_err(&self.path))?;
+    fn write(&mut self, line: &MetricsLine) -> Result<(), TrainError> {
+        self.file.write_all(json_line(line).as_bytes()).map_err(io_err(&self.path))?;
         self.file.flush().map_err(io_err(&self.path))
     }
 }
@@ -451,8 +514,7 @@ fn run_inner(
             split.save(&path)?;
         }
     }
-    let classes_path = dir.join(files::CLASSES);
-    write_atomic(&classes_path, &to_json(&data.class_names, &classes_path)?)?;
+    write_json(&dir.join(files::CLASSES), &ClassNames { classes: data.class_names.clone() })?;
     let network = run_network(config, data.num_classes());
     if recipe.network.stem == Stem::Cifar && !config.data.is_small() {
         reporter.message("note: the CIFAR skeleton on ImageNet-sized images (no stride in the stem)");
@@ -507,8 +569,8 @@ fn run_inner(
                 message: format!("its training settings differ from what {} gives now", files::CONFIG),
             });
         }
-        let offset = state.metrics.get("batch_in_epoch").and_then(serde_json::Value::as_u64).unwrap_or(0);
-        (trainer, state.epoch, offset)
+        let progress: Progress = serde_json::from_value(state.metrics).unwrap_or_default();
+        (trainer, state.epoch, progress.batch_in_epoch)
     } else {
         let trainer = Trainer::new_on(&config.cell_spec, &network, train_config, &options.device)?;
         if recipe.classifier_init == crate::recipe::ClassifierInit::FanIn {
@@ -531,8 +593,9 @@ fn run_inner(
         batch_size: recipe.batch_size,
     });
 
+    let progress = |offset: u64| serde_json::to_value(Progress { batch_in_epoch: offset }).expect("plain fields");
     let save = |trainer: &Trainer, epoch: u64, offset: u64| {
-        trainer.save_checkpoint(dir, &config.cell_spec, &network, epoch, data_seed, json!({ "batch_in_epoch": offset }))
+        trainer.save_checkpoint(dir, &config.cell_spec, &network, epoch, data_seed, progress(offset))
     };
     let started = Instant::now();
     let mut last_checkpoint = Instant::now();
@@ -550,9 +613,7 @@ fn run_inner(
             metrics,
             seconds: t.elapsed().as_secs_f64(),
         };
-        let mut value = serde_json::to_value(&line).expect("plain fields");
-        value["kind"] = json!("eval");
-        log.write(value)?;
+        log.write(&MetricsLine::Eval(line.clone()))?;
         reporter.eval(&line);
         Ok::<EvalLine, TrainError>(line)
     };
@@ -565,26 +626,27 @@ fn run_inner(
                 Ok(m) => m,
                 Err(TrainError::NonFinite { step, loss }) => {
                     let path = dir.join(files::NAN_DIAGNOSTIC);
-                    let diagnostic = json!({
-                        "step": step,
-                        "epoch": epoch,
-                        "batch_in_epoch": offset,
-                        "loss": loss.to_string(),
-                        "lr": trainer.config().schedule.lr(step),
-                        "batch_indices": batch.indices,
-                        "recent_steps": recent,
-                        "checkpoint": files::NAN_CHECKPOINT,
-                        "explanation": "the loss of this batch was not finite; the weights in the checkpoint are those \
-                                        just before the step (never updated with it)",
-                    });
-                    write_atomic(&path, &to_json(&diagnostic, &path)?)?;
+                    let diagnostic = NanDiagnostic {
+                        step,
+                        epoch,
+                        batch_in_epoch: offset,
+                        loss: loss.to_string(),
+                        lr: trainer.config().schedule.lr(step),
+                        batch_indices: batch.indices.clone(),
+                        recent_steps: recent.clone(),
+                        checkpoint: files::NAN_CHECKPOINT.into(),
+                        explanation: "the loss of this batch was not finite; the weights in the checkpoint are those \
+                                      just before the step (never updated with it)"
+                            .into(),
+                    };
+                    write_json(&path, &diagnostic)?;
                     trainer.save_checkpoint(
                         &dir.join(files::NAN_CHECKPOINT),
                         &config.cell_spec,
                         &network,
                         epoch,
                         data_seed,
-                        json!({ "batch_in_epoch": offset }),
+                        progress(offset),
                     )?;
                     return Err(TrainError::Diverged { step, loss, diagnostic: path });
                 }
@@ -613,9 +675,7 @@ fn run_inner(
                     elapsed_s: started.elapsed().as_secs_f64(),
                 };
                 last_loss = Some(line.loss);
-                let mut value = serde_json::to_value(&line).expect("plain fields");
-                value["kind"] = json!("train");
-                log.write(value)?;
+                log.write(&MetricsLine::Train(line.clone()))?;
                 reporter.train(&line);
                 window = Window { started: Some(Instant::now()), ..Window::default() };
             }
@@ -677,9 +737,8 @@ fn run_inner(
         train_seconds,
         images_per_s: images_trained as f64 / train_seconds.max(1e-9),
     };
-    let path = dir.join(files::REPORT);
-    write_atomic(&path, &to_json(&report, &path)?)?;
-    write_atomic(&dir.join(files::REPORT_MD), &report_markdown(config, &network, &report))?;
+    write_json(&dir.join(files::REPORT), &report)?;
+    write_atomic(&dir.join(files::REPORT_MD), report_markdown(config, &network, &report))?;
     Ok(report)
 }
 
@@ -689,13 +748,9 @@ pub fn read_metrics(dir: &Path) -> Result<(Vec<TrainLine>, Vec<EvalLine>), Train
     let text = fs::read_to_string(&path).map_err(io_err(&path))?;
     let (mut train, mut eval) = (Vec::new(), Vec::new());
     for (k, line) in text.lines().enumerate() {
-        let json_err =
-            |err: serde_json::Error| TrainError::Json { path: path.clone(), message: format!("line {}: {err}", k + 1) };
-        let value: serde_json::Value = serde_json::from_str(line).map_err(json_err)?;
-        match value.get("kind").and_then(serde_json::Value::as_str) {
-            Some("train") => train.push(serde_json::from_value(value).map_err(json_err)?),
-            Some("eval") => eval.push(serde_json::from_value(value).map_err(json_err)?),
-            _ => {}
+        match parse_json(&path, line).map_err(|err| err.at_line(k + 1))? {
+            MetricsLine::Train(line) => train.push(line),
+            MetricsLine::Eval(line) => eval.push(line),
         }
     }
     Ok((train, eval))
@@ -851,10 +906,60 @@ mod tests {
         let err = train(&dir, &config, &RunOptions::default(), &mut Silent).unwrap_err();
         let TrainError::Diverged { step, diagnostic, .. } = &err else { panic!("expected divergence, got {err}") };
         assert!(err.to_string().contains(files::NAN_DIAGNOSTIC), "{err}");
-        let d: serde_json::Value = serde_json::from_str(&fs::read_to_string(diagnostic).unwrap()).unwrap();
-        assert_eq!(d["step"].as_u64(), Some(*step));
-        assert_eq!(d["batch_indices"].as_array().unwrap().len(), 16);
+        let d: NanDiagnostic = read_json(diagnostic).unwrap();
+        assert_eq!((d.step, d.batch_indices.len(), d.checkpoint.as_str()), (*step, 16, files::NAN_CHECKPOINT));
+        assert!(d.loss == "NaN" || d.loss.contains("inf"), "{}", d.loss);
         assert_eq!(read_checkpoint_state(dir.join(files::NAN_CHECKPOINT)).unwrap().step, *step);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A run directory written before its files had a version still reads (and so resumes):
+    /// a missing version is version 1, and `classes.json` may be a bare list. A newer version
+    /// is refused, naming the file.
+    #[test]
+    fn run_files_without_a_version_read_and_newer_ones_are_refused() {
+        let dir = temp_dir("versions");
+        fs::create_dir_all(&dir).unwrap();
+        let config = tiny(3);
+        fs::write(dir.join(files::CONFIG), serde_json::to_string_pretty(&config).unwrap()).unwrap();
+        assert_eq!(read_run_config(&dir).unwrap(), config);
+        write_json(&dir.join(files::CONFIG), &config).unwrap();
+        assert_eq!(read_run_config(&dir).unwrap(), config);
+        let text = fs::read_to_string(dir.join(files::CONFIG)).unwrap();
+        fs::write(dir.join(files::CONFIG), text.replace("\"version\": 1,", "\"version\": 4,")).unwrap();
+        let err = read_run_config(&dir).unwrap_err().to_string();
+        assert!(err.contains("run.json: format version 4 is not supported (this build reads version 1)"), "{err}");
+
+        fs::write(dir.join(files::CLASSES), r#"["cat", "dog"]"#).unwrap();
+        assert_eq!(read_class_names(&dir).unwrap(), ["cat", "dog"]);
+        write_json(&dir.join(files::CLASSES), &ClassNames { classes: vec!["ant".into()] }).unwrap();
+        assert_eq!(read_class_names(&dir).unwrap(), ["ant"]);
+
+        let train = TrainLine {
+            step: 1,
+            total_steps: 2,
+            epoch: 0,
+            loss: 2.5,
+            top1: 0.25,
+            lr: 0.1,
+            grad_norm: 1.0,
+            images_per_s: 10.0,
+            elapsed_s: 0.5,
+        };
+        let old = format!("{{\"kind\":\"train\",{}", &serde_json::to_string(&train).unwrap()[1..]);
+        let new = json_line(&MetricsLine::Train(TrainLine { step: 2, ..train.clone() }));
+        assert!(new.starts_with("{\"version\":1,\"kind\":\"train\",\"step\":2,"), "{new}");
+        fs::write(dir.join(files::METRICS), format!("{old}\n{new}")).unwrap();
+        let (lines, evals) = read_metrics(&dir).unwrap();
+        assert_eq!((lines.iter().map(|l| l.step).collect::<Vec<_>>(), evals.len()), (vec![1, 2], 0));
+        assert_eq!(lines[0], train);
+        fs::write(dir.join(files::METRICS), format!("{old}\n{}", new.replace("\"version\":1", "\"version\":2")))
+            .unwrap();
+        let err = read_metrics(&dir).unwrap_err().to_string();
+        assert!(err.contains("metrics.jsonl: format version 2 is not supported"), "{err}");
+        fs::write(dir.join(files::METRICS), format!("{old}\n{{\"kind\":\"train\"}}\n")).unwrap();
+        let err = read_metrics(&dir).unwrap_err().to_string();
+        assert!(err.contains("metrics.jsonl: line 2: missing field `step`"), "{err}");
         fs::remove_dir_all(&dir).unwrap();
     }
 

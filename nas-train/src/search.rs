@@ -11,8 +11,12 @@
 //!                        baseline, population, pending proposals)
 //! children/<id>/         each child's run directory (run.json, metrics.jsonl, report.json);
 //!                        its weights are deleted once its result is journaled
-//! best.json, top.json    the best cell and the top-k cells by reward
+//! best.json, top.json    the best cell and the top-k cells by reward (BestCell, TopCells)
 //! ```
+//!
+//! Each JSON file (and each journal line) carries a format version, written and checked by
+//! `nas_space::files`; those written before they had one read as version 1, so older search
+//! directories still resume.
 //!
 //! # Resume
 //!
@@ -31,7 +35,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fs::{self, File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -40,14 +44,14 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use nas_controller::{
     has_saved_strategy, load_strategy, new_strategy, EvolutionConfig, PpoConfig, Proposal, Strategy, StrategyConfig,
 };
+use nas_space::files::{json_line, parse_json, read_json, write_json, JsonFile};
 use nas_space::{CellSpec, SearchSpace};
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 
 use crate::data::DataSource;
 pub use crate::executor::{Executor, LocalExecutor, LocalMode};
 use crate::recipe::Recipe;
-use crate::run::{self, write_atomic, RunConfig, RunOptions, Silent};
+use crate::run::{self, RunConfig, RunOptions, Silent};
 use crate::TrainError;
 
 /// File names inside a search directory.
@@ -97,6 +101,10 @@ pub struct SearchConfig {
 
 fn cpu() -> String {
     "cpu".into()
+}
+
+impl JsonFile for SearchConfig {
+    const VERSION: u64 = 1;
 }
 
 /// The re-training of the top cells at the end of a search.
@@ -210,6 +218,10 @@ pub struct Trial {
     pub device: String,
 }
 
+impl JsonFile for Trial {
+    const VERSION: u64 = 1;
+}
+
 /// What a trial gave: what `nas worker --out FILE` writes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrialResult {
@@ -219,6 +231,10 @@ pub struct TrialResult {
     pub outcome: Outcome,
     /// Seconds of training.
     pub seconds: f64,
+}
+
+impl JsonFile for TrialResult {
+    const VERSION: u64 = 1;
 }
 
 /// A child's outcome.
@@ -334,6 +350,10 @@ pub enum JournalEvent {
     End { time: u64, trained: usize, cached: usize, failed: usize },
 }
 
+impl JsonFile for JournalEvent {
+    const VERSION: u64 = 1;
+}
+
 fn now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
@@ -355,8 +375,7 @@ impl Journal {
     }
 
     fn append(&mut self, event: &JournalEvent) -> Result<(), TrainError> {
-        let mut line = serde_json::to_string(event).expect("journal events serialise");
-        line.push('\n');
+        let line = json_line(event);
         let io = |source| TrainError::Io { path: self.path.clone(), source };
         self.file.write_all(line.as_bytes()).map_err(io)?;
         self.file.sync_data().map_err(io)
@@ -364,28 +383,24 @@ impl Journal {
 }
 
 /// Reads a journal. A last line cut short by a kill is ignored; any other bad line is an
-/// error naming the line.
+/// error naming the line, and a line of a version this build does not read is refused.
 pub fn read_journal(path: &Path) -> Result<Vec<JournalEvent>, TrainError> {
-    let file = match File::open(path) {
-        Ok(f) => f,
+    let text = match fs::read_to_string(path) {
+        Ok(text) => text,
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(source) => return Err(TrainError::Io { path: path.to_path_buf(), source }),
     };
-    let lines: Vec<String> = BufReader::new(file)
-        .lines()
-        .collect::<Result<_, _>>()
-        .map_err(|source| TrainError::Io { path: path.to_path_buf(), source })?;
+    let lines: Vec<&str> = text.lines().collect();
     let mut events = Vec::with_capacity(lines.len());
     for (k, line) in lines.iter().enumerate() {
         if line.trim().is_empty() {
             continue;
         }
-        match serde_json::from_str(line) {
+        match parse_json(path, line) {
             Ok(event) => events.push(event),
-            Err(_) if k + 1 == lines.len() => {} // torn last line: the write it belongs to never finished
-            Err(err) => {
-                return Err(TrainError::Json { path: path.to_path_buf(), message: format!("line {}: {err}", k + 1) })
-            }
+            // A torn last line: the write it belongs to never finished.
+            Err(nas_space::files::FileError::Format { .. }) if k + 1 == lines.len() => {}
+            Err(err) => return Err(err.at_line(k + 1).into()),
         }
     }
     Ok(events)
@@ -556,16 +571,13 @@ pub fn search(
     crate::data::check_source(&config.data)?;
     fs::create_dir_all(dir).map_err(|source| TrainError::Io { path: dir.to_path_buf(), source })?;
     let path = dir.join(files::CONFIG);
-    let text = serde_json::to_string_pretty(config).expect("configs serialise");
-    write_atomic(&path, &text)?;
+    write_json(&path, config)?;
     run_search(dir, config, executor, false, stop, reporter)
 }
 
 /// Reads the `search.json` of `dir`.
 pub fn read_search_config(dir: &Path) -> Result<SearchConfig, TrainError> {
-    let path = dir.join(files::CONFIG);
-    let text = fs::read_to_string(&path).map_err(|source| TrainError::Io { path: path.clone(), source })?;
-    serde_json::from_str(&text).map_err(|err| TrainError::Json { path, message: err.to_string() })
+    Ok(read_json(&dir.join(files::CONFIG))?)
 }
 
 /// Continues the search in `dir`; `children` raises (or lowers) the budget.
@@ -581,7 +593,7 @@ pub fn resume_search(
         if children != config.children {
             config.children = children;
             config.validate()?;
-            write_atomic(&dir.join(files::CONFIG), &serde_json::to_string_pretty(&config).expect("configs serialise"))?;
+            write_json(&dir.join(files::CONFIG), &config)?;
         }
     }
     run_search(dir, &config, executor, true, stop, reporter)
@@ -950,21 +962,75 @@ pub fn write_best(dir: &Path, summary: &JournalSummary, top_k: usize) -> Result<
     }) {
         best = b;
     }
-    let best_json = json!({
-        "id": best.id,
-        "reward": best.reward,
-        "retrain_reward": retrained(best),
-        "hash": best.hash,
-        "cell_spec": best.spec,
-        "children_evaluated": summary.done(),
-    });
-    write_atomic(&dir.join(files::BEST), &serde_json::to_string_pretty(&best_json).expect("json"))?;
-    let top_json: Vec<_> = top
+    let best = BestCell {
+        id: best.id,
+        reward: best.reward,
+        retrain_reward: retrained(best),
+        hash: best.hash.clone(),
+        cell_spec: best.spec.clone(),
+        children_evaluated: summary.done(),
+    };
+    write_json(&dir.join(files::BEST), &best)?;
+    let cells = top
         .iter()
         .enumerate()
-        .map(|(rank, s)| json!({ "rank": rank + 1, "id": s.id, "reward": s.reward, "hash": s.hash, "cell_spec": s.spec }))
+        .map(|(rank, s)| TopCell {
+            rank: rank + 1,
+            id: s.id,
+            reward: s.reward,
+            hash: s.hash.clone(),
+            cell_spec: s.spec.clone(),
+        })
         .collect();
-    write_atomic(&dir.join(files::TOP), &serde_json::to_string_pretty(&top_json).expect("json"))
+    Ok(write_json(&dir.join(files::TOP), &TopCells { cells })?)
+}
+
+/// `best.json`: the best cell of a search.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BestCell {
+    /// Its child's proposal id.
+    pub id: u64,
+    /// Its reward in the search.
+    pub reward: f64,
+    /// Its reward when trained again after the search (the best of those re-trained).
+    pub retrain_reward: Option<f64>,
+    /// The canonical hash of the cell.
+    pub hash: String,
+    /// The cell.
+    pub cell_spec: CellSpec,
+    /// Children evaluated when it was written.
+    pub children_evaluated: usize,
+}
+
+impl JsonFile for BestCell {
+    const VERSION: u64 = 1;
+}
+
+/// `top.json`: the best distinct cells, best first. Version 1 (the first with a version)
+/// is an object; before it the file was a bare list of the same cells.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TopCells {
+    /// The cells by rank.
+    pub cells: Vec<TopCell>,
+}
+
+/// One cell of `top.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TopCell {
+    /// 1 for the best.
+    pub rank: usize,
+    /// Its child's proposal id.
+    pub id: u64,
+    /// Its reward.
+    pub reward: f64,
+    /// The canonical hash of the cell.
+    pub hash: String,
+    /// The cell.
+    pub cell_spec: CellSpec,
+}
+
+impl JsonFile for TopCells {
+    const VERSION: u64 = 1;
 }
 
 #[cfg(test)]
@@ -1048,19 +1114,20 @@ mod tests {
         let summary = JournalSummary::of(&events);
         assert!(summary.failed.is_empty(), "{:?}", summary.failed);
         assert!(summary.proposals.values().filter(|p| p.parent.is_some()).count() >= 2);
-        let best: serde_json::Value =
-            serde_json::from_str(&fs::read_to_string(dir.join(files::BEST)).unwrap()).unwrap();
+        let best: BestCell = read_json(&dir.join(files::BEST)).unwrap();
         // With re-training, the best cell is the best re-trained one among the top 2 (not
         // necessarily the highest search reward: evolution's order of finishing, and so the
         // cells, varies from run to run).
         let retrained_max = summary.retrained.values().flatten().copied().fold(f64::MIN, f64::max);
-        assert_eq!(best["retrain_reward"].as_f64(), Some(retrained_max));
-        let id = best["id"].as_u64().unwrap();
+        assert_eq!(best.retrain_reward, Some(retrained_max));
+        let id = best.id;
         assert!(summary.top(2).iter().any(|s| s.id == id), "child {id} is not among the top 2");
         let reward = summary.results.iter().find(|r| r.id == id).map(|r| r.reward);
-        assert_eq!(best["reward"].as_f64(), reward);
-        let spec: CellSpec = serde_json::from_value(best["cell_spec"].clone()).unwrap();
-        spec.validate().unwrap();
+        assert_eq!(Some(best.reward), reward);
+        best.cell_spec.validate().unwrap();
+        let top: TopCells = read_json(&dir.join(files::TOP)).unwrap();
+        assert_eq!(top.cells.iter().map(|c| c.rank).collect::<Vec<_>>(), (1..=top.cells.len()).collect::<Vec<_>>());
+        assert_eq!(top.cells[0].id, summary.top(1)[0].id);
         // Children keep their report but not their weights.
         let child = dir.join(files::CHILDREN).join("00000");
         assert!(child.join(run::files::REPORT).is_file());
@@ -1113,6 +1180,51 @@ mod tests {
         fs::write(&path, format!("{{\"event\":\"resu\n{start}\n")).unwrap();
         let err = read_journal(&path).unwrap_err().to_string();
         assert!(err.contains("line 1") && err.contains(files::JOURNAL), "{err}");
+        // Lines without a version (older journals) and with one read alike; a line of an
+        // unknown version is refused, even the last.
+        let event = JournalEvent::Started { id: 3, time: 2 };
+        fs::write(&path, format!("{start}\n{}", json_line(&event))).unwrap();
+        assert_eq!(read_journal(&path).unwrap()[1], event);
+        let newer = json_line(&event).replace("\"version\":1", "\"version\":2");
+        fs::write(&path, format!("{start}\n{newer}")).unwrap();
+        let err = read_journal(&path).unwrap_err().to_string();
+        assert!(err.contains("journal.jsonl: format version 2 is not supported (this build reads version 1)"), "{err}");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The files of a search directory written before they had a version still read (a
+    /// missing version is version 1), and a newer version is refused, naming the file.
+    #[test]
+    fn search_files_without_a_version_read_and_newer_ones_are_refused() {
+        let dir = temp_dir("versions");
+        fs::create_dir_all(&dir).unwrap();
+        let config = config(StrategyConfig::Random, 4);
+        let path = dir.join(files::CONFIG);
+        fs::write(&path, serde_json::to_string_pretty(&config).unwrap()).unwrap();
+        assert_eq!(read_search_config(&dir).unwrap(), config);
+        write_json(&path, &config).unwrap();
+        let text = fs::read_to_string(&path).unwrap();
+        assert!(text.starts_with("{\n  \"version\": 1,\n  \"strategy\""), "{text}");
+        assert_eq!(read_search_config(&dir).unwrap(), config);
+        fs::write(&path, text.replace("\"version\": 1", "\"version\": 2")).unwrap();
+        let err = read_search_config(&dir).unwrap_err().to_string();
+        assert!(err.contains("search.json: format version 2 is not supported (this build reads version 1)"), "{err}");
+
+        let result = TrialResult { id: 4, outcome: Outcome::Failed { reason: "nan".into() }, seconds: 1.5 };
+        let path = dir.join(crate::executor::worker_files::RESULT);
+        fs::write(&path, serde_json::to_string(&result).unwrap()).unwrap();
+        assert_eq!(read_json::<TrialResult>(&path).unwrap(), result);
+        let best = BestCell {
+            id: 2,
+            reward: 0.5,
+            retrain_reward: None,
+            hash: CellSpec::nasnet_a().canonical_hash().to_string(),
+            cell_spec: CellSpec::nasnet_a(),
+            children_evaluated: 4,
+        };
+        let path = dir.join(files::BEST);
+        fs::write(&path, serde_json::to_string(&best).unwrap()).unwrap();
+        assert_eq!(read_json::<BestCell>(&path).unwrap(), best);
         fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -39,10 +39,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use nas_space::files::{read_json, write_atomic, write_json, FileError, JsonFile};
 use serde::{Deserialize, Serialize};
 
 use crate::executor::{finished_result, log_tail, worker_files, Executor};
-use crate::run::write_atomic;
 use crate::search::{Outcome, SearchConfig, Trial, TrialResult};
 use crate::TrainError;
 
@@ -177,14 +177,16 @@ struct State {
     submissions: Vec<Submission>,
 }
 
+impl JsonFile for State {
+    const VERSION: u64 = 1;
+}
+
 impl State {
     fn read(path: &Path) -> Result<Option<State>, TrainError> {
-        match fs::read_to_string(path) {
-            Ok(text) => serde_json::from_str(&text)
-                .map(Some)
-                .map_err(|err| TrainError::Json { path: path.to_path_buf(), message: err.to_string() }),
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(source) => Err(TrainError::Io { path: path.to_path_buf(), source }),
+        match read_json(path) {
+            Ok(state) => Ok(Some(state)),
+            Err(FileError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(err) => Err(err.into()),
         }
     }
 }
@@ -238,7 +240,7 @@ impl SlurmExecutor {
 
     fn save(&self) -> Result<(), TrainError> {
         let state = self.state.as_ref().expect("start() was called");
-        write_atomic(&self.state_path, &serde_json::to_string_pretty(state).expect("state serialises"))
+        Ok(write_json(&self.state_path, state)?)
     }
 
     fn task(&self, (s, t): TaskRef) -> &Task {
@@ -282,10 +284,10 @@ impl SlurmExecutor {
                 // A stale result (an interrupted worker's) must not be taken for this attempt's.
                 let _ = fs::remove_file(trial.dir.join(worker_files::RESULT));
                 let path = job_dir.join("tasks").join(format!("{index}.json"));
-                write_atomic(&path, &serde_json::to_string_pretty(trial).expect("trials serialise"))?;
+                write_json(&path, trial)?;
             }
             let script = job_dir.join("job.sh");
-            write_atomic(&script, &batch_script(&self.config.program, &job_dir))?;
+            write_atomic(&script, batch_script(&self.config.program, &job_dir))?;
             let tasks: Vec<Task> = chunk
                 .iter()
                 .enumerate()
@@ -612,12 +614,7 @@ fn absolute(dir: &Path) -> PathBuf {
 
 /// A job name unique to the search directory: `squeue --name` finds this search's tasks.
 fn job_name(dir: &Path) -> String {
-    // FNV-1a: stable across runs and Rust versions, unlike `DefaultHasher`.
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in dir.to_string_lossy().bytes() {
-        h = (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
-    }
-    format!("nas-{:08x}", h >> 32)
+    format!("nas-{:08x}", nas_space::fnv1a(dir.to_string_lossy().as_bytes()) >> 32)
 }
 
 /// `'text'` for bash, whatever `text` holds.

@@ -521,8 +521,7 @@ fn transfer_fine_tune_and_predict() {
         "plain",
     ]);
     assert!(stderr.contains("initialised from t1") && stderr.contains("last_linear.weight"), "{stderr}");
-    let classes: Vec<String> =
-        serde_json::from_str(&std::fs::read_to_string(work.join("t2/classes.json")).unwrap()).unwrap();
+    let classes = nas_train::run::read_class_names(&work.join("t2")).unwrap();
     assert_eq!(classes, ["00_disc", "01_square", "03_cross"]);
 
     let (stdout, _) = nas_in(&["predict", "--checkpoint", "t2", "--image", jpegs[0].to_str().unwrap(), "--top", "3"]);

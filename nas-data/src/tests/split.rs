@@ -54,6 +54,15 @@ fn json_round_trip_and_file() {
     assert_eq!(Split::load(&path).unwrap(), split);
     let err = Split::load(tmp.path().join("nope.json")).unwrap_err();
     assert!(err.to_string().contains("nope.json: not found"), "{err}");
+    let mut newer = split.clone();
+    newer.version = 2;
+    std::fs::write(&path, newer.to_json()).unwrap();
+    let err = Split::load(&path).unwrap_err().to_string();
+    assert!(
+        err.starts_with(&format!("{}: ", path.display()))
+            && err.contains("format version 2 is not supported (this build reads version 1)"),
+        "{err}"
+    );
     std::fs::write(&path, "{ not json").unwrap();
     let err = Split::load(&path).unwrap_err();
     assert!(err.to_string().starts_with(&format!("{}: ", path.display())), "{err}");
