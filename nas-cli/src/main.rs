@@ -188,8 +188,8 @@ fn tune_allocator() {
 /// Makes candle's own thread pool park soon after its work.
 ///
 /// candle 0.11 runs large elementwise ops (above 64K elements) on a pool of `cores − 1`
-/// threads of its own, beside rayon's (which runs this crate's kernels and gemm). Earlier
-/// sessions ran them on the calling thread (`CANDLE_NUM_THREADS=1`): with rayon's threads
+/// threads of its own, beside rayon's (which runs this crate's kernels and gemm). An earlier
+/// version ran them on the calling thread (`CANDLE_NUM_THREADS=1`): with rayon's threads
 /// asleep between kernels that was faster. Now a step keeps rayon's other threads awake
 /// (`nas_train::on_pool`), and they yield their core when idle, so candle's pool gets it for
 /// the backward pass's gradient sums, which candle runs one per edge (`zeros_like` + `add`).

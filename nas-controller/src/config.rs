@@ -1,8 +1,8 @@
 //! Strategy configurations, with the paper's values as defaults.
 //!
 //! Every field is public and serde-visible, so a run's config file can override any of
-//! them; a missing field takes its default. `shared/NASNET.md` §2.1 gives the controller
-//! facts; the fields marked "not in the paper" are this crate's choices.
+//! them; a missing field takes its default. The defaults are the paper's (§3, §A.2); the fields
+//! marked "not in the paper" are this crate's choices.
 
 use std::fmt;
 use std::str::FromStr;

@@ -1,6 +1,6 @@
 //! The NASNet controller: a one-layer LSTM that emits the 2 × 5B decisions of a spec.
 //!
-//! Paper §3 and §A.2 (`shared/NASNET.md` §1.8, §2.1), with the autoregressive feeding of
+//! Paper §3 and §A.2, with the autoregressive feeding of
 //! NAS (Zoph & Le 2017): the first input is a learned "go" vector, and each sampled token
 //! is embedded and fed back as the next input.
 //!

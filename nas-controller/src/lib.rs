@@ -2,7 +2,7 @@
 //!
 //! This crate owns the search strategies of the outer loop: the one-layer LSTM policy
 //! (100 units) that emits the 2 × 5B decisions of a `nas_space::CellSpec` and its PPO
-//! update (paper §A.2, `shared/NASNET.md` §2.1), the same policy under REINFORCE (NAS),
+//! update (paper §A.2), the same policy under REINFORCE (NAS),
 //! the random-search baseline (§4.4) and regularized evolution (Real et al. 2019), with
 //! atomic save and exact restore of each.
 //! It takes `(proposal id, reward)` pairs and proposes `CellSpec`s; it never sees the

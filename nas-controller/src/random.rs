@@ -1,5 +1,5 @@
-//! Random search: every decision drawn uniformly, the paper's baseline (§4.4,
-//! `shared/NASNET.md` §2.2). It never waits: `propose(max)` always returns `max` cells.
+//! Random search: every decision drawn uniformly, the paper's baseline (§4.4). It never
+//! waits: `propose(max)` always returns `max` cells.
 
 use std::path::Path;
 

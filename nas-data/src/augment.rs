@@ -4,7 +4,7 @@
 //! - pad-4 random crop: zero-pad by 4 on every side and crop 32×32 at a uniform offset
 //!   (TF-Slim's `cifarnet_preprocessing`, DARTS, most CIFAR references);
 //! - the paper's crop: upsample to 40×40 (bilinear) and crop 32×32 at a uniform offset
-//!   (`shared/NASNET.md` §2.1, [P §A.1]);
+//!   (paper §A.1);
 //! - horizontal flip with probability 1/2;
 //! - cutout: a square (16×16 by default) centred uniformly in the image and clipped at the border,
 //!   set to 0 after normalisation, i.e. to the mean, as DeVries and Taylor's reference code does;

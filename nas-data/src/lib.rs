@@ -5,8 +5,8 @@
 //!   [`read_cifar100`]) and a writer for the CIFAR-10 format ([`write_cifar10_binary`]);
 //! - the ImageNet-style folder reader ([`ImageFolder`]: `train/<class>/*.JPEG`, `val/<class>/*.JPEG`),
 //!   decoding on demand with `image`, in parallel with rayon, every colour mode to RGB;
-//! - the held-out validation split of the search (`shared/NASNET.md` §2.1: 45,000 / 5,000 on
-//!   CIFAR-10), chosen with a seed and recorded as JSON ([`Split`]);
+//! - the held-out validation split of the search (45,000 / 5,000 on CIFAR-10, paper
+//!   §A.1), chosen with a seed and recorded as JSON ([`Split`]);
 //! - augmentation and normalisation as the references use them ([`CifarTransform`],
 //!   [`ImageNetTransform`], and the building blocks in [`augment`]);
 //! - batching into candle tensors with a background prefetch thread ([`Batcher`]);

@@ -2,7 +2,7 @@
 //!
 //! NASNet's search holds out 5,000 random images of CIFAR-10's 50,000 training images as the
 //! controller's validation set (45,000 remain for training), so a child's reward never touches the
-//! test set (`shared/NASNET.md` §2.1, [P §A.1]). A [`Split`] lists both index sets with the seed that
+//! test set (paper §A.1). A [`Split`] lists both index sets with the seed that
 //! chose them; a run writes it to its run directory as JSON and can reload it to prove which images
 //! the rewards were measured on.
 

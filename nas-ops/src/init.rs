@@ -2,7 +2,7 @@
 //!
 //! Conv, depthwise, pointwise and FC weights: variance scaling with factor 2.0 in
 //! FAN_OUT mode from a truncated normal, i.e. a normal with standard deviation
-//! `sqrt(1.3 · 2 / fan_out)` cut at two standard deviations (`shared/NASNET.md` §5.1):
+//! `sqrt(1.3 · 2 / fan_out)` cut at two standard deviations:
 //! `fan_out = kh · kw · c_out` for a conv, `k · k` for a depthwise kernel (multiplier 1),
 //! `c_out` for a dense layer. BN: γ = 1, β = 0, moving mean 0, moving variance 1.
 //! Biases 0. Values come from a seeded generator, in sorted name order, so equal seeds

@@ -46,7 +46,7 @@ fn tiny_cifar() -> NetworkConfig {
     config
 }
 
-/// The `small` benchmark network of the `nas-ops` issue: Keras 3's
+/// The `small` benchmark network (`nas bench --net small`): Keras 3's
 /// `NASNet(input_shape=(32,32,3), penultimate_filters=384, num_blocks=2,
 /// stem_block_filters=32, skip_reduction=False, filter_multiplier=2, classes=10)`.
 fn small_imagenet() -> NetworkConfig {

@@ -1,7 +1,7 @@
 //! Analytical cost model: parameters and multiply-adds of any (`CellSpec`, `NetworkConfig`),
 //! counted layer by layer from a [`NetworkPlan`] without building tensors.
 //!
-//! What is counted (`shared/NASNET.md` §7.1): conv, depthwise and pointwise weights,
+//! What is counted: conv, depthwise and pointwise weights,
 //! BN γ and β (trainable) and BN moving mean and variance (non-trainable), FC weight
 //! and bias; multiply-adds of convs, depthwise and pointwise convs and FC layers
 //! (pooling, BN, ReLU and additions are not counted, as in the paper's figures).

@@ -115,7 +115,7 @@ pub fn sync_dir(dir: &Path) -> Result<(), FileError> {
 }
 
 #[cfg(feature = "serde")]
-pub use self::json::{json_line, parse_json, read_json, write_json, JsonFile};
+pub use self::json::{json_line, parse_json, read_json, to_json_pretty, write_json, JsonFile};
 
 #[cfg(feature = "serde")]
 mod json {
@@ -152,10 +152,14 @@ mod json {
 
     /// Writes `value` to `path` as pretty JSON with its version, atomically.
     pub fn write_json<T: JsonFile>(path: &Path, value: &T) -> Result<(), FileError> {
-        let mut text = serde_json::to_string_pretty(&versioned(value))
-            .map_err(|err| FileError::Format { path: path.to_path_buf(), message: err.to_string() })?;
+        let mut text = to_json_pretty(value);
         text.push('\n');
         write_atomic(path, text)
+    }
+
+    /// `value` with its version as pretty JSON, as [`write_json`] writes it.
+    pub fn to_json_pretty<T: JsonFile>(value: &T) -> String {
+        serde_json::to_string_pretty(&versioned(value)).expect("a record of plain fields serialises")
     }
 
     /// `value` with its version as one line of a JSON-lines log, newline included.

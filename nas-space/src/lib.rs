@@ -19,7 +19,7 @@
 //! It does not own tensors: it never depends on candle, and builds in seconds,
 //! so other projects can import it to read, write and reason about NASNet cells.
 //!
-//! Conventions (from TF-Slim, see `shared/NASNET.md` §0): state 0 is h_i (the
+//! Conventions (from TF-Slim `nasnet_utils.py`): state 0 is h_i (the
 //! previous cell's output after the preamble), state 1 is h_{i-1}, state 2 + b is
 //! the output of block b.
 //!

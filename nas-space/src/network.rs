@@ -3,7 +3,7 @@
 //! Follows TF-Slim `nasnet.py` (`_build_nasnet_base`, `_imagenet_stem`, `_cifar_stem`,
 //! `_build_aux_head`) and `nasnet_utils.py` (`calc_reduction_layers`,
 //! `_reduce_prev_layer`, `_cell_base`, `_apply_conv_operation`,
-//! `_combine_unused_states`, `factorized_reduction`); see `shared/NASNET.md` §4–§5.
+//! `_combine_unused_states`, `factorized_reduction`).
 //!
 //! [`NetworkConfig::plan`] turns a config and a [`CellSpec`] into a [`NetworkPlan`]:
 //! which outputs feed which cell, at what width and stride, with every tensor shape.

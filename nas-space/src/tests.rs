@@ -127,7 +127,7 @@ fn cost_mobile_large_cifar_match_references() {
     assert_eq!(cifar.network.params_total(), 3_383_786);
 }
 
-/// The same counts with 1001 classes (TF checkpoints) and the aux heads, `NASNET.md` §7.2.
+/// The same counts with 1001 classes (TF checkpoints) and the aux heads.
 #[test]
 fn cost_aux_heads_and_1001_classes() {
     let spec = CellSpec::nasnet_a();
@@ -151,8 +151,8 @@ fn cost_aux_heads_and_1001_classes() {
     assert_eq!(network_cost(&spec, &no_aux).unwrap().aux_head, None);
 }
 
-/// Keras 3.15.1 `keras.applications.nasnet.NASNet` on 32×32×3 with 10 classes
-/// (`shared/NASNET.md` §7.4): (penultimate, N, skip_reduction, total, trainable).
+/// Keras 3.15.1 `keras.applications.nasnet.NASNet` on 32×32×3 with 10 classes:
+/// (penultimate, N, skip_reduction, total, trainable).
 #[test]
 fn cost_matches_keras_small_imagenet_skeletons() {
     let spec = CellSpec::nasnet_a();
@@ -189,7 +189,7 @@ fn cost_report_cifar_golden() {
     .assert_eq(&head.join("\n"));
 }
 
-/// Endpoint shapes of TF-Slim `nasnet_test.py` (`shared/NASNET.md` §4.2, §4.3).
+/// Endpoint shapes of TF-Slim `nasnet_test.py`.
 #[test]
 fn endpoint_shapes() {
     let spec = CellSpec::nasnet_a();
@@ -237,7 +237,7 @@ fn skeleton_schedule() {
 }
 
 /// `skip_reduction_layer_input`: Large wires `cell_6(reduction_cell_0, cell_4)`,
-/// Mobile wires `cell_4(reduction_cell_0, cell_3)` (Cadene's ports, `NASNET.md` §4.1).
+/// Mobile wires `cell_4(reduction_cell_0, cell_3)` (Cadene's ports).
 #[test]
 fn prev_layer_wiring() {
     let spec = CellSpec::nasnet_a();
@@ -262,7 +262,7 @@ fn prev_layer_wiring() {
     assert_eq!(plan.cells.len(), plan.total_num_cells);
 }
 
-/// CIFAR cell_0 reads the raw 96-channel stem as state 1 (`NASNET.md` §4.2 quirk).
+/// CIFAR cell_0 reads the raw 96-channel stem as state 1 (a TF-Slim quirk).
 #[test]
 fn cifar_cell0_projections() {
     use crate::network::PrevAdjust;
@@ -750,8 +750,8 @@ fn error_shape_aux_head_on_small_maps() {
     assert!(err.to_string().contains("use_aux_head"), "{err}");
 }
 
-/// timm `nasnetalarge(num_features=384, stem_size=32, num_classes=10)`: 918,366 parameters
-/// (`shared/NASNET.md` §7.4). timm is the Large skeleton (`skip_reduction_layer_input`).
+/// timm `nasnetalarge(num_features=384, stem_size=32, num_classes=10)`: 918,366 parameters.
+/// timm is the Large skeleton (`skip_reduction_layer_input`).
 #[test]
 fn cost_matches_timm_small_large_skeleton() {
     let mut config = NetworkConfig::parse_net("large:6@384", &CellSpec::nasnet_a()).unwrap();

@@ -9,7 +9,8 @@
 //!   dropout (Keras's `NASNetMobile(weights=None)`).
 //! - any other network, such as `large:6@1056` (timm's `nasnetalarge(num_features=1056)`).
 //!
-//! The result is a [`BenchReport`], a versioned JSON object that scripts read.
+//! The result is a [`BenchReport`], a versioned JSON object that scripts read
+//! (`nas_space::files::JsonFile`).
 
 use std::path::Path;
 use std::time::Instant;
@@ -17,6 +18,7 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use nas_data::Batch;
 use nas_space::cost::network_cost;
+use nas_space::files::{self, JsonFile};
 use nas_space::{CellSpec, NetworkConfig, SpaceRng};
 use serde::{Deserialize, Serialize};
 
@@ -24,9 +26,6 @@ use crate::optim::{OptimSettings, OptimizerConfig};
 use crate::schedule::LrSchedule;
 use crate::trainer::{TrainConfig, Trainer};
 use crate::TrainError;
-
-/// The version of [`BenchReport`] this build writes and reads.
-pub const REPORT_VERSION: u32 = 1;
 
 /// What to time.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,8 +53,6 @@ impl Default for BenchOptions {
 /// stable within a [`REPORT_VERSION`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BenchReport {
-    /// [`REPORT_VERSION`].
-    pub version: u32,
     /// The network's name as given.
     pub net: String,
     /// Images per step.
@@ -84,34 +81,20 @@ pub struct BenchReport {
     pub device: String,
 }
 
+impl JsonFile for BenchReport {
+    const VERSION: u64 = 1;
+}
+
 impl BenchReport {
-    /// The report as pretty-printed JSON.
+    /// The report as pretty-printed JSON, with its `version`.
     pub fn to_json(&self) -> String {
-        serde_json::to_string_pretty(self).expect("a bench report serialises")
+        files::to_json_pretty(self)
     }
 
     /// Reads a report written by [`BenchReport::to_json`]. A report of another version is
     /// refused before its fields are read; errors name the file.
     pub fn read(path: &Path) -> Result<BenchReport, TrainError> {
-        let text = std::fs::read_to_string(path).map_err(|source| TrainError::Io { path: path.into(), source })?;
-        let err = |message: String| TrainError::Json { path: path.into(), message };
-        #[derive(Deserialize)]
-        struct Header {
-            version: Option<serde_json::Value>,
-        }
-        let header: Header = serde_json::from_str(&text).map_err(|e| err(e.to_string()))?;
-        match header.version {
-            Some(v) if v.as_u64() == Some(REPORT_VERSION.into()) => {}
-            Some(v) => {
-                return Err(err(format!(
-                    "bench report `version` {v} is not supported (this build reads version {REPORT_VERSION})"
-                )))
-            }
-            None => {
-                return Err(err(format!("bench report has no `version` (this build reads version {REPORT_VERSION})")))
-            }
-        }
-        serde_json::from_str(&text).map_err(|e| err(e.to_string()))
+        Ok(files::read_json(path)?)
     }
 }
 
@@ -202,7 +185,6 @@ fn run_here(options: &BenchOptions, device: &Device) -> Result<BenchReport, Trai
     let infer_s = start.elapsed().as_secs_f64() / steps as f64;
 
     Ok(BenchReport {
-        version: REPORT_VERSION,
         net: options.net.clone(),
         batch,
         steps,
@@ -250,7 +232,7 @@ mod tests {
     fn a_tiny_bench_reports_and_reads_back() {
         let options = BenchOptions { net: "cifar:1@24".into(), batch: Some(2), steps: 1, ..BenchOptions::default() };
         let report = run(&options, &Device::Cpu).unwrap();
-        assert_eq!((report.version, report.batch, report.steps, report.image_size), (REPORT_VERSION, 2, 1, 32));
+        assert_eq!((report.batch, report.steps, report.image_size), (2, 1, 32));
         let cost = network_cost(&CellSpec::nasnet_a(), &network("cifar:1@24").unwrap()).unwrap();
         assert_eq!(report.params_total, cost.network.params_total());
         assert!(report.train_step_s > 0.0 && report.infer_pass_s > 0.0, "{report:?}");
@@ -268,10 +250,7 @@ mod tests {
         }
         std::fs::write(&path, report.to_json().replace("\"version\": 1", "\"version\": 2")).unwrap();
         let err = BenchReport::read(&path).unwrap_err().to_string();
-        assert!(err.contains("bench.json") && err.contains("`version` 2 is not supported"), "{err}");
-        std::fs::write(&path, report.to_json().replace("\"version\": 1,", "")).unwrap();
-        let err = BenchReport::read(&path).unwrap_err().to_string();
-        assert!(err.contains("has no `version`"), "{err}");
+        assert!(err.contains("bench.json") && err.contains("version 2 is not supported"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -136,7 +136,7 @@ impl EvalSplit {
 #[serde(rename_all = "snake_case")]
 pub enum Augment {
     /// The search children's recipe (crop of the image upsampled to 40×40, flip, per-image
-    /// whitening), NASNET.md §2.1.
+    /// whitening), paper §A.1.
     Search,
     /// Small images: pad-4 crop and flip (CIFAR final training); ImageNet: Inception-style
     /// random resized crop and flip.

@@ -1,6 +1,6 @@
 //! Optimisers, weight decay, gradient clipping and weight averaging with TF-Slim semantics.
 //!
-//! Follows the NASNet recipes (NASNET.md §2.1, §4.4, §4.5) as TF-Slim runs them:
+//! Follows the NASNet recipes as TF-Slim runs them:
 //! - `tf.train.MomentumOptimizer` for CIFAR and the search children (momentum 0.9);
 //! - `tf.train.RMSPropOptimizer` for ImageNet (decay 0.9, momentum 0.9, ε 1.0);
 //! - L2 weight decay from the arg scopes (`slim.l2_regularizer`, a loss term `wd · Σw²/2`
@@ -65,7 +65,7 @@ struct Param {
 /// - *decay* (a subset of trainable): the weights that get L2 weight decay, i.e. conv,
 ///   depthwise, pointwise and fully connected weights, recognised as names ending in
 ///   `weight` with rank ≥ 2. BN γ/β (rank-1 `weight`/`bias`) and biases are not decayed,
-///   as TF-Slim regularizes conv and FC weights only (NASNET.md §5.1);
+///   as TF-Slim regularizes conv and FC weights only;
 /// - *statistics*: names ending in `running_mean` or `running_var`, updated by the BN
 ///   layers themselves and never by an optimiser.
 #[derive(Debug, Clone)]
@@ -184,7 +184,7 @@ pub struct OptimSettings {
 }
 
 impl OptimSettings {
-    /// CIFAR (NASNET.md §4.4, §4.5): momentum 0.9 (not Nesterov), weight decay 5e-4,
+    /// CIFAR: momentum 0.9 (not Nesterov), weight decay 5e-4,
     /// gradients clipped to global norm 5.
     /// The search children use the same optimiser; the paper does not give their
     /// weight decay.
@@ -455,7 +455,7 @@ struct EmaEntry {
 /// `shadow = decay · shadow + (1 − decay) · w`, each shadow starting at its variable's value
 /// when the average is created.
 ///
-/// The paper evaluates ImageNet models with the average at decay 0.9999 (NASNET.md §4.5).
+/// The paper evaluates ImageNet models with the average at decay 0.9999.
 /// TF-Slim's trainer passes `num_updates = global_step`, which makes the effective decay
 /// `min(decay, (1 + step) / (10 + step))` ([`Ema::update_at`]), and averages all model
 /// variables, BN moving statistics included ([`Ema::model_variables`]).
@@ -629,7 +629,7 @@ impl Ema {
 
 /// Softmax cross-entropy with label smoothing, averaged over the batch, as TF's
 /// `tf.losses.softmax_cross_entropy(onehot, logits, label_smoothing=ε)`: the targets are
-/// `(1 − ε) · onehot + ε / K`. NASNet uses ε = 0.1 on ImageNet (NASNET.md §4.5); ε = 0 is
+/// `(1 − ε) · onehot + ε / K`. NASNet uses ε = 0.1 on ImageNet; ε = 0 is
 /// `candle_nn::loss::cross_entropy`.
 ///
 /// # Shapes

@@ -1,5 +1,5 @@
 //! The paper's training recipes as values, every field overridable: the search child, CIFAR
-//! final training, ImageNet Mobile and Large (`../shared/NASNET.md` §2.1, §4.5).
+//! final training, ImageNet Mobile and Large.
 
 use nas_space::NetworkConfig;
 use serde::{Deserialize, Serialize};
@@ -105,7 +105,7 @@ impl Recipe {
         }
     }
 
-    /// The search child (NASNET.md §2.1): N = 2 on the CIFAR skeleton, 20 epochs on the 45k/5k
+    /// The search child: N = 2 on the CIFAR skeleton, 20 epochs on the 45k/5k
     /// split, momentum 0.9, cosine decay, the search augmentation. The paper gives neither
     /// batch, learning rate nor weight decay for children: the CIFAR recipe's are used. No aux
     /// head and no drop path (a 20-epoch child gains nothing from either).
@@ -160,7 +160,7 @@ impl Recipe {
         }
     }
 
-    /// CIFAR final training (NASNET.md §4.4–§4.5): N = 6, F = 32, 600 epochs at batch 32,
+    /// CIFAR final training: N = 6, F = 32, 600 epochs at batch 32,
     /// lr 0.025 with cosine decay, momentum 0.9, weight decay 5e-4, clip 5, aux head at 0.4,
     /// ScheduledDropPath 0.6, cutout 16 (the "+ cutout" rows; the paper does not state the
     /// size, 16 is DeVries & Taylor's for CIFAR-10). Evaluated on the test set.
@@ -190,7 +190,7 @@ impl Recipe {
         }
     }
 
-    /// NASNet-A Mobile on ImageNet (NASNET.md §4.5): RMSProp (0.9, momentum 0.9, ε 1),
+    /// NASNet-A Mobile on ImageNet: RMSProp (0.9, momentum 0.9, ε 1),
     /// weight decay 4e-5, clip 10, label smoothing 0.1, aux 0.4, weight EMA 0.9999, decay 0.97
     /// every 2.4 epochs. TF-Slim ran 50 synchronous replicas of batch 32 at lr 0.04 · 50 for
     /// 250,000 steps (≈ 312 epochs); on one machine that is batch 32 at lr 0.04 (the same lr

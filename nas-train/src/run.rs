@@ -320,12 +320,12 @@ pub struct MemoryEstimate {
 
 impl MemoryEstimate {
     /// Elements of activation memory per element of cell output, calibrated on this code
-    /// (`nas bench`, with the fused ops of the fifth session): NASNet-A Mobile at 224, batch
+    /// (`nas bench`, with the fused separable convs and batch norms): NASNet-A Mobile at 224, batch
     /// 32, peaks at 2.75–2.77 GiB resident, which a factor of 10.3 would match exactly; 11
     /// keeps about 7 % of margin (the estimate refuses settings, so it errs high). The small
     /// benchmark network (N = 2, 32×32, batch 64) peaks at 61–63 MiB, mostly the fixed
-    /// overhead, and is estimated at 94 MiB. (Until the fifth session it was 17, for peaks
-    /// of 4.5 GiB and 107 MiB.)
+    /// overhead, and is estimated at 94 MiB. (Before those fusions it was 17, for peaks of 4.5
+    /// GiB and 107 MiB.)
     pub const ACTIVATION_FACTOR: f64 = 11.0;
     /// Fixed overhead of the process (code, allocator, data pipeline).
     pub const BASE_BYTES: u64 = 48 << 20;

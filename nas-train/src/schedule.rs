@@ -1,4 +1,4 @@
-//! Learning-rate schedules, as the NASNet references use them (NASNET.md §2.1, §4.5).
+//! Learning-rate schedules, as the NASNet references use them.
 //!
 //! - The CIFAR recipe and the search children use a single-period cosine decay
 //!   (TF `tf.train.cosine_decay`, TF-Slim `nasnet.py` comments: lr 0.025, batch 32).
@@ -72,14 +72,14 @@ fn check_rate(field: &'static str, value: f64) -> Result<(), TrainError> {
 }
 
 impl LrSchedule {
-    /// The NASNet CIFAR recipe (TF-Slim `nasnet.py` comments, NASNET.md §4.5): lr 0.025 at
+    /// The NASNet CIFAR recipe (TF-Slim `nasnet.py` comments): lr 0.025 at
     /// batch 32, single-period cosine decay to 0 over the whole training
     /// (`cifar_config.total_training_steps = 937,500` for 600 epochs).
     pub fn cifar(total_steps: u64) -> LrSchedule {
         LrSchedule::Cosine { lr: 0.025, total_steps, min_lr: 0.0 }
     }
 
-    /// The NASNet ImageNet recipe (TF-Slim comments, NASNET.md §4.5): staircase decay by 0.97
+    /// The NASNet ImageNet recipe (TF-Slim comments): staircase decay by 0.97
     /// every 2.4 epochs.
     /// The base rate is written per replica times replicas in TF-Slim: `0.04 · 50` for Mobile
     /// (batch 32 per replica), `0.015 · 100` for Large (batch 16 per replica).

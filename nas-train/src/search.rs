@@ -1,5 +1,5 @@
 //! The outer search loop: a strategy proposes cells, workers train them as children, the
-//! validation accuracy goes back as the reward (NASNET.md §2.1, Fig. 1).
+//! validation accuracy goes back as the reward (paper Fig. 1).
 //!
 //! # The search directory
 //!
