@@ -195,7 +195,8 @@ impl BatchNorm {
             let affine = Affine { scale: &scale, shift: &shift, relu_output: relus.output };
             return conv1x1(xs, &conv.weight, Conv1x1Options { relu_input: relus.input, affine: Some(affine) });
         }
-        self.forward_with(&conv.forward_relu_input(xs, relus.input)?, train, relus.output)
+        let opts = BatchNormOptions::new(self.eps).relu_output(relus.output);
+        self.forward_with(&conv.forward_relu_input(xs, relus.input)?, train, opts)
     }
 
     /// γ, β, the moving statistics and ε, for ops that run the batch norm inside them.
@@ -209,8 +210,7 @@ impl BatchNorm {
         }
     }
 
-    fn forward_with(&self, xs: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
-        let opts = BatchNormOptions::new(self.eps).relu_output(relu);
+    fn forward_with(&self, xs: &Tensor, train: bool, opts: BatchNormOptions) -> Result<Tensor> {
         if !train {
             let (rm, rv) = (self.running_mean.as_tensor(), self.running_var.as_tensor());
             return batch_norm_eval(xs, [&self.weight, &self.bias, rm, rv], opts);
@@ -292,7 +292,7 @@ impl ModuleT for BatchNorm {
     /// # Shapes
     /// - `xs`: `(batch, c, h, w)`; returns the same shape
     fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        self.forward_with(xs, train, false)
+        self.forward_with(xs, train, BatchNormOptions::new(self.eps))
     }
 }
 

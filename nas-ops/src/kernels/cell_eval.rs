@@ -222,15 +222,13 @@ impl Program {
                 let at = |e: candle_core::Error| candle_core::Error::Msg(format!("{NAME}: step {i}: {e}"));
                 let exec = match *step {
                     Step::Pointwise { src, relu, ref conv, dst, put } => {
-                        let add = put == Put::Add;
                         self.check_pair(src, dst, (src.c, dst.c), 1).map_err(at)?;
                         if relu {
                             mid = mid.max(src.c * src.h * src.w);
                         }
-                        Exec::Pointwise { src, relu, conv: fold(conv, src.c, dst.c).map_err(at)?, dst, add }
+                        Exec::Pointwise { src, relu, conv: fold(conv, src.c, dst.c).map_err(at)?, dst, put }
                     }
                     Step::Separable { src, ref halves, dst, put } => {
-                        let add = put == Put::Add;
                         self.check_vals(src, dst).map_err(at)?;
                         let mut shape = src.shape();
                         let mut compiled = Vec::with_capacity(halves.len());
@@ -248,7 +246,7 @@ impl Program {
                             let (scale, shift) = half.bn.eval_affine().map_err(at)?;
                             let pointwise = Affine1x1 { weight: half.pointwise.clone(), scale, shift };
                             let conv = fold(&pointwise, c, c_out).map_err(at)?;
-                            if add && half.relu_output && j + 1 == halves.len() {
+                            if put == Put::Add && half.relu_output && j + 1 == halves.len() {
                                 return Err(at(candle_core::Error::Msg(
                                     "a half that adds to its destination cannot end in a ReLU".into(),
                                 )));
@@ -271,17 +269,16 @@ impl Program {
                                 dst.shape()
                             )
                         }
-                        Exec::Separable { src, halves: compiled, dst, add }
+                        Exec::Separable { src, halves: compiled, dst, put }
                     }
                     Step::Pool { src, kind, kernel, stride, dst, put } => {
-                        let add = put == Put::Add;
                         let pool = same_sample_window::<T>(kind, src.shape(), kernel, stride).map_err(at)?;
                         self.check_pair(src, dst, (src.c, src.c), stride).map_err(at)?;
-                        if add {
+                        if put == Put::Add {
                             mid = mid.max(pool.out_len());
                         }
                         let (pool, scratch) = window(pool);
-                        Exec::Window { src, window: Box::new(pool), scratch, dst, add }
+                        Exec::Window { src, window: Box::new(pool), scratch, dst, put }
                     }
                     Step::Subsample { src, offset, relu, dst } => {
                         if offset > 1 {
@@ -291,9 +288,8 @@ impl Program {
                         Exec::Subsample { src, offset, relu, dst }
                     }
                     Step::Copy { src, dst, put } => {
-                        let add = put == Put::Add;
                         self.check_pair(src, dst, (src.c, src.c), 1).map_err(at)?;
-                        Exec::Copy { src, dst, add }
+                        Exec::Copy { src, dst, put }
                     }
                     Step::Double { dst } => {
                         // `dst` inside its buffer and writable (an empty source overlaps nothing).
@@ -404,10 +400,10 @@ struct Folded<T> {
 }
 
 impl<T: Float> Folded<T> {
-    /// `dst (+)= weight · src + shift`, then the ReLU with `relu` (never with `add`).
-    fn apply(&self, src: &[T], dst: &mut [T], add: bool, relu: bool) {
+    /// `dst (+)= weight · src + shift`, then the ReLU with `relu` (never when adding).
+    fn apply(&self, src: &[T], dst: &mut [T], put: Put, relu: bool) {
         let hw = dst.len() / self.c_out;
-        gemm_rows(dst, &self.weight, src, (self.c_out, hw, self.c_in), add);
+        gemm_rows(dst, &self.weight, src, (self.c_out, hw, self.c_in), put == Put::Add);
         shift_rows(dst, hw, &self.shift, relu);
     }
 }
@@ -423,11 +419,11 @@ struct ExecHalf<T> {
 
 #[derive(Debug)]
 enum Exec<T> {
-    Pointwise { src: Val, relu: bool, conv: Folded<T>, dst: Val, add: bool },
-    Separable { src: Val, halves: Vec<ExecHalf<T>>, dst: Val, add: bool },
-    Window { src: Val, window: Box<SampleWindow<T>>, scratch: usize, dst: Val, add: bool },
+    Pointwise { src: Val, relu: bool, conv: Folded<T>, dst: Val, put: Put },
+    Separable { src: Val, halves: Vec<ExecHalf<T>>, dst: Val, put: Put },
+    Window { src: Val, window: Box<SampleWindow<T>>, scratch: usize, dst: Val, put: Put },
     Subsample { src: Val, offset: usize, relu: bool, dst: Val },
-    Copy { src: Val, dst: Val, add: bool },
+    Copy { src: Val, dst: Val, put: Put },
     Double { dst: Val },
 }
 
@@ -512,8 +508,8 @@ fn disjoint<T>(buffer: &mut [T], s: std::ops::Range<usize>, d: std::ops::Range<u
 }
 
 /// `dst = src` or `dst += src`.
-fn put<T: Float>(src: &[T], dst: &mut [T], add: bool) {
-    if add {
+fn put<T: Float>(src: &[T], dst: &mut [T], how: Put) {
+    if how == Put::Add {
         for (d, &s) in dst.iter_mut().zip(src) {
             *d += s;
         }
@@ -572,7 +568,7 @@ impl<T: Float> Compiled<T> {
         mid: &mut [Vec<T>; 2],
     ) {
         match step {
-            Exec::Pointwise { src, relu: relu_in, conv, dst, add } => {
+            Exec::Pointwise { src, relu: relu_in, conv, dst, put: how } => {
                 let (s, d) = bufs.src_dst(*src, *dst);
                 let s = if *relu_in {
                     let r = &mut mid[0][..s.len()];
@@ -583,9 +579,9 @@ impl<T: Float> Compiled<T> {
                 } else {
                     s
                 };
-                conv.apply(s, d, *add, false);
+                conv.apply(s, d, *how, false);
             }
-            Exec::Separable { src, halves, dst, add } => {
+            Exec::Separable { src, halves, dst, put: how } => {
                 let (s, d) = bufs.src_dst(*src, *dst);
                 let [a, b] = mid;
                 // The input of half `j` is `s` for the first, then `b`; each depthwise
@@ -595,19 +591,19 @@ impl<T: Float> Compiled<T> {
                     let input: &[T] = if j == 0 { s } else { &b[..half.depthwise.in_len()] };
                     half.depthwise.run(isa, input, half.relu_in, ys, &mut scratches[half.scratch]);
                     if j + 1 == halves.len() {
-                        half.conv.apply(ys, d, *add, half.relu_out);
+                        half.conv.apply(ys, d, *how, half.relu_out);
                     } else {
                         let hw = ys.len() / half.conv.c_in;
-                        half.conv.apply(ys, &mut b[..half.conv.c_out * hw], false, half.relu_out);
+                        half.conv.apply(ys, &mut b[..half.conv.c_out * hw], Put::Write, half.relu_out);
                     }
                 }
             }
-            Exec::Window { src, window, scratch, dst, add } => {
+            Exec::Window { src, window, scratch, dst, put: how } => {
                 let (s, d) = bufs.src_dst(*src, *dst);
-                if *add {
+                if *how == Put::Add {
                     let pooled = &mut mid[0][..d.len()];
                     window.run(isa, s, false, pooled, &mut scratches[*scratch]);
-                    put(pooled, d, true);
+                    put(pooled, d, Put::Add);
                 } else {
                     window.run(isa, s, false, d, &mut scratches[*scratch]);
                 }
@@ -616,9 +612,9 @@ impl<T: Float> Compiled<T> {
                 let (s, d) = bufs.src_dst(*src, *dst);
                 subsample_sample(s, d, (src.h, src.w), (dst.h, dst.w), *offset, *r);
             }
-            Exec::Copy { src, dst, add } => {
+            Exec::Copy { src, dst, put: how } => {
                 let (s, d) = bufs.src_dst(*src, *dst);
-                put(s, d, *add);
+                put(s, d, *how);
             }
             Exec::Double { dst } => {
                 for v in bufs.get_mut(*dst) {

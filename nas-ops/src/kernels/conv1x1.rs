@@ -16,7 +16,9 @@ use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, WithDType};
 
 use crate::kernels::simd::Float;
-use crate::kernels::Output;
+use std::mem::MaybeUninit;
+
+use crate::kernels::{assume_init_mut, Output};
 use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
@@ -152,13 +154,31 @@ fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<
 #[allow(clippy::too_many_arguments)]
 unsafe fn matmul<T: WithDType>(
     dst: &mut [T],
+    lhs: (&[T], bool),
+    rhs: (&[T], bool),
+    (m, n, k): (usize, usize, usize),
+    accumulate: bool,
+    parallelism: Parallelism,
+) {
+    debug_assert!(dst.len() == m * n);
+    // SAFETY: the caller's contract; `dst` holds `m · n` elements.
+    unsafe { matmul_into(dst.as_mut_ptr(), lhs, rhs, (m, n, k), accumulate, parallelism) }
+}
+
+/// [`matmul`] into `dst`, which need not be initialised unless `accumulate` (the product
+/// is written, not added, otherwise: gemm does not read it).
+///
+/// # Safety
+/// As [`matmul`]; `dst` points to `m · n` writable elements.
+unsafe fn matmul_into<T: WithDType>(
+    dst: *mut T,
     (lhs, lhs_t): (&[T], bool),
     (rhs, rhs_t): (&[T], bool),
     (m, n, k): (usize, usize, usize),
     accumulate: bool,
     parallelism: Parallelism,
 ) {
-    debug_assert!(dst.len() == m * n && lhs.len() == m * k && rhs.len() == k * n);
+    debug_assert!(lhs.len() == m * k && rhs.len() == k * n);
     let (lhs_cs, lhs_rs) = if lhs_t { (m as isize, 1) } else { (1, k as isize) };
     let (rhs_cs, rhs_rs) = if rhs_t { (k as isize, 1) } else { (1, n as isize) };
     // SAFETY: the strides describe the slices' extents (checked above in debug builds).
@@ -167,7 +187,7 @@ unsafe fn matmul<T: WithDType>(
             m,
             n,
             k,
-            dst.as_mut_ptr(),
+            dst,
             1,
             n as isize,
             accumulate,
@@ -346,10 +366,12 @@ fn per_sample<T: Float>(
         return vec![T::zero(); b * m * n];
     }
     let mut out = Output::new(b * m * n);
-    let run = |scratch: &mut Vec<T>, i: usize, o: &mut [T], r: &[T], parallelism: Parallelism| {
+    let run = |scratch: &mut Vec<T>, i: usize, o: &mut [MaybeUninit<T>], r: &[T], parallelism: Parallelism| {
         let r = relu_into(r, relu_rhs, scratch);
-        // SAFETY: o is m × n, lhs m × k, r k × n.
-        unsafe { matmul(o, lhs, (r, false), (m, n, k), false, parallelism) }
+        // SAFETY: o is m × n, lhs m × k, r k × n; the product is written, not added.
+        unsafe { matmul_into(o.as_mut_ptr().cast::<T>(), lhs, (r, false), (m, n, k), false, parallelism) }
+        // SAFETY: the gemm wrote every element.
+        let o = unsafe { assume_init_mut(o) };
         match rows {
             Rows::Keep => {}
             Rows::Mask(mask) => {
@@ -360,14 +382,15 @@ fn per_sample<T: Float>(
             Rows::Shift { shift, relu } => shift_rows(o, n, shift, relu),
         }
     };
+    // SAFETY (both loops): `run` writes each chunk in full by its gemm.
     if b >= rayon::current_num_threads() {
-        out.par_chunks_mut(m * n)
+        unsafe { out.par_chunks_uninit(m * n) }
             .zip(rhs.par_chunks(k * n))
             .enumerate()
             .for_each_init(Vec::new, |scratch, (i, (o, r))| run(scratch, i, o, r, Parallelism::None));
     } else {
         let mut scratch = Vec::new();
-        for (i, (o, r)) in out.chunks_mut(m * n).zip(rhs.chunks(k * n)).enumerate() {
+        for (i, (o, r)) in unsafe { out.chunks_uninit(m * n) }.zip(rhs.chunks(k * n)).enumerate() {
             run(&mut scratch, i, o, r, threads());
         }
     }

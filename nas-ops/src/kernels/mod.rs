@@ -30,10 +30,11 @@ pub(crate) mod testutil;
 /// A kernel's output of `len` elements, allocated without a serial zeroing pass (zeroing
 /// the outputs on one thread, before the threads wrote them, was 6 % of a mobile inference
 /// pass). Its chunks are handed out once ([`par_chunks_mut`](Self::par_chunks_mut),
-/// [`chunks_mut`](Self::chunks_mut), [`tail`](Self::tail)), each filled first by the task
-/// that then writes it, while the chunk is in that core's cache: with zeros, or with NaN in
-/// debug builds, so an element a kernel fails to write shows in every comparison with a
-/// reference (`testutil::assert_close` rejects NaN the reference does not have).
+/// [`tail`](Self::tail)), each filled first by the task that then writes it, while the chunk
+/// is in that core's cache: with zeros, or with NaN in debug builds, so an element a kernel
+/// fails to write shows in every comparison with a reference (`testutil::assert_close`
+/// rejects NaN the reference does not have). A writer that writes through a pointer (a gemm)
+/// takes its chunks unfilled (`par_chunks_uninit`, `unsafe`: it vouches for every element).
 /// [`into_vec`](Self::into_vec) checks that every element was handed out.
 pub(crate) struct Output<T> {
     data: Box<[std::mem::MaybeUninit<T>]>,
@@ -80,12 +81,33 @@ impl<T: candle_core::WithDType> Output<T> {
         })
     }
 
-    /// [`par_chunks_mut`](Self::par_chunks_mut) on the calling thread.
-    pub(crate) fn chunks_mut(&mut self, size: usize) -> impl Iterator<Item = &mut [T]> + '_ {
-        let (data, filled, v) = self.hand_out();
-        data.chunks_mut(size).map(move |chunk| {
+    /// The chunks of [`par_chunks_mut`](Self::par_chunks_mut), not filled: for writers that
+    /// cannot take a `&mut [T]` before they have written it (a gemm writes through a pointer).
+    ///
+    /// # Safety
+    /// Every element of every chunk is written before [`into_vec`](Self::into_vec).
+    pub(crate) unsafe fn par_chunks_uninit(
+        &mut self,
+        size: usize,
+    ) -> impl rayon::iter::IndexedParallelIterator<Item = &mut [std::mem::MaybeUninit<T>]> + '_ {
+        use rayon::prelude::*;
+        let (data, filled, _) = self.hand_out();
+        data.par_chunks_mut(size).inspect(move |chunk| {
             filled.fetch_add(chunk.len(), std::sync::atomic::Ordering::Relaxed);
-            fill(chunk, v)
+        })
+    }
+
+    /// [`par_chunks_uninit`](Self::par_chunks_uninit) on the calling thread.
+    ///
+    /// # Safety
+    /// As [`par_chunks_uninit`](Self::par_chunks_uninit).
+    pub(crate) unsafe fn chunks_uninit(
+        &mut self,
+        size: usize,
+    ) -> impl Iterator<Item = &mut [std::mem::MaybeUninit<T>]> + '_ {
+        let (data, filled, _) = self.hand_out();
+        data.chunks_mut(size).inspect(move |chunk| {
+            filled.fetch_add(chunk.len(), std::sync::atomic::Ordering::Relaxed);
         })
     }
 
@@ -113,10 +135,17 @@ impl<T: candle_core::WithDType> Output<T> {
 
 /// `chunk` filled with `v`.
 fn fill<T: Copy>(chunk: &mut [std::mem::MaybeUninit<T>], v: T) -> &mut [T] {
-    for slot in chunk.iter_mut() {
-        slot.write(v);
-    }
-    // SAFETY: every element was written just above, and `MaybeUninit<T>` has `T`'s layout.
+    chunk.fill(std::mem::MaybeUninit::new(v));
+    // SAFETY: every element was written just above.
+    unsafe { assume_init_mut(chunk) }
+}
+
+/// `chunk` as the values it holds.
+///
+/// # Safety
+/// Every element of `chunk` is initialised.
+pub(crate) unsafe fn assume_init_mut<T>(chunk: &mut [std::mem::MaybeUninit<T>]) -> &mut [T] {
+    // SAFETY: `MaybeUninit<T>` has `T`'s layout, and the caller vouches for the values.
     unsafe { &mut *(chunk as *mut [std::mem::MaybeUninit<T>] as *mut [T]) }
 }
 
