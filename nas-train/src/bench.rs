@@ -50,7 +50,7 @@ impl Default for BenchOptions {
 }
 
 /// What the benchmark measured. Written as JSON by `nas bench --json`; the field names are
-/// stable within a [`REPORT_VERSION`].
+/// stable within a version (`JsonFile::VERSION`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BenchReport {
     /// The network's name as given.
