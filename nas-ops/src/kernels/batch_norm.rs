@@ -29,6 +29,8 @@ use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
+use std::mem::MaybeUninit;
+
 use crate::kernels::simd::{multiversion, Float, Isa};
 use crate::kernels::Output;
 
@@ -741,22 +743,31 @@ impl<T: Float> Affine<T> {
     }
 }
 
-/// `ys = affine(xs)`, then `max(·, 0)` with `relu` (`v >= 0 ? v : 0`), over one plane.
+/// `ys = affine(xs)`, then `max(·, 0)` with `relu` (`v >= 0 ? v : 0`), over one plane:
+/// every element of `ys` is written (it is as long as `xs`).
 #[inline(always)]
-fn normalize_plane_body<T: Float, const FMA: bool>(xs: &[T], affine: &Affine<T>, relu: bool, ys: &mut [T]) {
+fn normalize_plane_body<T: Float, const FMA: bool>(
+    xs: &[T],
+    affine: &Affine<T>,
+    relu: bool,
+    ys: &mut [MaybeUninit<T>],
+) {
+    assert_eq!(ys.len(), xs.len(), "a plane and its output");
     if relu {
         for (y, &x) in ys.iter_mut().zip(xs) {
             let v = affine.apply::<FMA>(x);
-            *y = if v >= T::ZERO { v } else { T::ZERO };
+            y.write(if v >= T::ZERO { v } else { T::ZERO });
         }
     } else {
         for (y, &x) in ys.iter_mut().zip(xs) {
-            *y = affine.apply::<FMA>(x);
+            y.write(affine.apply::<FMA>(x));
         }
     }
 }
 
-multiversion!(fn normalize_plane(xs: &[T], affine: &Affine<T>, relu: bool, ys: &mut [T]) => normalize_plane_body);
+multiversion!(
+    fn normalize_plane(xs: &[T], affine: &Affine<T>, relu: bool, ys: &mut [MaybeUninit<T>]) => normalize_plane_body
+);
 
 /// The normalisation of every channel.
 fn affines<T: Float>(gamma: &[T], beta: &[T], mean: &[f64], invstd: &[f64]) -> Vec<Affine<T>> {
@@ -778,7 +789,9 @@ fn normalize<T: Float>(
 ) -> Vec<T> {
     let affines = affines(gamma, beta, mean, invstd);
     let mut ys = Output::new(xs.len());
-    ys.par_chunks_mut(hw)
+    // SAFETY: `normalize_plane` writes every element of each plane (asserting that it is as
+    // long as its input plane).
+    unsafe { ys.par_chunks_uninit(hw) }
         .zip(xs.par_chunks(hw))
         .enumerate()
         .with_min_len(planes_per_task(hw))
@@ -848,17 +861,23 @@ fn grad_input_plane_body<T: Float, const FMA: bool>(
     xs: &[T],
     mask: Option<&Affine<T>>,
     (mean, k, k0, k1): (T, T, T, T),
-    dx: &mut [T],
+    dx: &mut [MaybeUninit<T>],
 ) {
+    assert!(dx.len() == xs.len() && dx.len() == dy.len(), "a plane, its gradient and the input's");
     for ((g, &x), &d) in dx.iter_mut().zip(xs).zip(dy) {
         let d = masked::<T, FMA>(mask, x, d);
-        *g = T::madd::<FMA>(d, k, T::madd::<FMA>(x - mean, k1, k0));
+        g.write(T::madd::<FMA>(d, k, T::madd::<FMA>(x - mean, k1, k0)));
     }
 }
 
 multiversion!(
-    fn grad_input_plane(dy: &[T], xs: &[T], mask: Option<&Affine<T>>, coeffs: (T, T, T, T), dx: &mut [T])
-        => grad_input_plane_body
+    fn grad_input_plane(
+        dy: &[T],
+        xs: &[T],
+        mask: Option<&Affine<T>>,
+        coeffs: (T, T, T, T),
+        dx: &mut [MaybeUninit<T>],
+    ) => grad_input_plane_body
 );
 
 /// The three gradients, packed as dx, then dgamma, then dbeta. First the per-channel sums
@@ -912,8 +931,8 @@ fn backward<T: Float>(
         dgamma_out[ci] = T::from_f64(dgamma[ci]);
         dbeta_out[ci] = T::from_f64(dbeta[ci]);
     }
-    packed
-        .par_chunks_mut(hw)
+    // SAFETY: `grad_input_plane` writes every element of each plane (asserting its length).
+    unsafe { packed.par_chunks_uninit(hw) }
         .zip(xs.par_chunks(hw))
         .zip(dy.par_chunks(hw))
         .enumerate()
