@@ -17,6 +17,8 @@
 //! one step) likewise.
 
 use candle_core::{bail, DType, Device, Result, Storage, Tensor, WithDType};
+use std::sync::Mutex;
+
 use rayon::prelude::*;
 
 use super::conv1x1::{gemm_rows, relu, shift_rows};
@@ -531,14 +533,20 @@ impl<T: Float> Compiled<T> {
         // written by its block's first op, an intermediate by the kernel before the next
         // reads it); in debug builds the buffers start as NaN, so a read before a write shows
         // in the tests' comparisons. The window scratches hold their padding, written here.
-        let arena = || Arena {
+        // One arena per pool thread, made (and filled) once per run: rayon's `for_each_init`
+        // makes one per split of the work, several per thread.
+        let arena_new = || Arena {
             tmps: self.tmps.iter().map(|&len| scratch_buffer(len)).collect(),
             scratches: self.scratch_buffers(),
             mid: [scratch_buffer(self.mid), scratch_buffer(self.mid)],
         };
-        out.par_chunks_mut(per_out).enumerate().for_each_init(arena, |arena, (i, out)| {
+        let threads = rayon::current_num_threads().max(1);
+        let arenas: Vec<Mutex<Option<Arena<T>>>> = (0..threads).map(|_| Mutex::new(None)).collect();
+        out.par_chunks_mut(per_out).enumerate().for_each(|(i, out)| {
             let prev = prev.map_or(&[][..], |p| &p[i * per_prev..(i + 1) * per_prev]);
-            let Arena { tmps, scratches, mid } = arena;
+            let slot = &arenas[rayon::current_thread_index().unwrap_or(0) % threads];
+            let mut arena = slot.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let Arena { tmps, scratches, mid } = arena.get_or_insert_with(arena_new);
             let mut bufs = Buffers { x: &x[i * per_x..(i + 1) * per_x], prev, out, tmps };
             for step in &self.steps {
                 self.step(isa, step, &mut bufs, scratches, mid);

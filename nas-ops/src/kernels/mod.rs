@@ -33,8 +33,10 @@ pub(crate) mod testutil;
 /// [`tail`](Self::tail)), each filled first by the task that then writes it, while the chunk
 /// is in that core's cache: with zeros, or with NaN in debug builds, so an element a kernel
 /// fails to write shows in every comparison with a reference (`testutil::assert_close`
-/// rejects NaN the reference does not have). A writer that writes through a pointer (a gemm)
-/// takes its chunks unfilled (`par_chunks_uninit`, `unsafe`: it vouches for every element).
+/// rejects NaN the reference does not have). Writers that write every element of a chunk in
+/// one pass (the 1×1 conv's gemm through a pointer, the batch norm's plane loops) take their
+/// chunks unfilled (`par_chunks_uninit`, `unsafe`: they vouch for every element), which
+/// saves the fill where it cost most.
 /// [`into_vec`](Self::into_vec) checks that every element was handed out.
 pub(crate) struct Output<T> {
     data: Box<[std::mem::MaybeUninit<T>]>,
@@ -81,8 +83,8 @@ impl<T: candle_core::WithDType> Output<T> {
         })
     }
 
-    /// The chunks of [`par_chunks_mut`](Self::par_chunks_mut), not filled: for writers that
-    /// cannot take a `&mut [T]` before they have written it (a gemm writes through a pointer).
+    /// The chunks of [`par_chunks_mut`](Self::par_chunks_mut), not filled: for a writer that
+    /// writes every element in one pass.
     ///
     /// # Safety
     /// Every element of every chunk is written before [`into_vec`](Self::into_vec).
