@@ -9,9 +9,12 @@
 
 use std::sync::{Arc, Mutex};
 
-use candle_core::backend::BackendStorage;
+#[cfg(feature = "cuda")]
+use candle_core::{backend::BackendStorage, CudaStorage};
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
 use nas_space::SpaceRng;
+
+use crate::kernels::cpu_kernel;
 use rayon::prelude::*;
 
 /// The training progress and the mask generator, shared by every cell of a network.
@@ -180,31 +183,12 @@ impl CustomOp2 for ScaledAdd {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let offsets = |l: &Layout| {
-            l.contiguous_offsets()
-                .ok_or_else(|| candle_core::Error::Msg("drop-path-add: inputs must be contiguous".into()))
-        };
-        let ((a0, a1), (b0, b1)) = (offsets(l1)?, offsets(l2)?);
-        let out = match (s1, s2) {
-            (CpuStorage::F32(a), CpuStorage::F32(b)) => CpuStorage::F32(self.run(&a[a0..a1], &b[b0..b1])),
-            (CpuStorage::F64(a), CpuStorage::F64(b)) => CpuStorage::F64(self.run(&a[a0..a1], &b[b0..b1])),
-            _ => candle_core::bail!(
-                "drop-path-add: expected both f32 or both f64, got {:?} and {:?}",
-                s1.dtype(),
-                s2.dtype()
-            ),
-        };
+        let out = cpu_kernel!(self.name(), [a = (s1, l1, "a"), b = (s2, l2, "b")], self.run(a, b));
         Ok((out, l1.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
+    fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout) -> Result<(CudaStorage, Shape)> {
         use crate::kernels::cuda::{by_dtype, same_dtype, scaled_add, view, wrap};
         let (op, dev) = (self.name(), s1.device());
         let total = l1.shape().elem_count();

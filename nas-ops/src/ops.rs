@@ -21,7 +21,7 @@ use crate::kernels::concat::{cat_channels, split_channels, Part};
 use crate::kernels::conv1x1::{conv1x1, conv1x1_grads, Conv1x1Options};
 use crate::kernels::pool::{pool2d, pool2d_grad, PoolOptions};
 use crate::kernels::separable::{separable_stack, SeparableHalf};
-use crate::kernels::separable_train::{separable_train, separable_train_traced};
+use crate::kernels::separable_train::{separable_train_reference, separable_train_traced, BatchStats};
 use crate::kernels::subsample::{subsample2_grad, subsample2_pair_grad};
 use crate::layers::{subsample2, BatchNorm, Conv2d, Conv2dConfig, DepthwiseConv2d, Relus};
 use crate::tape::{Grads, Tape, Traced};
@@ -205,7 +205,7 @@ impl SepConv {
         ]
     }
 
-    fn update_moving(&self, stats: &[crate::kernels::separable_train::BatchStats]) -> Result<()> {
+    fn update_moving(&self, stats: &[BatchStats]) -> Result<()> {
         for (bn, stats) in [&self.bn_sep_1, &self.bn_sep_2].into_iter().zip(stats) {
             bn.update_moving(&stats.mean, &stats.var, stats.count)?;
         }
@@ -214,15 +214,15 @@ impl SepConv {
 }
 
 impl OpForms for SepConv {
-    /// Training: both halves as one node of candle's graph where gradients are tracked on
-    /// the CPU (`kernels::separable_train`), the moving statistics updated from its batch
-    /// ones. Inference: both halves one sample at a time where no gradient is needed on the
-    /// CPU (`kernels::separable`). Otherwise each kernel's unfused reference.
+    /// Training: the unfused ops, the moving statistics updated from their batch ones (a
+    /// cell on the CPU traces both halves as one op instead: `trace`). Inference: both
+    /// halves one sample at a time where no gradient is needed on the CPU
+    /// (`kernels::separable`), otherwise each kernel's unfused reference.
     fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
         if !train {
             return separable_stack(xs, &self.halves());
         }
-        let out = separable_train(xs, &self.halves())?;
+        let out = separable_train_reference(xs, &self.halves())?;
         self.update_moving(&out.stats)?;
         Ok(out.ys)
     }

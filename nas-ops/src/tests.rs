@@ -241,8 +241,8 @@ fn bn_statistics_move_in_training_only() {
     assert!(after.iter().any(|v| v.abs() > 1e-4));
 }
 
-/// A training step's forward through the fused separable convs (gradients on:
-/// `kernels::separable_train`) and through the unfused ops (under `no_grad`) gives the same
+/// A training step's forward through the taped cells (gradients on: the separable convs
+/// traced by `kernels::separable_train`) and through the unfused ops (under `no_grad`) gives the same
 /// logits and moves every moving statistic, the separable convs' included, the same way.
 #[test]
 fn fused_separable_training_matches_the_unfused_ops_and_statistics() {

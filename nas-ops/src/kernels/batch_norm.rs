@@ -25,47 +25,15 @@
 //! `kernels/nas_ops.cu`); the statistics go through the host between the two forward ops, as
 //! on the CPU.
 
-use candle_core::backend::BackendStorage;
+#[cfg(feature = "cuda")]
+use candle_core::{backend::BackendStorage, CudaStorage};
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
 use std::mem::MaybeUninit;
 
 use crate::kernels::simd::{multiversion, Float, Isa};
-use crate::kernels::Output;
-
-/// Runs `$body` on the contiguous slices `$x`, `$y`, `$z` of a three-input op's storages,
-/// all f32 or all f64, and wraps the `Vec` it returns; other dtypes are an error naming the
-/// op and its inputs.
-macro_rules! cpu_dispatch3 {
-    ($op:expr, [$nx:expr, $ny:expr, $nz:expr], ($s1:expr, $l1:expr), ($s2:expr, $l2:expr), ($s3:expr, $l3:expr),
-     |$x:ident, $y:ident, $z:ident| $body:expr) => {
-        match ($s1, $s2, $s3) {
-            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => {
-                let $x = contiguous_slice::<f32>($s1, $l1, $op, $nx)?;
-                let $y = contiguous_slice::<f32>($s2, $l2, $op, $ny)?;
-                let $z = contiguous_slice::<f32>($s3, $l3, $op, $nz)?;
-                CpuStorage::F32($body)
-            }
-            (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => {
-                let $x = contiguous_slice::<f64>($s1, $l1, $op, $nx)?;
-                let $y = contiguous_slice::<f64>($s2, $l2, $op, $ny)?;
-                let $z = contiguous_slice::<f64>($s3, $l3, $op, $nz)?;
-                CpuStorage::F64($body)
-            }
-            _ => bail!(
-                "{}: {}, {} and {} must all be f32 or all f64, got {:?}, {:?}, {:?}",
-                $op,
-                $nx,
-                $ny,
-                $nz,
-                $s1.dtype(),
-                $s2.dtype(),
-                $s3.dtype()
-            ),
-        }
-    };
-}
+use crate::kernels::{cpu_dtype, cpu_kernel, cpu_slice, Output};
 
 /// What a training-mode batch norm returns.
 #[derive(Debug, Clone)]
@@ -164,8 +132,7 @@ pub fn batch_norm_train(xs: &Tensor, gamma: &Tensor, beta: &Tensor, opts: BatchN
 
 /// A training-mode batch norm's statistics of one batch and the op that normalises with
 /// them, for ops that run the batch norm inside them (their forward calls
-/// [`cpu_forward`](Self::cpu_forward) or [`forward_no_bwd`](Self::forward_no_bwd), their
-/// backward [`grads`](Self::grads)).
+/// [`forward_no_bwd`](Self::forward_no_bwd), their backward [`grads`](Self::grads)).
 #[derive(Debug, Clone)]
 pub(crate) struct BatchNormTrainStep {
     op: BatchNormTrainOp,
@@ -210,16 +177,6 @@ impl BatchNormTrainStep {
     /// The normalised `xs` (contiguous, as are `gamma` and `beta`); records no backward.
     pub(crate) fn forward_no_bwd(&self, xs: &Tensor, gamma: &Tensor, beta: &Tensor) -> Result<Tensor> {
         xs.apply_op3_no_bwd(gamma, beta, &self.op)
-    }
-
-    /// The normalised `xs` on the CPU, from the storages of `xs`, `gamma` and `beta`.
-    pub(crate) fn cpu_forward(
-        &self,
-        (s1, l1): (&CpuStorage, &Layout),
-        (s2, l2): (&CpuStorage, &Layout),
-        (s3, l3): (&CpuStorage, &Layout),
-    ) -> Result<(CpuStorage, Shape)> {
-        self.op.cpu_fwd(s1, l1, s2, l2, s3, l3)
     }
 
     /// The gradients of `xs`, `gamma` and `beta` from the gradient of the output `ys`.
@@ -347,12 +304,11 @@ impl CustomOp3 for ScaleShift {
     ) -> Result<(CpuStorage, Shape)> {
         let (_n, c, h, w) = l1.shape().dims4()?;
         let op = self.name();
-        let ys = cpu_dispatch3!(op, ["xs", "scale", "shift"], (s1, l1), (s2, l2), (s3, l3), |x, y, z| self.run(
-            x,
-            y,
-            z,
-            (c, h * w)
-        ));
+        let ys = cpu_kernel!(
+            op,
+            [x = (s1, l1, "xs"), y = (s2, l2, "scale"), z = (s3, l3, "shift")],
+            self.run(x, y, z, (c, h * w))
+        );
         Ok((ys, l1.shape().clone()))
     }
 
@@ -396,14 +352,6 @@ fn check_nonempty(op: &str, xs: &Tensor) -> Result<()> {
     Ok(())
 }
 
-/// The elements of a contiguous CPU tensor.
-fn contiguous_slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, op: &str, what: &str) -> Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((start, end)) => Ok(&s.as_slice::<T>()?[start..end]),
-        None => bail!("{op}: {what} must be contiguous, got shape {:?} stride {:?}", l.shape(), l.stride()),
-    }
-}
-
 /// Per-channel batch mean and biased variance of a contiguous `(N, C, H, W)` tensor, as an
 /// f64 tensor of shape `(2, C)`: row 0 holds the means, row 1 the variances. No `bwd`.
 #[derive(Debug, Clone, Copy)]
@@ -416,20 +364,17 @@ impl CustomOp1 for BatchNormStats {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (n, c, h, w) = l.shape().dims4()?;
-        let stats = match s {
-            CpuStorage::F32(_) => {
-                channel_stats(Isa::detect(), contiguous_slice::<f32>(s, l, self.name(), "xs")?, n, c, h * w)
-            }
-            CpuStorage::F64(_) => {
-                channel_stats(Isa::detect(), contiguous_slice::<f64>(s, l, self.name(), "xs")?, n, c, h * w)
-            }
-            _ => bail!("{}: unsupported dtype {:?}, expected f32 or f64", self.name(), s.dtype()),
+        let op = self.name();
+        // f64 statistics whatever the input's dtype.
+        let stats = match cpu_dtype(op, &[(s, "xs")])? {
+            DType::F32 => channel_stats(Isa::detect(), cpu_slice::<f32>(op, "xs", s, l)?, n, c, h * w),
+            _ => channel_stats(Isa::detect(), cpu_slice::<f64>(op, "xs", s, l)?, n, c, h * w),
         };
         Ok((CpuStorage::F64(stats), Shape::from((2, c))))
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
         use super::cuda::{bn_stats, by_dtype, same_dtype, view, wrap};
         let (n, c, h, w) = l.shape().dims4()?;
         let (op, dev) = (self.name(), s.device());
@@ -466,29 +411,23 @@ impl CustomOp3 for BatchNormTrainOp {
     ) -> Result<(CpuStorage, Shape)> {
         let (n, c, h, w) = l1.shape().dims4()?;
         let op = self.name();
-        let ys = cpu_dispatch3!(op, ["xs", "gamma", "beta"], (s1, l1), (s2, l2), (s3, l3), |x, y, z| normalize(
-            Isa::detect(),
-            x,
-            y,
-            z,
-            &self.mean,
-            &self.invstd,
-            (n, c, h * w),
-            self.relu
-        ));
+        let (mean, invstd, relu) = (&self.mean, &self.invstd, self.relu);
+        let ys = cpu_kernel!(op, [x = (s1, l1, "xs"), y = (s2, l2, "gamma"), z = (s3, l3, "beta")], {
+            normalize(Isa::detect(), x, y, z, mean, invstd, (n, c, h * w), relu)
+        });
         Ok((ys, l1.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
         &self,
-        s1: &candle_core::CudaStorage,
+        s1: &CudaStorage,
         l1: &Layout,
-        s2: &candle_core::CudaStorage,
+        s2: &CudaStorage,
         l2: &Layout,
-        s3: &candle_core::CudaStorage,
+        s3: &CudaStorage,
         l3: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
+    ) -> Result<(CudaStorage, Shape)> {
         use super::cuda::{bn_fwd, by_dtype, same_dtype, view, wrap};
         let (n, c, h, w) = l1.shape().dims4()?;
         let (op, dev) = (self.name(), s1.device());
@@ -578,7 +517,7 @@ impl CustomOp3 for BatchNormTrainBwd<'_> {
             bail!("{op}: expected {expected} parameters for {c} channels, got {:?}", l2.dims())
         }
         let relu = self.relu;
-        let packed = cpu_dispatch3!(op, ["xs", "gamma", "dy"], (s1, l1), (s2, l2), (s3, l3), |x, y, z| {
+        let packed = cpu_kernel!(op, [x = (s1, l1, "xs"), y = (s2, l2, "gamma"), z = (s3, l3, "dy")], {
             let (gamma, beta) = if relu { (&y[..c], Some(&y[c..])) } else { (y, None) };
             backward(Isa::detect(), x, gamma, beta, z, mean, invstd, (n, c, h * w))
         });
@@ -588,13 +527,13 @@ impl CustomOp3 for BatchNormTrainBwd<'_> {
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
         &self,
-        s1: &candle_core::CudaStorage,
+        s1: &CudaStorage,
         l1: &Layout,
-        s2: &candle_core::CudaStorage,
+        s2: &CudaStorage,
         l2: &Layout,
-        s3: &candle_core::CudaStorage,
+        s3: &CudaStorage,
         l3: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
+    ) -> Result<(CudaStorage, Shape)> {
         use super::cuda::{bn_bwd, by_dtype, same_dtype, view, wrap};
         let (n, c, h, w) = l1.shape().dims4()?;
         if l3.dims() != l1.dims() {

@@ -18,7 +18,7 @@ use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape,
 use crate::kernels::simd::Float;
 use std::mem::MaybeUninit;
 
-use crate::kernels::{assume_init_mut, Output};
+use crate::kernels::{assume_init_mut, cpu_kernel, cpu_slice, Output};
 use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
@@ -137,14 +137,6 @@ fn check_third(
     Ok(())
 }
 
-/// The contiguous elements of an input.
-fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((start, end)) => Ok(&s.as_slice::<T>()?[start..end]),
-        None => bail!("{NAME}: {what} must be contiguous, got stride {:?}", l.stride()),
-    }
-}
-
 /// `dst (m × n, row-major) [+]= lhs · rhs`, where `lhs` is `m × k` row-major (`lhs_t =
 /// false`) or the transpose of a `k × m` row-major matrix, and `rhs` likewise `k × n` or the
 /// transpose of `n × k`.
@@ -252,17 +244,10 @@ impl Conv1x1 {
         let p = h * w;
         check_third(NAME, "a shift", shift, &[c_out], s1.dtype())?;
         let dims = (b, c, p, c_out);
-        let out = match (s1, s2) {
-            (CpuStorage::F32(_), CpuStorage::F32(_)) => {
-                let shift = shift.map(|(s3, l3)| slice(s3, l3, "shift")).transpose()?;
-                CpuStorage::F32(self.forward(slice(s1, l1, "xs")?, slice(s2, l2, "weight")?, shift, dims))
-            }
-            (CpuStorage::F64(_), CpuStorage::F64(_)) => {
-                let shift = shift.map(|(s3, l3)| slice(s3, l3, "shift")).transpose()?;
-                CpuStorage::F64(self.forward(slice(s1, l1, "xs")?, slice(s2, l2, "weight")?, shift, dims))
-            }
-            _ => bail!("{NAME}: expected both f32 or both f64, got {:?} and {:?}", s1.dtype(), s2.dtype()),
-        };
+        let out = cpu_kernel!(NAME, [x = (s1, l1, "xs"), w = (s2, l2, "weight")], {
+            let shift = shift.map(|(s3, l3)| cpu_slice(NAME, "shift", s3, l3)).transpose()?;
+            self.forward(x, w, shift, dims)
+        });
         Ok((out, Shape::from((b, c_out, h, w))))
     }
 
@@ -476,17 +461,10 @@ impl Conv1x1GradInput {
         check_third(name, "xs", xs, &[b, c, h, w], s1.dtype())?;
         let p = h * w;
         let dims = (b, c, p, c_out);
-        let out = match (s1, s2) {
-            (CpuStorage::F32(_), CpuStorage::F32(_)) => {
-                let mask = xs.map(|(s3, l3)| slice(s3, l3, "xs")).transpose()?;
-                CpuStorage::F32(Conv1x1GradInput::run(slice(s1, l1, "grad")?, slice(s2, l2, "weight")?, mask, dims))
-            }
-            (CpuStorage::F64(_), CpuStorage::F64(_)) => {
-                let mask = xs.map(|(s3, l3)| slice(s3, l3, "xs")).transpose()?;
-                CpuStorage::F64(Conv1x1GradInput::run(slice(s1, l1, "grad")?, slice(s2, l2, "weight")?, mask, dims))
-            }
-            _ => bail!("{name}: expected both f32 or both f64, got {:?} and {:?}", s1.dtype(), s2.dtype()),
-        };
+        let out = cpu_kernel!(name, [g = (s1, l1, "grad"), w = (s2, l2, "weight")], {
+            let mask = xs.map(|(s3, l3)| cpu_slice(name, "xs", s3, l3)).transpose()?;
+            Conv1x1GradInput::run(g, w, mask, dims)
+        });
         Ok((out, Shape::from((b, c, h, w))))
     }
 }
@@ -569,15 +547,7 @@ impl CustomOp2 for Conv1x1GradWeight {
         }
         let p = h * w;
         let dims = (b, c, p, c_out);
-        let out = match (s1, s2) {
-            (CpuStorage::F32(_), CpuStorage::F32(_)) => {
-                CpuStorage::F32(self.run(slice(s1, l1, "xs")?, slice(s2, l2, "grad")?, dims))
-            }
-            (CpuStorage::F64(_), CpuStorage::F64(_)) => {
-                CpuStorage::F64(self.run(slice(s1, l1, "xs")?, slice(s2, l2, "grad")?, dims))
-            }
-            _ => bail!("{GRAD_WEIGHT_NAME}: expected both f32 or both f64, got {:?} and {:?}", s1.dtype(), s2.dtype()),
-        };
+        let out = cpu_kernel!(GRAD_WEIGHT_NAME, [x = (s1, l1, "xs"), g = (s2, l2, "grad")], self.run(x, g, dims));
         Ok((out, Shape::from((c_out, c, 1, 1))))
     }
 }

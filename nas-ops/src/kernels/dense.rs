@@ -13,10 +13,10 @@
 
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
-use crate::kernels::depthwise::{dispatch, DepthwiseGeometry};
+use crate::kernels::depthwise::DepthwiseGeometry;
 use crate::kernels::simd::Isa;
 use crate::kernels::window as cpu;
-use crate::kernels::{ConvOptions, Padding2d};
+use crate::kernels::{cpu_kernel, ConvOptions, Padding2d};
 
 const FWD_NAME: &str = "dense-conv2d";
 const GRAD_WEIGHT_NAME: &str = "dense-conv2d-grad-weight";
@@ -138,15 +138,11 @@ impl CustomOp2 for DenseConv2d {
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let geom = DenseGeometry::new(FWD_NAME, l1.dims(), l2.dims(), self.stride, self.dilation, self.padding)?;
         let (p, c_out) = (&geom.plane, geom.c_out);
-        let out = dispatch(
+        let out = cpu_kernel!(
             FWD_NAME,
-            s1,
-            l1,
-            s2,
-            l2,
-            |x, w| cpu::dense_forward(Isa::detect(), p, c_out, x, w),
-            |x, w| cpu::dense_forward(Isa::detect(), p, c_out, x, w),
-        )?;
+            [x = (s1, l1, "xs"), w = (s2, l2, "weight")],
+            cpu::dense_forward(Isa::detect(), p, c_out, x, w)
+        );
         Ok((out, geom.output_dims().into()))
     }
 
@@ -189,15 +185,11 @@ impl CustomOp2 for DenseConv2dGradWeight {
             )
         }
         let c_out = geom.c_out;
-        let out = dispatch(
+        let out = cpu_kernel!(
             GRAD_WEIGHT_NAME,
-            s1,
-            l1,
-            s2,
-            l2,
-            |x, g| cpu::dense_grad_weight(Isa::detect(), p, c_out, x, g),
-            |x, g| cpu::dense_grad_weight(Isa::detect(), p, c_out, x, g),
-        )?;
+            [x = (s1, l1, "xs"), g = (s2, l2, "grad")],
+            cpu::dense_grad_weight(Isa::detect(), p, c_out, x, g)
+        );
         Ok((out, geom.weight_dims().into()))
     }
 }

@@ -15,12 +15,13 @@
 //! Under the `cuda` feature each op has a CUDA twin (`cuda_fwd`, kernels in
 //! `kernels/nas_ops.cu`).
 
-use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, WithDType};
+#[cfg(feature = "cuda")]
+use candle_core::{backend::BackendStorage, CudaStorage};
+use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
 use crate::kernels::simd::Isa;
 use crate::kernels::window as cpu;
-use crate::kernels::{ConvOptions, Padding2d};
+use crate::kernels::{cpu_kernel, ConvOptions, Padding2d};
 
 /// Depthwise convolution of `xs` with one `kh × kw` filter per channel, through the direct
 /// CPU kernel (custom op "depthwise-conv2d", differentiable with respect to both inputs).
@@ -144,19 +145,6 @@ impl DepthwiseGeometry {
     }
 }
 
-/// The contiguous data of one input of a custom op.
-pub(crate) fn contiguous<'a, T: WithDType>(
-    name: &str,
-    what: &str,
-    storage: &'a CpuStorage,
-    layout: &Layout,
-) -> Result<&'a [T]> {
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&storage.as_slice::<T>()?[start..end]),
-        None => bail!("{name}: {what} must be contiguous, got shape {:?} strides {:?}", layout.dims(), layout.stride()),
-    }
-}
-
 /// Checks that an input of a custom op has the shape the geometry expects.
 fn check_dims(name: &str, what: &str, layout: &Layout, expected: (usize, usize, usize, usize)) -> Result<()> {
     let (a, b, c, d) = expected;
@@ -164,33 +152,6 @@ fn check_dims(name: &str, what: &str, layout: &Layout, expected: (usize, usize, 
         bail!("{name}: expected {what} of shape {:?}, got {:?}", [a, b, c, d], layout.dims())
     }
     Ok(())
-}
-
-/// Runs the f32 or f64 kernel on two contiguous storages of that dtype and wraps its output.
-pub(crate) fn dispatch(
-    name: &str,
-    s1: &CpuStorage,
-    l1: &Layout,
-    s2: &CpuStorage,
-    l2: &Layout,
-    kernel_f32: impl FnOnce(&[f32], &[f32]) -> Vec<f32>,
-    kernel_f64: impl FnOnce(&[f64], &[f64]) -> Vec<f64>,
-) -> Result<CpuStorage> {
-    let (d1, d2) = (s1.dtype(), s2.dtype());
-    if d1 != d2 {
-        bail!("{name}: dtypes differ, {d1:?} and {d2:?}")
-    }
-    match (s1, s2) {
-        (CpuStorage::F32(_), CpuStorage::F32(_)) => {
-            let out = kernel_f32(contiguous(name, "arg 1", s1, l1)?, contiguous(name, "arg 2", s2, l2)?);
-            Ok(CpuStorage::F32(out))
-        }
-        (CpuStorage::F64(_), CpuStorage::F64(_)) => {
-            let out = kernel_f64(contiguous(name, "arg 1", s1, l1)?, contiguous(name, "arg 2", s2, l2)?);
-            Ok(CpuStorage::F64(out))
-        }
-        _ => bail!("{name}: unsupported dtype {d1:?}"),
-    }
 }
 
 #[cfg(feature = "cuda")]
@@ -230,26 +191,16 @@ impl CustomOp2 for DepthwiseConv2d {
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let geom = self.geometry(l1.dims(), l2.dims())?;
         let relu = self.opts.relu_input;
-        let out = dispatch(
+        let out = cpu_kernel!(
             FWD_NAME,
-            s1,
-            l1,
-            s2,
-            l2,
-            |x, w| cpu::forward(Isa::detect(), &geom, x, w, relu),
-            |x, w| cpu::forward(Isa::detect(), &geom, x, w, relu),
-        )?;
+            [x = (s1, l1, "xs"), w = (s2, l2, "weight")],
+            cpu::forward(Isa::detect(), &geom, x, w, relu)
+        );
         Ok((out, geom.output_dims().into()))
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
+    fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout) -> Result<(CudaStorage, Shape)> {
         let geom = self.geometry(l1.dims(), l2.dims())?;
         let g = cuda_geom(FWD_NAME, &geom)?;
         let (x, w, dev) = (s1, s2, s1.device());
@@ -321,26 +272,16 @@ impl CustomOp2 for DepthwiseConv2dGradInput {
         let geom = &self.geom;
         check_dims(GRAD_INPUT_NAME, "an output gradient", l1, geom.output_dims())?;
         check_dims(GRAD_INPUT_NAME, "a weight", l2, geom.weight_dims())?;
-        let out = dispatch(
+        let out = cpu_kernel!(
             GRAD_INPUT_NAME,
-            s1,
-            l1,
-            s2,
-            l2,
-            |g, w| cpu::grad_input(Isa::detect(), geom, g, w, None),
-            |g, w| cpu::grad_input(Isa::detect(), geom, g, w, None),
-        )?;
+            [g = (s1, l1, "grad"), w = (s2, l2, "weight")],
+            cpu::grad_input(Isa::detect(), geom, g, w, None)
+        );
         Ok((out, geom.input_dims().into()))
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
+    fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout) -> Result<(CudaStorage, Shape)> {
         let geom = &self.geom;
         check_dims(GRAD_INPUT_NAME, "an output gradient", l1, geom.output_dims())?;
         check_dims(GRAD_INPUT_NAME, "a weight", l2, geom.weight_dims())?;
@@ -380,29 +321,9 @@ impl CustomOp3 for DepthwiseConv2dGradInputRelu {
         check_dims(name, "an output gradient", l1, geom.output_dims())?;
         check_dims(name, "a weight", l2, geom.weight_dims())?;
         check_dims(name, "an input", l3, geom.input_dims())?;
-        let isa = Isa::detect();
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(cpu::grad_input(
-                isa,
-                geom,
-                contiguous(name, "arg 1", s1, l1)?,
-                contiguous(name, "arg 2", s2, l2)?,
-                Some(contiguous(name, "arg 3", s3, l3)?),
-            )),
-            (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(cpu::grad_input(
-                isa,
-                geom,
-                contiguous(name, "arg 1", s1, l1)?,
-                contiguous(name, "arg 2", s2, l2)?,
-                Some(contiguous(name, "arg 3", s3, l3)?),
-            )),
-            _ => bail!(
-                "{name}: expected three f32 or three f64 tensors, got {:?}, {:?} and {:?}",
-                s1.dtype(),
-                s2.dtype(),
-                s3.dtype()
-            ),
-        };
+        let out = cpu_kernel!(name, [g = (s1, l1, "grad"), w = (s2, l2, "weight"), x = (s3, l3, "xs")], {
+            cpu::grad_input(Isa::detect(), geom, g, w, Some(x))
+        });
         Ok((out, geom.input_dims().into()))
     }
 }
@@ -424,26 +345,16 @@ impl CustomOp2 for DepthwiseConv2dGradWeight {
         let geom = &self.geom;
         check_dims(GRAD_WEIGHT_NAME, "an input", l1, geom.input_dims())?;
         check_dims(GRAD_WEIGHT_NAME, "an output gradient", l2, geom.output_dims())?;
-        let out = dispatch(
+        let out = cpu_kernel!(
             GRAD_WEIGHT_NAME,
-            s1,
-            l1,
-            s2,
-            l2,
-            |x, g| cpu::grad_weight(Isa::detect(), geom, x, g, self.relu_in),
-            |x, g| cpu::grad_weight(Isa::detect(), geom, x, g, self.relu_in),
-        )?;
+            [x = (s1, l1, "xs"), g = (s2, l2, "grad")],
+            cpu::grad_weight(Isa::detect(), geom, x, g, self.relu_in)
+        );
         Ok((out, geom.weight_dims().into()))
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
+    fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout) -> Result<(CudaStorage, Shape)> {
         let geom = &self.geom;
         check_dims(GRAD_WEIGHT_NAME, "an input", l1, geom.input_dims())?;
         check_dims(GRAD_WEIGHT_NAME, "an output gradient", l2, geom.output_dims())?;
@@ -798,6 +709,6 @@ mod tests {
         assert!(msg.contains("depthwise-conv2d: unsupported dtype BF16"), "{msg}");
         let weight64 = weight.to_dtype(DType::F64).unwrap();
         let msg = depthwise_conv2d(&xs, &weight64, opts(1, 1, pad)).unwrap_err().to_string();
-        assert!(msg.contains("depthwise-conv2d: dtypes differ, F32 and F64"), "{msg}");
+        assert!(msg.contains("depthwise-conv2d: weight is F64, xs is F32"), "{msg}");
     }
 }

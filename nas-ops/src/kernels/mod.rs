@@ -22,6 +22,62 @@ pub(crate) mod simd;
 pub mod subsample;
 pub(crate) mod window;
 
+/// Binds each named input of a custom op's CPU forward to its contiguous slice (all f32
+/// or all f64) and wraps the `Vec` that `$body` returns in a `CpuStorage`. Another dtype,
+/// inputs of different dtypes and a strided input are errors naming the op and the input:
+/// `cpu_kernel!(name, [x = (s1, l1, "xs"), w = (s2, l2, "weight")], forward(x, w))`.
+macro_rules! cpu_kernel {
+    ($op:expr, [$($v:ident = ($s:expr, $l:expr, $what:expr)),+ $(,)?], $body:expr) => {{
+        let op: &str = $op;
+        match $crate::kernels::cpu_dtype(op, &[$(($s, $what)),+])? {
+            candle_core::DType::F32 => {
+                $(let $v = $crate::kernels::cpu_slice::<f32>(op, $what, $s, $l)?;)+
+                candle_core::CpuStorage::F32($body)
+            }
+            _ => {
+                $(let $v = $crate::kernels::cpu_slice::<f64>(op, $what, $s, $l)?;)+
+                candle_core::CpuStorage::F64($body)
+            }
+        }
+    }};
+}
+pub(crate) use cpu_kernel;
+
+/// The dtype of a custom op's CPU inputs, f32 or f64 and the same for all; otherwise an
+/// error naming the op (and the input that differs from the first).
+pub(crate) fn cpu_dtype(
+    op: &str,
+    inputs: &[(&candle_core::CpuStorage, &str)],
+) -> candle_core::Result<candle_core::DType> {
+    use candle_core::{backend::BackendStorage, DType};
+    let (first, name) = inputs[0];
+    let dtype = first.dtype();
+    if !matches!(dtype, DType::F32 | DType::F64) {
+        candle_core::bail!("{op}: unsupported dtype {dtype:?}, expected f32 or f64")
+    }
+    match inputs[1..].iter().find(|(s, _)| s.dtype() != dtype) {
+        Some((s, what)) => candle_core::bail!("{op}: {what} is {:?}, {name} is {dtype:?}", s.dtype()),
+        None => Ok(dtype),
+    }
+}
+
+/// The elements of one contiguous input of a custom op's CPU forward.
+pub(crate) fn cpu_slice<'a, T: candle_core::WithDType>(
+    op: &str,
+    what: &str,
+    storage: &'a candle_core::CpuStorage,
+    layout: &candle_core::Layout,
+) -> candle_core::Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&storage.as_slice::<T>()?[start..end]),
+        None => candle_core::bail!(
+            "{op}: {what} must be contiguous, got shape {:?} strides {:?}",
+            layout.dims(),
+            layout.stride()
+        ),
+    }
+}
+
 #[cfg(test)]
 mod device_tests;
 #[cfg(test)]

@@ -14,14 +14,15 @@
 //! (under the `cuda` feature) their CUDA twins (`cuda_fwd`, kernels in `kernels/nas_ops.cu`).
 //! The geometry (`PoolGeom`) is plain data shared by all implementations.
 
-use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
+#[cfg(feature = "cuda")]
+use candle_core::{backend::BackendStorage, CudaStorage};
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
 use super::depthwise::DepthwiseGeometry;
 use super::simd::{Float, Isa};
 use super::window;
-use super::Padding2d;
+use super::{cpu_kernel, Padding2d};
 pub use nas_space::PoolKind;
 
 const MAX_NAME: &str = "max-pool2d-tf";
@@ -313,14 +314,6 @@ fn clip(o: usize, kernel: usize, stride: usize, before: usize, n: usize) -> (usi
     (start.max(before) - before, (start + kernel).min(before + n) - before)
 }
 
-/// The contiguous data of a tensor argument of a custom op.
-fn contiguous<'a, T>(name: &str, data: &'a [T], layout: &Layout) -> Result<&'a [T]> {
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => bail!("{name}: expected a contiguous input, got strides {:?}", layout.stride()),
-    }
-}
-
 /// The geometry as the CUDA kernels take it.
 #[cfg(feature = "cuda")]
 fn cuda_geom(name: &str, g: &PoolGeom) -> Result<super::cuda::PoolGeom> {
@@ -345,19 +338,15 @@ fn cuda_pool_fwd(
     name: &str,
     kind: &str,
     params: PoolParams,
-    s: &candle_core::CudaStorage,
+    s: &CudaStorage,
     l: &Layout,
-) -> Result<(candle_core::CudaStorage, Shape)> {
+) -> Result<(CudaStorage, Shape)> {
     use super::cuda::{by_dtype, pool_fwd, same_dtype, view, wrap};
     let g = PoolGeom::new(name, l.dims(), params)?;
     let cg = cuda_geom(name, &g)?;
     let dev = s.device();
     let out = by_dtype!(same_dtype(name, &[s])?, T => wrap(pool_fwd::<T>(dev, kind, &view(name, s, l)?, cg)?, dev));
     Ok((out, g.out_shape()))
-}
-
-fn unsupported(name: &str, dtype: DType) -> Result<(CpuStorage, Shape)> {
-    bail!("{name}: unsupported dtype {dtype:?}, expected f32 or f64")
 }
 
 /// `max-pool2d-tf`: forward of [`max_pool2d`].
@@ -371,16 +360,12 @@ impl CustomOp1 for MaxPool2dTf {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let g = PoolGeom::new(self.name(), l.dims(), self.0)?;
-        let out = match s {
-            CpuStorage::F32(xs) => f32::to_cpu_storage_owned(max_fwd_cpu(contiguous(self.name(), xs, l)?, &g)),
-            CpuStorage::F64(xs) => f64::to_cpu_storage_owned(max_fwd_cpu(contiguous(self.name(), xs, l)?, &g)),
-            _ => return unsupported(self.name(), s.dtype()),
-        };
+        let out = cpu_kernel!(self.name(), [x = (s, l, "xs")], max_fwd_cpu(x, &g));
         Ok((out, g.out_shape()))
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
         cuda_pool_fwd(self.name(), "max", self.0, s, l)
     }
 
@@ -406,27 +391,11 @@ impl CustomOp2 for MaxPool2dTfBwd {
         if l2.shape() != &g.out_shape() {
             bail!("{name}: expected a gradient of shape {:?}, got {:?}", g.out_shape(), l2.shape())
         }
-        let out = match (s1, s2) {
-            (CpuStorage::F32(xs), CpuStorage::F32(gy)) => {
-                f32::to_cpu_storage_owned(max_bwd_cpu(contiguous(name, xs, l1)?, contiguous(name, gy, l2)?, &g))
-            }
-            (CpuStorage::F64(xs), CpuStorage::F64(gy)) => {
-                f64::to_cpu_storage_owned(max_bwd_cpu(contiguous(name, xs, l1)?, contiguous(name, gy, l2)?, &g))
-            }
-            _ => {
-                bail!("{name}: unsupported dtypes {:?} and {:?}, expected both f32 or both f64", s1.dtype(), s2.dtype())
-            }
-        };
+        let out = cpu_kernel!(name, [x = (s1, l1, "xs"), gy = (s2, l2, "grad")], max_bwd_cpu(x, gy, &g));
         Ok((out, g.in_shape()))
     }
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
+    fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout) -> Result<(CudaStorage, Shape)> {
         use super::cuda::{by_dtype, max_pool_bwd, same_dtype, view, wrap};
         let name = self.name();
         let g = PoolGeom::new(name, l1.dims(), self.0)?;
@@ -454,16 +423,12 @@ impl CustomOp1 for AvgPool2dTf {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let g = PoolGeom::new(self.name(), l.dims(), self.0)?;
-        let out = match s {
-            CpuStorage::F32(xs) => f32::to_cpu_storage_owned(avg_fwd_cpu(contiguous(self.name(), xs, l)?, &g)),
-            CpuStorage::F64(xs) => f64::to_cpu_storage_owned(avg_fwd_cpu(contiguous(self.name(), xs, l)?, &g)),
-            _ => return unsupported(self.name(), s.dtype()),
-        };
+        let out = cpu_kernel!(self.name(), [x = (s, l, "xs")], avg_fwd_cpu(x, &g));
         Ok((out, g.out_shape()))
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
         cuda_pool_fwd(self.name(), "avg", self.0, s, l)
     }
 
@@ -494,15 +459,11 @@ impl CustomOp1 for AvgPool2dTfBwd {
         if l.shape() != &g.out_shape() {
             bail!("{name}: expected a gradient of shape {:?}, got {:?}", g.out_shape(), l.shape())
         }
-        let out = match s {
-            CpuStorage::F32(gy) => f32::to_cpu_storage_owned(avg_bwd_cpu(contiguous(name, gy, l)?, &g)),
-            CpuStorage::F64(gy) => f64::to_cpu_storage_owned(avg_bwd_cpu(contiguous(name, gy, l)?, &g)),
-            _ => return unsupported(name, s.dtype()),
-        };
+        let out = cpu_kernel!(name, [gy = (s, l, "grad")], avg_bwd_cpu(gy, &g));
         Ok((out, g.in_shape()))
     }
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
         use super::cuda::{avg_pool_bwd, by_dtype, same_dtype, view, wrap};
         let name = self.name();
         let &[n, c, ..] = l.dims() else { bail!("{name}: expected an (N, C, Ho, Wo) gradient, got {:?}", l.shape()) };
@@ -655,6 +616,7 @@ fn avg_bwd_cpu<T: Float>(grad_out: &[T], g: &PoolGeom) -> Vec<T> {
 mod tests {
     use super::*;
     use crate::kernels::testutil::*;
+    use candle_core::DType;
     use candle_core::Device;
 
     type PoolFn = fn(&Tensor, usize, usize, Padding2d) -> Result<Tensor>;

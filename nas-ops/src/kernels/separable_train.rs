@@ -1,18 +1,16 @@
 //! Training of stacked separable convolutions (`sep_conv_kxk`: ReLU → depthwise → pointwise
-//! → BN, twice) as one node of candle's graph.
+//! → BN, twice) as one op on a cell's tape (`crate::tape`).
 //!
 //! Unfused, each half is three ops (depthwise conv, 1×1 conv, batch norm), and for every
 //! op's output candle's backward first allocates a zeroed gradient buffer and adds the
 //! incoming gradient into it (`GradStore::or_insert`, then `add`): two passes of the
 //! activation's size per op before the op's own backward runs, six per separable conv.
-//! [`separable_train`] runs the same forward kernels on detached tensors, keeps the
-//! intermediates candle would have kept, and records one op on `(xs, packed weights)` whose
-//! backward runs the same gradient kernels in reverse. The weights enter as one flat tensor
-//! (a `cat` of the eight, whose backward hands each its slice): a custom op takes at most
-//! three inputs. On other devices, or for dtypes other than f32/f64, or where no gradient is
-//! needed, [`separable_train_reference`] (the unfused ops) runs.
+//! `separable_train_traced` runs the same forward kernels on detached tensors, keeps the
+//! intermediates candle would have kept, and records one op whose backward runs the same
+//! gradient kernels in reverse. [`separable_train_reference`] is its twin from the unfused
+//! ops (differentiable, any device), which a cell runs where it has no tape.
 
-use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{Result, Tensor};
 
 use super::batch_norm::{
     batch_norm_train, batch_norm_train_step, BatchNormOptions, BatchNormParams, BatchNormTrainStep,
@@ -35,8 +33,8 @@ pub struct BatchStats {
     pub count: usize,
 }
 
-/// What [`separable_train`] returns: the output and each half's batch statistics (for the
-/// moving averages).
+/// What [`separable_train_reference`] returns: the output and each half's batch statistics
+/// (for the moving averages).
 #[derive(Debug, Clone)]
 pub struct SeparableTrain {
     /// `(batch, c_out, h', w')`.
@@ -63,32 +61,14 @@ impl SeparableHalf {
     }
 }
 
-/// The halves applied in order to `xs`, in training mode.
+/// The halves applied in order to `xs` in training mode, recorded on `tape` as one op (CPU,
+/// f32 or f64, `halves` not empty): the weights registered in the order `depthwise,
+/// pointwise, γ, β` per half.
 ///
 /// # Shapes
 /// - `xs`: `(batch, c_in, h, w)`; each half's `c_in` is the previous half's `c_out`
 /// - returns: `ys` `(batch, c_out, h', w')` with `h' = ceil(h / Π stride)` (SAME), and each
 ///   half's statistics `(c_out)`
-pub fn separable_train(xs: &Tensor, halves: &[SeparableHalf]) -> Result<SeparableTrain> {
-    let fused = !halves.is_empty()
-        && xs.device().is_cpu()
-        && matches!(xs.dtype(), DType::F32 | DType::F64)
-        && halves.iter().flat_map(SeparableHalf::train_weights).all(|t| t.dtype() == xs.dtype())
-        && crate::grad_enabled();
-    if !fused {
-        return separable_train_reference(xs, halves);
-    }
-    let (saved, _) = forward_saved(xs, halves, false)?;
-    let stats = saved.iter().map(Saved::stats).collect::<Result<Vec<_>>>()?;
-    let packed =
-        halves.iter().flat_map(SeparableHalf::train_weights).map(Tensor::flatten_all).collect::<Result<Vec<_>>>()?;
-    let packed = Tensor::cat(&packed, 0)?;
-    let ys = xs.contiguous()?.apply_op2(&packed, SeparableTrainOp { saved })?;
-    Ok(SeparableTrain { ys, stats })
-}
-
-/// [`separable_train`] recorded on `tape` (CPU, f32 or f64, `halves` not empty): the
-/// weights registered in the order `depthwise, pointwise, γ, β` per half.
 pub(crate) fn separable_train_traced(
     tape: &mut Tape,
     xs: &Traced,
@@ -96,21 +76,18 @@ pub(crate) fn separable_train_traced(
 ) -> Result<(Traced, Vec<BatchStats>)> {
     let weights =
         halves.iter().flat_map(SeparableHalf::train_weights).map(|w| tape.weight(w)).collect::<Result<Vec<_>>>()?;
-    let (saved, ys) = forward_saved(&xs.tensor, halves, true)?;
-    let ys = ys.expect("the last half's output");
+    let (saved, ys) = forward_saved(&xs.tensor, halves)?;
     let stats = saved.iter().map(Saved::stats).collect::<Result<Vec<_>>>()?;
-    let res = ys.clone();
     let traced = tape.record(&[xs], &weights.iter().collect::<Vec<_>>(), ys, move |grad| {
-        let (grad_xs, weights) = backward_saved(&saved, &res, grad)?;
+        let (grad_xs, weights) = backward_saved(&saved, grad)?;
         Ok(Grads { inputs: vec![Some(grad_xs)], weights })
     });
     Ok((traced, stats))
 }
 
-/// The halves' forward on `xs` and the weights detached, every intermediate saved. The last
-/// half's batch norm runs only with `last_bn` (its output returned): otherwise the caller
-/// runs it (`SeparableTrainOp::cpu_fwd`).
-fn forward_saved(xs: &Tensor, halves: &[SeparableHalf], last_bn: bool) -> Result<(Vec<Saved>, Option<Tensor>)> {
+/// The halves' forward on `xs` and the weights detached, every intermediate saved, and the
+/// last half's output.
+fn forward_saved(xs: &Tensor, halves: &[SeparableHalf]) -> Result<(Vec<Saved>, Tensor)> {
     let mut saved: Vec<Saved> = Vec::with_capacity(halves.len());
     let mut input = xs.detach();
     for (i, half) in halves.iter().enumerate() {
@@ -122,27 +99,22 @@ fn forward_saved(xs: &Tensor, halves: &[SeparableHalf], last_bn: bool) -> Result
         let (mid, pre) = detached.convs(&input).map_err(in_half)?;
         let (gamma, beta) = (&detached.bn.gamma, &detached.bn.beta);
         let step = batch_norm_train_step(&pre, gamma, beta, half.bn_options()).map_err(in_half)?;
-        let output = if i + 1 < halves.len() || last_bn { Some(step.forward_no_bwd(&pre, gamma, beta)?) } else { None };
-        let next = output.clone();
-        saved.push(Saved { half: detached, input: input.clone(), mid, pre, step, output });
-        if let Some(next) = next {
-            input = next;
-        }
+        let output = step.forward_no_bwd(&pre, gamma, beta)?;
+        saved.push(Saved { half: detached, input, mid, pre, step, output: output.clone() });
+        input = output;
     }
-    let last = saved.last().and_then(|s| s.output.clone());
-    Ok((saved, last))
+    Ok((saved, input))
 }
 
 /// The gradients of the input and of every weight (`depthwise, pointwise, γ, β` per half,
 /// in order) from the gradient of the output `res`.
-fn backward_saved(saved: &[Saved], res: &Tensor, grad: &Tensor) -> Result<(Tensor, Vec<Tensor>)> {
+fn backward_saved(saved: &[Saved], grad: &Tensor) -> Result<(Tensor, Vec<Tensor>)> {
     let mut grad = grad.contiguous()?;
     let mut weights = Vec::with_capacity(4 * saved.len());
     for saved in saved.iter().rev() {
         let half = &saved.half;
-        let output = saved.output.as_ref().unwrap_or(res);
         let (grad_pre, grad_gamma, grad_beta) =
-            saved.step.grads((&saved.pre, &half.bn.gamma, &half.bn.beta), output, &grad)?;
+            saved.step.grads((&saved.pre, &half.bn.gamma, &half.bn.beta), &saved.output, &grad)?;
         let (grad_mid, grad_pointwise) =
             conv1x1_grads(&saved.mid, &half.pointwise, &grad_pre, Conv1x1Options::default())?;
         let opts = half.depthwise_options(&saved.input)?;
@@ -155,7 +127,7 @@ fn backward_saved(saved: &[Saved], res: &Tensor, grad: &Tensor) -> Result<(Tenso
     Ok((grad, weights))
 }
 
-/// Reference for [`separable_train`]: each half as the unfused ops (`depthwise_conv2d`,
+/// Reference for `separable_train_traced`: each half as the unfused ops (`depthwise_conv2d`,
 /// `conv1x1`, `batch_norm_train`), differentiable, any device.
 pub fn separable_train_reference(xs: &Tensor, halves: &[SeparableHalf]) -> Result<SeparableTrain> {
     let mut xs = xs.clone();
@@ -172,14 +144,14 @@ pub fn separable_train_reference(xs: &Tensor, halves: &[SeparableHalf]) -> Resul
 
 /// What one half's backward needs: its detached weights, its input, the depthwise conv's
 /// output, the pointwise conv's output (the batch norm's input), the batch norm's
-/// statistics, and its output (the next half's input; the op's own output for the last).
+/// statistics, and its output (the next half's input).
 struct Saved {
     half: SeparableHalf,
     input: Tensor,
     mid: Tensor,
     pre: Tensor,
     step: BatchNormTrainStep,
-    output: Option<Tensor>,
+    output: Tensor,
 }
 
 impl Saved {
@@ -190,50 +162,11 @@ impl Saved {
     }
 }
 
-/// The recorded op on `(xs, packed weights)`; the forward has run but the last batch norm.
-struct SeparableTrainOp {
-    saved: Vec<Saved>,
-}
-
-impl CustomOp2 for SeparableTrainOp {
-    fn name(&self) -> &'static str {
-        NAME
-    }
-
-    /// The last half's batch norm, from its saved input and γ, β read from the packed
-    /// weights (the last `2 · c_out` elements).
-    fn cpu_fwd(&self, _s1: &CpuStorage, _l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let last = self.saved.last().expect("at least one half");
-        let c = last.half.bn.gamma.elem_count();
-        let end = match l2.contiguous_offsets() {
-            Some((_, end)) => end,
-            None => bail!("{NAME}: the packed weights must be contiguous"),
-        };
-        let gamma = Layout::contiguous_with_offset(c, end - 2 * c);
-        let beta = Layout::contiguous_with_offset(c, end - c);
-        let (pre, layout) = last.pre.storage_and_layout();
-        let Storage::Cpu(pre) = &*pre else { bail!("{NAME}: expected tensors on the CPU") };
-        last.step.cpu_forward((pre, layout), (s2, &gamma), (s2, &beta))
-    }
-
-    fn bwd(
-        &self,
-        _xs: &Tensor,
-        _packed: &Tensor,
-        res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (grad_xs, weights) = backward_saved(&self.saved, res, grad)?;
-        let packed = weights.iter().map(Tensor::flatten_all).collect::<Result<Vec<_>>>()?;
-        Ok((Some(grad_xs), Some(Tensor::cat(&packed, 0)?)))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::kernels::testutil::*;
-    use candle_core::Var;
+    use candle_core::{DType, Var};
 
     fn half(
         rng: &mut TestRng,
@@ -261,25 +194,36 @@ mod tests {
         SeparableHalf { depthwise: d.as_tensor().clone(), pointwise: p.as_tensor().clone(), bn, ..half.clone() }
     }
 
-    /// The output, the statistics and the gradients of `sum(ys · probe)` with respect to the
-    /// input and every weight, through `f`.
-    fn run(
-        f: fn(&Tensor, &[SeparableHalf]) -> Result<SeparableTrain>,
-        xs: &Tensor,
-        halves: &[SeparableHalf],
-        probe: &Tensor,
-    ) -> (SeparableTrain, Vec<Tensor>) {
+    /// The reference's output, statistics and gradients of `sum(ys · probe)` with respect to
+    /// the input and every weight (`depthwise, pointwise, γ, β` per half).
+    fn run_reference(xs: &Tensor, halves: &[SeparableHalf], probe: &Tensor) -> (SeparableTrain, Vec<Tensor>) {
         let x = Var::from_tensor(xs).unwrap();
         let vars: Vec<[Var; 4]> =
             halves.iter().map(|h| h.train_weights().map(|t| Var::from_tensor(t).unwrap())).collect();
         let tracked: Vec<SeparableHalf> = halves.iter().zip(&vars).map(|(h, v)| with_weights(h, v)).collect();
-        let out = f(x.as_tensor(), &tracked).unwrap();
+        let out = separable_train_reference(x.as_tensor(), &tracked).unwrap();
         let grads = (&out.ys * probe).unwrap().sum_all().unwrap().backward().unwrap();
         let mut all = vec![grads.get(x.as_tensor()).expect("a gradient for the input").clone()];
         for v in vars.iter().flatten() {
             all.push(grads.get(v.as_tensor()).expect("a gradient for every weight").clone());
         }
         (out, all)
+    }
+
+    /// The same through [`separable_train_traced`] and its tape's backward.
+    fn run_traced(xs: &Tensor, halves: &[SeparableHalf], probe: &Tensor) -> (SeparableTrain, Vec<Tensor>) {
+        let mut tape = Tape::new();
+        let x = tape.input(xs);
+        let (ys, stats) = separable_train_traced(&mut tape, &x, halves).unwrap();
+        let grads = tape.backward(vec![(ys.value, probe.clone())], &[x.value]).unwrap();
+        let all = grads.values.into_iter().chain(grads.weights).map(|g| g.expect("a gradient")).collect();
+        (SeparableTrain { ys: ys.tensor, stats }, all)
+    }
+
+    fn traced(xs: &Tensor, halves: &[SeparableHalf]) -> Result<Traced> {
+        let mut tape = Tape::new();
+        let x = tape.input(xs);
+        Ok(separable_train_traced(&mut tape, &x, halves)?.0)
     }
 
     #[test]
@@ -305,8 +249,8 @@ mod tests {
                     let what = format!("{n}x{c}x{h}x{w} {shapes:?} {relus:?} {dtype:?}");
                     let want = separable_train_reference(&xs, &halves).unwrap();
                     let probe = rng.tensor(want.ys.dims(), dtype).unwrap();
-                    let (got, got_grads) = run(separable_train, &xs, &halves, &probe);
-                    let (want, want_grads) = run(separable_train_reference, &xs, &halves, &probe);
+                    let (got, got_grads) = run_traced(&xs, &halves, &probe);
+                    let (want, want_grads) = run_reference(&xs, &halves, &probe);
                     assert_eq!(got.ys.dims(), want.ys.dims(), "{what}");
                     assert_close(&got.ys, &want.ys, tol, &what);
                     assert_eq!(got.stats.len(), halves.len());
@@ -334,9 +278,9 @@ mod tests {
     fn weights_of_another_dtype_are_refused() {
         let mut rng = TestRng::new(62);
         let mut halves = [half(&mut rng, (3, 4, 3, 1, 1), (true, true), DType::F32)];
-        let xs = Var::from_tensor(&rng.tensor(&[2, 3, 6, 6], DType::F32).unwrap()).unwrap();
+        let xs = rng.tensor(&[2, 3, 6, 6], DType::F32).unwrap();
         halves[0].bn.gamma = halves[0].bn.gamma.to_dtype(DType::F64).unwrap();
-        let err = separable_train(xs.as_tensor(), &halves).unwrap_err().to_string();
+        let err = traced(&xs, &halves).unwrap_err().to_string();
         assert!(err.contains("batch-norm-train") && err.contains("F64"), "{err}");
     }
 
@@ -348,10 +292,7 @@ mod tests {
             half(&mut rng, (3, 4, 3, 1, 1), (true, true), DType::F32),
             half(&mut rng, (5, 4, 3, 1, 1), (false, false), DType::F32),
         ];
-        let vars: Vec<Var> =
-            halves.iter().flat_map(|h| h.train_weights().map(|t| Var::from_tensor(t).unwrap())).collect();
-        let tracked: Vec<SeparableHalf> = halves.iter().zip(vars.chunks(4)).map(|(h, v)| with_weights(h, v)).collect();
-        let err = separable_train(&xs, &tracked).unwrap_err().to_string();
+        let err = traced(&xs, &halves).unwrap_err().to_string();
         assert!(err.contains("separable-train: half 1"), "{err}");
     }
 }

@@ -9,14 +9,12 @@
 //! over planes, and its gradient writes each input element once. Off the CPU the reference
 //! runs (there is no CUDA twin yet: on the GPU these are cheap copies).
 
-use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Storage, Tensor, WithDType};
 use rayon::prelude::*;
 
-use super::depthwise::contiguous;
 use super::pool::{pool2d, PoolOptions};
-use super::Output;
 use super::Padding2d;
+use super::{cpu_kernel, Output};
 
 const NAME: &str = "subsample2";
 
@@ -53,17 +51,9 @@ pub(crate) fn subsample2_pair_grad(grad_even: &Tensor, grad_odd: &Tensor, (h, w)
     let (se, le) = ge.storage_and_layout();
     let (so, lo) = go.storage_and_layout();
     let (Storage::Cpu(se), Storage::Cpu(so)) = (&*se, &*so) else { bail!("{NAME}: expected gradients on the CPU") };
-    let storage = match (se, so) {
-        (CpuStorage::F32(a), CpuStorage::F32(b)) => {
-            let (a, b) = (&a[le.start_offset()..], &b[lo.start_offset()..]);
-            CpuStorage::F32(scatter_cpu(&[(a, even), (b, odd)], even))
-        }
-        (CpuStorage::F64(a), CpuStorage::F64(b)) => {
-            let (a, b) = (&a[le.start_offset()..], &b[lo.start_offset()..]);
-            CpuStorage::F64(scatter_cpu(&[(a, even), (b, odd)], even))
-        }
-        _ => bail!("{NAME}: expected both gradients f32 or both f64, got {:?} and {:?}", se.dtype(), so.dtype()),
-    };
+    let storage = cpu_kernel!(NAME, [a = (se, le, "grad_even"), b = (so, lo, "grad_odd")], {
+        scatter_cpu(&[(a, even), (b, odd)], even)
+    });
     Ok(Tensor::from_storage(Storage::Cpu(storage), (n, c, h, w), candle_core::op::BackpropOp::none(), false))
 }
 
@@ -114,20 +104,6 @@ impl Geom {
     fn output_shape(&self, dims: &[usize]) -> Shape {
         Shape::from((dims[0], dims[1], self.ho, self.wo))
     }
-}
-
-/// Runs `kernel` on an f32 or f64 storage and wraps its output.
-fn by_dtype(
-    s: &CpuStorage,
-    l: &Layout,
-    f32_kernel: impl FnOnce(&[f32]) -> Vec<f32>,
-    f64_kernel: impl FnOnce(&[f64]) -> Vec<f64>,
-) -> Result<CpuStorage> {
-    Ok(match s {
-        CpuStorage::F32(_) => CpuStorage::F32(f32_kernel(contiguous(NAME, "input", s, l)?)),
-        CpuStorage::F64(_) => CpuStorage::F64(f64_kernel(contiguous(NAME, "input", s, l)?)),
-        _ => bail!("{NAME}: unsupported dtype {:?}, expected f32 or f64", s.dtype()),
-    })
 }
 
 /// The forward: every output element is written (a real input element or zero).
@@ -203,7 +179,7 @@ impl CustomOp1 for Subsample2 {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let g = Geom::new(l.dims(), self.offset)?;
-        let out = by_dtype(s, l, |xs| forward_cpu(xs, g), |xs| forward_cpu(xs, g))?;
+        let out = cpu_kernel!(NAME, [x = (s, l, "xs")], forward_cpu(x, g));
         Ok((out, g.output_shape(l.dims())))
     }
 
@@ -233,7 +209,7 @@ impl CustomOp1 for Subsample2Bwd {
         if l.shape() != &g.output_shape(dims) {
             bail!("{}: expected a gradient of shape {:?}, got {dims:?}", self.name(), g.output_shape(dims))
         }
-        let out = by_dtype(s, l, |gy| backward_cpu(gy, g), |gy| backward_cpu(gy, g))?;
+        let out = cpu_kernel!(NAME, [gy = (s, l, "grad")], backward_cpu(gy, g));
         Ok((out, g.input_shape(dims)))
     }
 }
