@@ -26,6 +26,7 @@ pub mod kernels;
 pub mod layers;
 pub mod network;
 pub mod ops;
+pub mod supernet;
 mod tape;
 
 pub use grad::{grad_enabled, no_grad, with_grad_enabled};

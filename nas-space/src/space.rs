@@ -108,6 +108,20 @@ impl SearchSpace {
         SearchSpace { num_blocks, ..SearchSpace::nasnet() }
     }
 
+    /// ENAS's micro space (Pham et al. 2018): B = 5; `sep_conv_3x3`, `sep_conv_5x5`,
+    /// `avg_pool_3x3`, `max_pool_3x3` and `identity`; add only.
+    pub fn enas() -> SearchSpace {
+        let ops = vec![Op::SepConv3x3, Op::SepConv5x5, Op::AvgPool3x3, Op::MaxPool3x3, Op::Identity];
+        SearchSpace { num_blocks: 5, ops, combines: vec![Combine::Add] }
+    }
+
+    /// This space with add as the only combine: the space of weight sharing, where every
+    /// state of a cell has the cell's width whatever the sampled cell (a concatenating block
+    /// would double its state's width, and every op reading it would need other weights).
+    pub fn add_only(&self) -> SearchSpace {
+        SearchSpace { combines: vec![Combine::Add], ..self.clone() }
+    }
+
     /// Checks that the space can produce cells and that its choice lists have no repeats.
     pub fn validate(&self) -> Result<(), SpecError> {
         let bad = |reason: String| Err(SpecError::InvalidSpace { reason });

@@ -322,6 +322,37 @@ fn small_child_network_costs() {
 
 // ---------------------------------------------------------------- search space
 
+/// The weight-sharing spaces sample add-only cells of their ops, every state as wide as the
+/// cell (so a super-net's shapes do not depend on the sampled cell), and refuse concat.
+#[test]
+fn weight_sharing_spaces_add_only() {
+    let enas = SearchSpace::enas();
+    assert_eq!(
+        enas.ops.iter().map(|op| op.name()).collect::<Vec<_>>().join(" "),
+        "sep_conv_3x3 sep_conv_5x5 avg_pool_3x3 max_pool_3x3 identity"
+    );
+    let shared = SearchSpace::nasnet().add_only();
+    assert_eq!((shared.ops.len(), shared.combines.as_slice()), (13, [Combine::Add].as_slice()));
+    let mut rng = SpaceRng::new(3);
+    for space in [&enas, &shared] {
+        space.validate().unwrap();
+        for _ in 0..50 {
+            let spec = space.sample(&mut rng);
+            space.validate_spec(&spec).unwrap();
+            let plan = NetworkConfig::cifar().plan(&spec).unwrap();
+            for cell in &plan.cells {
+                let f = cell.filter_size;
+                assert!(cell.layout.states[2..].iter().all(|s| s.channels == f), "{spec}");
+                assert!(cell.layout.concat.iter().all(|e| e.output.channels == f), "{spec}");
+            }
+        }
+    }
+    let mut with_concat = CellSpec::nasnet_a();
+    with_concat.normal.blocks[1].combine = Combine::Concat;
+    let err = shared.validate_spec(&with_concat).unwrap_err().to_string();
+    assert!(err.contains("concat"), "{err}");
+}
+
 #[test]
 fn action_grammar() {
     let space = SearchSpace::nasnet();
