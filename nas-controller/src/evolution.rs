@@ -116,6 +116,19 @@ impl Strategy for Evolution {
         "evolution"
     }
 
+    fn sample(&mut self, n: usize) -> Result<Vec<CellSpec>, ControllerError> {
+        let filled = self.state.population.len() >= self.state.config.population_size;
+        (0..n)
+            .map(|_| {
+                if !filled {
+                    return Ok(self.space.sample(&mut self.rng));
+                }
+                let parent = self.tournament().spec.clone();
+                Ok(self.space.mutate(&parent, &mut self.rng)?.0)
+            })
+            .collect()
+    }
+
     fn propose(&mut self, max: usize) -> Result<Vec<Proposal>, ControllerError> {
         let size = self.state.config.population_size;
         let mut out = Vec::new();

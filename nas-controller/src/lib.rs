@@ -111,6 +111,13 @@ pub trait Strategy: Send + std::fmt::Debug {
     /// Proposals made but not yet reported, in id order.
     fn pending(&self) -> Vec<Proposal>;
 
+    /// `n` cells drawn as the strategy would propose them now, which are not proposals: no
+    /// reward is expected and only the generator's state changes (weight sharing trains the
+    /// shared weights on these). The controller draws from its current policy, random search
+    /// uniformly, evolution mutations of tournament winners (uniformly while its first
+    /// population is trained).
+    fn sample(&mut self, n: usize) -> Result<Vec<CellSpec>, ControllerError>;
+
     /// Saves the whole state (weights, optimizer moments, RNG, baseline, pending
     /// proposals, population, counters, config) into `dir`, atomically: `strategy.json`
     /// is written last, by rename, and names the weights file it belongs to.

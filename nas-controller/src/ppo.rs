@@ -283,6 +283,11 @@ impl Strategy for PolicyStrategy {
         Ok(out)
     }
 
+    fn sample(&mut self, n: usize) -> Result<Vec<nas_space::CellSpec>, ControllerError> {
+        let sampled = self.controller.sample(n, &mut self.rng)?;
+        sampled.iter().map(|s| Ok(self.space.decode(&s.actions)?)).collect()
+    }
+
     fn report(&mut self, id: u64, reward: Option<f64>) -> Result<(), ControllerError> {
         let proposal = self.state.ledger.take(id, reward)?;
         self.state.reported += 1;

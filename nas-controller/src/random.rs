@@ -79,6 +79,10 @@ impl Strategy for RandomSearch {
         Ok(out)
     }
 
+    fn sample(&mut self, n: usize) -> Result<Vec<nas_space::CellSpec>, ControllerError> {
+        Ok((0..n).map(|_| self.space.sample(&mut self.rng)).collect())
+    }
+
     fn report(&mut self, id: u64, reward: Option<f64>) -> Result<(), ControllerError> {
         self.state.ledger.take(id, reward)?;
         self.state.reported += 1;

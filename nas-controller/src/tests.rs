@@ -489,3 +489,66 @@ fn state_file_is_the_commit_point() {
     assert!(json["weights"].is_null());
     assert!(!dir.join("strategy.json.tmp").exists());
 }
+
+/// `sample` draws cells of the space without making proposals, seeded like everything else;
+/// evolution samples mutations once its population is in, and the controller's samples follow
+/// its policy (after updates towards one op, that op dominates them).
+#[test]
+fn samples_are_not_proposals() {
+    let space = SearchSpace::nasnet().add_only();
+    for config in [
+        StrategyConfig::Ppo(small_ppo_config()),
+        StrategyConfig::Random,
+        StrategyConfig::Evolution(EvolutionConfig { population_size: 4, sample_size: 2, failure_reward: None }),
+    ] {
+        let mut a = new_strategy(&config, &space, 5).unwrap();
+        let mut b = new_strategy(&config, &space, 5).unwrap();
+        let cells = a.sample(6).unwrap();
+        assert_eq!(cells.len(), 6);
+        for cell in &cells {
+            space.validate_spec(cell).unwrap();
+        }
+        assert_eq!(cells, b.sample(6).unwrap(), "{config:?}");
+        assert!(a.pending().is_empty(), "{config:?}");
+        // Proposals still come and are reported as before.
+        let proposals = a.propose(4).unwrap();
+        assert!(!proposals.is_empty());
+        for p in proposals {
+            a.report(p.id, Some(0.5)).unwrap();
+        }
+    }
+    // Evolution, population in: every sample is one mutation away from a member.
+    let config =
+        StrategyConfig::Evolution(EvolutionConfig { population_size: 3, sample_size: 2, failure_reward: None });
+    let mut evo = new_strategy(&config, &space, 6).unwrap();
+    let members: Vec<_> = evo.propose(3).unwrap();
+    for p in &members {
+        evo.report(p.id, Some(0.1 * p.id as f64)).unwrap();
+    }
+    for cell in evo.sample(5).unwrap() {
+        let distance = |m: &nas_space::CellSpec| {
+            let (x, y) = (space.encode(m).unwrap(), space.encode(&cell).unwrap());
+            x.iter().zip(&y).filter(|(a, b)| a != b).count()
+        };
+        assert!(members.iter().any(|m| distance(&m.spec) <= 1), "{cell}");
+    }
+    // The controller, rewarded for sep_conv_3x3 everywhere, samples it far more often.
+    let mut ppo = new_strategy(&StrategyConfig::Ppo(small_ppo_config()), &space, 7).unwrap();
+    let sep = space.ops.iter().position(|&op| op == nas_space::Op::SepConv3x3).unwrap();
+    let share = |cells: &[nas_space::CellSpec]| {
+        let ops: Vec<_> = cells.iter().flat_map(|c| space.encode(c).unwrap()).collect();
+        let steps = space.steps();
+        let op_steps: Vec<usize> =
+            (0..ops.len()).filter(|&i| steps[i % steps.len()].decision == Decision::Op).collect();
+        op_steps.iter().filter(|&&i| ops[i] == sep).count() as f64 / op_steps.len() as f64
+    };
+    let before = share(&ppo.sample(40).unwrap());
+    for _ in 0..30 {
+        for p in ppo.propose(100).unwrap() {
+            let reward = share(std::slice::from_ref(&p.spec));
+            ppo.report(p.id, Some(reward)).unwrap();
+        }
+    }
+    let after = share(&ppo.sample(40).unwrap());
+    assert!(after > before + 0.1, "sep_conv_3x3 share {before:.3} -> {after:.3}");
+}
