@@ -116,6 +116,14 @@ impl SuperNet {
         NasNet::new(spec, &self.config, seed, vb)
     }
 
+    /// The same store, with children that apply no dropout and no drop path (for rewards).
+    pub fn without_dropout(&self) -> SuperNet {
+        let mut config = self.config.clone();
+        config.dense_dropout_keep_prob = 1.0;
+        config.drop_path_keep_prob = 1.0;
+        SuperNet { config, ..self.clone() }
+    }
+
     /// The store: every shared variable by its key (for the optimiser and checkpoints).
     pub fn store(&self) -> &VarMap {
         &self.store

@@ -26,6 +26,7 @@ pub mod recipe;
 pub mod run;
 pub mod schedule;
 pub mod search;
+pub mod shared;
 pub mod slurm;
 pub mod trainer;
 pub mod transfer;

@@ -88,6 +88,42 @@ pub struct StepMetrics {
     pub top1: f64,
 }
 
+/// Step `step` (0-based) of `net` on `batch`: drop-path progress, forward, loss (label
+/// smoothing, aux head at its weight), backward and `optimizer`'s update. A non-finite loss
+/// is an error and updates nothing.
+pub(crate) fn train_step_of(
+    net: &NasNet,
+    batch: &Batch,
+    config: &TrainConfig,
+    step: u64,
+    optimizer: &mut Optimizer,
+) -> Result<StepMetrics, TrainError> {
+    net.drop_path().set_progress(step as f64 / config.total_steps as f64);
+    let out = net.forward_t(&batch.images, true)?;
+    let eps = config.label_smoothing;
+    let mut loss = cross_entropy_smoothed(&out.logits, &batch.labels, eps)?;
+    if let Some(aux) = &out.aux_logits {
+        if config.aux_weight > 0.0 {
+            loss = (loss + (cross_entropy_smoothed(aux, &batch.labels, eps)? * config.aux_weight)?)?;
+        }
+    }
+    let value = loss.to_scalar::<f32>()? as f64;
+    if !value.is_finite() {
+        return Err(TrainError::NonFinite { step, loss: value });
+    }
+    let lr = config.schedule.lr(step);
+    let grads = loss.backward()?;
+    let stats = optimizer.step(&grads, lr)?;
+    let (top1, _) = top_k_hits(&out.logits, &batch.labels)?;
+    Ok(StepMetrics {
+        step: step + 1,
+        loss: value,
+        lr,
+        grad_norm: stats.grad_norm,
+        top1: top1 as f64 / batch.labels.dim(0)? as f64,
+    })
+}
+
 /// A network, its weights and its optimiser.
 pub struct Trainer {
     varmap: VarMap,
@@ -151,35 +187,12 @@ impl Trainer {
 
     /// One training step on `batch`.
     pub fn train_step(&mut self, batch: &Batch) -> Result<StepMetrics, TrainError> {
-        let progress = self.step as f64 / self.config.total_steps as f64;
-        self.net.drop_path().set_progress(progress);
-        let out = self.net.forward_t(&batch.images, true)?;
-        let eps = self.config.label_smoothing;
-        let mut loss = cross_entropy_smoothed(&out.logits, &batch.labels, eps)?;
-        if let Some(aux) = &out.aux_logits {
-            if self.config.aux_weight > 0.0 {
-                loss = (loss + (cross_entropy_smoothed(aux, &batch.labels, eps)? * self.config.aux_weight)?)?;
-            }
-        }
-        let value = loss.to_scalar::<f32>()? as f64;
-        if !value.is_finite() {
-            return Err(TrainError::NonFinite { step: self.step, loss: value });
-        }
-        let lr = self.config.schedule.lr(self.step);
-        let grads = loss.backward()?;
-        let stats = self.optimizer.step(&grads, lr)?;
+        let metrics = train_step_of(&self.net, batch, &self.config, self.step, &mut self.optimizer)?;
         self.step += 1;
         if let Some(ema) = &mut self.ema {
             ema.update_at(self.step)?;
         }
-        let (top1, _) = top_k_hits(&out.logits, &batch.labels)?;
-        Ok(StepMetrics {
-            step: self.step,
-            loss: value,
-            lr,
-            grad_norm: stats.grad_norm,
-            top1: top1 as f64 / batch.labels.dim(0)? as f64,
-        })
+        Ok(metrics)
     }
 
     /// Writes a checkpoint of everything a resumed run needs into `dir` (see
