@@ -5,9 +5,11 @@
 //! [`SuperNet::new`] creates every weight that any cell of an add-only space
 //! ([`SearchSpace::add_only`], [`SearchSpace::enas`]) can read in a given skeleton, keyed by
 //! where it is used:
-//! - an op's weights by cell position, block, side, op and the state it reads
-//!   (`cell_3.comb_iter_0_left.sep_conv_3x3.from_1.separable_1.…`): ENAS's keying, so the
-//!   same op on another input, or another op on the same edge, never shares a tensor;
+//! - an op's weights by cell position, block, side and op, and by what it reads as
+//!   [`Sharing`] says: the shape and stride of its input (`…comb_iter_0_left.sep_conv_3x3.c8s2.…`:
+//!   a strided op on a reduction cell's input, or an op reading a wider state, has weights of
+//!   its own; the default) or the state itself (`….sep_conv_3x3.from_1.…`, ENAS's keying).
+//!   Another op on the same edge never shares a tensor;
 //! - a conv or classifier that reads a cell's output (the next cells' `conv_1x1`,
 //!   `conv_prev_1x1` or `path_{1,2}` of a factorized reduction, `last_linear`, the aux
 //!   head's projection) at its full width, one block of input channels per state of the
@@ -43,10 +45,25 @@ use nas_space::{Block, Cell, CellOutput, CellSpec, Combine, NetworkConfig, Searc
 use crate::init::init_weights;
 use crate::NasNet;
 
+/// How finely an op's weights are shared between the cells that use it on one edge (one
+/// block side of one cell position).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Sharing {
+    /// One set per shape and stride the op reads (a reduction cell's strided ops on its
+    /// inputs apart from its stride-1 ops on block outputs): every weight is trained by every
+    /// cell that puts the op there (NNI's degree of sharing).
+    #[default]
+    PerShape,
+    /// One set per state read (ENAS's keying: `from_{state}`): less interference between
+    /// cells, each weight trained less often.
+    PerInput,
+}
+
 /// One store of weights for every cell of an add-only search space in one skeleton.
 #[derive(Clone)]
 pub struct SuperNet {
     space: SearchSpace,
+    sharing: Sharing,
     config: NetworkConfig,
     store: VarMap,
     dtype: DType,
@@ -65,6 +82,7 @@ impl SuperNet {
     pub fn new(
         space: &SearchSpace,
         config: &NetworkConfig,
+        sharing: Sharing,
         seed: u64,
         dtype: DType,
         device: &Device,
@@ -78,6 +96,7 @@ impl SuperNet {
         }
         let net = SuperNet {
             space: space.clone(),
+            sharing,
             config: config.clone(),
             store: VarMap::new(),
             dtype,
@@ -111,7 +130,7 @@ impl SuperNet {
 
     fn build(&self, spec: &CellSpec, seed: u64, create: bool) -> Result<NasNet> {
         let plan = self.config.plan(spec).map_err(msg)?;
-        let backend = Borrow { store: self.store.clone(), routes: Routes::new(spec, &plan), create };
+        let backend = Borrow { store: self.store.clone(), routes: Routes::new(spec, &plan, self.sharing), create };
         let vb = VarBuilder::from_backend(Box::new(backend), self.dtype, self.device.clone());
         NasNet::new(spec, &self.config, seed, vb)
     }
@@ -153,7 +172,7 @@ impl SuperNet {
     /// `spec` (for tests and for copying a child's weights out).
     pub fn route(&self, spec: &CellSpec, name: &str) -> Result<(String, Option<Vec<u32>>)> {
         let plan = self.config.plan(spec).map_err(msg)?;
-        let (key, gather) = Routes::new(spec, &plan).route(name);
+        let (key, gather) = Routes::new(spec, &plan, self.sharing).route(name);
         Ok((key, gather.map(|g| g.columns())))
     }
 }
@@ -186,12 +205,14 @@ struct Routes {
 
 struct CellRoute {
     cell: Cell,
+    /// Each block side's key segment (`c8s2` or `from_1`).
+    keys: Vec<[String; 2]>,
     x: Option<Gather>,
     prev: Option<Gather>,
 }
 
 impl Routes {
-    fn new(spec: &CellSpec, plan: &NetworkPlan) -> Routes {
+    fn new(spec: &CellSpec, plan: &NetworkPlan, sharing: Sharing) -> Routes {
         // The gather of a consumer of `outputs[i]`: none for the stem conv's output.
         let gather = |i: usize| -> Option<Gather> {
             let producer = plan.cells.get(i.checked_sub(1)?)?;
@@ -205,8 +226,16 @@ impl Routes {
             .cells
             .iter()
             .map(|c| {
-                let route =
-                    CellRoute { cell: spec.cell(c.kind).clone(), x: gather(c.x), prev: c.prev.and_then(gather) };
+                let cell = spec.cell(c.kind).clone();
+                let keys = (cell.blocks.iter().zip(&c.layout.ops))
+                    .map(|(block, ops)| {
+                        [0, 1].map(|side| match sharing {
+                            Sharing::PerShape => format!("c{}s{}", ops[side].input.channels, ops[side].stride),
+                            Sharing::PerInput => format!("from_{}", block.inputs[side]),
+                        })
+                    })
+                    .collect();
+                let route = CellRoute { cell, keys, x: gather(c.x), prev: c.prev.and_then(gather) };
                 (c.name.clone(), route)
             })
             .collect();
@@ -233,9 +262,8 @@ impl Routes {
         }
         if let Some((branch, leaf)) = rest.split_once('.') {
             if let Some((b, side)) = parse_branch(branch) {
-                if let Some(block) = cell.cell.blocks.get(b) {
-                    let (op, input) = (block.ops[side], block.inputs[side]);
-                    return (format!("{scope}.{branch}.{op}.from_{input}.{leaf}"), None);
+                if let (Some(block), Some(keys)) = (cell.cell.blocks.get(b), cell.keys.get(b)) {
+                    return (format!("{scope}.{branch}.{}.{}.{leaf}", block.ops[side], keys[side]), None);
                 }
             }
         }
@@ -343,8 +371,13 @@ mod tests {
     #[test]
     fn a_child_is_the_standalone_network_over_borrowed_weights() {
         let config = tiny();
-        for (space, seed) in [(SearchSpace::enas(), 1), (SearchSpace::nasnet().add_only(), 2)] {
-            let supernet = SuperNet::new(&space, &config, seed, DType::F64, &Device::Cpu).unwrap();
+        let cases = [
+            (SearchSpace::enas(), Sharing::PerInput, 1),
+            (SearchSpace::nasnet().add_only(), Sharing::PerShape, 2),
+            (SearchSpace::nasnet().add_only(), Sharing::PerInput, 3),
+        ];
+        for (space, sharing, seed) in cases {
+            let supernet = SuperNet::new(&space, &config, sharing, seed, DType::F64, &Device::Cpu).unwrap();
             let mut rng = SpaceRng::new(seed);
             let mut trng = TestRng::new(seed);
             for _ in 0..3 {
@@ -403,7 +436,11 @@ mod tests {
     fn every_cell_of_the_space_is_in_the_store_and_keys_never_collide() {
         let config = tiny();
         let space = SearchSpace::nasnet().add_only();
-        let supernet = SuperNet::new(&space, &config, 3, DType::F32, &Device::Cpu).unwrap();
+        let supernet = SuperNet::new(&space, &config, Sharing::PerInput, 3, DType::F32, &Device::Cpu).unwrap();
+        let shared = SuperNet::new(&space, &config, Sharing::PerShape, 3, DType::F32, &Device::Cpu).unwrap();
+        // Per shape: an op has one set for strided and one for stride-1 reads in a reduction
+        // cell, so far fewer tensors than one per state.
+        assert!(shared.len() < supernet.len() * 2 / 3, "{} vs {}", shared.len(), supernet.len());
         let before = supernet.len();
         let mut rng = SpaceRng::new(4);
         for _ in 0..40 {
@@ -442,7 +479,9 @@ mod tests {
 
     #[test]
     fn concat_spaces_are_refused() {
-        let err = SuperNet::new(&SearchSpace::nasnet(), &tiny(), 0, DType::F32, &Device::Cpu).unwrap_err().to_string();
+        let err = SuperNet::new(&SearchSpace::nasnet(), &tiny(), Sharing::default(), 0, DType::F32, &Device::Cpu)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("add as the only combine"), "{err}");
     }
 }

@@ -5,8 +5,8 @@
 //! cargo run --release -p nas-train --example shared_search -- STRATEGY SEED [EPOCHS]
 //! ```
 //!
-//! `SHARED_LR` sets the shared weights' learning rate, `SHARED_ENAS=1` searches ENAS's five
-//! ops.
+//! `SHARED_LR` sets the shared weights' learning rate, `SHARED_CLIP` their global-norm clip, `SHARED_ENAS=1` searches ENAS's five
+//! ops, `SHARED_PER_INPUT=1` keys an op's weights by the state it reads (ENAS).
 
 use candle_core::Device;
 use nas_train::shared::{search, SharedConfig};
@@ -28,7 +28,11 @@ fn main() {
     if let Some(lr) = std::env::var("SHARED_LR").ok().and_then(|s| s.parse().ok()) {
         config.child.lr = lr;
     }
+    if let Some(clip) = std::env::var("SHARED_CLIP").ok().and_then(|s| s.parse().ok()) {
+        config.child.optim.clip_global_norm = Some(clip);
+    }
     config.enas_ops = std::env::var("SHARED_ENAS").is_ok_and(|v| v == "1");
+    config.per_input_weights = std::env::var("SHARED_PER_INPUT").is_ok_and(|v| v == "1");
     let result = search(&config, &Device::Cpu, &mut |r| {
         let line = serde_json::json!({
             "epoch": r.epoch,

@@ -22,7 +22,7 @@ use std::time::Instant;
 use candle_core::{DType, Device};
 use nas_controller::{new_strategy, StrategyConfig};
 use nas_data::{Batch, BatchConfig, Batcher};
-use nas_ops::supernet::SuperNet;
+use nas_ops::supernet::{Sharing, SuperNet};
 use nas_space::{CellSpec, NetworkConfig, SearchSpace};
 use serde::{Deserialize, Serialize};
 
@@ -54,11 +54,12 @@ impl SharedTrainer {
     pub fn new(
         space: &SearchSpace,
         network: &NetworkConfig,
+        sharing: Sharing,
         config: TrainConfig,
         device: &Device,
     ) -> Result<SharedTrainer, TrainError> {
         config.validate()?;
-        let supernet = SuperNet::new(space, network, config.seed, DType::F32, device)?;
+        let supernet = SuperNet::new(space, network, sharing, config.seed, DType::F32, device)?;
         let optimizer = Optimizer::new(config.optim, &ParamGroups::from_varmap(supernet.store()))?;
         let scorer = supernet.without_dropout();
         Ok(SharedTrainer { supernet, scorer, optimizer, config, step: 0 })
@@ -103,6 +104,10 @@ pub struct SharedConfig {
     /// The ops searched: the paper's 13 (`false`) or ENAS's 5 (`true`); add is the only
     /// combine either way.
     pub enas_ops: bool,
+    /// One set of weights per state an op reads (ENAS's keying) instead of one per shape
+    /// (`nas_ops::supernet::Sharing`).
+    #[serde(default)]
+    pub per_input_weights: bool,
     /// The images.
     pub data: DataSource,
     /// The child recipe: the skeleton (its dropout and drop path apply in phase A only), the
@@ -128,6 +133,7 @@ impl SharedConfig {
             strategy,
             num_blocks: 5,
             enas_ops: false,
+            per_input_weights: false,
             data: DataSource::synthetic(2400),
             child: Recipe::small_search_child(seed),
             epochs: 10,
@@ -217,7 +223,8 @@ fn search_here(
         seed: config.seed,
         ema_decay: None,
     };
-    let mut trainer = SharedTrainer::new(&space, &network, train, device)?;
+    let sharing = if config.per_input_weights { Sharing::PerInput } else { Sharing::PerShape };
+    let mut trainer = SharedTrainer::new(&space, &network, sharing, train, device)?;
     if recipe.classifier_init == ClassifierInit::FanIn {
         nas_ops::init::rescale_classifiers_fan_in(trainer.supernet().store())?;
     }
@@ -346,7 +353,7 @@ mod tests {
             seed: 3,
             ema_decay: None,
         };
-        let mut trainer = SharedTrainer::new(&space, &network, train, &Device::Cpu).unwrap();
+        let mut trainer = SharedTrainer::new(&space, &network, Sharing::PerInput, train, &Device::Cpu).unwrap();
         let spec = space.sample(&mut nas_space::SpaceRng::new(4));
         let images = crate::bench::uniform_tensor((8, 3, 16, 16), 5, &Device::Cpu).unwrap();
         let labels = candle_core::Tensor::new(&[0u32, 1, 2, 0, 1, 2, 0, 1], &Device::Cpu).unwrap();
