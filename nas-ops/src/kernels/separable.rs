@@ -103,29 +103,8 @@ mod tests {
     use crate::kernels::testutil::*;
     use candle_core::DType;
 
-    fn half(
-        rng: &mut TestRng,
-        (c_in, c_out, k, stride, dilation): (usize, usize, usize, usize, usize),
-        relu: (bool, bool),
-    ) -> SeparableHalf {
-        let mut vector =
-            |scale: f64, offset: f64| ((rng.tensor(&[c_out], DType::F32).unwrap() * scale).unwrap() + offset).unwrap();
-        let bn = BatchNormParams {
-            gamma: vector(1.0, 1.5),
-            beta: vector(1.0, 0.0),
-            running_mean: vector(0.3, 0.0),
-            running_var: vector(0.25, 0.75),
-            eps: 1e-3,
-        };
-        SeparableHalf {
-            depthwise: rng.tensor(&[c_in, 1, k, k], DType::F32).unwrap(),
-            stride,
-            dilation,
-            pointwise: rng.tensor(&[c_out, c_in, 1, 1], DType::F32).unwrap(),
-            bn,
-            relu_input: relu.0,
-            relu_output: relu.1,
-        }
+    fn half(rng: &mut TestRng, shape: (usize, usize, usize, usize, usize), relu: (bool, bool)) -> SeparableHalf {
+        separable_half(rng, shape, relu, DType::F32)
     }
 
     #[test]

@@ -168,24 +168,7 @@ mod tests {
     use crate::kernels::testutil::*;
     use candle_core::{DType, Var};
 
-    fn half(
-        rng: &mut TestRng,
-        (c_in, c_out, k, stride, dilation): (usize, usize, usize, usize, usize),
-        relu: (bool, bool),
-        dtype: DType,
-    ) -> SeparableHalf {
-        let depthwise = rng.tensor(&[c_in, 1, k, k], dtype).unwrap();
-        let pointwise = rng.tensor(&[c_out, c_in, 1, 1], dtype).unwrap();
-        let bn = BatchNormParams {
-            gamma: (rng.tensor(&[c_out], dtype).unwrap() + 1.5).unwrap(),
-            beta: rng.tensor(&[c_out], dtype).unwrap(),
-            // Training never reads the moving statistics.
-            running_mean: Tensor::zeros(c_out, dtype, &candle_core::Device::Cpu).unwrap(),
-            running_var: Tensor::ones(c_out, dtype, &candle_core::Device::Cpu).unwrap(),
-            eps: 1e-3,
-        };
-        SeparableHalf { depthwise, stride, dilation, pointwise, bn, relu_input: relu.0, relu_output: relu.1 }
-    }
+    use crate::kernels::testutil::separable_half as half;
 
     /// `half` reading `weights` (depthwise, pointwise, γ, β).
     fn with_weights(half: &SeparableHalf, weights: &[Var]) -> SeparableHalf {

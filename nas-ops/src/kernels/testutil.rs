@@ -103,3 +103,31 @@ pub fn check_finite_differences(f: &dyn Fn(&[Tensor]) -> Result<Tensor>, inputs:
         }
     }
 }
+
+/// A separable half `(c_in, c_out, kernel, stride, dilation)` with ReLUs `(input, output)`:
+/// random weights, γ around 1.5 and random moving statistics (variances in [0.5, 1)).
+pub fn separable_half(
+    rng: &mut TestRng,
+    (c_in, c_out, k, stride, dilation): (usize, usize, usize, usize, usize),
+    relu: (bool, bool),
+    dtype: DType,
+) -> super::separable::SeparableHalf {
+    let mut vector =
+        |scale: f64, offset: f64| ((rng.tensor(&[c_out], dtype).unwrap() * scale).unwrap() + offset).unwrap();
+    let bn = super::batch_norm::BatchNormParams {
+        gamma: vector(1.0, 1.5),
+        beta: vector(1.0, 0.0),
+        running_mean: vector(0.3, 0.0),
+        running_var: vector(0.25, 0.75),
+        eps: 1e-3,
+    };
+    super::separable::SeparableHalf {
+        depthwise: rng.tensor(&[c_in, 1, k, k], dtype).unwrap(),
+        stride,
+        dilation,
+        pointwise: rng.tensor(&[c_out, c_in, 1, 1], dtype).unwrap(),
+        bn,
+        relu_input: relu.0,
+        relu_output: relu.1,
+    }
+}
