@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use crate::data::{Augment, EvalSplit};
 use crate::optim::OptimSettings;
 use crate::schedule::LrSchedule;
+use crate::trainer::TrainConfig;
 use crate::TrainError;
 
 /// How the learning rate decays over a run.
@@ -248,6 +249,20 @@ impl Recipe {
             inner.with_warmup(warmup)
         } else {
             inner
+        }
+    }
+
+    /// The trainer's settings for `total_steps` steps of `steps_per_epoch` each, seeded by
+    /// `seed`: the schedule, optimiser, label smoothing, aux weight and weight average.
+    pub fn train_config(&self, total_steps: u64, steps_per_epoch: u64, seed: u64) -> TrainConfig {
+        TrainConfig {
+            total_steps,
+            schedule: self.schedule(total_steps, steps_per_epoch),
+            optim: self.optim,
+            label_smoothing: self.label_smoothing,
+            aux_weight: self.aux_weight,
+            seed,
+            ema_decay: self.ema_decay,
         }
     }
 

@@ -49,7 +49,7 @@ use crate::checkpoint::{has_checkpoint, read_checkpoint_state};
 use crate::data::{check_source, DataSource, RunData};
 use crate::eval::EvalMetrics;
 use crate::recipe::Recipe;
-use crate::trainer::{StepMetrics, TrainConfig, Trainer};
+use crate::trainer::{StepMetrics, Trainer};
 use crate::TrainError;
 
 /// File names inside a run directory.
@@ -544,15 +544,7 @@ fn run_inner(
     let eval_batches = data.eval_batcher(recipe.eval_batch_size, &options.device)?;
     let steps_per_epoch = train_batches.batches_per_epoch() as u64;
     let total_steps = recipe.max_steps.unwrap_or(recipe.epochs * steps_per_epoch).max(1);
-    let train_config = TrainConfig {
-        total_steps,
-        schedule: recipe.schedule(total_steps, steps_per_epoch),
-        optim: recipe.optim,
-        label_smoothing: recipe.label_smoothing,
-        aux_weight: recipe.aux_weight,
-        seed: config.seed,
-        ema_decay: recipe.ema_decay,
-    };
+    let train_config = recipe.train_config(total_steps, steps_per_epoch, config.seed);
 
     let (mut trainer, mut epoch, mut offset) = if has_checkpoint(dir) {
         let saved = read_checkpoint_state(dir)?;

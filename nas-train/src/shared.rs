@@ -214,15 +214,8 @@ fn search_here(
     )?;
     let steps_per_epoch = train_batches.batches_per_epoch() as u64;
     let total_steps = (config.epochs * steps_per_epoch).max(1);
-    let train = TrainConfig {
-        total_steps,
-        schedule: recipe.schedule(total_steps, steps_per_epoch),
-        optim: recipe.optim,
-        label_smoothing: recipe.label_smoothing,
-        aux_weight: recipe.aux_weight,
-        seed: config.seed,
-        ema_decay: None,
-    };
+    // No weight average: the shared weights are never evaluated as one network.
+    let train = TrainConfig { ema_decay: None, ..recipe.train_config(total_steps, steps_per_epoch, config.seed) };
     let sharing = if config.per_input_weights { Sharing::PerInput } else { Sharing::PerShape };
     let mut trainer = SharedTrainer::new(&space, &network, sharing, train, device)?;
     if recipe.classifier_init == ClassifierInit::FanIn {
