@@ -259,12 +259,9 @@ fn search_here(
                     }
                 };
                 let reward = trainer.reward(&p.spec, &batch)?;
-                for cell in [&p.spec.normal, &p.spec.reduction] {
-                    for block in &cell.blocks {
-                        for op in block.ops {
-                            *op_counts.entry(op.name().to_string()).or_insert(0) += 1;
-                        }
-                    }
+                let ops = [&p.spec.normal, &p.spec.reduction].into_iter().flat_map(|c| &c.blocks).flat_map(|b| b.ops);
+                for op in ops {
+                    *op_counts.entry(op.name().to_string()).or_insert(0) += 1;
                 }
                 if best.as_ref().is_none_or(|(r, _)| reward > *r) {
                     best = Some((reward, p.spec.clone()));
