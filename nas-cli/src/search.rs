@@ -16,8 +16,8 @@ use nas_train::data::DataSource;
 use nas_train::executor;
 use nas_train::recipe::Recipe;
 use nas_train::search::{
-    self, files, read_journal, BestCell, Executor, JournalEvent, JournalSummary, LocalExecutor, Retrain, Scored,
-    SearchConfig, SearchLog, SearchReporter, Trial,
+    self, files, read_journal, BestCell, Comparison, Executor, JournalEvent, JournalSummary, LocalExecutor, Retrain,
+    Scored, SearchConfig, SearchLog, SearchReporter, Trial,
 };
 use nas_train::slurm::{self, SlurmConfig, SlurmExecutor};
 
@@ -87,6 +87,11 @@ pub struct SearchArgs {
     /// Epochs of each re-training.
     #[arg(long, default_value_t = Retrain::DEFAULT_EPOCHS)]
     pub retrain_epochs: u64,
+    /// At the end, train the found cell again beside K cells drawn at random from the same
+    /// space, with the same recipe (the re-training's, else the children's), and say how it
+    /// ranks among them (best.json, report.md, baseline.svg); 0 skips it.
+    #[arg(long, default_value_t = SearchConfig::DEFAULT_BASELINE)]
+    pub baseline_random: usize,
     /// Train children in this process (threads) instead of one `nas worker` process each.
     #[arg(long, conflicts_with = "executor")]
     pub in_process: bool,
@@ -260,6 +265,7 @@ pub fn search_config(args: &SearchArgs) -> Result<SearchConfig> {
         seed: args.seed,
         top_k: args.top_k,
         retrain: (args.retrain_top > 0).then_some(Retrain { top: args.retrain_top, epochs: args.retrain_epochs }),
+        baseline_random: args.baseline_random,
         device: args.device.clone(),
         ..SearchConfig::default()
     };
@@ -393,10 +399,101 @@ pub fn run(args: &SearchArgs, out: &mut String) -> Result<()> {
             dir.join(files::BEST).display()
         )?;
     }
+    if let Some(vs) = read_json::<BestCell>(&dir.join(files::BEST)).ok().and_then(|b| b.vs_random) {
+        writeln!(out, "{}", vs.sentence())?;
+        writeln!(out, "report: {}", write_report(&dir, &config, &vs)?.display())?;
+    }
     writeln!(out, "journal: {}", dir.join(files::JOURNAL).display())?;
     writeln!(out, "top cells: {}", dir.join("cells").display())?;
     writeln!(out, "reward plot: {}", plot.display())?;
     Ok(())
+}
+
+/// Writes `dir/report.md` (the comparison with the random cells, in a sentence and a table)
+/// and `dir/baseline.svg` (every reward of the comparison); returns the report's path.
+fn write_report(dir: &Path, config: &SearchConfig, vs: &Comparison) -> Result<PathBuf> {
+    use std::fmt::Write as _;
+    let plot = plot_baseline(dir, vs)?;
+    let recipe = config.retrain_recipe();
+    let mut md = String::new();
+    writeln!(md, "# Search report\n")?;
+    writeln!(md, "**{}.**\n", capitalise(&vs.sentence()))?;
+    writeln!(
+        md,
+        "The found cell was trained again with a fresh seed beside {} cells drawn uniformly from the same \
+         space, each for {} epochs with the same recipe (N = {}, F = {}, batch {}, lr {}). Its reward in the \
+         search was the best of many noisy draws; this one is not.\n",
+        config.baseline_random,
+        recipe.epochs,
+        recipe.network.n,
+        recipe.network.num_conv_filters,
+        recipe.batch_size,
+        recipe.lr
+    )?;
+    writeln!(md, "| cell | reward |\n|---|---|")?;
+    writeln!(md, "| found | {:.4} |", vs.found)?;
+    for (k, r) in vs.random.iter().enumerate() {
+        writeln!(md, "| random {} | {r:.4} |", k + 1)?;
+    }
+    writeln!(md, "| random median | {:.4} |\n", vs.median)?;
+    writeln!(
+        md,
+        "![rewards of the found and the random cells]({})",
+        plot.file_name().unwrap_or_default().to_string_lossy()
+    )?;
+    let path = dir.join("report.md");
+    nas_space::files::write_atomic(&path, md.as_bytes()).with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
+}
+
+fn capitalise(s: &str) -> String {
+    let mut chars = s.chars();
+    chars.next().map_or(String::new(), |c| c.to_uppercase().chain(chars).collect())
+}
+
+/// `dir/baseline.svg`: the random cells' rewards as points, their median and the found
+/// cell's reward as lines.
+fn plot_baseline(dir: &Path, vs: &Comparison) -> Result<PathBuf> {
+    use plotters::prelude::*;
+    let path = dir.join("baseline.svg");
+    let all = vs.random.iter().copied().chain([vs.found]);
+    let (lo, hi) = all.fold((f64::MAX, f64::MIN), |(lo, hi), r| (lo.min(r), hi.max(r)));
+    let (lo, hi) = ((lo - 0.05).max(0.0), (hi + 0.05).min(1.0));
+    let n = vs.random.len();
+    let svg_err = |e: &dyn std::fmt::Display| anyhow::anyhow!("drawing {}: {e}", path.display());
+    {
+        let backend = SVGBackend::new(&path, (700, 420)).into_drawing_area();
+        backend.fill(&WHITE).map_err(|e| svg_err(&e))?;
+        let mut chart = ChartBuilder::on(&backend)
+            .caption("The found cell against random cells, trained alike", ("sans-serif", 18))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(56)
+            .build_cartesian_2d(0f64..(n + 1) as f64, lo..hi)
+            .map_err(|e| svg_err(&e))?;
+        chart.configure_mesh().x_desc("random cell").y_desc("validation top-1").draw().map_err(|e| svg_err(&e))?;
+        chart
+            .draw_series(vs.random.iter().enumerate().map(|(k, &r)| Circle::new(((k + 1) as f64, r), 5, BLUE.filled())))
+            .map_err(|e| svg_err(&e))?
+            .label("random cells")
+            .legend(|(x, y)| Circle::new((x + 9, y), 5, BLUE.filled()));
+        for (value, color, label) in [(vs.median, BLUE, "random median"), (vs.found, RED, "found cell")] {
+            chart
+                .draw_series(LineSeries::new([(0.0, value), ((n + 1) as f64, value)], color.stroke_width(2)))
+                .map_err(|e| svg_err(&e))?
+                .label(label)
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::LowerRight)
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| svg_err(&e))?;
+        backend.present().map_err(|e| svg_err(&e))?;
+    }
+    Ok(path)
 }
 
 /// Draws the top cells as SVG into `dir/cells/`.

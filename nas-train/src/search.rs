@@ -12,7 +12,20 @@
 //! children/<id>/         each child's run directory (run.json, metrics.jsonl, report.json);
 //!                        its weights are deleted once its result is journaled
 //! best.json, top.json    the best cell and the top-k cells by reward (BestCell, TopCells)
+//! retrain/<id>/          the top cells trained again (`retrain`)
+//! baseline/<k>/          the random-cell baseline (`baseline_random`): 0 is the found cell,
+//!                        1..=K random cells of the space, all trained alike
 //! ```
+//!
+//! # Did the search help?
+//!
+//! With `baseline_random = K`, the end of a search trains the found cell (the best
+//! re-trained one, else the best by reward) once more with a fresh seed beside K cells drawn
+//! uniformly from the same space, with the same recipe and budget (the re-training's when
+//! there is one, else the children's), and `best.json` records the comparison
+//! ([`Comparison`]): every reward, the random median, how many random cells the found cell
+//! beat. A found cell's search reward is the maximum of many noisy draws and flatters it; this
+//! fresh training does not.
 //!
 //! Each JSON file (and each journal line) carries a format version, written and checked by
 //! `nas_space::files`; those written before they had one read as version 1, so older search
@@ -93,6 +106,10 @@ pub struct SearchConfig {
     /// (the paper re-trains its top 250 to convergence).
     #[serde(default)]
     pub retrain: Option<Retrain>,
+    /// After that: train the found cell again beside this many random cells of the space, all
+    /// with the same recipe (see the module docs); 0 skips it.
+    #[serde(default)]
+    pub baseline_random: usize,
     /// Where each child trains: `cpu`, `cuda` or `cuda:N` (a worker's own GPU on Slurm with
     /// `--gres gpu:1`).
     #[serde(default = "cpu")]
@@ -153,6 +170,20 @@ impl SearchConfig {
         self.child.validate()
     }
 
+    /// Random cells the found cell is compared with unless told.
+    pub const DEFAULT_BASELINE: usize = 5;
+
+    /// The recipe of the re-training and of the baseline: the child's, for the
+    /// re-training's epochs when there is one.
+    pub fn retrain_recipe(&self) -> Recipe {
+        let mut recipe = self.child.clone();
+        if let Some(retrain) = self.retrain {
+            recipe.epochs = retrain.epochs;
+            recipe.max_steps = None;
+        }
+        recipe
+    }
+
     /// Children a cluster trains at once unless told: the paper's controller batch.
     pub const CLUSTER_WORKERS: usize = 20;
 
@@ -166,7 +197,7 @@ impl Default for SearchConfig {
     /// The search `nas search` runs unless told otherwise: the paper's PPO controller over
     /// B = 5 blocks, 40 children of [`Recipe::small_search_child`] on 1,200 built-in images,
     /// one child per core at a time, seed 0, the best 5 cells listed, no re-training, children
-    /// on the CPU.
+    /// on the CPU, and the found cell compared with 5 random cells at the end.
     fn default() -> SearchConfig {
         let seed = 0;
         SearchConfig {
@@ -179,6 +210,7 @@ impl Default for SearchConfig {
             seed,
             top_k: 5,
             retrain: None,
+            baseline_random: SearchConfig::DEFAULT_BASELINE,
             device: cpu(),
         }
     }
@@ -346,6 +378,18 @@ pub enum JournalEvent {
         reason: Option<String>,
         seconds: f64,
     },
+    /// A cell of the random baseline trained (`index` 0: the found cell again, with a
+    /// fresh seed; 1..=K: random cells).
+    Baseline {
+        index: usize,
+        hash: String,
+        spec: CellSpec,
+        #[serde(default)]
+        reward: Option<f64>,
+        #[serde(default)]
+        reason: Option<String>,
+        seconds: f64,
+    },
     /// The budget was spent (and the top cells re-trained, if asked).
     End { time: u64, trained: usize, cached: usize, failed: usize },
 }
@@ -432,6 +476,8 @@ pub struct JournalSummary {
     pub failed: BTreeMap<u64, String>,
     /// Re-training rewards by id (`None`: the re-training failed).
     pub retrained: BTreeMap<u64, Option<f64>>,
+    /// The baseline's cells by index (0: the found cell) and their rewards (`None`: failed).
+    pub baseline: BTreeMap<usize, (CellSpec, Option<f64>)>,
 }
 
 impl JournalSummary {
@@ -470,6 +516,9 @@ impl JournalSummary {
                 JournalEvent::Retrained { id, reward, .. } => {
                     s.retrained.insert(*id, *reward);
                 }
+                JournalEvent::Baseline { index, spec, reward, .. } => {
+                    s.baseline.insert(*index, (spec.clone(), *reward));
+                }
                 _ => {}
             }
         }
@@ -479,6 +528,37 @@ impl JournalSummary {
     /// Children evaluated (trained, cached or failed).
     pub fn done(&self) -> usize {
         self.results.len() + self.failed.len()
+    }
+
+    /// The cell the search found: the best re-trained one, else the best by reward.
+    pub fn found(&self) -> Option<Scored> {
+        let retrained = |s: &Scored| self.retrained.get(&s.id).copied().flatten();
+        let all = self.top(usize::MAX);
+        let best_retrained = all.iter().filter(|s| retrained(s).is_some()).max_by(|a, b| {
+            retrained(a).unwrap_or(f64::MIN).total_cmp(&retrained(b).unwrap_or(f64::MIN)).then(b.id.cmp(&a.id))
+        });
+        best_retrained.or(all.first()).cloned()
+    }
+
+    /// The found cell against the random cells, once the baseline has trained the found
+    /// cell and at least one random cell.
+    pub fn comparison(&self) -> Option<Comparison> {
+        let found = self.baseline.get(&0)?.1?;
+        let random: Vec<f64> = self.baseline.range(1..).filter_map(|(_, (_, r))| *r).collect();
+        if random.is_empty() {
+            return None;
+        }
+        let failed = self.baseline.range(1..).filter(|(_, (_, r))| r.is_none()).count();
+        let mut sorted = random.clone();
+        sorted.sort_by(f64::total_cmp);
+        let median = if sorted.len() % 2 == 1 {
+            sorted[sorted.len() / 2]
+        } else {
+            (sorted[sorted.len() / 2 - 1] + sorted[sorted.len() / 2]) / 2.0
+        };
+        let beaten = random.iter().filter(|&&r| found > r).count();
+        let rank = 1 + random.iter().filter(|&&r| r > found).count();
+        Some(Comparison { found, random, median, beaten, rank, failed })
     }
 
     /// The best `k` distinct cells (by canonical hash) by reward, best first.
@@ -683,6 +763,9 @@ fn run_search_inner(
         if let Some(retrain) = config.retrain {
             complete = retrain_top(dir, config, retrain, executor, &mut journal, &mut summary, reporter)?;
         }
+    }
+    if complete && config.baseline_random > 0 {
+        complete = run_baseline(dir, config, executor, &mut journal, &mut summary, reporter)?;
     }
     if complete {
         let s = &summary;
@@ -896,10 +979,8 @@ fn retrain_top(
         return Ok(true);
     }
     reporter.message(&format!("re-training the top {} cells for {} epochs", todo.len(), retrain.epochs));
-    let mut recipe = config.child.clone();
-    recipe.epochs = retrain.epochs;
-    recipe.max_steps = None;
-    let mut trials: VecDeque<Trial> = todo
+    let recipe = config.retrain_recipe();
+    let trials = todo
         .iter()
         .map(|s| Trial {
             id: s.id,
@@ -911,11 +992,100 @@ fn retrain_top(
             device: config.device.clone(),
         })
         .collect();
+    train_all(trials, config.workers, executor, reporter, &mut |result, reward, reason| {
+        journal.append(&JournalEvent::Retrained { id: result.id, reward, reason, seconds: result.seconds })?;
+        summary.retrained.insert(result.id, reward);
+        Ok(match reward {
+            Some(r) => format!("re-trained child {}: reward {r:.4}", result.id),
+            None => format!("re-training child {} failed", result.id),
+        })
+    })
+}
+
+/// Baseline trials' ids: above any proposal's.
+const BASELINE_IDS: u64 = 1 << 48;
+
+/// Trains the found cell again (fresh seed) beside `baseline_random` uniformly drawn cells
+/// of the space, those not trained yet, journaling each as `baseline`. Returns false when
+/// stopped.
+fn run_baseline(
+    dir: &Path,
+    config: &SearchConfig,
+    executor: &mut dyn Executor,
+    journal: &mut Journal,
+    summary: &mut JournalSummary,
+    reporter: &mut dyn SearchReporter,
+) -> Result<bool, TrainError> {
+    let Some(found) = summary.found() else { return Ok(true) };
+    // The random cells depend on the seed only, so a resumed search draws the same ones.
+    let space = SearchSpace::with_blocks(config.num_blocks);
+    let mut rng = nas_space::SpaceRng::new(config.seed ^ 0xBA5E_11E5);
+    let mut cells = vec![found.spec];
+    cells.extend((0..config.baseline_random).map(|_| space.sample(&mut rng)));
+    let recipe = config.retrain_recipe();
+    let trials: VecDeque<Trial> = cells
+        .into_iter()
+        .enumerate()
+        .filter(|(k, _)| !summary.baseline.contains_key(k))
+        .map(|(k, spec)| Trial {
+            id: BASELINE_IDS + k as u64,
+            spec,
+            recipe: recipe.clone(),
+            data: config.data.clone(),
+            seed: (config.seed ^ 0xBA5E_11E5).wrapping_mul(1_000_003).wrapping_add(k as u64),
+            dir: dir.join("baseline").join(format!("{k:02}")),
+            device: config.device.clone(),
+        })
+        .collect();
+    if trials.is_empty() {
+        return Ok(true);
+    }
+    reporter.message(&format!(
+        "baseline: training the found cell and {} random cells alike ({} to go)",
+        config.baseline_random,
+        trials.len()
+    ));
+    let specs: HashMap<u64, CellSpec> = trials.iter().map(|t| (t.id, t.spec.clone())).collect();
+    train_all(trials, config.workers, executor, reporter, &mut |result, reward, reason| {
+        let index = (result.id - BASELINE_IDS) as usize;
+        let spec = specs[&result.id].clone();
+        let hash = spec.canonical_hash().to_string();
+        journal.append(&JournalEvent::Baseline {
+            index,
+            hash,
+            spec: spec.clone(),
+            reward,
+            reason,
+            seconds: result.seconds,
+        })?;
+        summary.baseline.insert(index, (spec, reward));
+        let what = if index == 0 { "the found cell".to_string() } else { format!("random cell {index}") };
+        Ok(match reward {
+            Some(r) => format!("baseline: {what}: reward {r:.4}"),
+            None => format!("baseline: {what} failed"),
+        })
+    })
+}
+
+/// Journals one training's result (its reward, or why it failed) and returns a line for the
+/// reporter.
+type Settle<'a> = dyn FnMut(&TrialResult, Option<f64>, Option<String>) -> Result<String, TrainError> + 'a;
+
+/// Trains `trials`, `workers` at a time, handing each result (its reward, or why it failed)
+/// to `settle`, which journals it and returns a line for the reporter. Returns false when
+/// stopped.
+fn train_all(
+    mut trials: VecDeque<Trial>,
+    workers: usize,
+    executor: &mut dyn Executor,
+    reporter: &mut dyn SearchReporter,
+    settle: &mut Settle<'_>,
+) -> Result<bool, TrainError> {
     let mut in_flight = 0;
     let mut stopped = false;
     loop {
         if !stopped {
-            let n = trials.len().min(config.workers.saturating_sub(in_flight));
+            let n = trials.len().min(workers.saturating_sub(in_flight));
             if n > 0 {
                 in_flight += n;
                 executor.submit(trials.drain(..n).collect(), &mut |line| reporter.message(line))?;
@@ -928,47 +1098,70 @@ fn retrain_top(
         if results.is_empty() {
             return Err(TrainError::Config {
                 field: "executor",
-                message: format!("{} returned no result with {in_flight} re-trainings in flight", executor.name()),
+                message: format!("{} returned no result with {in_flight} trainings in flight", executor.name()),
             });
         }
         for result in results {
             in_flight -= 1;
-            let (reward, reason) = match result.outcome {
-                Outcome::Trained { top1, .. } => (Some(top1), None),
-                Outcome::Failed { reason } => (None, Some(reason)),
+            let (reward, reason) = match &result.outcome {
+                Outcome::Trained { top1, .. } => (Some(*top1), None),
+                Outcome::Failed { reason } => (None, Some(reason.clone())),
                 Outcome::Interrupted => {
                     stopped = true;
                     continue;
                 }
             };
-            journal.append(&JournalEvent::Retrained { id: result.id, reward, reason, seconds: result.seconds })?;
-            summary.retrained.insert(result.id, reward);
-            reporter.message(&match reward {
-                Some(r) => format!("re-trained child {}: reward {r:.4}", result.id),
-                None => format!("re-training child {} failed", result.id),
-            });
+            let line = settle(&result, reward, reason)?;
+            reporter.message(&line);
         }
+    }
+}
+
+/// The found cell trained again beside random cells of the space, all alike (`best.json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Comparison {
+    /// The found cell's reward.
+    pub found: f64,
+    /// Each random cell's reward, in draw order (failed ones left out).
+    pub random: Vec<f64>,
+    /// Their median.
+    pub median: f64,
+    /// Random cells the found cell beat (strictly).
+    pub beaten: usize,
+    /// The found cell's rank among all of them (1: none better).
+    pub rank: usize,
+    /// Random cells whose training failed.
+    pub failed: usize,
+}
+
+impl Comparison {
+    /// One sentence: "the found cell beat 4 of 5 random cells: 0.6100 vs median 0.4800".
+    pub fn sentence(&self) -> String {
+        let failed = if self.failed > 0 { format!(" ({} failed)", self.failed) } else { String::new() };
+        format!(
+            "the found cell beat {} of {} random cells{failed}: {:.4} vs median {:.4} (rank {} of {})",
+            self.beaten,
+            self.random.len(),
+            self.found,
+            self.median,
+            self.rank,
+            self.random.len() + 1
+        )
     }
 }
 
 /// Writes `best.json` and `top.json` from the journal.
 pub fn write_best(dir: &Path, summary: &JournalSummary, top_k: usize) -> Result<(), TrainError> {
     let top = summary.top(top_k.max(1));
-    let Some(mut best) = top.first() else { return Ok(()) };
-    let retrained = |s: &Scored| summary.retrained.get(&s.id).copied().flatten();
-    let all = summary.top(usize::MAX);
-    if let Some(b) = all.iter().filter(|s| retrained(s).is_some()).max_by(|a, b| {
-        retrained(a).unwrap_or(f64::MIN).total_cmp(&retrained(b).unwrap_or(f64::MIN)).then(b.id.cmp(&a.id))
-    }) {
-        best = b;
-    }
+    let Some(best) = summary.found() else { return Ok(()) };
     let best = BestCell {
         id: best.id,
         reward: best.reward,
-        retrain_reward: retrained(best),
+        retrain_reward: summary.retrained.get(&best.id).copied().flatten(),
         hash: best.hash.clone(),
         cell_spec: best.spec.clone(),
         children_evaluated: summary.done(),
+        vs_random: summary.comparison(),
     };
     write_json(&dir.join(files::BEST), &best)?;
     let cells = top
@@ -1000,6 +1193,9 @@ pub struct BestCell {
     pub cell_spec: CellSpec,
     /// Children evaluated when it was written.
     pub children_evaluated: usize,
+    /// The found cell trained again beside random cells, when the search had a baseline.
+    #[serde(default)]
+    pub vs_random: Option<Comparison>,
 }
 
 impl JsonFile for BestCell {
@@ -1040,6 +1236,28 @@ mod tests {
     use super::*;
     use crate::data::EvalSplit;
 
+    /// The comparison counts strict wins, ranks ties in the found cell's favour, takes the
+    /// median of an even count as the midpoint and leaves failed cells out.
+    #[test]
+    fn the_comparison_counts_wins_and_the_median() {
+        let spec = CellSpec::nasnet_a();
+        let mut summary = JournalSummary::default();
+        assert_eq!(summary.comparison(), None);
+        for (k, r) in [(0, Some(0.5)), (1, Some(0.4)), (2, Some(0.6)), (3, None), (4, Some(0.5)), (5, Some(0.3))] {
+            summary.baseline.insert(k, (spec.clone(), r));
+        }
+        let c = summary.comparison().unwrap();
+        assert_eq!(c.random, vec![0.4, 0.6, 0.5, 0.3]);
+        assert_eq!((c.beaten, c.rank, c.failed), (2, 2, 1));
+        assert!((c.median - 0.45).abs() < 1e-12);
+        assert_eq!(
+            c.sentence(),
+            "the found cell beat 2 of 4 random cells (1 failed): 0.5000 vs median 0.4500 (rank 2 of 5)"
+        );
+        summary.baseline.insert(0, (spec, None));
+        assert_eq!(summary.comparison(), None, "no comparison without the found cell's reward");
+    }
+
     /// A child that trains in well under a second.
     pub(crate) fn tiny_child() -> Recipe {
         let mut r = Recipe::search_child();
@@ -1064,6 +1282,7 @@ mod tests {
             seed: 5,
             top_k: 3,
             retrain: None,
+            baseline_random: 0,
             device: "cpu".into(),
         }
     }
@@ -1102,7 +1321,8 @@ mod tests {
         let dir = temp_dir("e2e");
         let strategy =
             StrategyConfig::Evolution(EvolutionConfig { population_size: 3, sample_size: 2, failure_reward: None });
-        let with_retrain = SearchConfig { retrain: Some(Retrain { top: 2, epochs: 2 }), ..config(strategy, 6) };
+        let with_retrain =
+            SearchConfig { retrain: Some(Retrain { top: 2, epochs: 2 }), baseline_random: 2, ..config(strategy, 6) };
         let outcome = search(&dir, &with_retrain, &mut LocalExecutor::threads(), None, &mut Silent2).unwrap();
         assert!(outcome.complete);
         let events = read_journal(&dir.join(files::JOURNAL)).unwrap();
@@ -1128,6 +1348,24 @@ mod tests {
         let top: TopCells = read_json(&dir.join(files::TOP)).unwrap();
         assert_eq!(top.cells.iter().map(|c| c.rank).collect::<Vec<_>>(), (1..=top.cells.len()).collect::<Vec<_>>());
         assert_eq!(top.cells[0].id, summary.top(1)[0].id);
+        // The baseline: the found cell again and 2 random cells, once each, before the end.
+        let baseline: Vec<usize> = events
+            .iter()
+            .filter_map(|e| if let JournalEvent::Baseline { index, .. } = e { Some(*index) } else { None })
+            .collect();
+        let mut sorted = baseline.clone();
+        sorted.sort();
+        assert_eq!(sorted, vec![0, 1, 2]);
+        assert_eq!(summary.baseline[&0].0, best.cell_spec, "index 0 is the found cell");
+        assert_ne!(summary.baseline[&1].0, summary.baseline[&2].0);
+        let vs = best.vs_random.clone().expect("best.json compares with the random cells");
+        assert_eq!((vs.random.len(), Some(vs.found)), (2, summary.baseline[&0].1));
+        assert!(vs.sentence().starts_with(&format!("the found cell beat {} of 2 random cells", vs.beaten)));
+        // Resuming a finished search trains nothing again.
+        resume_search(&dir, None, &mut LocalExecutor::threads(), None, &mut Silent2).unwrap();
+        let after = read_journal(&dir.join(files::JOURNAL)).unwrap();
+        let count = |evs: &[JournalEvent]| evs.iter().filter(|e| matches!(e, JournalEvent::Baseline { .. })).count();
+        assert_eq!(count(&after), 3);
         // Children keep their report but not their weights.
         let child = dir.join(files::CHILDREN).join("00000");
         assert!(child.join(run::files::REPORT).is_file());
@@ -1221,6 +1459,7 @@ mod tests {
             hash: CellSpec::nasnet_a().canonical_hash().to_string(),
             cell_spec: CellSpec::nasnet_a(),
             children_evaluated: 4,
+            vs_random: None,
         };
         let path = dir.join(files::BEST);
         fs::write(&path, serde_json::to_string(&best).unwrap()).unwrap();

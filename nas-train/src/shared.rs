@@ -104,6 +104,9 @@ pub struct SharedConfig {
     /// The ops searched: the paper's 13 (`false`) or ENAS's 5 (`true`); add is the only
     /// combine either way.
     pub enas_ops: bool,
+    /// The ops searched, when not one of the two named sets.
+    #[serde(default)]
+    pub ops: Option<Vec<nas_space::Op>>,
     /// One set of weights per state an op reads (ENAS's keying) instead of one per shape
     /// (`nas_ops::supernet::Sharing`).
     #[serde(default)]
@@ -133,6 +136,7 @@ impl SharedConfig {
             strategy,
             num_blocks: 5,
             enas_ops: false,
+            ops: None,
             per_input_weights: false,
             data: DataSource::synthetic(2400),
             child: Recipe::small_search_child(seed),
@@ -145,7 +149,10 @@ impl SharedConfig {
 
     /// The searched space.
     pub fn space(&self) -> SearchSpace {
-        let space = if self.enas_ops { SearchSpace::enas() } else { SearchSpace::nasnet() };
+        let mut space = if self.enas_ops { SearchSpace::enas() } else { SearchSpace::nasnet() };
+        if let Some(ops) = &self.ops {
+            space.ops = ops.clone();
+        }
         SearchSpace { num_blocks: self.num_blocks, ..space.add_only() }
     }
 }
@@ -158,6 +165,8 @@ pub struct EpochReport {
     /// Phase A's mean loss and top-1 on the training batches.
     pub shared_loss: f64,
     pub shared_top1: f64,
+    /// Phase A's median global gradient norm (before clipping).
+    pub shared_grad_norm: f64,
     /// Phase B's rewards, in order.
     pub rewards: Vec<f64>,
     /// Their mean.
@@ -232,10 +241,13 @@ fn search_here(
         let started = Instant::now();
         let cells = strategy.sample(steps_per_epoch as usize).map_err(ctl)?;
         let (mut loss, mut top1, mut n) = (0.0, 0.0, 0.0f64);
+        let mut norms = Vec::with_capacity(cells.len());
         for (batch, spec) in train_batches.epoch(epoch).zip(&cells) {
             let m = trainer.train_step(spec, &batch?)?;
             (loss, top1, n) = (loss + m.loss, top1 + m.top1, n + 1.0);
+            norms.push(m.grad_norm);
         }
+        norms.sort_by(f64::total_cmp);
         let seconds_a = started.elapsed().as_secs_f64();
         // Phase B.
         let started = Instant::now();
@@ -275,6 +287,7 @@ fn search_here(
             epoch: epoch + 1,
             shared_loss: loss / n.max(1.0),
             shared_top1: top1 / n.max(1.0),
+            shared_grad_norm: norms.get(norms.len() / 2).copied().unwrap_or(0.0),
             mean_reward: rewards.iter().sum::<f64>() / rewards.len() as f64,
             rewards,
             strategy: strategy.stats(),

@@ -295,7 +295,8 @@ fn train_eval_and_resume_a_tiny_run() {
 }
 
 /// A tiny search through the binary: its folder holds the journal, best.json, the top cells
-/// as SVG and the reward plot; `nas worker` trains one trial from a file.
+/// as SVG, the reward plot and the comparison with random cells (a sentence in the output
+/// and in report.md, a plot); `nas worker` trains one trial from a file.
 #[test]
 fn search_and_worker_end_to_end() {
     let dir = std::env::temp_dir().join(format!("nas-cli-search-{}", std::process::id()));
@@ -323,11 +324,15 @@ fn search_and_worker_end_to_end() {
         "--progress",
         "plain",
     ];
-    let mut args = vec!["search", "--strategy", "random"];
+    let mut args = vec!["search", "--strategy", "random", "--baseline-random", "2"];
     args.extend(tiny);
     let text = stdout_of(&args);
     assert!(text.contains("3 children evaluated"), "{text}");
+    assert!(text.contains("the found cell beat ") && text.contains(" of 2 random cells: "), "{text}");
     let run = dir.join("random");
+    let report = std::fs::read_to_string(run.join("report.md")).unwrap();
+    assert!(report.contains(" of 2 random cells: ") && report.contains("| random 2 |"), "{report}");
+    assert!(std::fs::read_to_string(run.join("baseline.svg")).unwrap().contains("found cell"));
     let best: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("best.json")).unwrap()).unwrap();
     assert!(best["reward"].as_f64().unwrap() >= 0.0);
@@ -336,7 +341,17 @@ fn search_and_worker_end_to_end() {
     let svgs = std::fs::read_dir(run.join("cells")).unwrap().count();
     assert_eq!(svgs, 2);
     // A second strategy into the same folder: one curve each in the plot.
-    let mut args = vec!["search", "--strategy", "evolution", "--retrain-top", "1", "--retrain-epochs", "2"];
+    let mut args = vec![
+        "search",
+        "--strategy",
+        "evolution",
+        "--retrain-top",
+        "1",
+        "--retrain-epochs",
+        "2",
+        "--baseline-random",
+        "0",
+    ];
     args.extend(tiny);
     let text = stdout_of(&args);
     assert!(text.contains("re-trained"), "{text}");
@@ -387,6 +402,8 @@ fn a_killed_search_resumes_without_losing_or_retraining_children() {
         "2",
         "--child-batch",
         "16",
+        "--baseline-random",
+        "0",
         "--out",
         d,
         "--progress",
