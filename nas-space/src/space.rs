@@ -69,30 +69,32 @@ pub struct Mutation {
     pub cell: CellKind,
     /// The mutated block.
     pub block: usize,
-    /// The mutated side.
-    pub side: Side,
+    /// The mutated side (none for a combine, which belongs to the block).
+    pub side: Option<Side>,
     /// The change itself.
     pub change: MutationChange,
 }
 
-/// The two mutation kinds of regularized evolution.
+/// The mutation kinds of regularized evolution (the paper's two, and the combine of this
+/// project's space).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MutationChange {
     /// Hidden-state mutation: the side reads another state.
     Input { from: usize, to: usize },
     /// Op mutation: the side applies another op.
     Op { from: Op, to: Op },
+    /// Combine mutation: the block combines its two sides another way.
+    Combine { from: Combine, to: Combine },
 }
 
 impl fmt::Display for Mutation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.change {
-            MutationChange::Input { from, to } => {
-                write!(f, "{} cell, block {}, {} input: h{from} -> h{to}", self.cell, self.block, self.side)
-            }
-            MutationChange::Op { from, to } => {
-                write!(f, "{} cell, block {}, {} op: {from} -> {to}", self.cell, self.block, self.side)
-            }
+        write!(f, "{} cell, block {}, ", self.cell, self.block)?;
+        match (self.change, self.side) {
+            (MutationChange::Input { from, to }, Some(side)) => write!(f, "{side} input: h{from} -> h{to}"),
+            (MutationChange::Op { from, to }, Some(side)) => write!(f, "{side} op: {from} -> {to}"),
+            (MutationChange::Combine { from, to }, _) => write!(f, "combine: {from} -> {to}"),
+            (change, None) => write!(f, "{change:?}"),
         }
     }
 }
@@ -309,10 +311,12 @@ impl SearchSpace {
         CellSpec { normal, reduction }
     }
 
-    /// Regularized evolution's mutation: pick a cell, a block and a side uniformly, then
-    /// with equal odds make it read another state or apply another op (uniform among
-    /// the other choices). Exactly one decision changes. When the space has a single op,
-    /// only inputs can change. `spec` must lie in the space.
+    /// Regularized evolution's mutation: pick a cell and a block uniformly, then one kind of
+    /// change with equal odds among those the space allows: make one side (picked uniformly)
+    /// read another state, make it apply another op (when the space has more than one op),
+    /// or combine the block's sides another way (when it has more than one combine). In the
+    /// paper's space each kind has probability 1/3; the new choice is uniform among the
+    /// others. Exactly one decision changes. `spec` must lie in the space.
     pub fn mutate(&self, spec: &CellSpec, rng: &mut SpaceRng) -> Result<(CellSpec, Mutation), SpecError> {
         self.validate()?;
         self.validate_spec(spec)?;
@@ -321,22 +325,38 @@ impl SearchSpace {
         let block = rng.below(self.num_blocks);
         let side = Side::BOTH[rng.below(2)];
         let b = &mut child.cell_mut(cell).blocks[block];
-        let mutate_op = self.ops.len() > 1 && rng.below(2) == 1;
-        let change = if mutate_op {
-            let from = b.ops[side.index()];
-            let others: Vec<Op> = self.ops.iter().copied().filter(|&op| op != from).collect();
-            let to = others[rng.below(others.len())];
-            b.ops[side.index()] = to;
-            MutationChange::Op { from, to }
-        } else {
-            let from = b.inputs[side.index()];
-            // Block `block` reads among 2 + block states; skip `from`.
-            let mut to = rng.below(1 + block);
-            if to >= from {
-                to += 1;
+        let mut kinds = vec![0];
+        if self.ops.len() > 1 {
+            kinds.push(1);
+        }
+        if self.combines.len() > 1 {
+            kinds.push(2);
+        }
+        let (side, change) = match kinds[rng.below(kinds.len())] {
+            1 => {
+                let from = b.ops[side.index()];
+                let others: Vec<Op> = self.ops.iter().copied().filter(|&op| op != from).collect();
+                let to = others[rng.below(others.len())];
+                b.ops[side.index()] = to;
+                (Some(side), MutationChange::Op { from, to })
             }
-            b.inputs[side.index()] = to;
-            MutationChange::Input { from, to }
+            2 => {
+                let from = b.combine;
+                let others: Vec<Combine> = self.combines.iter().copied().filter(|&c| c != from).collect();
+                let to = others[rng.below(others.len())];
+                b.combine = to;
+                (None, MutationChange::Combine { from, to })
+            }
+            _ => {
+                let from = b.inputs[side.index()];
+                // Block `block` reads among 2 + block states; skip `from`.
+                let mut to = rng.below(1 + block);
+                if to >= from {
+                    to += 1;
+                }
+                b.inputs[side.index()] = to;
+                (Some(side), MutationChange::Input { from, to })
+            }
         };
         Ok((child, Mutation { cell, block, side, change }))
     }

@@ -453,9 +453,9 @@ fn sampling_is_seeded_valid_and_covers_the_space() {
 fn mutation_changes_exactly_one_decision() {
     let space = SearchSpace::nasnet();
     let mut rng = SpaceRng::new(3);
-    let mut kinds = [0usize; 2];
+    let mut kinds = [0usize; 3];
     let mut spec = CellSpec::nasnet_a();
-    for _ in 0..2000 {
+    for _ in 0..3000 {
         let (child, mutation) = space.mutate(&spec, &mut rng).unwrap();
         space.validate_spec(&child).unwrap();
         let before = space.encode(&spec).unwrap();
@@ -463,7 +463,7 @@ fn mutation_changes_exactly_one_decision() {
         let diff: Vec<usize> = (0..before.len()).filter(|&i| before[i] != after[i]).collect();
         assert_eq!(diff.len(), 1, "{mutation}");
         let step = space.steps()[diff[0]];
-        assert_eq!((step.cell, step.block, step.side), (mutation.cell, mutation.block, Some(mutation.side)));
+        assert_eq!((step.cell, step.block, step.side), (mutation.cell, mutation.block, mutation.side));
         match mutation.change {
             MutationChange::Input { from, to } => {
                 kinds[0] += 1;
@@ -474,14 +474,20 @@ fn mutation_changes_exactly_one_decision() {
                 kinds[1] += 1;
                 assert_ne!(from, to);
             }
+            MutationChange::Combine { from, to } => {
+                kinds[2] += 1;
+                assert_ne!(from, to);
+                assert_eq!(child.cell(mutation.cell).blocks[mutation.block].combine, to);
+            }
         }
         // The output rule is kept (NASNet-A's explicit lists survive mutation).
         assert_eq!(child.reduction.output, spec.reduction.output);
         spec = child;
     }
-    assert!(kinds[0] > 800 && kinds[1] > 800, "{kinds:?}");
-    // With a single op, only inputs mutate.
-    let one_op = SearchSpace { ops: vec![Op::SepConv3x3], ..SearchSpace::nasnet() };
+    // Each kind a third of the time (1,000 expected; 4 standard deviations is about 100).
+    assert!(kinds.iter().all(|&k| (900..1100).contains(&k)), "{kinds:?}");
+    // With a single op and a single combine, only inputs mutate.
+    let one_op = SearchSpace { ops: vec![Op::SepConv3x3], ..SearchSpace::nasnet().add_only() };
     let spec = one_op.sample(&mut rng);
     for _ in 0..50 {
         let (_, m) = one_op.mutate(&spec, &mut rng).unwrap();
