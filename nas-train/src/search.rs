@@ -195,7 +195,7 @@ impl SearchConfig {
 
 impl Default for SearchConfig {
     /// The search `nas search` runs unless told otherwise: the paper's PPO controller over
-    /// B = 5 blocks, 40 children of [`Recipe::small_search_child`] on 1,200 built-in images,
+    /// B = 5 blocks, 40 children of [`Recipe::small_search_child`] on 2,000 built-in images,
     /// one child per core at a time, seed 0, the best 5 cells listed, no re-training, children
     /// on the CPU, and the found cell compared with 5 random cells at the end.
     fn default() -> SearchConfig {
@@ -206,7 +206,7 @@ impl Default for SearchConfig {
             children: 40,
             workers: SearchConfig::local_workers(),
             child: Recipe::small_search_child(seed),
-            data: DataSource::synthetic(1200),
+            data: DataSource::synthetic(2000),
             seed,
             top_k: 5,
             retrain: None,

@@ -42,13 +42,15 @@ fn the_default_search_child_trains_without_the_command_line() {
     assert_eq!(defaults.child, Recipe::small_search_child(defaults.seed));
     assert_eq!(
         (defaults.strategy.name(), defaults.children, defaults.data.to_string()),
-        ("ppo", 40, "synthetic:1200".into())
+        ("ppo", 40, "synthetic:2000".into())
     );
+    assert_eq!(defaults.baseline_random, 5);
     let config = SearchConfig {
         children: 1,
         workers: 1,
         data: DataSource::synthetic(64),
         child: Recipe { epochs: 1, ..defaults.child.clone() },
+        baseline_random: 0,
         ..defaults
     };
     let outcome = search::search(&dir.0.join("ppo"), &config, &mut LocalExecutor::threads(), None, &mut Quiet).unwrap();
