@@ -108,7 +108,7 @@ enum Command {
     /// Evaluate a run's checkpoint (loss, top-1, top-5) on a data set.
     Eval(train::EvalArgs),
     /// Search for a cell: a strategy proposes, children train, accuracy is the reward.
-    Search(search::SearchArgs),
+    Search(Box<search::SearchArgs>),
     /// Train one child of a search from a trial file (how other executors dispatch work).
     Worker(search::WorkerArgs),
     /// Transfer a cell: stack it into the ImageNet skeleton and train it with the ImageNet

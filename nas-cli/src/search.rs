@@ -10,14 +10,15 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use nas_controller::StrategyConfig;
+use nas_space::cost::group;
 use nas_space::files::read_json;
 use nas_space::render;
 use nas_train::data::DataSource;
 use nas_train::executor;
 use nas_train::recipe::Recipe;
 use nas_train::search::{
-    self, files, read_journal, BestCell, Comparison, Executor, JournalEvent, JournalSummary, LocalExecutor, Retrain,
-    Scored, SearchConfig, SearchLog, SearchReporter, Trial,
+    self, files, read_journal, BestCell, Budget, Comparison, Executor, JournalEvent, JournalSummary, LocalExecutor,
+    Retrain, Scored, SearchConfig, SearchLog, SearchReporter, TopCells, Trial,
 };
 use nas_train::slurm::{self, SlurmConfig, SlurmExecutor};
 
@@ -92,6 +93,8 @@ pub struct SearchArgs {
     /// ranks among them (best.json, report.md, baseline.svg); 0 skips it.
     #[arg(long, default_value_t = SearchConfig::DEFAULT_BASELINE)]
     pub baseline_random: usize,
+    #[command(flatten)]
+    pub budget: BudgetArgs,
     /// Train children in this process (threads) instead of one `nas worker` process each.
     #[arg(long, conflicts_with = "executor")]
     pub in_process: bool,
@@ -108,6 +111,48 @@ pub struct SearchArgs {
     /// How progress is shown.
     #[arg(long, value_enum, default_value_t = Progress::Auto)]
     pub progress: Progress,
+}
+
+/// Cost limits and the cost-aware reward. Costs are counted analytically in the network the
+/// found cell is meant for (`--target-net`), so no training is spent on them.
+#[derive(Debug, Args, Default)]
+#[command(next_help_heading = "Budget")]
+pub struct BudgetArgs {
+    /// Never train a cell whose network has more mult-adds per image than this.
+    #[arg(long)]
+    pub max_mult_adds: Option<u64>,
+    /// Never train a cell whose network has more trainable parameters than this.
+    #[arg(long)]
+    pub max_params: Option<u64>,
+    /// The reward a cell over a limit gets (the strategy learns from it).
+    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
+    pub budget_penalty: f64,
+    /// MnasNet's soft reward: accuracy × (mult-adds / T)^w.
+    #[arg(long)]
+    pub target_mult_adds: Option<u64>,
+    /// The exponent w of the soft reward.
+    #[arg(long, default_value_t = Budget::MNASNET_COST_WEIGHT, allow_hyphen_values = true)]
+    pub cost_weight: f64,
+    /// The network costs are counted in: `mobile`, `large`, `N@P` or `cifar|mobile|large:N@P`.
+    #[arg(long, default_value = "mobile")]
+    pub target_net: String,
+}
+
+impl BudgetArgs {
+    /// The budget, when a limit or a target is given.
+    fn budget(&self) -> Option<Budget> {
+        if self.max_mult_adds.is_none() && self.max_params.is_none() && self.target_mult_adds.is_none() {
+            return None;
+        }
+        Some(Budget {
+            target_net: self.target_net.clone(),
+            max_mult_adds: self.max_mult_adds,
+            max_params: self.max_params,
+            penalty: self.budget_penalty,
+            target_mult_adds: self.target_mult_adds,
+            cost_weight: self.cost_weight,
+        })
+    }
 }
 
 /// Where children are trained.
@@ -266,6 +311,7 @@ pub fn search_config(args: &SearchArgs) -> Result<SearchConfig> {
         top_k: args.top_k,
         retrain: (args.retrain_top > 0).then_some(Retrain { top: args.retrain_top, epochs: args.retrain_epochs }),
         baseline_random: args.baseline_random,
+        budget: args.budget.budget(),
         device: args.device.clone(),
         ..SearchConfig::default()
     };
@@ -290,8 +336,14 @@ impl SearchReporter for Bar {
         if let Some(best) = best {
             self.bar.set_message(format!("best {:.4} (child {})", best.reward, best.id));
         }
-        if let JournalEvent::Failed { id, reason, .. } = event {
-            self.bar.println(format!("child {id} failed: {}", reason.lines().next().unwrap_or("")));
+        match event {
+            JournalEvent::Failed { id, reason, .. } => {
+                self.bar.println(format!("child {id} failed: {}", reason.lines().next().unwrap_or("")))
+            }
+            JournalEvent::Rejected { id, reason, .. } => {
+                self.bar.println(format!("proposal {id}: not trained: {reason}"))
+            }
+            _ => {}
         }
     }
     fn message(&mut self, text: &str) {
@@ -374,6 +426,7 @@ pub fn run(args: &SearchArgs, out: &mut String) -> Result<()> {
     let config = search::read_search_config(&dir)?;
     write_pictures(&dir, &outcome.summary, config.top_k)?;
     let plot = plot_rewards(&args.out)?;
+    let costs = plot_costs(&dir, &outcome.summary, &config)?;
     use std::fmt::Write as _;
     let s = &outcome.summary;
     let trained = s.results.iter().filter(|r| !r.cached).count();
@@ -399,24 +452,50 @@ pub fn run(args: &SearchArgs, out: &mut String) -> Result<()> {
             dir.join(files::BEST).display()
         )?;
     }
-    if let Some(vs) = read_json::<BestCell>(&dir.join(files::BEST)).ok().and_then(|b| b.vs_random) {
+    let vs = read_json::<BestCell>(&dir.join(files::BEST)).ok().and_then(|b| b.vs_random);
+    if let Some(vs) = &vs {
         writeln!(out, "{}", vs.sentence())?;
-        writeln!(out, "report: {}", write_report(&dir, &config, &vs)?.display())?;
+    }
+    if dir.join(files::TOP).exists() {
+        writeln!(out, "report: {}", write_report(&dir, &config, vs.as_ref())?.display())?;
     }
     writeln!(out, "journal: {}", dir.join(files::JOURNAL).display())?;
     writeln!(out, "top cells: {}", dir.join("cells").display())?;
     writeln!(out, "reward plot: {}", plot.display())?;
+    if let Some(costs) = costs {
+        writeln!(out, "accuracy against cost: {}", costs.display())?;
+    }
     Ok(())
 }
 
-/// Writes `dir/report.md` (the comparison with the random cells, in a sentence and a table)
-/// and `dir/baseline.svg` (every reward of the comparison); returns the report's path.
-fn write_report(dir: &Path, config: &SearchConfig, vs: &Comparison) -> Result<PathBuf> {
+/// Writes `dir/report.md`: the comparison with the random cells in a sentence and a table
+/// (with `dir/baseline.svg`, every reward of the comparison) when there is one, then the top
+/// cells with their accuracy and cost; returns the report's path.
+fn write_report(dir: &Path, config: &SearchConfig, vs: Option<&Comparison>) -> Result<PathBuf> {
+    use std::fmt::Write as _;
+    let mut md = String::new();
+    writeln!(md, "# Search report\n")?;
+    if let Some(vs) = vs {
+        comparison_md(&mut md, dir, config, vs)?;
+    }
+    let top: TopCells = read_json(&dir.join(files::TOP))?;
+    writeln!(md, "## Top cells\n")?;
+    writeln!(md, "Costs are those of the cell in `{}` (inference, no aux head).\n", top.cost_network)?;
+    writeln!(md, "| rank | child | reward | accuracy | mult-adds | parameters |\n|---|---|---|---|---|---|")?;
+    for c in &top.cells {
+        let (m, p) = c.cost.map_or(("-".into(), "-".into()), |c| (group(c.mult_adds), group(c.params)));
+        writeln!(md, "| {} | {} | {:.4} | {:.4} | {m} | {p} |", c.rank, c.id, c.reward, c.accuracy)?;
+    }
+    let path = dir.join("report.md");
+    nas_space::files::write_atomic(&path, md.as_bytes()).with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
+}
+
+/// The comparison with the random cells: a sentence, what was trained, a table and the plot.
+fn comparison_md(md: &mut String, dir: &Path, config: &SearchConfig, vs: &Comparison) -> Result<()> {
     use std::fmt::Write as _;
     let plot = plot_baseline(dir, vs)?;
     let recipe = config.retrain_recipe();
-    let mut md = String::new();
-    writeln!(md, "# Search report\n")?;
     writeln!(md, "**{}.**\n", capitalise(&vs.sentence()))?;
     writeln!(
         md,
@@ -438,12 +517,10 @@ fn write_report(dir: &Path, config: &SearchConfig, vs: &Comparison) -> Result<Pa
     writeln!(md, "| random median | {:.4} |\n", vs.median)?;
     writeln!(
         md,
-        "![rewards of the found and the random cells]({})",
+        "![rewards of the found and the random cells]({})\n",
         plot.file_name().unwrap_or_default().to_string_lossy()
     )?;
-    let path = dir.join("report.md");
-    nas_space::files::write_atomic(&path, md.as_bytes()).with_context(|| format!("writing {}", path.display()))?;
-    Ok(path)
+    Ok(())
 }
 
 fn capitalise(s: &str) -> String {
@@ -494,6 +571,85 @@ fn plot_baseline(dir: &Path, vs: &Comparison) -> Result<PathBuf> {
         backend.present().map_err(|e| svg_err(&e))?;
     }
     Ok(path)
+}
+
+/// `dir/costs.svg`: each trained child's accuracy against its mult-adds in the budget's
+/// target network (`mobile` without a budget), the Pareto front (no other child both more
+/// accurate and cheaper) drawn as a line. None when no child trained.
+fn plot_costs(dir: &Path, summary: &JournalSummary, config: &SearchConfig) -> Result<Option<PathBuf>> {
+    use plotters::prelude::*;
+    let budget = config.budget.clone().unwrap_or_else(|| Budget::on("mobile"));
+    let mut points: Vec<(f64, f64)> = summary
+        .results
+        .iter()
+        .filter(|r| !r.cached)
+        .filter_map(|r| budget.cost(&r.spec).ok().map(|c| (c.mult_adds as f64 / 1e6, budget.accuracy(r.reward, c))))
+        .collect();
+    if points.is_empty() {
+        return Ok(None);
+    }
+    points.sort_by(|a, b| a.0.total_cmp(&b.0).then(b.1.total_cmp(&a.1)));
+    let mut front: Vec<(f64, f64)> = Vec::new();
+    for &(m, acc) in &points {
+        if front.last().is_none_or(|&(_, best)| acc > best) {
+            front.push((m, acc));
+        }
+    }
+    let path = dir.join("costs.svg");
+    let (x_lo, x_hi) = (points[0].0 * 0.95, points[points.len() - 1].0 * 1.05 + 1e-9);
+    let (y_lo, y_hi) = points.iter().fold((f64::MAX, f64::MIN), |(lo, hi), p| (lo.min(p.1), hi.max(p.1)));
+    let (y_lo, y_hi) = ((y_lo - 0.02).max(0.0), (y_hi + 0.02).min(1.0));
+    let svg_err = |e: &dyn std::fmt::Display| anyhow::anyhow!("drawing {}: {e}", path.display());
+    {
+        let backend = SVGBackend::new(&path, (900, 560)).into_drawing_area();
+        backend.fill(&WHITE).map_err(|e| svg_err(&e))?;
+        let caption =
+            format!("Validation accuracy against mult-adds in {} (line: the Pareto front)", budget.target_net);
+        let mut chart = ChartBuilder::on(&backend)
+            .caption(caption, ("sans-serif", 18))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(56)
+            .build_cartesian_2d(x_lo..x_hi, y_lo..y_hi)
+            .map_err(|e| svg_err(&e))?;
+        chart
+            .configure_mesh()
+            .x_desc(format!("millions of mult-adds per image in {}", budget.target_net))
+            .y_desc("validation top-1")
+            .draw()
+            .map_err(|e| svg_err(&e))?;
+        chart
+            .draw_series(points.iter().map(|&p| Circle::new(p, 3, BLUE.mix(0.5).filled())))
+            .map_err(|e| svg_err(&e))?
+            .label("children")
+            .legend(|(x, y)| Circle::new((x + 9, y), 3, BLUE.filled()));
+        chart
+            .draw_series(LineSeries::new(front.iter().copied(), RED.stroke_width(2)))
+            .map_err(|e| svg_err(&e))?
+            .label("Pareto front")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], RED.stroke_width(2)));
+        for (limit, label) in [(budget.max_mult_adds, "mult-add limit"), (budget.target_mult_adds, "target")] {
+            if let Some(limit) = limit {
+                let x = limit as f64 / 1e6;
+                if (x_lo..x_hi).contains(&x) {
+                    chart
+                        .draw_series(LineSeries::new([(x, y_lo), (x, y_hi)], BLACK.stroke_width(1)))
+                        .map_err(|e| svg_err(&e))?
+                        .label(label)
+                        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], BLACK.stroke_width(1)));
+                }
+            }
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::LowerRight)
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| svg_err(&e))?;
+        backend.present().map_err(|e| svg_err(&e))?;
+    }
+    Ok(Some(path))
 }
 
 /// Draws the top cells as SVG into `dir/cells/`.

@@ -110,6 +110,9 @@ pub struct SearchConfig {
     /// with the same recipe (see the module docs); 0 skips it.
     #[serde(default)]
     pub baseline_random: usize,
+    /// Cost constraints and the cost-aware reward (none: accuracy alone).
+    #[serde(default)]
+    pub budget: Option<Budget>,
     /// Where each child trains: `cpu`, `cuda` or `cuda:N` (a worker's own GPU on Slurm with
     /// `--gres gpu:1`).
     #[serde(default = "cpu")]
@@ -150,6 +153,9 @@ impl SearchConfig {
             if r.top == 0 || r.epochs == 0 {
                 return err("retrain", "needs at least one cell and one epoch");
             }
+        }
+        if let Some(budget) = &self.budget {
+            budget.validate()?;
         }
         let device_ok = self.device == "cpu"
             || self.device == "cuda"
@@ -211,6 +217,7 @@ impl Default for SearchConfig {
             top_k: 5,
             retrain: None,
             baseline_random: SearchConfig::DEFAULT_BASELINE,
+            budget: None,
             device: cpu(),
         }
     }
@@ -219,6 +226,118 @@ impl Default for SearchConfig {
 impl Retrain {
     /// Epochs of each re-training unless told.
     pub const DEFAULT_EPOCHS: u64 = 10;
+}
+
+/// What a found cell may cost, and how cost enters the reward. Costs are those of the
+/// network the cell will be transferred to (`target_net`), from `nas_space::cost`'s
+/// analytical model, so no training is spent on them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Budget {
+    /// The network the costs are counted in: a `--net` value (`mobile`, `large`, `N@P`,
+    /// `cifar:N@P`; see `NetworkConfig::parse_net`), with its own image size and classes.
+    pub target_net: String,
+    /// Hard limit on mult-adds per image: a cell over it is never trained.
+    #[serde(default)]
+    pub max_mult_adds: Option<u64>,
+    /// Hard limit on trainable parameters: a cell over it is never trained.
+    #[serde(default)]
+    pub max_params: Option<u64>,
+    /// The reward the strategy gets for a cell over a hard limit.
+    #[serde(default)]
+    pub penalty: f64,
+    /// MnasNet's soft constraint (Tan et al. 2019): the reward is
+    /// `accuracy × (mult_adds / target)^cost_weight`.
+    #[serde(default)]
+    pub target_mult_adds: Option<u64>,
+    /// The exponent of the soft constraint (MnasNet: −0.07).
+    #[serde(default = "default_cost_weight")]
+    pub cost_weight: f64,
+}
+
+fn default_cost_weight() -> f64 {
+    Budget::MNASNET_COST_WEIGHT
+}
+
+/// A cell's cost in the budget's target network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CellCost {
+    /// Mult-adds per image (inference network, no aux head).
+    pub mult_adds: u64,
+    /// Trainable parameters (inference network, no aux head).
+    pub params: u64,
+}
+
+impl Budget {
+    /// Rejections per child of the budget after which a search gives up.
+    pub const MAX_REJECTED_PER_CHILD: usize = 100;
+
+    /// MnasNet's exponent for its soft latency constraint.
+    pub const MNASNET_COST_WEIGHT: f64 = -0.07;
+
+    /// A budget on `target_net` with no limit and no soft reward.
+    pub fn on(target_net: &str) -> Budget {
+        Budget {
+            target_net: target_net.to_string(),
+            max_mult_adds: None,
+            max_params: None,
+            penalty: 0.0,
+            target_mult_adds: None,
+            cost_weight: Budget::MNASNET_COST_WEIGHT,
+        }
+    }
+
+    /// Checks the fields; the error names the field.
+    pub fn validate(&self) -> Result<(), TrainError> {
+        let err = |field: &'static str, message: String| Err(TrainError::Config { field, message });
+        if let Err(e) = nas_space::NetworkConfig::parse_net(&self.target_net, &nas_space::CellSpec::nasnet_a()) {
+            return err("target_net", e.to_string());
+        }
+        if self.max_mult_adds == Some(0) || self.max_params == Some(0) || self.target_mult_adds == Some(0) {
+            return err("budget", "limits and targets must be at least 1".into());
+        }
+        if !self.penalty.is_finite() {
+            return err("penalty", format!("must be finite, got {}", self.penalty));
+        }
+        if !self.cost_weight.is_finite() {
+            return err("cost_weight", format!("must be finite, got {}", self.cost_weight));
+        }
+        Ok(())
+    }
+
+    /// The cost of `spec` in the target network.
+    pub fn cost(&self, spec: &CellSpec) -> Result<CellCost, nas_space::SpecError> {
+        let config = nas_space::NetworkConfig::parse_net(&self.target_net, spec)?;
+        let report = nas_space::cost::network_cost(spec, &config)?;
+        Ok(CellCost { mult_adds: report.network.mult_adds, params: report.network.params_trainable })
+    }
+
+    /// The accuracy behind a `reward` of a cell of `cost` ([`Budget::reward`] inverted).
+    pub fn accuracy(&self, reward: f64, cost: CellCost) -> f64 {
+        match self.target_mult_adds {
+            Some(target) => reward / (cost.mult_adds as f64 / target as f64).powf(self.cost_weight),
+            None => reward,
+        }
+    }
+
+    /// Why `cost` breaks a hard limit, if it does.
+    pub fn over(&self, cost: CellCost) -> Option<String> {
+        if let Some(max) = self.max_mult_adds.filter(|&max| cost.mult_adds > max) {
+            return Some(format!("{} mult-adds over the limit of {max} in {}", cost.mult_adds, self.target_net));
+        }
+        if let Some(max) = self.max_params.filter(|&max| cost.params > max) {
+            return Some(format!("{} parameters over the limit of {max} in {}", cost.params, self.target_net));
+        }
+        None
+    }
+
+    /// The reward of a cell of `cost` with validation accuracy `accuracy`: MnasNet's
+    /// `accuracy × (mult_adds / target)^w` with a target, the accuracy otherwise.
+    pub fn reward(&self, accuracy: f64, cost: CellCost) -> f64 {
+        match self.target_mult_adds {
+            Some(target) => accuracy * (cost.mult_adds as f64 / target as f64).powf(self.cost_weight),
+            None => accuracy,
+        }
+    }
 }
 
 /// Regularized evolution sized for a budget of `children`: unless given, a population of a
@@ -369,6 +488,9 @@ pub enum JournalEvent {
     },
     /// A child that failed, and why.
     Failed { id: u64, reason: String, seconds: f64 },
+    /// A proposal over the budget's hard limits, never trained: why, and the reward the
+    /// strategy got for it.
+    Rejected { id: u64, reason: String, penalty: f64 },
     /// A top cell trained again, longer, after the budget was spent.
     Retrained {
         id: u64,
@@ -474,6 +596,8 @@ pub struct JournalSummary {
     pub results: Vec<Scored>,
     /// Failures by id.
     pub failed: BTreeMap<u64, String>,
+    /// Proposals over the budget, never trained, by id: why.
+    pub rejected: BTreeMap<u64, String>,
     /// Re-training rewards by id (`None`: the re-training failed).
     pub retrained: BTreeMap<u64, Option<f64>>,
     /// The baseline's cells by index (0: the found cell) and their rewards (`None`: failed).
@@ -512,6 +636,9 @@ impl JournalSummary {
                 }
                 JournalEvent::Failed { id, reason, .. } => {
                     s.failed.insert(*id, reason.clone());
+                }
+                JournalEvent::Rejected { id, reason, .. } => {
+                    s.rejected.insert(*id, reason.clone());
                 }
                 JournalEvent::Retrained { id, reward, .. } => {
                     s.retrained.insert(*id, *reward);
@@ -611,6 +738,7 @@ impl SearchReporter for SearchLog {
             JournalEvent::Failed { id, reason, .. } => {
                 eprintln!("child {id}: failed: {reason} [{done}/{}] best {best}", self.total)
             }
+            JournalEvent::Rejected { id, reason, .. } => eprintln!("proposal {id}: not trained: {reason}"),
             _ => {}
         }
     }
@@ -740,6 +868,9 @@ fn run_search_inner(
             strategy.report(p.id, Some(r.reward)).map_err(controller_err(dir))?;
         } else if summary.failed.contains_key(&p.id) {
             strategy.report(p.id, None).map_err(controller_err(dir))?;
+        } else if summary.rejected.contains_key(&p.id) {
+            let penalty = config.budget.as_ref().map_or(0.0, |b| b.penalty);
+            strategy.report(p.id, Some(penalty)).map_err(controller_err(dir))?;
         } else {
             queue.push_back(p);
         }
@@ -773,7 +904,7 @@ fn run_search_inner(
         let cached = s.results.len() - trained;
         journal.append(&JournalEvent::End { time: now(), trained, cached, failed: s.failed.len() })?;
     }
-    write_best(dir, &summary, config.top_k)?;
+    write_best(dir, &summary, config)?;
     Ok(SearchOutcome { dir: dir.to_path_buf(), summary, complete })
 }
 
@@ -817,6 +948,31 @@ fn search_loop(
             }
             let mut batch = Vec::new();
             while let Some(p) = queue.front() {
+                if let Some(budget) = &config.budget {
+                    let over = match budget.cost(&p.spec) {
+                        Ok(cost) => budget.over(cost),
+                        Err(err) => Some(format!("no cost in {}: {err}", budget.target_net)),
+                    };
+                    if let Some(reason) = over {
+                        let p = queue.pop_front().expect("front exists");
+                        let event = JournalEvent::Rejected { id: p.id, reason, penalty: budget.penalty };
+                        settle(journal, strategy, &strategy_dir, summary, &event, dir)?;
+                        reporter.child(&event, summary.done(), summary.top(1).first());
+                        scheduled_any = true;
+                        if summary.rejected.len() > Budget::MAX_REJECTED_PER_CHILD * config.children {
+                            return Err(TrainError::Config {
+                                field: "budget",
+                                message: format!(
+                                    "{} proposals over the budget for a budget of {} children: the limits leave \
+                                     (almost) no cell of the space",
+                                    summary.rejected.len(),
+                                    config.children
+                                ),
+                            });
+                        }
+                        continue;
+                    }
+                }
                 let hash = p.spec.canonical_hash().to_string();
                 if let Some(prev) = summary.results.iter().find(|r| r.hash == hash && !r.cached).cloned() {
                     let p = queue.pop_front().expect("front exists");
@@ -898,7 +1054,12 @@ fn search_loop(
             let event = match result.outcome {
                 Outcome::Trained { reward, top1, top5, loss, params } => JournalEvent::Result {
                     id: result.id,
-                    reward,
+                    reward: match &config.budget {
+                        Some(budget) => budget
+                            .cost(&summary.proposals[&result.id].spec)
+                            .map_or(reward, |cost| budget.reward(reward, cost)),
+                        None => reward,
+                    },
                     top1: Some(top1),
                     top5: Some(top5),
                     loss: Some(loss),
@@ -955,6 +1116,10 @@ fn settle(
         JournalEvent::Failed { id, reason, .. } => {
             summary.failed.insert(*id, reason.clone());
             strategy.report(*id, None).map_err(controller_err(dir))?;
+        }
+        JournalEvent::Rejected { id, reason, penalty } => {
+            summary.rejected.insert(*id, reason.clone());
+            strategy.report(*id, Some(*penalty)).map_err(controller_err(dir))?;
         }
         _ => {}
     }
@@ -1150,32 +1315,46 @@ impl Comparison {
     }
 }
 
-/// Writes `best.json` and `top.json` from the journal.
-pub fn write_best(dir: &Path, summary: &JournalSummary, top_k: usize) -> Result<(), TrainError> {
-    let top = summary.top(top_k.max(1));
+/// Writes `best.json` and `top.json` from the journal: the cells with their rewards, their
+/// accuracy and their cost in the budget's target network (`mobile` without a budget).
+pub fn write_best(dir: &Path, summary: &JournalSummary, config: &SearchConfig) -> Result<(), TrainError> {
+    let budget = config.budget.clone().unwrap_or_else(|| Budget::on("mobile"));
+    let costed = |spec: &CellSpec, reward: f64| match budget.cost(spec) {
+        Ok(cost) => (Some(cost), budget.accuracy(reward, cost)),
+        Err(_) => (None, reward),
+    };
     let Some(best) = summary.found() else { return Ok(()) };
+    let (cost, accuracy) = costed(&best.spec, best.reward);
     let best = BestCell {
         id: best.id,
         reward: best.reward,
+        accuracy,
         retrain_reward: summary.retrained.get(&best.id).copied().flatten(),
         hash: best.hash.clone(),
         cell_spec: best.spec.clone(),
+        cost,
         children_evaluated: summary.done(),
         vs_random: summary.comparison(),
     };
     write_json(&dir.join(files::BEST), &best)?;
-    let cells = top
+    let cells = summary
+        .top(config.top_k.max(1))
         .iter()
         .enumerate()
-        .map(|(rank, s)| TopCell {
-            rank: rank + 1,
-            id: s.id,
-            reward: s.reward,
-            hash: s.hash.clone(),
-            cell_spec: s.spec.clone(),
+        .map(|(rank, s)| {
+            let (cost, accuracy) = costed(&s.spec, s.reward);
+            TopCell {
+                rank: rank + 1,
+                id: s.id,
+                reward: s.reward,
+                accuracy,
+                cost,
+                hash: s.hash.clone(),
+                cell_spec: s.spec.clone(),
+            }
         })
         .collect();
-    Ok(write_json(&dir.join(files::TOP), &TopCells { cells })?)
+    Ok(write_json(&dir.join(files::TOP), &TopCells { cost_network: budget.target_net.clone(), cells })?)
 }
 
 /// `best.json`: the best cell of a search.
@@ -1185,12 +1364,18 @@ pub struct BestCell {
     pub id: u64,
     /// Its reward in the search.
     pub reward: f64,
+    /// Its validation accuracy in the search (the reward without a soft cost term).
+    #[serde(default)]
+    pub accuracy: f64,
     /// Its reward when trained again after the search (the best of those re-trained).
     pub retrain_reward: Option<f64>,
     /// The canonical hash of the cell.
     pub hash: String,
     /// The cell.
     pub cell_spec: CellSpec,
+    /// Its cost in the budget's target network (`mobile` without a budget).
+    #[serde(default)]
+    pub cost: Option<CellCost>,
     /// Children evaluated when it was written.
     pub children_evaluated: usize,
     /// The found cell trained again beside random cells, when the search had a baseline.
@@ -1206,6 +1391,9 @@ impl JsonFile for BestCell {
 /// is an object; before it the file was a bare list of the same cells.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TopCells {
+    /// The network the costs are counted in.
+    #[serde(default)]
+    pub cost_network: String,
     /// The cells by rank.
     pub cells: Vec<TopCell>,
 }
@@ -1219,6 +1407,12 @@ pub struct TopCell {
     pub id: u64,
     /// Its reward.
     pub reward: f64,
+    /// Its validation accuracy (the reward without a soft cost term).
+    #[serde(default)]
+    pub accuracy: f64,
+    /// Its cost in [`TopCells::cost_network`].
+    #[serde(default)]
+    pub cost: Option<CellCost>,
     /// The canonical hash of the cell.
     pub hash: String,
     /// The cell.
@@ -1283,6 +1477,7 @@ mod tests {
             top_k: 3,
             retrain: None,
             baseline_random: 0,
+            budget: None,
             device: "cpu".into(),
         }
     }
@@ -1406,6 +1601,82 @@ mod tests {
         fs::remove_dir_all(&dir).unwrap();
     }
 
+    /// With a hard limit on mult-adds, a search trains no cell over it: every proposal over
+    /// it is journaled as rejected (with the penalty as the strategy's reward) and the budget
+    /// of children is still spent on cells within it.
+    #[test]
+    fn a_search_never_trains_a_cell_over_its_budget() {
+        let space = SearchSpace::with_blocks(5);
+        let mut rng = nas_space::SpaceRng::new(9);
+        let mut budget = Budget::on("mobile");
+        let mut costs: Vec<u64> = (0..200).map(|_| budget.cost(&space.sample(&mut rng)).unwrap().mult_adds).collect();
+        costs.sort();
+        let limit = costs[costs.len() / 2];
+        budget.max_mult_adds = Some(limit);
+        budget.penalty = -0.5;
+        let dir = temp_dir("budget");
+        let limited = SearchConfig { budget: Some(budget.clone()), ..config(StrategyConfig::Random, 6) };
+        let outcome = search(&dir, &limited, &mut LocalExecutor::threads(), None, &mut Silent2).unwrap();
+        assert!(outcome.complete);
+        let events = read_journal(&dir.join(files::JOURNAL)).unwrap();
+        let summary = JournalSummary::of(&events);
+        assert_eq!(summary.done(), 6);
+        let cost = |id: &u64| budget.cost(&summary.proposals[id].spec).unwrap();
+        for event in &events {
+            match event {
+                JournalEvent::Started { id, .. } => {
+                    assert!(cost(id).mult_adds <= limit, "child {id} trained over budget")
+                }
+                JournalEvent::Rejected { id, reason, penalty } => {
+                    assert!(cost(id).mult_adds > limit, "{reason}");
+                    assert!(reason.contains("mult-adds over the limit") && reason.contains("mobile"), "{reason}");
+                    assert_eq!(*penalty, -0.5);
+                }
+                _ => {}
+            }
+        }
+        // Half the space is over the limit: 6 children are very unlikely to need no rejection.
+        assert!(!summary.rejected.is_empty());
+        // A limit no cell meets ends the search with an error naming the budget.
+        let none = Budget { max_params: Some(1), ..Budget::on("mobile") };
+        let dir2 = temp_dir("budget-none");
+        let err = search(
+            &dir2,
+            &SearchConfig { budget: Some(none), ..config(StrategyConfig::Random, 1) },
+            &mut LocalExecutor::threads(),
+            None,
+            &mut Silent2,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("budget") && err.contains("proposals over the budget"), "{err}");
+        fs::remove_dir_all(&dir).unwrap();
+        fs::remove_dir_all(&dir2).unwrap();
+    }
+
+    /// MnasNet's soft reward `acc × (m / T)^w`, and the hard limits' edges.
+    #[test]
+    fn the_soft_reward_is_mnasnets() {
+        let cost = CellCost { mult_adds: 600_000_000, params: 5_000_000 };
+        let mut budget = Budget::on("mobile");
+        assert_eq!(budget.reward(0.75, cost), 0.75, "no target: the accuracy");
+        budget.target_mult_adds = Some(300_000_000);
+        // 0.75 × 2^−0.07 = 0.75 × 0.952638…
+        assert!((budget.reward(0.75, cost) - 0.714_479).abs() < 1e-6, "{}", budget.reward(0.75, cost));
+        assert!((budget.accuracy(budget.reward(0.75, cost), cost) - 0.75).abs() < 1e-12);
+        budget.target_mult_adds = Some(600_000_000);
+        assert!((budget.reward(0.75, cost) - 0.75).abs() < 1e-12);
+        budget.target_mult_adds = Some(1_200_000_000);
+        assert!(budget.reward(0.75, cost) > 0.75, "a cheaper cell than the target gains");
+        budget.max_mult_adds = Some(600_000_000);
+        budget.max_params = Some(5_000_000);
+        assert_eq!(budget.over(cost), None, "a limit is inclusive");
+        budget.max_params = Some(4_999_999);
+        assert!(budget.over(cost).unwrap().contains("5000000 parameters over the limit of 4999999 in mobile"));
+        let bad = Budget::on("tiny");
+        assert!(bad.validate().unwrap_err().to_string().contains("target_net"));
+    }
+
     #[test]
     fn a_torn_last_journal_line_is_ignored_and_others_are_named() {
         let dir = temp_dir("journal");
@@ -1460,6 +1731,8 @@ mod tests {
             cell_spec: CellSpec::nasnet_a(),
             children_evaluated: 4,
             vs_random: None,
+            accuracy: 0.5,
+            cost: None,
         };
         let path = dir.join(files::BEST);
         fs::write(&path, serde_json::to_string(&best).unwrap()).unwrap();

@@ -139,7 +139,10 @@ impl SharedConfig {
             ops: None,
             per_input_weights: false,
             data: DataSource::synthetic(2400),
-            child: Recipe { eval: crate::data::EvalSplit::Holdout { fraction: 0.2, seed }, ..Recipe::small_search_child(seed) },
+            child: Recipe {
+                eval: crate::data::EvalSplit::Holdout { fraction: 0.2, seed },
+                ..Recipe::small_search_child(seed)
+            },
             epochs: 10,
             rewards_per_epoch: 100,
             reward_batch: 64,

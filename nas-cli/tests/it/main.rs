@@ -333,6 +333,19 @@ fn search_and_worker_end_to_end() {
     let report = std::fs::read_to_string(run.join("report.md")).unwrap();
     assert!(report.contains(" of 2 random cells: ") && report.contains("| random 2 |"), "{report}");
     assert!(std::fs::read_to_string(run.join("baseline.svg")).unwrap().contains("found cell"));
+    // The top cells with their accuracy and cost, and accuracy against cost as a plot.
+    assert!(report.contains("| rank | child | reward | accuracy | mult-adds | parameters |"), "{report}");
+    assert!(std::fs::read_to_string(run.join("costs.svg")).unwrap().contains("Pareto front"));
+    let top: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("top.json")).unwrap()).unwrap();
+    assert_eq!(top["cost_network"], "mobile");
+    assert!(top["cells"][0]["cost"]["mult_adds"].as_u64().unwrap() > 0, "{top}");
+    // A limit no cell meets: the search ends with an error naming the budget.
+    let budget_dir = dir.join("budget");
+    let args = ["search", "--strategy", "random", "--max-params", "1", "--children", "1", "--out"];
+    let out = nas(&[&args[..], &[budget_dir.to_str().unwrap(), "--progress", "quiet"]].concat());
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("proposals over the budget"), "{err}");
     let best: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("best.json")).unwrap()).unwrap();
     assert!(best["reward"].as_f64().unwrap() >= 0.0);
