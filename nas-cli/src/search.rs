@@ -78,6 +78,19 @@ pub struct SearchArgs {
     /// Controller learning rate (the paper: 0.00035).
     #[arg(long)]
     pub controller_lr: Option<f64>,
+    /// Controller: architectures per policy update (the paper: 20).
+    #[arg(long)]
+    pub controller_batch: Option<usize>,
+    /// Controller: decay of the reward baseline's moving average (the paper: 0.95).
+    #[arg(long)]
+    pub baseline_decay: Option<f64>,
+    /// Controller: what one step of the baseline's average takes in, `batch` (its mean
+    /// reward; default) or `child` (each reward in turn). The paper does not say.
+    #[arg(long)]
+    pub baseline_per: Option<nas_controller::BaselineUpdate>,
+    /// Controller: weight of the entropy bonus (the paper: 0.00001).
+    #[arg(long, allow_hyphen_values = true)]
+    pub entropy_weight: Option<f64>,
     /// Cells listed in top.json and drawn as SVG.
     #[arg(long, default_value_t = SearchConfig::default().top_k)]
     pub top_k: usize,
@@ -282,6 +295,18 @@ pub fn search_config(args: &SearchArgs) -> Result<SearchConfig> {
         StrategyConfig::Ppo(c) | StrategyConfig::Reinforce(c) => {
             if let Some(lr) = args.controller_lr {
                 c.learning_rate = lr;
+            }
+            if let Some(n) = args.controller_batch {
+                c.batch_size = n;
+            }
+            if let Some(d) = args.baseline_decay {
+                c.baseline_decay = d;
+            }
+            if let Some(per) = args.baseline_per {
+                c.baseline_per = per;
+            }
+            if let Some(w) = args.entropy_weight {
+                c.entropy_weight = w;
             }
         }
         StrategyConfig::Random => {}

@@ -102,6 +102,28 @@ impl RewardTransform {
     }
 }
 
+/// What one step of the reward baseline's moving average takes in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BaselineUpdate {
+    /// `b ← d·b + (1 − d)·mean` once per batch, after its update.
+    #[default]
+    Batch,
+    /// `b ← d·b + (1 − d)·r` for each reward of the batch in id order, after its update.
+    Child,
+}
+
+impl std::str::FromStr for BaselineUpdate {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "batch" => Ok(BaselineUpdate::Batch),
+            "child" => Ok(BaselineUpdate::Child),
+            _ => Err(format!("`{s}`: expected batch or child")),
+        }
+    }
+}
+
 /// Settings of the LSTM controller and its policy-gradient update. `Default` is the paper.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -114,9 +136,12 @@ pub struct PpoConfig {
     pub learning_rate: f64,
     /// Weight of the entropy bonus subtracted from the loss. Paper: 0.00001.
     pub entropy_weight: f64,
-    /// Decay of the reward baseline, an exponential moving average of the batch mean
-    /// rewards, updated after each batch. Paper: 0.95. The first batch sets it to its mean.
+    /// Decay of the reward baseline, an exponential moving average of the rewards. Paper:
+    /// 0.95. The first batch sets it to its mean.
     pub baseline_decay: f64,
+    /// What one step of the baseline's moving average takes in: the batch's mean reward
+    /// (default) or each reward in turn. The paper gives the decay, not which.
+    pub baseline_per: BaselineUpdate,
     /// Architectures per update. Paper: 20.
     pub batch_size: usize,
     /// PPO clip ε of the ratio of joint action probabilities. Not in the paper; 0.2 is
@@ -156,6 +181,7 @@ impl Default for PpoConfig {
             learning_rate: 0.00035,
             entropy_weight: 0.00001,
             baseline_decay: 0.95,
+            baseline_per: BaselineUpdate::Batch,
             batch_size: 20,
             clip: 0.2,
             ppo_epochs: 4,

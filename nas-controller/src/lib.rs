@@ -66,7 +66,7 @@ use std::path::Path;
 use nas_space::{CellSpec, SearchSpace};
 use serde::{Deserialize, Serialize};
 
-pub use config::{EvolutionConfig, OptimizerKind, PpoConfig, RewardTransform, StrategyConfig};
+pub use config::{BaselineUpdate, EvolutionConfig, OptimizerKind, PpoConfig, RewardTransform, StrategyConfig};
 pub use controller::{Controller, Sampled};
 pub use error::ControllerError;
 pub use evolution::{Evolution, Member};

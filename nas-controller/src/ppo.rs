@@ -15,9 +15,10 @@
 //!   entropy of the softmaxes met by sequence i.
 //! - REINFORCE: one gradient step on `−mean_i A_i log p(a_i) − entropy_weight · mean_i H_i`.
 //!
-//! The baseline is an exponential moving average of the batch mean rewards, set to the
-//! first batch's mean before that batch's update (so the first advantages are centred),
-//! and after each update becomes `decay · b + (1 − decay) · mean`. Failed children are
+//! The baseline is an exponential moving average of the rewards, set to the first batch's
+//! mean before that batch's update (so the first advantages are centred); after each update
+//! it becomes `decay · b + (1 − decay) · mean` (`BaselineUpdate::Batch`, the default) or takes
+//! in each reward in id order, `b ← decay · b + (1 − decay) · r` (`BaselineUpdate::Child`). Failed children are
 //! left out of the update unless `failure_reward` is set. Results are sorted by id before
 //! the update, so the order of reports does not change the outcome.
 
@@ -32,7 +33,7 @@ use crate::controller::{Controller, Sampled};
 use crate::ledger::Ledger;
 use crate::optim::Optimizer;
 use crate::state::{SavedState, SpaceDef};
-use crate::{ControllerError, PpoConfig, Proposal, Strategy};
+use crate::{BaselineUpdate, ControllerError, PpoConfig, Proposal, Strategy};
 
 /// Which policy-gradient rule updates the controller.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -232,7 +233,10 @@ impl PolicyStrategy {
             }
         }
         let decay = config.baseline_decay;
-        self.state.baseline = Some(decay * baseline + (1.0 - decay) * mean);
+        self.state.baseline = Some(match config.baseline_per {
+            BaselineUpdate::Batch => decay * baseline + (1.0 - decay) * mean,
+            BaselineUpdate::Child => batch.iter().fold(baseline, |b, (_, r)| decay * b + (1.0 - decay) * r),
+        });
         self.state.updates += 1;
         self.state.optimizer_steps = self.optimizer.steps;
         self.state.last = last;

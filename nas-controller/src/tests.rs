@@ -368,6 +368,23 @@ fn ppo_waits_for_its_batch_and_leaves_failures_out() {
     assert_eq!(d.len(), 20);
 }
 
+/// The baseline takes in the batch's mean (default) or each reward in id order.
+#[test]
+fn the_baseline_moves_per_batch_or_per_child() {
+    for (per, expected) in [(BaselineUpdate::Batch, 0.4), (BaselineUpdate::Child, 0.45)] {
+        let config = PpoConfig { batch_size: 2, baseline_decay: 0.5, baseline_per: per, ..small_ppo_config() };
+        let mut s = PolicyStrategy::new(Algorithm::Ppo, &config, &SearchSpace::nasnet(), 3).unwrap();
+        let p = s.propose(2).unwrap();
+        // Reported out of order: the fold follows ids (0.2 then 0.6) from the mean 0.4:
+        // 0.5·(0.5·0.4 + 0.5·0.2) + 0.5·0.6 = 0.45.
+        s.report(p[1].id, Some(0.6)).unwrap();
+        s.report(p[0].id, Some(0.2)).unwrap();
+        assert!((s.baseline().unwrap() - expected).abs() < 1e-12, "{per:?}: {:?}", s.baseline());
+    }
+    assert_eq!("child".parse::<BaselineUpdate>(), Ok(BaselineUpdate::Child));
+    assert!("epoch".parse::<BaselineUpdate>().unwrap_err().contains("batch or child"));
+}
+
 #[test]
 fn reinforce_and_ppo_raise_the_probability_of_rewarded_actions() {
     for algorithm in [Algorithm::Ppo, Algorithm::Reinforce] {

@@ -452,8 +452,14 @@ fn remove_checkpoint_files(dir: &Path) {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum JournalEvent {
-    /// The search started or resumed.
-    Start { time: u64, strategy: String, resumed: bool },
+    /// The search started or resumed, and the strategy's settings.
+    Start {
+        time: u64,
+        strategy: String,
+        resumed: bool,
+        #[serde(default)]
+        settings: Option<StrategyConfig>,
+    },
     /// A proposal of the strategy.
     Proposal {
         id: u64,
@@ -855,7 +861,8 @@ fn run_search_inner(
     } else {
         new_strategy(&config.strategy, &space, config.seed).map_err(controller_err(dir))?
     };
-    journal.append(&JournalEvent::Start { time: now(), strategy: strategy.name().to_string(), resumed })?;
+    let settings = Some(config.strategy.clone());
+    journal.append(&JournalEvent::Start { time: now(), strategy: strategy.name().to_string(), resumed, settings })?;
 
     // Bring the strategy and the journal level (see the module docs).
     let mut queue: VecDeque<Proposal> = VecDeque::new();
@@ -1682,8 +1689,13 @@ mod tests {
         let dir = temp_dir("journal");
         fs::create_dir_all(&dir).unwrap();
         let path = dir.join(files::JOURNAL);
-        let start =
-            serde_json::to_string(&JournalEvent::Start { time: 1, strategy: "ppo".into(), resumed: false }).unwrap();
+        let start = serde_json::to_string(&JournalEvent::Start {
+            time: 1,
+            strategy: "ppo".into(),
+            resumed: false,
+            settings: None,
+        })
+        .unwrap();
         fs::write(&path, format!("{start}\n{{\"event\":\"resu")).unwrap();
         assert_eq!(read_journal(&path).unwrap().len(), 1);
         fs::write(&path, format!("{{\"event\":\"resu\n{start}\n")).unwrap();

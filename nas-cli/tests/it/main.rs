@@ -417,6 +417,10 @@ fn a_killed_search_resumes_without_losing_or_retraining_children() {
         "16",
         "--baseline-random",
         "0",
+        "--controller-batch",
+        "4",
+        "--baseline-per",
+        "child",
         "--out",
         d,
         "--progress",
@@ -448,6 +452,15 @@ fn a_killed_search_resumes_without_losing_or_retraining_children() {
     }
     search.kill().unwrap();
     search.wait().unwrap();
+    // The journal's first line records the controller's settings.
+    let text = std::fs::read_to_string(&journal).unwrap();
+    let start: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    let settings = &start["settings"];
+    assert_eq!(
+        (settings["batch_size"].as_u64(), settings["baseline_per"].as_str()),
+        (Some(4), Some("child")),
+        "{start}"
+    );
     let before = std::fs::read_to_string(&journal).unwrap();
     let finished = results(&before);
     assert!(finished.len() < 8, "killed too late to test anything");
