@@ -537,12 +537,23 @@ struct Journal {
 }
 
 impl Journal {
+    /// Opens `path` for appending. A last line without its newline (a write cut short by a
+    /// kill) is completed when it holds a whole event and cut off otherwise, so the next
+    /// event starts a line of its own and the journal stays readable.
     fn open(path: PathBuf) -> Result<Journal, TrainError> {
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .map_err(|source| TrainError::Io { path: path.clone(), source })?;
+        let io = |source| TrainError::Io { path: path.clone(), source };
+        let mut file = OpenOptions::new().create(true).append(true).read(true).open(&path).map_err(io)?;
+        let text = fs::read(&path).map_err(io)?;
+        if !text.is_empty() && !text.ends_with(b"\n") {
+            let start = text.iter().rposition(|&b| b == b'\n').map_or(0, |k| k + 1);
+            let last = String::from_utf8_lossy(&text[start..]);
+            if parse_json::<JournalEvent>(&path, &last).is_ok() {
+                file.write_all(b"\n").map_err(io)?;
+            } else {
+                file.set_len(start as u64).map_err(io)?;
+            }
+            file.sync_data().map_err(io)?;
+        }
         Ok(Journal { path, file })
     }
 
@@ -1698,6 +1709,15 @@ mod tests {
         .unwrap();
         fs::write(&path, format!("{start}\n{{\"event\":\"resu")).unwrap();
         assert_eq!(read_journal(&path).unwrap().len(), 1);
+        // Appending after a torn line first cuts the fragment off; after a whole last event
+        // without its newline, first ends its line: either way every line reads.
+        let event = JournalEvent::Started { id: 3, time: 2 };
+        fs::write(&path, format!("{start}\n{{\"event\":\"resu")).unwrap();
+        Journal::open(path.clone()).unwrap().append(&event).unwrap();
+        assert_eq!(read_journal(&path).unwrap().len(), 2);
+        fs::write(&path, format!("{start}\n{}", json_line(&event).trim_end())).unwrap();
+        Journal::open(path.clone()).unwrap().append(&event).unwrap();
+        assert_eq!(read_journal(&path).unwrap().len(), 3);
         fs::write(&path, format!("{{\"event\":\"resu\n{start}\n")).unwrap();
         let err = read_journal(&path).unwrap_err().to_string();
         assert!(err.contains("line 1") && err.contains(files::JOURNAL), "{err}");
