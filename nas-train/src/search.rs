@@ -1632,6 +1632,7 @@ mod tests {
         let limit = costs[costs.len() / 2];
         budget.max_mult_adds = Some(limit);
         budget.penalty = -0.5;
+        budget.target_mult_adds = Some(limit / 2);
         let dir = temp_dir("budget");
         let limited = SearchConfig { budget: Some(budget.clone()), ..config(StrategyConfig::Random, 6) };
         let outcome = search(&dir, &limited, &mut LocalExecutor::threads(), None, &mut Silent2).unwrap();
@@ -1644,6 +1645,10 @@ mod tests {
             match event {
                 JournalEvent::Started { id, .. } => {
                     assert!(cost(id).mult_adds <= limit, "child {id} trained over budget")
+                }
+                // The strategy's reward is MnasNet's, from the child's accuracy and cost.
+                JournalEvent::Result { id, reward, top1: Some(top1), .. } => {
+                    assert!((reward - budget.reward(*top1, cost(id))).abs() < 1e-12, "child {id}: {reward} from {top1}")
                 }
                 JournalEvent::Rejected { id, reason, penalty } => {
                     assert!(cost(id).mult_adds > limit, "{reason}");
