@@ -689,18 +689,29 @@ fn write_pictures(dir: &Path, summary: &JournalSummary, top_k: usize) -> Result<
     Ok(())
 }
 
-/// One strategy's curve: (children evaluated, reward) and the running best.
-fn curves(journal: &Path) -> Result<Vec<(usize, f64, f64)>> {
-    let events = read_journal(journal)?;
-    let mut out = Vec::new();
-    let mut best = f64::MIN;
+/// The k of the "top-k found so far" curves (the paper's Figure 6).
+const TOP_KS: [usize; 3] = [1, 5, 25];
+
+/// One child of a strategy's curve.
+struct CurvePoint {
+    /// Children evaluated so far (failures included).
+    n: usize,
+    reward: f64,
+    /// For each k of [`TOP_KS`], the mean of the k best rewards so far (once there are k).
+    top: [Option<f64>; 3],
+}
+
+/// One strategy's curve, from its journal.
+fn curves(journal: &Path) -> Result<Vec<CurvePoint>> {
+    let mut rewards = Vec::new();
     let mut n = 0;
-    for e in events {
+    let mut out = Vec::new();
+    for e in read_journal(journal)? {
         match e {
             JournalEvent::Result { reward, .. } => {
                 n += 1;
-                best = best.max(reward);
-                out.push((n, reward, best));
+                rewards.push(reward);
+                out.push(CurvePoint { n, reward, top: TOP_KS.map(|k| top_k_mean(&rewards, k)) });
             }
             JournalEvent::Failed { .. } => n += 1,
             _ => {}
@@ -709,8 +720,19 @@ fn curves(journal: &Path) -> Result<Vec<(usize, f64, f64)>> {
     Ok(out)
 }
 
+/// The mean of the `k` largest of `rewards`, when there are at least `k`.
+fn top_k_mean(rewards: &[f64], k: usize) -> Option<f64> {
+    if rewards.len() < k || k == 0 {
+        return None;
+    }
+    let mut sorted = rewards.to_vec();
+    sorted.sort_by(|a, b| b.total_cmp(a));
+    Some(sorted[..k].iter().sum::<f64>() / k as f64)
+}
+
 /// Plots the rewards of every strategy searched in `root` (one subfolder each) into
-/// `root/rewards.svg`: each child's reward as a point and the running best as a line.
+/// `root/rewards.svg`: each child's reward as a point and, as lines, the mean of the best 1,
+/// 5 and 25 rewards found so far (thinner for larger k).
 pub fn plot_rewards(root: &Path) -> Result<PathBuf> {
     use plotters::prelude::*;
     let mut series = Vec::new();
@@ -727,10 +749,10 @@ pub fn plot_rewards(root: &Path) -> Result<PathBuf> {
         }
     }
     let path = root.join("rewards.svg");
-    let max_n = series.iter().flat_map(|(_, p)| p.iter().map(|x| x.0)).max().unwrap_or(1).max(1);
+    let max_n = series.iter().flat_map(|(_, p)| p.iter().map(|x| x.n)).max().unwrap_or(1).max(1);
     let (lo, hi) = series
         .iter()
-        .flat_map(|(_, p)| p.iter().map(|x| x.1))
+        .flat_map(|(_, p)| p.iter().map(|x| x.reward))
         .fold((f64::MAX, f64::MIN), |(lo, hi), r| (lo.min(r), hi.max(r)));
     let (lo, hi) = if lo <= hi { ((lo - 0.02).max(0.0), (hi + 0.02).min(1.0)) } else { (0.0, 1.0) };
     let svg_err = |e: &dyn std::fmt::Display| anyhow::anyhow!("drawing {}: {e}", path.display());
@@ -738,7 +760,7 @@ pub fn plot_rewards(root: &Path) -> Result<PathBuf> {
         let backend = SVGBackend::new(&path, (900, 560)).into_drawing_area();
         backend.fill(&WHITE).map_err(|e| svg_err(&e))?;
         let mut chart = ChartBuilder::on(&backend)
-            .caption("Validation accuracy of each child (points) and the running best (lines)", ("sans-serif", 18))
+            .caption("Each child's reward (points); mean of the best 1, 5 and 25 so far (lines)", ("sans-serif", 18))
             .margin(12)
             .x_label_area_size(40)
             .y_label_area_size(56)
@@ -753,13 +775,17 @@ pub fn plot_rewards(root: &Path) -> Result<PathBuf> {
         for (k, (name, points)) in series.iter().enumerate() {
             let color = Palette99::pick(k).to_rgba();
             chart
-                .draw_series(points.iter().map(|&(n, r, _)| Circle::new((n, r), 2, color.mix(0.45).filled())))
+                .draw_series(points.iter().map(|p| Circle::new((p.n, p.reward), 2, color.mix(0.45).filled())))
                 .map_err(|e| svg_err(&e))?;
-            chart
-                .draw_series(LineSeries::new(points.iter().map(|&(n, _, b)| (n, b)), color.stroke_width(2)))
-                .map_err(|e| svg_err(&e))?
-                .label(name.clone())
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
+            for (j, k) in TOP_KS.iter().enumerate() {
+                let line = points.iter().filter_map(|p| p.top[j].map(|t| (p.n, t)));
+                let style = color.mix(1.0 - 0.3 * j as f64).stroke_width(3 - j as u32);
+                chart
+                    .draw_series(LineSeries::new(line, style))
+                    .map_err(|e| svg_err(&e))?
+                    .label(format!("{name}: top-{k}"))
+                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], style));
+            }
         }
         chart
             .configure_series_labels()
@@ -801,4 +827,18 @@ pub fn worker(args: &WorkerArgs, out: &mut String) -> Result<()> {
     use std::fmt::Write as _;
     writeln!(out, "{}", serde_json::to_string_pretty(&result)?)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    /// The top-k mean needs k rewards and takes the k largest.
+    #[test]
+    fn top_k_means_take_the_best_k() {
+        let rewards = [0.3, 0.1, 0.5, 0.2, 0.4];
+        assert_eq!(super::top_k_mean(&rewards, 1), Some(0.5));
+        assert!((super::top_k_mean(&rewards, 2).unwrap() - 0.45).abs() < 1e-12);
+        assert!((super::top_k_mean(&rewards, 5).unwrap() - 0.3).abs() < 1e-12);
+        assert_eq!(super::top_k_mean(&rewards, 6), None);
+        assert_eq!(super::top_k_mean(&rewards, 0), None);
+    }
 }
