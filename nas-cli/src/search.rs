@@ -586,13 +586,7 @@ fn plot_baseline(dir: &Path, vs: &Comparison) -> Result<PathBuf> {
                 .label(label)
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::LowerRight)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .draw()
-            .map_err(|e| svg_err(&e))?;
+        legend(&mut chart).map_err(|e| svg_err(&e))?;
         backend.present().map_err(|e| svg_err(&e))?;
     }
     Ok(path)
@@ -665,16 +659,23 @@ fn plot_costs(dir: &Path, summary: &JournalSummary, config: &SearchConfig) -> Re
                 }
             }
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::LowerRight)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .draw()
-            .map_err(|e| svg_err(&e))?;
+        legend(&mut chart).map_err(|e| svg_err(&e))?;
         backend.present().map_err(|e| svg_err(&e))?;
     }
     Ok(Some(path))
+}
+
+/// The legend every plot of a search draws: lower right, on a light background.
+fn legend<'a, DB: plotters::prelude::DrawingBackend + 'a, CT: plotters::coord::CoordTranslate>(
+    chart: &mut plotters::prelude::ChartContext<'a, DB, CT>,
+) -> Result<(), plotters::drawing::DrawingAreaErrorKind<DB::ErrorType>> {
+    use plotters::prelude::*;
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
 }
 
 /// Draws the top cells as SVG into `dir/cells/`.
@@ -787,13 +788,7 @@ pub fn plot_rewards(root: &Path) -> Result<PathBuf> {
                     .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], style));
             }
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::LowerRight)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .draw()
-            .map_err(|e| svg_err(&e))?;
+        legend(&mut chart).map_err(|e| svg_err(&e))?;
         backend.present().map_err(|e| svg_err(&e))?;
     }
     Ok(path)
